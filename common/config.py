@@ -1,0 +1,382 @@
+"""The run configuration: one YAML file describes a whole run.
+
+Every section is a pydantic model with unknown keys forbidden, so a typo is an error that names the bad
+key and the nearest valid one. `load_config(path, overrides)` reads YAML, applies `--set a.b=value`
+overrides (each parsed as a YAML scalar and then typed by the schema) and validates once.
+`dump_config(cfg)` writes the resolved config back to YAML; every run saves it beside its outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "ModelSpec",
+    "TeacherPair",
+    "ModelsConfig",
+    "DataConfig",
+    "LossConfig",
+    "TeachersConfig",
+    "TransportConfig",
+    "TrainingConfig",
+    "EvaluationConfig",
+    "OutputConfig",
+    "EmbeddedConfig",
+    "RunConfig",
+    "LOSS_METHODS",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "parse_override",
+    "dump_config",
+    "config_hash",
+    "config_diff",
+]
+
+LOSS_METHODS = (
+    "sft",
+    "kd",
+    "rkl",
+    "jsd",
+    "delta_kd",
+    "delta_anchor",
+    "delta_inverse",
+    "delta_match",
+    "parallelogram",
+)
+LossMethod = Literal[
+    "sft", "kd", "rkl", "jsd", "delta_kd", "delta_anchor", "delta_inverse", "delta_match", "parallelogram"
+]
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+WireDType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A config file, key or override is wrong. The message names the culprit."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    """A causal LM by hub id or local path. `embedded:<role>` names a tiny model the default run builds."""
+
+    path: str
+    revision: str | None = None
+    dtype: DType = "auto"
+    trust_remote_code: bool = False
+
+
+class TeacherPair(_Strict):
+    """One (base, SFT) teacher couple. Its shift `lp_sft - lp_base` enters the target with weight alpha."""
+
+    base: ModelSpec
+    sft: ModelSpec
+    alpha: float = 1.0
+
+
+class ModelsConfig(_Strict):
+    base_teacher: ModelSpec
+    sft_teacher: ModelSpec
+    student: ModelSpec
+    # The student's frozen starting point lp_S0. None: the student's own starting checkpoint.
+    student_base: ModelSpec | None = None
+    # Further teacher pairs for the several-pair shift sum_j alpha_j * (lp_T1_j - lp_T0_j).
+    extra_pairs: list[TeacherPair] = Field(default_factory=list)
+
+
+class ColumnsConfig(_Strict):
+    """Column names of an external data set (Dolly-style by default)."""
+
+    instruction: str = "instruction"
+    context: str | None = "context"
+    response: str = "response"
+
+
+class DataConfig(_Strict):
+    # "embedded" (the generated instruction suite), a local .json/.jsonl/.parquet file, or a hub data set.
+    train: str = "embedded"
+    eval: str | None = "embedded"
+    train_split: str = "train"
+    eval_split: str = "test"
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    prompt_template: str = "### Instruction:\n{instruction}\n{context}### Response:\n"
+    context_template: str = "### Input:\n{context}\n"
+    max_length: int = Field(256, gt=1)
+    overlong: Literal["truncate", "reject"] = "truncate"
+    max_train_examples: int | None = Field(None, gt=0)
+    max_eval_examples: int | None = Field(64, gt=0)
+    shuffle: bool = True
+
+
+class LossConfig(_Strict):
+    """The training objective. See common.losses for each method's formula as implemented."""
+
+    method: LossMethod = "delta_kd"
+    alpha: float = 1.0  # weight of the teacher's shift delta = lp_T1 - lp_T0
+    tau: float = Field(1.0, gt=0)  # distillation temperature; the KD part is scaled by tau^2
+    lam: float = Field(0.0, ge=0, le=1)  # L = lam * CE + (1 - lam) * tau^2 * L_distill
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    tail: Literal["bucket", "drop"] = "bucket"
+    k: int = Field(64, gt=0)  # support size chosen by the SFT teacher
+    # parallelogram: weights of the component losses (names from LOSS_METHODS except sft/parallelogram)
+    weights: dict[str, float] = Field(default_factory=lambda: {"delta_kd": 0.5, "kd": 0.5})
+    chunk_tokens: int = Field(1024, gt=0)  # student log-softmax is computed this many tokens at a time
+
+    @field_validator("weights")
+    @classmethod
+    def _known_components(cls, v: dict[str, float]) -> dict[str, float]:
+        allowed = [m for m in LOSS_METHODS if m not in ("sft", "parallelogram")]
+        for name in v:
+            if name not in allowed:
+                raise ValueError(f"unknown parallelogram component {name!r}{_did_you_mean(name, allowed)}")
+        return v
+
+
+class TeachersConfig(_Strict):
+    engine: Literal["hf", "vllm"] = "hf"  # engine of the SFT teacher (it picks the support); others use hf
+    replicas: dict[str, int] = Field(default_factory=lambda: {"sft": 1, "base": 1})
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    dtype: DType = "auto"
+    wire_dtype: WireDType = "float32"
+    device: str = "auto"  # "auto": cuda when the actor has a GPU, else cpu
+    # Where lp_S0 comes from: a frozen copy inside each student worker, or a `student_base` teacher role.
+    student_base_source: Literal["worker", "teacher"] = "worker"
+    namespace: str = "deltakd"
+    name_prefix: str = "teacher"
+    attach: bool = False  # attach to a running `python -m teacher_service serve` instead of starting teachers
+    max_restarts: int = Field(3, ge=-1)
+    max_task_retries: int = Field(3, ge=-1)
+    max_inflight_per_replica: int = Field(4, gt=0)
+    chunk_tokens: int = Field(1024, gt=0)
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm_max_model_len: int | None = None
+
+
+class TransportConfig(_Strict):
+    kind: Literal["object_store", "rdt"] = "object_store"
+    # RDT backend: gloo on CPU, nccl across GPUs, cuda_ipc on one node. "auto" picks gloo/nccl by device.
+    rdt_backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = "auto"
+
+
+class TrainingConfig(_Strict):
+    num_workers: int = Field(1, gt=0)
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0)  # global batch (sequences per step), split across workers
+    max_steps: int = Field(100, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    prefetch: int = Field(2, ge=0)  # batches whose teacher work runs ahead of the student
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    bf16: Literal["auto", "on", "off"] = "auto"  # autocast on GPU when auto
+    log_every: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainingConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"training.batch_size={self.batch_size} must be a multiple of "
+                f"training.num_workers={self.num_workers}"
+            )
+        return self
+
+
+class EvaluationConfig(_Strict):
+    enabled: bool = True
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(16, gt=0)
+    evaluate_before: bool = True
+    evaluate_teacher: bool = True
+
+
+class OutputConfig(_Strict):
+    dir: str = "runs/{run_name}"
+    plot: bool = True
+
+
+class EmbeddedModelShape(_Strict):
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+
+
+class EmbeddedConfig(_Strict):
+    """How the embedded default builds its tiny models (only used by `embedded:` model paths)."""
+
+    seed: int = 0
+    vocab_size: int = Field(512, gt=16)
+    num_train: int = Field(2000, gt=0)
+    num_val: int = Field(100, gt=0)
+    num_test: int = Field(100, gt=0)
+    corpus_sentences: int = Field(4000, gt=0)
+    teacher: EmbeddedModelShape = Field(
+        default_factory=lambda: EmbeddedModelShape(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256)
+    )
+    student: EmbeddedModelShape = Field(default_factory=EmbeddedModelShape)
+    pretrain_steps: int = Field(300, gt=0)
+    sft_steps: int = Field(300, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    max_length: int = Field(128, gt=8)
+    cache_dir: str | None = None  # default: $DELTAKD_CACHE or ~/.cache/deltakd
+
+
+class RunConfig(_Strict):
+    run_name: str = "deltakd"
+    seed: int = 0
+    models: ModelsConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    teachers: TeachersConfig = Field(default_factory=TeachersConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir.format(run_name=self.run_name))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading, overrides and errors
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc` (for the nearest-valid-key hint)."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        for c in list(candidates):
+            candidates.extend(getattr(c, "__args__", ()))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            hint = _did_you_mean(str(loc[-1]), list(owner.model_fields)) if owner else ""
+            lines.append(f"  unknown key {key!r}{hint}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value`; the value is read as a YAML scalar/flow value (so 3, 0.5, true, [1,2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"malformed override {text!r}: expected KEY=VALUE, e.g. loss.alpha=0.5")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p or not p.replace("_", "").replace("-", "").isalnum() for p in parts):
+        raise ConfigError(f"malformed override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed override {text!r}: value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set` overrides to a raw config dict (before validation). Returns a new dict."""
+    out = json.loads(json.dumps(data))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = {}
+                node[p] = child
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    raw = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read and validate a YAML run config. Errors name the file, the key and the nearest valid key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return config_from_dict(data, overrides, source=str(p))
+
+
+def dump_config(cfg: RunConfig, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def config_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (for `--resume` from another config)."""
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for k in keys:
+        name = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(config_diff(va, vb, name + "."))
+        elif va != vb:
+            out.append(f"{name}: {va!r} != {vb!r}")
+    return out

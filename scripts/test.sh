@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine (scripts/setup.sh) and runs every check: ruff over the tree, mypy over common/,
+# then the whole test suite (unit, integration with a local Ray cluster, gpu tests skipped without CUDA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+echo "== ruff"; .venv/bin/ruff check .
+echo "== mypy common"; .venv/bin/mypy common
+echo "== pytest"; .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
