@@ -111,10 +111,10 @@ class DataConfig(_Strict):
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     prompt_template: str = "### Instruction:\n{instruction}\n{context}### Response:\n"
     context_template: str = "### Input:\n{context}\n"
-    max_length: int = Field(256, gt=1)
+    max_length: int = Field(default=256, gt=1)
     overlong: Literal["truncate", "reject"] = "truncate"
-    max_train_examples: int | None = Field(None, gt=0)
-    max_eval_examples: int | None = Field(64, gt=0)
+    max_train_examples: int | None = Field(default=None, gt=0)
+    max_eval_examples: int | None = Field(default=64, gt=0)
     shuffle: bool = True
 
 
@@ -123,14 +123,14 @@ class LossConfig(_Strict):
 
     method: LossMethod = "delta_kd"
     alpha: float = 1.0  # weight of the teacher's shift delta = lp_T1 - lp_T0
-    tau: float = Field(1.0, gt=0)  # distillation temperature; the KD part is scaled by tau^2
-    lam: float = Field(0.0, ge=0, le=1)  # L = lam * CE + (1 - lam) * tau^2 * L_distill
-    jsd_beta: float = Field(0.5, ge=0, le=1)
+    tau: float = Field(default=1.0, gt=0)  # distillation temperature; the KD part is scaled by tau^2
+    lam: float = Field(default=0.0, ge=0, le=1)  # L = lam * CE + (1 - lam) * tau^2 * L_distill
+    jsd_beta: float = Field(default=0.5, ge=0, le=1)
     tail: Literal["bucket", "drop"] = "bucket"
-    k: int = Field(64, gt=0)  # support size chosen by the SFT teacher
+    k: int = Field(default=64, gt=0)  # support size chosen by the SFT teacher
     # parallelogram: weights of the component losses (names from LOSS_METHODS except sft/parallelogram)
     weights: dict[str, float] = Field(default_factory=lambda: {"delta_kd": 0.5, "kd": 0.5})
-    chunk_tokens: int = Field(1024, gt=0)  # student log-softmax is computed this many tokens at a time
+    chunk_tokens: int = Field(default=1024, gt=0)  # student log-softmax is computed this many tokens at a time
 
     @field_validator("weights")
     @classmethod
@@ -145,8 +145,8 @@ class LossConfig(_Strict):
 class TeachersConfig(_Strict):
     engine: Literal["hf", "vllm"] = "hf"  # engine of the SFT teacher (it picks the support); others use hf
     replicas: dict[str, int] = Field(default_factory=lambda: {"sft": 1, "base": 1})
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
     dtype: DType = "auto"
     wire_dtype: WireDType = "float32"
     device: str = "auto"  # "auto": cuda when the actor has a GPU, else cpu
@@ -155,11 +155,11 @@ class TeachersConfig(_Strict):
     namespace: str = "deltakd"
     name_prefix: str = "teacher"
     attach: bool = False  # attach to a running `python -m teacher_service serve` instead of starting teachers
-    max_restarts: int = Field(3, ge=-1)
-    max_task_retries: int = Field(3, ge=-1)
-    max_inflight_per_replica: int = Field(4, gt=0)
-    chunk_tokens: int = Field(1024, gt=0)
-    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_restarts: int = Field(default=3, ge=-1)
+    max_task_retries: int = Field(default=3, ge=-1)
+    max_inflight_per_replica: int = Field(default=4, gt=0)
+    chunk_tokens: int = Field(default=1024, gt=0)
+    vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     vllm_max_model_len: int | None = None
 
 
@@ -170,21 +170,21 @@ class TransportConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    num_workers: int = Field(1, gt=0)
-    num_cpus_per_worker: float = Field(1.0, ge=0)
-    num_gpus_per_worker: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, gt=0)  # global batch (sequences per step), split across workers
-    max_steps: int = Field(100, gt=0)
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    grad_clip: float = Field(1.0, gt=0)
-    prefetch: int = Field(2, ge=0)  # batches whose teacher work runs ahead of the student
-    checkpoint_every: int = Field(50, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
+    num_workers: int = Field(default=1, gt=0)
+    num_cpus_per_worker: float = Field(default=1.0, ge=0)
+    num_gpus_per_worker: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=8, gt=0)  # global batch (sequences per step), split across workers
+    max_steps: int = Field(default=100, gt=0)
+    lr: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+    prefetch: int = Field(default=2, ge=0)  # batches whose teacher work runs ahead of the student
+    checkpoint_every: int = Field(default=50, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast on GPU when auto
-    log_every: int = Field(1, gt=0)
+    log_every: int = Field(default=1, gt=0)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingConfig:
@@ -198,8 +198,8 @@ class TrainingConfig(_Strict):
 
 class EvaluationConfig(_Strict):
     enabled: bool = True
-    max_new_tokens: int = Field(32, gt=0)
-    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=16, gt=0)
     evaluate_before: bool = True
     evaluate_teacher: bool = True
 
@@ -210,30 +210,30 @@ class OutputConfig(_Strict):
 
 
 class EmbeddedModelShape(_Strict):
-    hidden_size: int = Field(64, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
-    intermediate_size: int = Field(128, gt=0)
+    hidden_size: int = Field(default=64, gt=0)
+    num_layers: int = Field(default=2, gt=0)
+    num_heads: int = Field(default=4, gt=0)
+    intermediate_size: int = Field(default=128, gt=0)
 
 
 class EmbeddedConfig(_Strict):
     """How the embedded default builds its tiny models (only used by `embedded:` model paths)."""
 
     seed: int = 0
-    vocab_size: int = Field(512, gt=16)
-    num_train: int = Field(2000, gt=0)
-    num_val: int = Field(100, gt=0)
-    num_test: int = Field(100, gt=0)
-    corpus_sentences: int = Field(4000, gt=0)
+    vocab_size: int = Field(default=512, gt=16)
+    num_train: int = Field(default=2000, gt=0)
+    num_val: int = Field(default=100, gt=0)
+    num_test: int = Field(default=100, gt=0)
+    corpus_sentences: int = Field(default=4000, gt=0)
     teacher: EmbeddedModelShape = Field(
         default_factory=lambda: EmbeddedModelShape(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256)
     )
     student: EmbeddedModelShape = Field(default_factory=EmbeddedModelShape)
-    pretrain_steps: int = Field(300, gt=0)
-    sft_steps: int = Field(300, gt=0)
-    batch_size: int = Field(16, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    max_length: int = Field(128, gt=8)
+    pretrain_steps: int = Field(default=300, gt=0)
+    sft_steps: int = Field(default=300, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    lr: float = Field(default=2e-3, gt=0)
+    max_length: int = Field(default=128, gt=8)
     cache_dir: str | None = None  # default: $DELTAKD_CACHE or ~/.cache/deltakd
 
 

@@ -1,0 +1,129 @@
+"""Each loss method as a per-token function of atom log-probs (DESIGN.md section 1).
+
+Notation (all `[N, A]` atom log-probs, fp32): S the student, S0 its frozen base, T1 = role `sft`,
+T0 = role `base`, pair j's roles from `common.topk.pair_roles(j)`. The teachers' shift is
+
+    delta = sum_j alpha_j * (T1_j - T0_j)
+
+KL(P || Q) = sum_a p_a (log p_a - log q_a) over the atoms; every target is detached by the caller.
+
+| method          | per-token loss                                                     |
+|-----------------|--------------------------------------------------------------------|
+| `kd`            | KL(T1 || S)                                                        |
+| `rkl`           | KL(S || T1)                                                        |
+| `jsd`           | beta KL(T1 || M) + (1 - beta) KL(S || M), M = (1-beta) T1 + beta S  |
+| `delta_kd`      | KL(softmax(S0 + delta) || S)                                       |
+| `delta_anchor`  | KL(T1 || softmax(S - S0 + T0)), pair 0 only, no alpha               |
+| `delta_inverse` | KL(S0 || softmax(S - delta))                                       |
+| `delta_match`   | mean_a over the k support atoms of (centred(S - S0) - centred(delta))^2 |
+| `parallelogram` | sum_c weight_c * L_c over `loss.weights`                            |
+
+`delta_anchor` uses pair 0 only: the student's own shift S - S0 is applied to the base teacher and must
+reproduce the SFT teacher; extra pairs have no single base teacher to anchor on, so they are ignored.
+`delta_match` always uses the k support atoms (DESIGN.md: "on the support"), in both tail modes: centring
+removes the per-token normalisers, and a tail bucket's log-mass is not a shift of one token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from common.config import LossConfig
+from common.losses.divergences import (
+    centred_shift_mse,
+    delta_target,
+    entropy,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+)
+from common.topk import ROLE_BASE, ROLE_SFT, ROLE_STUDENT_BASE, pair_roles
+
+__all__ = ["DISTILL_METHODS", "required_roles", "method_token_loss"]
+
+DISTILL_METHODS = ("kd", "rkl", "jsd", "delta_kd", "delta_anchor", "delta_inverse", "delta_match")
+_SHIFT_METHODS = ("delta_kd", "delta_inverse", "delta_match")
+
+
+def _components(cfg: LossConfig) -> list[str]:
+    return sorted(cfg.weights) if cfg.method == "parallelogram" else [cfg.method]
+
+
+def required_roles(cfg: LossConfig, num_pairs: int) -> list[str]:
+    """Roles the configured method reads, in a stable order (for the missing-role error)."""
+    roles: list[str] = []
+    for name in _components(cfg):
+        need = [ROLE_SFT]
+        if name == "delta_anchor":
+            need = [ROLE_SFT, ROLE_BASE, ROLE_STUDENT_BASE]
+        elif name in _SHIFT_METHODS:
+            need = [ROLE_STUDENT_BASE] + [r for j in range(num_pairs) for r in pair_roles(j)]
+        roles.extend(r for r in need if r not in roles)
+    return roles
+
+
+def _shift(atoms: dict[str, Tensor], pair_alphas: list[float]) -> Tensor:
+    """delta = sum_j alpha_j (T1_j - T0_j).  [N, A]"""
+    total: Tensor | None = None
+    for j, alpha in enumerate(pair_alphas):
+        sft, base = pair_roles(j)
+        term = alpha * (atoms[sft] - atoms[base])
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("pair_alphas is empty: the shift needs at least one teacher pair")
+    return total
+
+
+def _component_loss(name: str, student: Tensor, atoms: dict[str, Tensor], cfg: LossConfig,
+                    pair_alphas: list[float], k: int, delta: Tensor | None) -> Tensor:
+    if name == "kd":
+        return forward_kl(atoms[ROLE_SFT], student)
+    if name == "rkl":
+        return reverse_kl(atoms[ROLE_SFT], student)
+    if name == "jsd":
+        return generalized_jsd(atoms[ROLE_SFT], student, cfg.jsd_beta)
+    if name == "delta_anchor":
+        moved = torch.log_softmax(student - atoms[ROLE_STUDENT_BASE] + atoms[ROLE_BASE], dim=-1)
+        return forward_kl(atoms[ROLE_SFT], moved)
+    if delta is None:
+        raise ValueError(f"internal: method {name!r} needs the shift")
+    if name == "delta_kd":
+        return forward_kl(delta_target(atoms[ROLE_STUDENT_BASE], delta), student)
+    if name == "delta_inverse":
+        return forward_kl(atoms[ROLE_STUDENT_BASE], torch.log_softmax(student - delta, dim=-1))
+    if name == "delta_match":
+        return centred_shift_mse((student - atoms[ROLE_STUDENT_BASE])[:, :k], delta[:, :k])
+    raise ValueError(f"unknown distillation method {name!r}; expected one of {DISTILL_METHODS}")
+
+
+def method_token_loss(
+    student: Tensor, atoms: dict[str, Tensor], cfg: LossConfig, pair_alphas: list[float], k: int
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """The configured method's per-token loss L_method (before tau^2 and the CE mix).
+
+    student: [N, A] the student's atom log-probs (differentiable); atoms: role -> [N, A] detached;
+    k: the support size (atoms beyond k are the tail bucket). Returns (loss [N], components
+    name -> [N] (parallelogram only), target entropy [N]). The target entropy is that of the
+    distribution the student is pulled towards: softmax(S0 + delta) when the method uses the shift,
+    S0 for delta_inverse, else T1.
+    """
+    names = _components(cfg)
+    needs_shift = any(n in _SHIFT_METHODS for n in names)
+    delta = _shift(atoms, pair_alphas) if needs_shift else None
+    parts = {n: _component_loss(n, student, atoms, cfg, pair_alphas, k, delta) for n in names}
+    if cfg.method == "parallelogram":
+        loss = sum((cfg.weights[n] * parts[n] for n in names), torch.zeros_like(student[:, 0]))
+        components = parts
+    else:
+        loss = parts[cfg.method]
+        components = {}
+    with torch.no_grad():
+        if delta is not None and (cfg.method != "delta_inverse"):
+            target = delta_target(atoms[ROLE_STUDENT_BASE], delta)
+        elif cfg.method == "delta_inverse":
+            target = atoms[ROLE_STUDENT_BASE]
+        else:
+            target = atoms[ROLE_SFT]
+        target_entropy = entropy(target)
+    return loss, components, target_entropy
