@@ -49,6 +49,10 @@ class RecordError(ValueError):
         who = f"role {role!r}" if role else "record"
         super().__init__(f"bad teacher record for batch {batch_id}, {who}: {what}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray pickles exceptions across processes; rebuild from the three fields, not from str(self).
+        return (type(self), (self.batch_id, self.role, self.what))
+
 
 def to_wire_dtype(x: np.ndarray, wire_dtype: str) -> np.ndarray:
     """fp32 -> the wire dtype. bfloat16 is rounded to nearest-even and stored as uint16 bits."""

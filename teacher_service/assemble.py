@@ -1,0 +1,77 @@
+"""Building a `TopKRecord` from the parts the teacher roles return (object store or RDT).
+
+`assemble_record` is a pure function: the object-store path runs it in a small Ray task, the RDT path in
+the receiving student worker. `assemble_task` is that Ray task: it gets the role refs *nested in a list*,
+so it resolves them itself and can turn a dead actor into `TeacherUnavailableError(role, batch_id)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from common.topk import ROLE_SFT, RecordError, TopKRecord
+
+from .errors import TeacherRecordError, TeacherUnavailableError
+
+__all__ = ["assemble_record", "assemble_task", "record_meta"]
+
+
+def record_meta(batch_id: Any, loss_mask: np.ndarray, tau: float, vocab_size: int, fingerprint: str,
+                wire_dtype: str) -> dict[str, Any]:
+    """Everything a record needs besides the role parts (small; travels with the refs)."""
+    return {"batch_id": batch_id, "mask": np.ascontiguousarray(loss_mask, dtype=bool), "tau": float(tau),
+            "vocab_size": int(vocab_size), "tokenizer_fingerprint": fingerprint, "wire_dtype": wire_dtype}
+
+
+def _to_numpy(x: Any, wire_dtype: str | None = None) -> np.ndarray:
+    """numpy view of a part array; a torch bf16 tensor becomes its uint16 bit pattern (the wire bf16)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            return x.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def assemble_record(meta: dict[str, Any], roles: list[str], parts: list[dict[str, Any]]) -> TopKRecord:
+    """One validated TopKRecord from per-role parts.
+
+    parts[i] for roles[i]: {"logprobs": [B,T,k] wire dtype, "tail": [B,T]} (+ "ids" int32 [B,T,k] for sft);
+    numpy arrays or torch tensors (bf16 tensors for a bfloat16 wire). Raises RecordError on bad values.
+    """
+    if len(roles) != len(parts):
+        raise ValueError(f"batch {meta.get('batch_id')}: {len(roles)} roles but {len(parts)} parts")
+    by_role = dict(zip(roles, parts))
+    if ROLE_SFT not in by_role or "ids" not in by_role[ROLE_SFT]:
+        raise ValueError(f"batch {meta.get('batch_id')}: the sft part with the support ids is missing "
+                         f"(roles {roles})")
+    wire = meta["wire_dtype"]
+    ids = _to_numpy(by_role[ROLE_SFT]["ids"]).astype(np.int32, copy=False)
+    logprobs = {r: _to_numpy(p["logprobs"], wire) for r, p in by_role.items()}
+    tails = {r: _to_numpy(p["tail"]).astype(np.float32, copy=False) for r, p in by_role.items()}
+    rec = TopKRecord(meta["batch_id"], ids, logprobs, tails, np.asarray(meta["mask"], dtype=bool),
+                     float(meta["tau"]), int(meta["vocab_size"]), meta.get("tokenizer_fingerprint", ""), wire,
+                     dict(meta.get("extra", {})))
+    return rec.validate(required_roles=roles)
+
+
+_ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def assemble_task(meta: dict[str, Any], roles: list[str], nested_refs: list[ray.ObjectRef]) -> TopKRecord:
+    """Resolve the role refs in chain order (sft first: a dead sft fails every later role too)."""
+    parts = []
+    for role, ref in zip(roles, nested_refs):
+        try:
+            parts.append(ray.get(ref))
+        except _ACTOR_GONE as err:
+            raise TeacherUnavailableError(role, meta["batch_id"], err) from err
+    try:
+        return assemble_record(meta, roles, parts)
+    except RecordError as err:
+        raise TeacherRecordError(err.batch_id, err.role, err.what) from None

@@ -1,0 +1,216 @@
+"""`TeacherPool`: routes each batch through the teacher roles and yields one `TopKRecord` ref.
+
+For a batch the SFT teacher picks the support (top-k); its result ref goes, as a direct argument, to every
+gathering role (base, student_base, extra pairs), and a small assemble task receives all role refs nested
+in a list and returns the validated record. The driver never `ray.get`s intermediate arrays.
+
+Routing: each call goes to the replica of its role with the fewest calls in flight; a replica holds at most
+`teachers.max_inflight_per_replica`; when all are full the pool waits (`ray.wait`) for one to finish, which
+is the backpressure that keeps queues bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+
+from common.config import RunConfig
+from common.topk import ROLE_SFT
+
+from .actor import TeacherActor
+from .assemble import assemble_task, record_meta
+from .roles import gather_roles, replica_name, teacher_role_specs
+from .tokenizer_check import check_tokenizers
+
+__all__ = ["TeacherPool"]
+
+
+class TeacherPool:
+    """Handles of every role's replicas plus the routing state. Build with `start` or `attach`."""
+
+    def __init__(self, cfg: RunConfig, handles: dict[str, list[Any]], owned: bool):
+        self.cfg = cfg
+        self.handles = handles
+        self.owned = owned
+        self.roles = list(handles)  # chain order: sft first
+        if not self.roles or self.roles[0] != ROLE_SFT:
+            raise ValueError(f"a teacher pool needs the 'sft' role first, got roles {self.roles}")
+        self.inflight: dict[str, list[list[ray.ObjectRef]]] = {r: [[] for _ in hs] for r, hs in handles.items()}
+        self.submitted = 0
+        info = ray.get(handles[ROLE_SFT][0].health.remote())
+        self.vocab_size = int(info["vocab_size"])
+        self.fingerprint = str(info["fingerprint"])
+        if not 0 < cfg.loss.k <= self.vocab_size:
+            raise ValueError(f"loss.k={cfg.loss.k} out of range: must be in 1..{self.vocab_size} "
+                             f"(vocabulary of the sft teacher {info['model']})")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def start(cls, cfg: RunConfig, detached: bool = False) -> TeacherPool:
+        """Check tokenizers (no weights loaded yet), create every role's named actors, wait until ready."""
+        check_tokenizers(cfg)
+        t = cfg.teachers
+        handles: dict[str, list[Any]] = {}
+        try:
+            for role, spec in teacher_role_specs(cfg).items():
+                handles[role] = [cls._create(cfg, role, spec.model_dump(), i, detached)
+                                 for i in range(t.replicas.get(role, 1))]
+                if not handles[role]:
+                    raise ValueError(f"teachers.replicas.{role}=0: every role needs at least one replica")
+            for role, hs in handles.items():
+                for i, h in enumerate(hs):
+                    try:
+                        ray.get(h.health.remote())
+                    except Exception as err:
+                        raise RuntimeError(f"teacher {replica_name(t.name_prefix, role, i)} "
+                                           f"({teacher_role_specs(cfg)[role].path}) failed to start: {err}") from err
+            pool = cls(cfg, handles, owned=True)
+        except BaseException:
+            for hs in handles.values():  # nothing half-started is left behind
+                for h in hs:
+                    ray.kill(h, no_restart=True)
+            raise
+        return pool
+
+    @staticmethod
+    def _create(cfg: RunConfig, role: str, spec: dict[str, Any], i: int, detached: bool) -> Any:
+        """Replica i of a role as a named actor with the configured resources and restart policy."""
+        t = cfg.teachers
+        engine = t.engine if role == ROLE_SFT else "hf"  # vLLM cannot gather: only the sft role may use it
+        vllm_options = {"max_logprobs": cfg.loss.k, "gpu_memory_utilization": t.vllm_gpu_memory_utilization,
+                        "max_model_len": t.vllm_max_model_len, "dtype": t.dtype}
+        name = replica_name(t.name_prefix, role, i)
+        opts: dict[str, Any] = dict(name=name, namespace=t.namespace, num_cpus=t.num_cpus, num_gpus=t.num_gpus,
+                                    max_restarts=t.max_restarts, max_task_retries=t.max_task_retries)
+        if detached:
+            opts["lifetime"] = "detached"
+        try:
+            return TeacherActor.options(**opts).remote(
+                role, spec, engine, t.device, t.dtype, t.chunk_tokens, t.wire_dtype,
+                max(32, 4 * t.max_inflight_per_replica), vllm_options if engine == "vllm" else None)
+        except ValueError as err:  # a named actor of that name already exists
+            raise ValueError(f"cannot start teacher {name!r} in namespace {t.namespace!r}: {err} "
+                             f"(attach to it with teachers.attach=true, or stop it first)") from err
+
+    @classmethod
+    def attach(cls, cfg: RunConfig) -> TeacherPool:
+        """Find the running named actors `{prefix}-{role}-{i}` of every role the config asks for."""
+        t = cfg.teachers
+        handles: dict[str, list[Any]] = {}
+        for role in teacher_role_specs(cfg):
+            found = []
+            while True:
+                try:
+                    found.append(ray.get_actor(replica_name(t.name_prefix, role, len(found)), namespace=t.namespace))
+                except ValueError:
+                    break
+            if not found:
+                raise ValueError(f"no running teacher for role {role!r}: actor "
+                                 f"{replica_name(t.name_prefix, role, 0)!r} not found in namespace {t.namespace!r} "
+                                 f"(start one with `python -m teacher_service serve --config ...`)")
+            handles[role] = found
+        return cls(cfg, handles, owned=False)
+
+    # ------------------------------------------------------------------ routing
+    def _route(self, role: str) -> tuple[int, Any]:
+        """Index and handle of the least busy replica of a role; waits while all are full (backpressure)."""
+        slots = self.inflight[role]
+        cap = self.cfg.teachers.max_inflight_per_replica
+        while True:
+            for i, refs in enumerate(slots):
+                if refs:
+                    _, slots[i] = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            i = min(range(len(slots)), key=lambda j: len(slots[j]))
+            if len(slots[i]) < cap:
+                return i, self.handles[role][i]
+            ray.wait([r for refs in slots for r in refs], num_returns=1, fetch_local=False)
+
+    def _inputs(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
+                loss_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int32)
+        am = np.ascontiguousarray(attention_mask, dtype=np.int32)
+        lm = np.ascontiguousarray(loss_mask, dtype=bool)
+        if ids.ndim != 2 or am.shape != ids.shape or lm.shape != ids.shape:
+            raise ValueError(f"batch {batch_id}: input_ids {ids.shape}, attention_mask {am.shape} and loss_mask "
+                             f"{lm.shape} must all be the same [B, T]")
+        return ids, am, lm
+
+    def submit(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
+               loss_mask: np.ndarray) -> ray.ObjectRef:
+        """Chain sft -> gathering roles -> assemble; returns a ref to the validated TopKRecord.
+
+        input_ids, attention_mask, loss_mask: [B, T] (right padded). The record has ids [B, T, k] with
+        k = loss.k, log-probs at tau = loss.tau in teachers.wire_dtype, mask = loss_mask.
+        """
+        ids, am, lm = self._inputs(batch_id, input_ids, attention_mask, loss_mask)
+        ids_ref, am_ref = ray.put(ids), ray.put(am)  # one copy in the object store, shared by every role
+        k, tau = self.cfg.loss.k, self.cfg.loss.tau
+        i, sft = self._route(ROLE_SFT)
+        sft_ref = sft.topk.remote(batch_id, ids_ref, am_ref, k, tau)
+        self.inflight[ROLE_SFT][i].append(sft_ref)
+        refs = [sft_ref]
+        for role in gather_roles(self.roles):
+            i, h = self._route(role)
+            ref = h.gather.remote(batch_id, ids_ref, am_ref, sft_ref, tau)  # sft ids go teacher -> teacher
+            self.inflight[role][i].append(ref)
+            refs.append(ref)
+        meta = record_meta(batch_id, lm, tau, self.vocab_size, self.fingerprint, self.cfg.teachers.wire_dtype)
+        self.submitted += 1
+        return assemble_task.remote(meta, self.roles, refs)
+
+    def submit_parts(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     loss_mask: np.ndarray) -> tuple[dict[str, Any], list[str], list[ray.ObjectRef]]:
+        """The RDT path: (meta, roles, refs), each ref an RDT dict of torch tensors, for `assemble_record`.
+
+        Only the process that created the collective group (the driver) may pass these refs on, as direct
+        arguments to an actor call of a receiving actor in the group.
+        """
+        ids, am, lm = self._inputs(batch_id, input_ids, attention_mask, loss_mask)
+        backend = self.rdt_backend()
+        k, tau = self.cfg.loss.k, self.cfg.loss.tau
+        i, sft = self._route(ROLE_SFT)
+        sft_ref = sft.topk_tensors.options(tensor_transport=backend).remote(batch_id, ids, am, k, tau)
+        self.inflight[ROLE_SFT][i].append(sft_ref)
+        refs = [sft_ref]
+        for role in gather_roles(self.roles):
+            i, h = self._route(role)
+            ref = h.gather_tensors.options(tensor_transport=backend).remote(batch_id, ids, am, sft_ref, tau)
+            self.inflight[role][i].append(ref)
+            refs.append(ref)
+        self.submitted += 1
+        meta = record_meta(batch_id, lm, tau, self.vocab_size, self.fingerprint, self.cfg.teachers.wire_dtype)
+        return meta, list(self.roles), refs
+
+    def rdt_backend(self) -> str:
+        """transport.rdt_backend, with "auto" -> nccl when teachers have GPUs, else gloo."""
+        b = self.cfg.transport.rdt_backend
+        if b == "auto":
+            return "nccl" if self.cfg.teachers.num_gpus > 0 else "gloo"
+        return b
+
+    # ------------------------------------------------------------------ service
+    def actors(self) -> list[Any]:
+        """Every replica handle, roles in chain order (for the driver's collective group)."""
+        return [h for role in self.roles for h in self.handles[role]]
+
+    def stats(self) -> dict[str, Any]:
+        """Per-replica actor stats plus totals: {"submitted", "roles": {role: [stats...]}, "tokens", "busy_s"}."""
+        per_role = {r: ray.get([h.stats.remote() for h in hs]) for r, hs in self.handles.items()}
+        inflight = {r: [len(s) for s in slots] for r, slots in self.inflight.items()}
+        return {"submitted": self.submitted, "roles": per_role, "inflight": inflight,
+                "tokens": {r: sum(s["tokens"] for s in ss) for r, ss in per_role.items()},
+                "busy_s": {r: sum(s["busy_s"] for s in ss) for r, ss in per_role.items()}}
+
+    def health(self) -> dict[str, list[dict[str, Any]]]:
+        return {r: ray.get([h.health.remote() for h in hs]) for r, hs in self.handles.items()}
+
+    def shutdown(self, force: bool = False) -> None:
+        """Kill the actors this pool started (attached ones only with force=True, e.g. `stop`)."""
+        if not (self.owned or force):
+            return
+        for hs in self.handles.values():
+            for h in hs:
+                ray.kill(h, no_restart=True)
+        self.handles = {r: [] for r in self.handles}

@@ -1,0 +1,122 @@
+"""TeacherPool on the shared local Ray cluster with tiny random Llamas: records equal the engines' numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+
+from common.config import ModelSpec, RunConfig, config_from_dict
+from common.topk import TopKRecord
+from teacher_service import TeacherEngine, TeacherPool, TokenizerMismatchError
+from tests.tiny import make_llama, make_model_set, make_tokenizer
+
+ATOL = 1e-5  # fp32 on CPU, same model and same math in the actor and here: only summation-order ulps
+
+
+def _cfg(paths: dict[str, Path], prefix: str, *overrides: str) -> RunConfig:
+    data: dict[str, Any] = {
+        "models": {"base_teacher": {"path": str(paths["base_teacher"])},
+                   "sft_teacher": {"path": str(paths["sft_teacher"])},
+                   "student": {"path": str(paths["student"])}},
+        "loss": {"k": 8, "tau": 1.5},
+        "teachers": {"name_prefix": prefix, "namespace": "deltakd-test"},
+    }
+    return config_from_dict(data, list(overrides))
+
+
+def _batch(vocab: int, b: int, t: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, vocab, size=(b, t)).astype(np.int32)
+    am = np.ones((b, t), dtype=np.int32)
+    am[0, t - 2:] = 0  # right padding
+    ids[0, t - 2:] = 0
+    lm = am.astype(bool)
+    lm[:, 0] = False  # the prompt is not trained on
+    return ids, am, lm
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_model_set(tmp_path_factory.mktemp("pool"))
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster: dict, models: dict[str, Path]) -> Any:
+    # Two sft replicas (routing), a student_base role and one extra teacher pair: every chain shape at once.
+    extra = f"models.extra_pairs=[{{base: {{path: {models['sft_teacher']}}}, sft: {{path: {models['base_teacher']}}}, alpha: 0.5}}]"
+    cfg = _cfg(models, "pooltest", "teachers.student_base_source=teacher", "teachers.replicas={sft: 2}",
+               "teachers.max_inflight_per_replica=2", "teachers.num_cpus=0.5", extra)
+    p = TeacherPool.start(cfg)
+    yield p
+    p.shutdown()
+
+
+def test_record_equals_engines(pool: TeacherPool, models: dict[str, Path]) -> None:
+    sft = TeacherEngine(ModelSpec(path=str(models["sft_teacher"])))
+    base = TeacherEngine(ModelSpec(path=str(models["base_teacher"])))
+    student = TeacherEngine(ModelSpec(path=str(models["student"])))
+    ids, am, lm = _batch(sft.vocab_size, 3, 9, seed=0)
+    rec = ray.get(pool.submit(7, ids, am, lm))
+    assert isinstance(rec, TopKRecord) and rec.batch_id == 7
+    assert set(rec.roles) == {"sft", "base", "student_base", "sft_1", "base_1"}
+    assert rec.shape == (3, 9, 8) and rec.tau == 1.5 and rec.vocab_size == sft.vocab_size
+    assert rec.tokenizer_fingerprint == sft.fingerprint
+    np.testing.assert_array_equal(rec.mask, lm)
+    e_ids, e_lp, e_tail = sft.topk(ids, am, 8, 1.5)
+    v = am.astype(bool)
+    np.testing.assert_array_equal(rec.ids[v], e_ids[v])
+    np.testing.assert_allclose(rec.role_logprobs("sft")[v], e_lp[v], atol=ATOL)
+    np.testing.assert_allclose(rec.tail["sft"][v], e_tail[v], atol=ATOL)
+    # base values = the base model's own log-probs at the SFT teacher's support
+    b_lp, b_tail = base.gather(ids, am, e_ids, 1.5)
+    np.testing.assert_allclose(rec.role_logprobs("base")[v], b_lp[v], atol=ATOL)
+    np.testing.assert_allclose(rec.tail["base"][v], b_tail[v], atol=ATOL)
+    s_lp, _ = student.gather(ids, am, e_ids, 1.5)
+    np.testing.assert_allclose(rec.role_logprobs("student_base")[v], s_lp[v], atol=ATOL)
+    # the extra pair swaps the models, and gathers at pair 0's support
+    np.testing.assert_allclose(rec.role_logprobs("sft_1")[v], b_lp[v], atol=ATOL)
+    assert not np.allclose(rec.role_logprobs("base")[v], rec.role_logprobs("sft")[v], atol=1e-2)
+
+
+def test_many_batches_routed_and_bounded(pool: TeacherPool) -> None:
+    vocab = pool.vocab_size
+    batches = {i: _batch(vocab, 2, 6, seed=i) for i in range(8)}
+    refs = {i: pool.submit(i, *b) for i, b in batches.items()}
+    for slots in pool.inflight.values():  # backpressure: never more than the cap per replica
+        assert all(len(s) <= 2 for s in slots)
+    recs = {i: ray.get(r) for i, r in refs.items()}
+    assert sorted(r.batch_id for r in recs.values()) == list(range(8))
+    stats = pool.stats()
+    calls = [s["calls"] for s in stats["roles"]["sft"]]
+    assert len(calls) == 2 and min(calls) > 0, f"both sft replicas should serve: {calls}"
+    assert stats["tokens"]["base"] >= sum(int(b[1].sum()) for b in batches.values())
+
+
+def test_tokenizer_mismatch_before_any_actor(ray_cluster: dict, models: dict[str, Path], tmp_path: Path) -> None:
+    other = make_llama(tmp_path / "other", make_tokenizer(tmp_path / "tok", extra_words="zebra yak"))
+    cfg = _cfg(models, "mismatch", f"models.base_teacher.path={other}")
+    with pytest.raises(TokenizerMismatchError) as err:
+        TeacherPool.start(cfg)
+    assert str(other) in str(err.value) and str(models["sft_teacher"]) in str(err.value)
+    with pytest.raises(ValueError):
+        ray.get_actor("mismatch-sft-0", namespace="deltakd-test")  # nothing was started
+
+
+def test_k_out_of_range(ray_cluster: dict, models: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match=r"loss.k=500 .*1\.\.\d+"):
+        TeacherPool.start(_cfg(models, "bigk", "loss.k=500"))
+
+
+def test_attach_finds_running_actors(pool: TeacherPool, models: dict[str, Path]) -> None:
+    attached = TeacherPool.attach(pool.cfg)
+    assert {r: len(h) for r, h in attached.handles.items()} == {r: len(h) for r, h in pool.handles.items()}
+    ids, am, lm = _batch(pool.vocab_size, 1, 5, seed=3)
+    a = ray.get(attached.submit(1, ids, am, lm))
+    b = ray.get(pool.submit(1, ids, am, lm))
+    np.testing.assert_array_equal(a.ids, b.ids)
+    attached.shutdown()  # not owned: must not kill the actors
+    assert ray.get(pool.handles["sft"][0].health.remote())["ok"]
