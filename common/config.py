@@ -229,12 +229,16 @@ class EmbeddedConfig(_Strict):
         default_factory=lambda: EmbeddedModelShape(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256)
     )
     student: EmbeddedModelShape = Field(default_factory=EmbeddedModelShape)
-    pretrain_steps: int = Field(default=300, gt=0)
-    sft_steps: int = Field(default=300, gt=0)
+    # Measured on the shared 2-core machine (build_threads=1): the default build takes ~85 s; the SFT
+    # teacher scores ROUGE-L ~0.65 on the test split with greedy decoding, the student base ~0.005.
+    pretrain_steps: int = Field(default=400, gt=0)
+    sft_steps: int = Field(default=1000, gt=0)
     batch_size: int = Field(default=16, gt=0)
     lr: float = Field(default=2e-3, gt=0)
     max_length: int = Field(default=128, gt=8)
     cache_dir: str | None = None  # default: $DELTAKD_CACHE or ~/.cache/deltakd
+    # torch intra-op threads during the build (restored after); None keeps the caller's. Not in the cache key.
+    build_threads: int | None = Field(default=1, gt=0)
 
 
 class RunConfig(_Strict):

@@ -1,0 +1,289 @@
+"""The student's data: examples from the embedded suite or a file / hub data set, tokenised and batched.
+
+- `load_examples(data_cfg, which, embedded_cfg)` -> `[{"prompt", "response"}]` (Dolly-style columns by
+  default; the prompt is `data_cfg.prompt_template` with the context block filled in).
+- `tokenize_examples(examples, tokenizer, data_cfg)` -> `[TokenizedExample(input_ids, prompt_len)]`, where
+  `input_ids = [bos]? + prompt + response + [eos]` and `prompt_len` counts the bos.
+- `collate(examples, pad_id)` -> right-padded numpy arrays that follow the position convention of
+  docs/ARCHITECTURE.md: `labels[b, t] = input_ids[b, t + 1]` where token t+1 is a response token.
+- `BatchPlan` gives each step's example indices per rank as a pure function of the step, so the data
+  cursor of a checkpoint is just its step number and a resume is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from common.config import DataConfig, EmbeddedConfig
+from common.embedded_data import generate_instruction_suite
+
+__all__ = [
+    "DataError",
+    "TokenizedExample",
+    "BatchPlan",
+    "load_examples",
+    "format_prompt",
+    "encode_prompt",
+    "tokenize_examples",
+    "collate",
+    "IGNORE_INDEX",
+]
+
+IGNORE_INDEX = -100
+_EMBEDDED_SPLITS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+
+
+class DataError(ValueError):
+    """A data row, file or example is unusable. The message names the file and line/row or example index."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def format_prompt(instruction: str, context: str, data_cfg: DataConfig) -> str:
+    """`prompt_template` with `{instruction}` and `{context}` (the context block, or "" when empty)."""
+    block = data_cfg.context_template.format(context=context) if context.strip() else ""
+    return data_cfg.prompt_template.format(instruction=instruction, context=block)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # a .json file holding JSON lines
+            return _read_jsonl(path)
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} style
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of objects, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i} is a {type(row).__name__}, expected a JSON object")
+    return data
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    return [dict(r) for r in ds]
+
+
+def _read_source(source: str, split: str) -> tuple[list[dict[str, Any]], str]:
+    """Rows of a local file or a hub data set, and a name for error messages."""
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl", ".parquet"):
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        reader = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[suffix]
+        return reader(path), str(path)
+    if path.exists():
+        raise DataError(f"{path}: unsupported data file type {suffix!r}; use .json, .jsonl or .parquet")
+    import datasets  # a hub data set name: needs network access (or the local HF cache)
+
+    ds = datasets.load_dataset(source, split=split)
+    return [dict(r) for r in ds], f"{source}[{split}]"
+
+
+def _rows_to_examples(rows: list[dict[str, Any]], name: str, data_cfg: DataConfig) -> list[dict[str, str]]:
+    cols = data_cfg.columns
+    required = [c for c in (cols.instruction, cols.response) if c]
+    examples: list[dict[str, str]] = []
+    for i, row in enumerate(rows):
+        for col in required:
+            if col not in row:
+                raise DataError(
+                    f"{name}: row {i} has no column {col!r} (data.columns); columns present: {sorted(row)}"
+                )
+        instruction = row[cols.instruction]
+        response = row[cols.response]
+        context = row.get(cols.context) if cols.context else None
+        for col, value in ((cols.instruction, instruction), (cols.response, response)):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{name}: row {i} has an empty or non-text {col!r} ({value!r})")
+        if context is not None and not isinstance(context, str):
+            raise DataError(f"{name}: row {i} has a non-text context column {cols.context!r} ({context!r})")
+        examples.append({"prompt": format_prompt(instruction, context or "", data_cfg), "response": response})
+    return examples
+
+
+def load_examples(
+    data_cfg: DataConfig, which: Literal["train", "eval"], embedded_cfg: EmbeddedConfig
+) -> list[dict[str, str]]:
+    """The examples of the train or eval set as `{"prompt", "response"}` strings, capped by
+    `max_train_examples` / `max_eval_examples`.
+
+    Sources: "embedded" (the generated suite, split `data_cfg.train_split` / `eval_split`), a local
+    .json / .jsonl / .parquet file, or a hub data set name (loaded with `datasets`, split as configured).
+    """
+    if which == "train":
+        source, split, cap = data_cfg.train, data_cfg.train_split, data_cfg.max_train_examples
+    elif which == "eval":
+        source, split, cap = data_cfg.eval, data_cfg.eval_split, data_cfg.max_eval_examples
+        if source is None:
+            raise DataError("data.eval is not set: there is no evaluation set to load")
+    else:
+        raise DataError(f"unknown data set {which!r}; expected 'train' or 'eval'")
+    if source == "embedded":
+        if split not in _EMBEDDED_SPLITS:
+            raise DataError(f"embedded data has no split {split!r}; use one of {sorted(_EMBEDDED_SPLITS)}")
+        suite = generate_instruction_suite(
+            embedded_cfg.seed, embedded_cfg.num_train, embedded_cfg.num_val, embedded_cfg.num_test
+        )
+        rows: list[dict[str, Any]] = suite[_EMBEDDED_SPLITS[split]]
+        name = f"embedded[{split}]"
+        # The generator's columns are fixed (Dolly-style), whatever data.columns says for files.
+        data_cfg = data_cfg.model_copy(update={"columns": type(data_cfg.columns)()})
+    else:
+        rows, name = _read_source(source, split)
+    examples = _rows_to_examples(rows, name, data_cfg)
+    if not examples:
+        raise DataError(f"{name}: no examples")
+    return examples[:cap] if cap is not None else examples
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenisation and batching
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """input_ids = [bos]? + prompt + response + [eos]; the first `prompt_len` tokens (bos included) are prompt."""
+
+    input_ids: list[int]
+    prompt_len: int
+
+
+def encode_prompt(prompt: str, tokenizer: Any) -> list[int]:
+    """[bos]? + prompt tokens: exactly the prefix `tokenize_examples` builds (use it for generation)."""
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + ids
+
+
+def tokenize_examples(examples: Sequence[dict[str, str]], tokenizer: Any, data_cfg: DataConfig) -> list[TokenizedExample]:
+    """Tokenise prompt and response separately (so the boundary is exact) and join them.
+
+    Longer than `data_cfg.max_length`: "truncate" cuts the end but keeps >= 1 response token (else a
+    DataError); "reject" raises a DataError naming the example index and its length.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no eos token")
+    max_len = data_cfg.max_length
+    out: list[TokenizedExample] = []
+    for i, ex in enumerate(examples):
+        prompt_ids = encode_prompt(ex["prompt"], tokenizer)
+        response_ids = list(tokenizer(ex["response"], add_special_tokens=False)["input_ids"]) + [eos]
+        ids = prompt_ids + response_ids
+        if len(ids) > max_len:
+            if data_cfg.overlong == "reject":
+                raise DataError(
+                    f"example {i} is {len(ids)} tokens long, over data.max_length={max_len} (data.overlong=reject)"
+                )
+            if len(prompt_ids) + 1 > max_len:
+                raise DataError(
+                    f"example {i}: its prompt alone is {len(prompt_ids)} tokens, so truncating to "
+                    f"data.max_length={max_len} would leave no response token"
+                )
+            ids = ids[:max_len]
+        out.append(TokenizedExample(input_ids=ids, prompt_len=len(prompt_ids)))
+    return out
+
+
+def collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad a batch.
+
+    Returns `input_ids` int32 [B, T], `attention_mask` bool [B, T], `labels` int64 [B, T] with
+    `labels[b, t] = input_ids[b, t+1]` when position t+1 is a response token (prompt_len <= t+1 < len_b),
+    else -100, and `loss_mask = labels != -100` bool [B, T]. T is the longest example.
+    """
+    if not examples:
+        raise DataError("collate got an empty batch")
+    lengths = [len(ex.input_ids) for ex in examples]
+    bsz, seq = len(examples), max(lengths)
+    input_ids = np.full((bsz, seq), pad_id, dtype=np.int32)
+    attention_mask = np.zeros((bsz, seq), dtype=bool)
+    labels = np.full((bsz, seq), IGNORE_INDEX, dtype=np.int64)
+    for b, ex in enumerate(examples):
+        n = lengths[b]
+        input_ids[b, :n] = ex.input_ids
+        attention_mask[b, :n] = True
+        # Position t predicts token t+1; the first response token sits at prompt_len, predicted at prompt_len-1.
+        start = max(ex.prompt_len - 1, 0)
+        labels[b, start : n - 1] = ex.input_ids[start + 1 : n]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "loss_mask": labels != IGNORE_INDEX}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Deterministic batches by step: the data cursor is the step number.
+
+    steps_per_epoch = num_examples // global_batch_size (the last incomplete batch is dropped).
+    Step s is in epoch e = s // steps_per_epoch, which uses a permutation seeded by (seed, e) (the
+    identity when shuffle is off); the global batch is that permutation's slice
+    [(s % steps_per_epoch) * G, ... + G), and rank r gets its r-th contiguous G / num_workers share.
+    """
+
+    num_examples: int
+    global_batch_size: int
+    num_workers: int = 1
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size <= 0 or self.num_workers <= 0:
+            raise DataError(f"BatchPlan needs positive sizes, got global_batch_size={self.global_batch_size}, "
+                            f"num_workers={self.num_workers}")
+        if self.global_batch_size % self.num_workers:
+            raise DataError(f"global batch size {self.global_batch_size} is not a multiple of "
+                            f"{self.num_workers} workers")
+        if self.num_examples < self.global_batch_size:
+            raise DataError(f"{self.num_examples} examples cannot fill one batch of {self.global_batch_size}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch_size
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """[num_examples] int64: the example order of one epoch."""
+        if not self.shuffle:
+            return np.arange(self.num_examples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+    def step_indices(self, step: int) -> list[list[int]]:
+        """Example indices of `step`, one list of global_batch_size / num_workers per rank."""
+        if step < 0:
+            raise DataError(f"step must be >= 0, got {step}")
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch_size
+        batch = self.epoch_order(epoch)[start : start + self.global_batch_size]
+        per_rank = self.global_batch_size // self.num_workers
+        return [batch[r * per_rank : (r + 1) * per_rank].tolist() for r in range(self.num_workers)]

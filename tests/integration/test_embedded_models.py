@@ -1,0 +1,126 @@
+"""A reduced embedded build (seconds): loadable models, cache reuse, corruption rebuilt, new config new dir.
+
+No Ray: this trains tiny models in-process, so it sits with the integration tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import ConfigError, EmbeddedConfig, EmbeddedModelShape, config_from_dict
+from student_worker.data import encode_prompt
+from student_worker.embedded_models import build_embedded_models, build_key, resolve_model_paths
+
+TINY_SHAPE = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
+REDUCED = dict(num_train=40, num_val=5, num_test=5, corpus_sentences=200, pretrain_steps=8, sft_steps=8,
+               batch_size=4, max_length=64, teacher=EmbeddedModelShape(**{**TINY_SHAPE, "hidden_size": 32}),
+               student=EmbeddedModelShape(**TINY_SHAPE))
+
+
+def _reduced(cache: Path, **changes: object) -> EmbeddedConfig:
+    return EmbeddedConfig(cache_dir=str(cache), **{**REDUCED, **changes})
+
+
+def _stamp(paths: dict[str, Path]) -> dict[str, int]:
+    build_dir = paths["student"].parent
+    return {str(p): p.stat().st_mtime_ns for p in build_dir.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[EmbeddedConfig, dict[str, Path]]:
+    ecfg = _reduced(tmp_path_factory.mktemp("cache"))
+    return ecfg, build_embedded_models(ecfg, progress=False)
+
+
+def test_reduced_build_loads_like_hub_models(built: tuple[EmbeddedConfig, dict[str, Path]]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ecfg, paths = built
+    assert set(paths) == {"tokenizer", "base_teacher", "sft_teacher", "student"}
+    tok = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
+    assert tok.unk_token_id not in tok("### Instruction:\nwhat colour is the apple ?")["input_ids"]
+    prompt = torch.tensor([encode_prompt("### Instruction:\nsort these numbers in order .\n", tok)])
+    sizes = {}
+    for role in ("base_teacher", "sft_teacher", "student"):
+        assert AutoTokenizer.from_pretrained(str(paths[role])).get_vocab() == tok.get_vocab()
+        model = AutoModelForCausalLM.from_pretrained(str(paths[role]), dtype=torch.float32)
+        assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
+        logits = model(input_ids=prompt).logits
+        assert logits.shape == (1, prompt.shape[1], len(tok)) and torch.isfinite(logits).all()
+        sizes[role] = sum(p.numel() for p in model.parameters())
+    assert sizes["student"] < sizes["base_teacher"] == sizes["sft_teacher"]
+    # SFT moved the teacher away from its base.
+    base = AutoModelForCausalLM.from_pretrained(str(paths["base_teacher"]))
+    sft = AutoModelForCausalLM.from_pretrained(str(paths["sft_teacher"]))
+    assert not torch.equal(base.lm_head.weight, sft.lm_head.weight)
+    marker = json.loads((paths["student"].parent / "COMPLETE").read_text())
+    assert marker["key"] == build_key(ecfg) and paths["student"].parent.name == f"embedded-{marker['key']}"
+
+
+def test_second_call_uses_the_cache(built: tuple[EmbeddedConfig, dict[str, Path]]) -> None:
+    ecfg, paths = built
+    before = _stamp(paths)
+    assert build_embedded_models(ecfg, progress=False) == paths
+    assert _stamp(paths) == before  # nothing rewritten
+
+
+def test_truncated_weights_make_the_cache_invalid(built: tuple[EmbeddedConfig, dict[str, Path]], tmp_path: Path) -> None:
+    import shutil
+
+    from student_worker.embedded_models import _is_complete
+
+    ecfg, paths = built
+    copy = tmp_path / paths["student"].parent.name
+    shutil.copytree(paths["student"].parent, copy)
+    assert _is_complete(copy, build_key(ecfg))
+    assert not _is_complete(copy, "another-key")
+    weights = copy / "student" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size - 100])
+    assert not _is_complete(copy, build_key(ecfg))
+
+
+@pytest.mark.parametrize("damage", ["marker", "weights"])
+def test_corrupted_cache_is_rebuilt(tmp_path: Path, damage: str) -> None:
+    ecfg = _reduced(tmp_path)
+    paths = build_embedded_models(ecfg, progress=False)
+    weights = paths["sft_teacher"] / "model.safetensors"
+    marker = paths["student"].parent / "COMPLETE"
+    (marker if damage == "marker" else weights).unlink()
+    stale = tmp_path / f".tmp-embedded-{build_key(ecfg)}-999999"  # left by a builder that was killed
+    (stale / "tokenizer").mkdir(parents=True)
+    student_weights_time = (paths["student"] / "model.safetensors").stat().st_mtime_ns
+    again = build_embedded_models(ecfg, progress=False)
+    assert again == paths and weights.is_file() and marker.is_file()
+    assert (paths["student"] / "model.safetensors").stat().st_mtime_ns != student_weights_time  # rebuilt
+    from safetensors.torch import load_file
+
+    assert load_file(str(weights))  # reads back in full
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_changed_config_gets_a_new_directory(tmp_path: Path) -> None:
+    a = _reduced(tmp_path)
+    b = _reduced(tmp_path, sft_steps=9)
+    assert build_key(a) != build_key(b)
+    assert build_key(a) == build_key(_reduced(tmp_path / "elsewhere"))  # cache_dir is not part of the key
+    assert build_embedded_models(b, progress=False)["student"].parent.name == f"embedded-{build_key(b)}"
+
+
+def test_resolve_model_paths(built: tuple[EmbeddedConfig, dict[str, Path]]) -> None:
+    ecfg, paths = built
+    raw = {"models": {"base_teacher": {"path": "embedded:base_teacher"}, "sft_teacher": {"path": "embedded:sft_teacher"},
+                      "student": {"path": "/some/local/student"}},
+           "embedded": ecfg.model_dump(mode="json")}
+    cfg = config_from_dict(raw)
+    out = resolve_model_paths(cfg)
+    assert out.models.base_teacher.path == str(paths["base_teacher"])
+    assert out.models.sft_teacher.path == str(paths["sft_teacher"])
+    assert out.models.student.path == "/some/local/student"
+    assert cfg.models.base_teacher.path == "embedded:base_teacher"  # the input is not modified
+    raw["models"]["student"] = {"path": "embedded:teacher"}
+    with pytest.raises(ConfigError, match=r"models.student.path: unknown embedded role 'teacher'"):
+        resolve_model_paths(config_from_dict(raw))
