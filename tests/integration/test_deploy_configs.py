@@ -1,0 +1,234 @@
+"""The deploy/ files, checked offline: the cluster launcher YAML with Ray's own validator, the KubeRay
+RayJob's entrypoint against the real module and config, the run configs against the schema, submit.sh.
+
+`ray.autoscaler._private.util.prepare_config/validate_config` is a private API (PLATFORM.md): the tests
+below pin the behaviour we rely on (defaults filled, setup commands merged, broken copies rejected), so a
+Ray upgrade that changes it fails here rather than at `ray up`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from common.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+CONFIGS = sorted((DEPLOY / "configs").glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _validate_cluster(cfg: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    return prepared
+
+
+# ----------------------------------------------------------------------------------------------------
+# cluster.yaml
+
+
+@pytest.fixture(scope="module")
+def cluster_cfg() -> dict:
+    return _load_yaml(DEPLOY / "cluster.yaml")
+
+
+def test_cluster_yaml_passes_rays_validator(cluster_cfg: dict) -> None:
+    prepared = _validate_cluster(cluster_cfg)
+    # Pinned behaviour of prepare_config: defaults filled in, the head never scales, setup commands merged.
+    assert "cluster_synced_files" in prepared
+    assert prepared["available_node_types"][prepared["head_node_type"]]["max_workers"] == 0
+    assert prepared["head_setup_commands"][: len(cluster_cfg["setup_commands"])] == cluster_cfg["setup_commands"]
+    assert prepared["provider"]["type"] == "aws"
+
+
+@pytest.mark.parametrize(
+    "break_it, error",
+    [
+        (lambda c: c["available_node_types"]["teacher_gpu_node"].update(resourcez={}), "resourcez"),
+        (lambda c: c.update(head_node_type="no_such_type"), "head_node_type"),
+        (lambda c: c["available_node_types"]["student_gpu_node"].update(min_workers=99), "max_workers"),
+        (lambda c: c.update(docker={"imagee": "x"}), "imagee"),
+    ],
+    ids=["unknown-node-key", "bad-head-type", "min-over-max", "unknown-docker-key"],
+)
+def test_broken_cluster_yaml_is_rejected(cluster_cfg: dict, break_it, error: str) -> None:
+    import jsonschema
+
+    broken = copy.deepcopy(cluster_cfg)
+    break_it(broken)
+    with pytest.raises((jsonschema.ValidationError, ValueError)) as info:
+        _validate_cluster(broken)
+    assert error in str(info.value)
+
+
+def test_cluster_yaml_security_and_layout(cluster_cfg: dict) -> None:
+    head_start = " ".join(cluster_cfg["head_start_ray_commands"])
+    worker_start = " ".join(cluster_cfg["worker_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in worker_start
+    # The token reaches the nodes as a file copied from this machine, never as a value in the YAML.
+    assert cluster_cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    text = (DEPLOY / "cluster.yaml").read_text()
+    assert not re.search(r"RAY_AUTH_TOKEN\s*=", text), "a literal token in cluster.yaml"
+    # The project is copied from the repo root and installed on every node.
+    assert cluster_cfg["file_mounts"]["~/deltakd"] == "."
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        cmds = cluster_cfg[key]
+        assert any("torch==" in c for c in cmds) and any("pip install" in c and "~/deltakd" in c for c in cmds)
+        torch_at = next(i for i, c in enumerate(cmds) if "torch==" in c)
+        project_at = next(i for i, c in enumerate(cmds) if "~/deltakd" in c)
+        assert torch_at < project_at, f"{key}: torch must be installed before the project"
+    for excluded in (".venv", "runs"):
+        assert excluded in cluster_cfg["rsync_exclude"]
+    types = cluster_cfg["available_node_types"]
+    assert types["teacher_gpu_node"]["resources"] == {"teacher_gpu": 1}
+    assert types["student_gpu_node"]["resources"] == {"student_gpu": 1}
+
+
+def test_cluster_has_room_for_the_paper_config(cluster_cfg: dict) -> None:
+    """The GPU node types can host the paper config's teachers and student ranks (one GPU a node)."""
+    cfg = load_config(DEPLOY / "configs" / "qwen2_7b_dolly.yaml")
+    types = cluster_cfg["available_node_types"]
+    teacher_gpus = sum(cfg.teachers.replicas.values()) * cfg.teachers.num_gpus
+    student_gpus = cfg.training.num_workers * cfg.training.num_gpus_per_worker
+    assert types["teacher_gpu_node"]["max_workers"] >= teacher_gpus
+    assert types["student_gpu_node"]["max_workers"] >= student_gpus
+    assert cluster_cfg["max_workers"] >= teacher_gpus + student_gpus
+
+
+# ----------------------------------------------------------------------------------------------------
+# kuberay/rayjob.yaml
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    return _load_yaml(DEPLOY / "kuberay" / "rayjob.yaml")
+
+
+def _containers(rayjob: dict) -> dict[str, dict]:
+    spec = rayjob["spec"]
+    out = {"head": spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0],
+           "submitter": spec["submitterPodTemplate"]["spec"]["containers"][0]}
+    for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
+        out[group["groupName"]] = group["template"]["spec"]["containers"][0]
+    return out
+
+
+def test_rayjob_entrypoint_names_a_real_module_and_config(rayjob: dict) -> None:
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"], argv
+    module = argv[2]
+    assert module == "student_worker.train"
+    assert importlib.util.find_spec(module) is not None, f"entrypoint module {module} is not importable"
+    config_path = REPO / argv[argv.index("--config") + 1]
+    assert config_path.is_file(), config_path
+    load_config(config_path)  # raises ConfigError naming the key if the config is invalid
+
+
+def test_rayjob_cluster_spec(rayjob: dict) -> None:
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    groups = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}
+    assert set(groups) == {"teacher-gpu", "student-gpu"}
+    cfg = load_config(REPO / shlex.split(spec["entrypoint"])[-1])
+    gpus = {name: int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+            * g["replicas"] for name, g in groups.items()}
+    assert gpus["teacher-gpu"] >= sum(cfg.teachers.replicas.values()) * cfg.teachers.num_gpus
+    assert gpus["student-gpu"] >= cfg.training.num_workers * cfg.training.num_gpus_per_worker
+    assert "teacher_gpu" in groups["teacher-gpu"]["rayStartParams"]["resources"]
+    assert "student_gpu" in groups["student-gpu"]["rayStartParams"]["resources"]
+
+
+def test_rayjob_token_auth_from_a_secret(rayjob: dict) -> None:
+    for role, container in _containers(rayjob).items():
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", role
+        token = env.get("RAY_AUTH_TOKEN", {})
+        assert "value" not in token, f"{role}: literal token in the manifest"
+        assert token["valueFrom"]["secretKeyRef"]["name"], role
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run configs
+
+
+def test_paper_config_is_the_paper_setup() -> None:
+    cfg = load_config(DEPLOY / "configs" / "qwen2_7b_dolly.yaml")
+    assert cfg.models.base_teacher.path == "Qwen/Qwen2-7B"
+    assert cfg.models.sft_teacher.path == "Qwen/Qwen2-7B-Instruct"
+    assert cfg.models.student.path == "Qwen/Qwen2-0.5B"
+    assert cfg.teachers.num_gpus == 1
+    assert cfg.training.num_workers > 1 and cfg.training.num_gpus_per_worker == 1
+    assert cfg.data.train == "databricks/databricks-dolly-15k"
+    assert (cfg.data.columns.instruction, cfg.data.columns.context, cfg.data.columns.response) == (
+        "instruction", "context", "response")
+    assert cfg.loss.method == "delta_kd" and cfg.loss.k == 64
+    assert (cfg.teachers.dtype, cfg.teachers.wire_dtype, cfg.training.bf16) == ("bfloat16", "bfloat16", "on")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_validates_and_says_its_command(path: Path) -> None:
+    load_config(path)
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    assert header, f"{path.name}: no header comment"
+    commands = ("python -m student_worker.train", "deploy/submit.sh", "python -m teacher_service")
+    assert any(c in text for c in commands), f"{path.name}: the header does not say the command that runs it"
+    assert f"deploy/configs/{path.name}" in text, f"{path.name}: the header's command does not name this file"
+
+
+def test_a_broken_copy_of_the_paper_config_is_rejected(tmp_path: Path) -> None:
+    data = _load_yaml(DEPLOY / "configs" / "qwen2_7b_dolly.yaml")
+    data["teachers"]["num_gpu"] = 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="num_gpu"):
+        load_config(bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# submit.sh and the docs
+
+
+def test_submit_script_usage_and_runtime_env() -> None:
+    script = DEPLOY / "submit.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "--config" in usage.stdout
+    missing = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "--config is required" in missing.stderr
+    wrong = subprocess.run(["bash", str(script), "--config", "no/such.yaml"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "no/such.yaml" in wrong.stderr
+    text = script.read_text()
+    assert "job submit" in text and "--working-dir ." in text and "-m student_worker.train" in text
+    for excluded in ('".venv"', '"runs"'):
+        assert excluded in text
+
+
+def test_cluster_doc_names_only_existing_files() -> None:
+    doc = REPO / "docs" / "CLUSTER.md"
+    paths = set(re.findall(r"\b((?:deploy|docs|scripts)/[\w./-]+\.(?:yaml|sh|md|py)|deploy/kuberay/Dockerfile)\b",
+                           doc.read_text()))
+    assert paths, "docs/CLUSTER.md names no deploy files"
+    missing = sorted(p for p in paths if not (REPO / p).exists())
+    assert not missing, f"docs/CLUSTER.md names files that do not exist: {missing}"
