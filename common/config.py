@@ -130,7 +130,7 @@ class LossConfig(_Strict):
     k: int = Field(default=64, gt=0)  # support size chosen by the SFT teacher
     # parallelogram: weights of the component losses (names from LOSS_METHODS except sft/parallelogram)
     weights: dict[str, float] = Field(default_factory=lambda: {"delta_kd": 0.5, "kd": 0.5})
-    chunk_tokens: int = Field(default=1024, gt=0)  # student log-softmax is computed this many tokens at a time
+    chunk_tokens: int = Field(default=256, gt=0)  # student log-softmax is computed this many tokens at a time
 
     @field_validator("weights")
     @classmethod

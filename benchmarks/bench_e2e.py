@@ -1,0 +1,138 @@
+"""End to end: the tiny default with live teachers (delta_kd) against `method: sft`, same models and budget.
+
+Figure 5 of the benchmarks issue. Two real runs of `python -m student_worker.train --config
+deploy/configs/tiny.yaml` per repeat (subprocesses, alternating), differing only in `loss.method`:
+
+    steps/s ratio = delta_kd steps/s / sft steps/s        (1.0 = distillation costs nothing extra)
+    teacher wait fraction = time the student workers spent waiting for records / step time
+
+Both read from each run's report.json (whole loop) and metrics.jsonl (steady state: rows after the
+first `prefetch + 2` steps). No target is set for this figure in the issue; it is reported as measured.
+
+Isolation: the runs attach to one cluster this script starts (or `--ray-address`) by explicit address,
+so they never find someone else's head through `address="auto"`. The embedded models are built (or
+found in the cache) before the first timed run; `--smoke` builds miniature ones in a temp cache.
+
+    python benchmarks/bench_e2e.py [--smoke] [--repeats N] [--steps N] [--ray-address ADDR]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    REPO_ROOT,
+    BenchError,
+    add_ray_args,
+    base_parser,
+    print_table,
+    ray_session,
+    summarize,
+    write_result,
+)
+
+__all__ = ["run_train", "main"]
+
+TINY = REPO_ROOT / "deploy" / "configs" / "tiny.yaml"
+SMOKE_SETS = ["embedded.pretrain_steps=2", "embedded.sft_steps=2", "embedded.num_train=32", "embedded.num_val=8",
+              "embedded.num_test=8", "embedded.corpus_sentences=64", "training.num_workers=1",
+              "training.batch_size=4", "data.max_train_examples=32"]
+
+
+def run_train(method: str, out: Path, sets: list[str], address: str) -> dict[str, Any]:
+    """One `python -m student_worker.train` run; returns its report.json plus steady-state figures."""
+    cmd = [sys.executable, "-m", "student_worker.train", "--config", str(TINY), "--output-dir", str(out),
+           "--address", address, "--no-progress", "--set", f"loss.method={method}"]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise BenchError(f"bench_e2e: {method} run failed (rc {proc.returncode}): {' '.join(cmd)}\n"
+                         f"{proc.stderr[-4000:]}")
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    cfg_prefetch = 2
+    for s in sets:
+        if s.startswith("training.prefetch="):
+            cfg_prefetch = int(s.split("=", 1)[1])
+    steady = rows[cfg_prefetch + 2:] if len(rows) > cfg_prefetch + 3 else rows[-2:]
+    secs = sum(r["step_s"] for r in steady)
+    return {"steps": report["steps"], "steps_per_s": report["steps_per_s"], "tokens_per_s": report["tokens_per_s"],
+            "teacher_wait_fraction": report["teacher_wait_fraction"], "steady_steps_per_s": len(steady) / secs,
+            "steady_teacher_wait_fraction": sum(r["teacher_wait_s"] for r in steady) / secs,
+            # the workers' own step (record decode, frozen base forward, loss, backward, optimiser):
+            # on a CPU box the teachers share its cores, so this grows with them even when nobody waits
+            "steady_worker_compute_s": sorted(r["compute_s"] for r in steady)[len(steady) // 2],
+            "steady_step_s": secs / len(steady),
+            "wall_s": wall, "final_loss": report.get("final_loss")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__.splitlines()[0])
+    add_ray_args(p)
+    p.add_argument("--steps", type=int, default=40, help="training.max_steps of each run")
+    args = p.parse_args(argv)
+    repeats = 1 if args.smoke else args.repeats
+    steps = 4 if args.smoke else args.steps
+
+    with tempfile.TemporaryDirectory(prefix="dkb-e2e-") as tmp:
+        root = Path(tmp)
+        sets = [f"training.max_steps={steps}", "evaluation.enabled=false", "output.plot=false",
+                "training.checkpoint_every=100000"]
+        if args.smoke:
+            sets += SMOKE_SETS + [f"embedded.cache_dir={root / 'cache'}"]
+        from common.config import load_config
+        from student_worker.embedded_models import build_embedded_models
+
+        cfg = load_config(TINY, sets)
+        t0 = time.perf_counter()
+        build_embedded_models(cfg.embedded, progress=False)  # outside the timed runs (cached afterwards)
+        build_s = time.perf_counter() - t0
+
+        with ray_session(args.ray_address, num_cpus=8) as ray:
+            address = args.ray_address or ray.get_runtime_context().gcs_address
+            runs: dict[str, list[dict[str, Any]]] = {"delta_kd": [], "sft": []}
+            for i in range(repeats):
+                for method in runs:  # alternate, so slow phases of a shared machine hit both
+                    runs[method].append(run_train(method, root / f"{method}-{i}", sets, address))
+
+    def med(method: str, key: str) -> float:
+        return float(summarize([r[key] for r in runs[method]])["median"])
+
+    figures: dict[str, Any] = {
+        "steps_per_run": steps, "embedded_build_s": build_s, "overrides": sets,
+        "runs": runs,
+        "steps_per_s_ratio_kd_over_sft": med("delta_kd", "steps_per_s") / med("sft", "steps_per_s"),
+        "steady_steps_per_s_ratio_kd_over_sft": med("delta_kd", "steady_steps_per_s") / med("sft", "steady_steps_per_s"),
+        "teacher_wait_fraction_kd": med("delta_kd", "teacher_wait_fraction"),
+        "steady_teacher_wait_fraction_kd": med("delta_kd", "steady_teacher_wait_fraction"),
+        "summary": {m: {k: summarize([r[k] for r in rs]) for k in ("steps_per_s", "steady_steps_per_s",
+                                                                    "teacher_wait_fraction", "tokens_per_s")}
+                    for m, rs in runs.items()},
+    }
+    print_table(["method", "steps/s", "steady steps/s", "tokens/s", "teacher wait", "steady wait",
+                 "steady compute s"],
+                [[m, med(m, "steps_per_s"), med(m, "steady_steps_per_s"), med(m, "tokens_per_s"),
+                  med(m, "teacher_wait_fraction"), med(m, "steady_teacher_wait_fraction"),
+                  med(m, "steady_worker_compute_s")] for m in runs], title=f"tiny default, {steps} steps per run")
+    print(f"steps/s ratio delta_kd/sft: {figures['steps_per_s_ratio_kd_over_sft']:.3f} "
+          f"(steady {figures['steady_steps_per_s_ratio_kd_over_sft']:.3f})")
+    notes = ["no target in the issue for this figure; reported as measured",
+             "report.json figures cover each run's whole loop; steady = metrics.jsonl rows after prefetch + 2",
+             f"embedded models built or found in cache in {build_s:.1f} s before the timed runs",
+             f"DELTAKD_CACHE={os.environ.get('DELTAKD_CACHE', '(unset)')}"]
+    write_result("bench_e2e", args, figures, [], notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

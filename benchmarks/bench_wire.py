@@ -1,0 +1,193 @@
+"""Wire size and object-store throughput of the sparse TopKRecord against a dense bf16 row.
+
+Figure 1 of the benchmarks issue.
+
+Size: bytes per token of a real `TopKRecord` (`record.bytes_per_token()`: ids int32 [k], per role
+log-probs [k] in the wire dtype and tail fp32, plus the 1-byte mask) for k = 16, 64, 256, two roles
+(sft + base; also three with a `student_base` teacher role), fp32 and bf16 wire, against one dense bf16
+row of V = 152,064 (2 * V = 304,128 bytes).
+
+    ratio = record bytes/token / dense bytes/token          target: k = 64, two roles, <= 1/400
+
+Throughput: tokens/s of a producer actor returning a precomputed payload (the record, or a dense bf16
+[B, T, V] array) to a consumer actor that receives it as an argument and touches every page, i.e.
+teacher -> object store -> student, as in the real data path. Sparse and dense in the same run.
+
+    python benchmarks/bench_wire.py [--smoke] [--repeats N] [--ray-address ADDR]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from _common import (
+    BenchError,
+    Target,
+    add_ray_args,
+    base_parser,
+    print_table,
+    ray_session,
+    summarize,
+    write_result,
+)
+
+from common.topk import TopKRecord, to_wire_dtype
+
+__all__ = ["make_record", "dense_row_bytes", "main"]
+
+QWEN2_VOCAB = 152_064
+TARGET_RATIO = 1 / 400
+
+
+def make_record(batch: int, seq: int, k: int, roles: list[str], wire_dtype: str, vocab_size: int = QWEN2_VOCAB,
+                seed: int = 0) -> TopKRecord:
+    """A valid record of the given shape filled with plausible values (descending log-probs, small tails).
+
+    ids [B, T, k] int32 distinct per position; logprobs per role [B, T, k]; tail per role [B, T].
+    """
+    rng = np.random.default_rng(seed)
+    # Distinct ids per position: a random offset plus a stride never wraps onto itself while k*stride < V.
+    stride = max(1, vocab_size // (k + 1))
+    base = rng.integers(0, vocab_size, size=(batch, seq, 1))
+    ids = ((base + np.arange(k) * stride) % vocab_size).astype(np.int32)
+    logprobs, tails = {}, {}
+    for role in roles:
+        lp = np.sort(rng.standard_normal((batch, seq, k)).astype(np.float32), axis=-1)[..., ::-1]
+        lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True) * 1.05)  # 5% mass left for the tail
+        logprobs[role] = to_wire_dtype(lp, wire_dtype)
+        tails[role] = np.clip(1.0 - np.exp(lp.astype(np.float64)).sum(-1), 0.0, 1.0).astype(np.float32)
+    mask = np.ones((batch, seq), dtype=bool)
+    return TopKRecord("bench", ids, logprobs, tails, mask, 1.0, vocab_size, "bench", wire_dtype).validate()
+
+
+def dense_row_bytes(vocab_size: int = QWEN2_VOCAB) -> int:
+    """One dense bf16 distribution per token: 2 bytes x V."""
+    return 2 * vocab_size
+
+
+def size_table() -> list[dict[str, Any]]:
+    rows = []
+    dense = dense_row_bytes()
+    for roles in (["sft", "base"], ["sft", "base", "student_base"]):
+        for wire in ("float32", "bfloat16"):
+            for k in (16, 64, 256):
+                rec = make_record(2, 16, k, roles, wire)
+                bpt = rec.bytes_per_token()
+                rows.append({"k": k, "roles": len(roles), "wire_dtype": wire, "bytes_per_token": bpt,
+                             "ratio_to_dense_bf16": bpt / dense, "one_in": dense / bpt})
+    return rows
+
+
+def _actors(ray: Any) -> tuple[Any, Any]:
+    @ray.remote(num_cpus=0)
+    class Producer:
+        """Holds a precomputed payload; `emit` returns it, so Ray copies it into the object store."""
+
+        def __init__(self) -> None:
+            self.payloads: dict[str, Any] = {}
+
+        def load(self, name: str, spec: dict[str, Any]) -> int:
+            if spec["kind"] == "sparse":
+                rec = make_record(spec["batch"], spec["seq"], spec["k"], ["sft", "base"], spec["wire"])
+                self.payloads[name] = rec
+                return rec.nbytes()
+            arr = np.random.default_rng(0).integers(0, 2**16, size=(spec["batch"], spec["seq"], QWEN2_VOCAB),
+                                                    dtype=np.uint16)  # bf16 bits
+            self.payloads[name] = arr
+            return int(arr.nbytes)
+
+        def emit(self, name: str) -> Any:
+            return self.payloads[name]
+
+    @ray.remote(num_cpus=0)
+    class Consumer:
+        """Receives the payload as an argument (zero-copy view of shared memory) and touches every page."""
+
+        def consume(self, payload: Any) -> int:
+            arrays = ([payload] if isinstance(payload, np.ndarray) else
+                      [payload.ids, payload.mask, *payload.logprobs.values(), *payload.tail.values()])
+            touched = 0
+            for a in arrays:
+                flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                touched += int(flat[::4096].sum() >= 0) + flat.nbytes  # one byte per 4 KiB page
+            return touched
+
+    return Producer.remote(), Consumer.remote()
+
+
+def throughput(ray: Any, specs: dict[str, dict[str, Any]], repeats: int, calls: int) -> dict[str, Any]:
+    """tokens/s per payload kind: `calls` sequential producer -> consumer round trips per repeat."""
+    producer, consumer = _actors(ray)
+    out: dict[str, Any] = {}
+    for name, spec in specs.items():
+        nbytes = ray.get(producer.load.remote(name, spec))
+        tokens = spec["batch"] * spec["seq"]
+        got = ray.get(consumer.consume.remote(producer.emit.remote(name)))  # warm-up
+        if got < nbytes:
+            raise BenchError(f"throughput {name}: consumer saw {got} bytes < payload {nbytes}")
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                ray.get(consumer.consume.remote(producer.emit.remote(name)))
+            rates.append(tokens * calls / (time.perf_counter() - t0))
+        out[name] = {"tokens_per_batch": tokens, "payload_bytes": nbytes, "bytes_per_token": nbytes / tokens,
+                     "tokens_per_s": summarize(rates), **spec}
+    for h in (producer, consumer):
+        ray.kill(h)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__.splitlines()[0])
+    add_ray_args(p)
+    args = p.parse_args(argv)
+    repeats = 1 if args.smoke else args.repeats
+
+    sizes = size_table()
+    print_table(["roles", "wire", "k", "bytes/token", "x dense", "1 in"],
+                [[r["roles"], r["wire_dtype"], r["k"], r["bytes_per_token"], r["ratio_to_dense_bf16"],
+                  r["one_in"]] for r in sizes], title=f"bytes/token vs a dense bf16 row at V={QWEN2_VOCAB}")
+
+    sparse_tokens = (1, 256) if args.smoke else (8, 1024)
+    dense_tokens = (1, 16) if args.smoke else (1, 256)
+    specs = {
+        "sparse_k64_fp32": {"kind": "sparse", "batch": sparse_tokens[0], "seq": sparse_tokens[1], "k": 64,
+                            "wire": "float32"},
+        "sparse_k64_bf16": {"kind": "sparse", "batch": sparse_tokens[0], "seq": sparse_tokens[1], "k": 64,
+                            "wire": "bfloat16"},
+        "dense_bf16": {"kind": "dense", "batch": dense_tokens[0], "seq": dense_tokens[1]},
+    }
+    with ray_session(args.ray_address, num_cpus=4) as ray:
+        tput = throughput(ray, specs, repeats, calls=2 if args.smoke else 5)
+    print_table(["payload", "tokens/batch", "bytes/token", "tokens/s min", "median", "max"],
+                [[n, f["tokens_per_batch"], f["bytes_per_token"], f["tokens_per_s"]["min"],
+                  f["tokens_per_s"]["median"], f["tokens_per_s"]["max"]] for n, f in tput.items()],
+                title="object store throughput, producer actor -> consumer actor")
+    dense_rate = tput["dense_bf16"]["tokens_per_s"]["median"]
+    speedups = {n: f["tokens_per_s"]["median"] / dense_rate for n, f in tput.items() if n != "dense_bf16"}
+
+    by_key = {(r["roles"], r["wire_dtype"], r["k"]): r for r in sizes}
+    targets = [
+        Target("k64_two_roles_bf16_wire_ratio_to_dense", by_key[(2, "bfloat16", 64)]["ratio_to_dense_bf16"],
+               "<=", TARGET_RATIO, "bf16 log-probs + int32 ids + fp32 tails"),
+        Target("k64_two_roles_fp32_wire_ratio_to_dense", by_key[(2, "float32", 64)]["ratio_to_dense_bf16"],
+               "<=", TARGET_RATIO, "fp32 log-probs (the config default teachers.wire_dtype=float32)"),
+    ]
+    figures = {"vocab_size": QWEN2_VOCAB, "dense_bf16_bytes_per_token": dense_row_bytes(), "sizes": sizes,
+               "throughput": tput, "sparse_over_dense_tokens_per_s": speedups}
+    notes = [
+        "bytes/token = TopKRecord.nbytes() / (B*T): ids int32 [k] + per role logprobs [k] (wire dtype) "
+        "+ tail fp32 + mask 1 byte.",
+        "dense = one bf16 row of V per token (a second role would double it); the target compares to one row.",
+        "throughput: producer actor returns a precomputed payload; consumer actor gets it as an argument "
+        "(zero-copy shared memory) and reads one byte per 4 KiB page; tokens/s over sequential round trips.",
+    ]
+    write_result("bench_wire", args, figures, targets, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

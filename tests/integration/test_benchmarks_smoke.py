@@ -1,0 +1,100 @@
+"""Smoke test of every benchmark script: `--smoke` in a subprocess writes valid JSON with the expected keys.
+
+Timings are never asserted (they are noise on a shared CPU machine); what is checked: the script exits 0,
+its JSON parses strictly (no NaN), carries provenance (git sha, machine), figures with the keys the
+README table reads, targets whose `met` agrees with value/op/threshold, and the wire sizes, which are
+exact arithmetic. Scripts that use Ray attach to the session's cluster (`--ray-address`), so no second
+cluster is started.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# script -> (uses Ray, dotted figure keys that must exist)
+SCRIPTS = {
+    "bench_wire": (True, ["sizes", "throughput.sparse_k64_fp32.tokens_per_s.median",
+                          "throughput.dense_bf16.tokens_per_s.median", "sparse_over_dense_tokens_per_s"]),
+    "bench_loss": (False, ["per_vocab", "tokens", "k"]),
+    "bench_transport": (True, ["sizes", "k"]),
+    "bench_overlap": (True, ["student_step_s.median", "cells.T1.0x_prefetch0.efficiency.median",
+                             "cells.T1.0x_prefetch2.efficiency.median", "serial_efficiency_T1x"]),
+    "bench_e2e": (True, ["runs.delta_kd", "runs.sft", "steps_per_s_ratio_kd_over_sft",
+                         "teacher_wait_fraction_kd"]),
+    "gpu_check": (False, ["teacher", "loss.time_ratio", "student.kd_over_sft_time", "scaled_down"]),
+}
+
+
+def _dig(doc: dict, dotted: str):
+    node = doc
+    parts = dotted.split(".")
+    i = 0
+    while i < len(parts):
+        # keys may contain dots (e.g. "T1.0x_prefetch0"): take the longest prefix that is a key
+        for j in range(len(parts), i, -1):
+            key = ".".join(parts[i:j])
+            if isinstance(node, dict) and key in node:
+                node, i = node[key], j
+                break
+        else:
+            raise KeyError(f"{dotted!r}: no key at {'.'.join(parts[i:])!r} (have {list(node)[:12]})")
+    return node
+
+
+def _run(script: str, out_dir: Path, ray_address: str | None) -> dict:
+    cmd = [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--smoke", "--out-dir", str(out_dir)]
+    if ray_address:
+        cmd += ["--ray-address", ray_address]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{script} failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    path = out_dir / f"{script}.json"
+    assert path.is_file(), f"{script} wrote no {path}; stdout:\n{proc.stdout[-2000:]}"
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{path}: non-JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_benchmark_smoke_writes_json(script: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    uses_ray, keys = SCRIPTS[script]
+    address = request.getfixturevalue("ray_cluster")["gcs_address"] if uses_ray else None
+    doc = _run(script, tmp_path, address)
+
+    assert doc["name"] == script and doc["smoke"] is True
+    assert doc["git"].get("sha") is None or len(doc["git"]["sha"]) == 40
+    assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["torch"]
+    for key in keys:
+        _dig(doc["figures"], key)
+    for t in doc["targets"]:
+        assert set(t) >= {"name", "value", "op", "threshold", "met"}, t
+        if t["value"] is None:
+            assert t["met"] is None, t
+        else:
+            assert math.isfinite(t["value"])
+            assert t["met"] == (t["value"] <= t["threshold"] if t["op"] == "<=" else t["value"] >= t["threshold"]), t
+
+    if script == "bench_wire":
+        # Exact arithmetic, per token: ids int32 k + per role (k log-probs + fp32 tail) + 1 mask byte.
+        sizes = {(r["roles"], r["wire_dtype"], r["k"]): r["bytes_per_token"] for r in doc["figures"]["sizes"]}
+        assert sizes[(2, "float32", 64)] == 64 * 4 + 2 * (64 * 4 + 4) + 1 == 777
+        assert sizes[(2, "bfloat16", 64)] == 64 * 4 + 2 * (64 * 2 + 4) + 1 == 521
+        met = {t["name"]: t["met"] for t in doc["targets"]}
+        assert met["k64_two_roles_bf16_wire_ratio_to_dense"] is True  # 521 / 304128 = 1/584 <= 1/400
+        assert met["k64_two_roles_fp32_wire_ratio_to_dense"] is False  # 777 / 304128 = 1/391 > 1/400
+    if script == "bench_e2e":
+        for method in ("delta_kd", "sft"):
+            run = doc["figures"]["runs"][method][0]
+            assert run["steps"] == doc["figures"]["steps_per_run"]
+            assert 0.0 <= run["teacher_wait_fraction"] <= 1.0
+    if script == "gpu_check":
+        assert "ray" not in doc["machine"], "gpu_check must not import ray"
