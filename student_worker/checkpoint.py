@@ -1,0 +1,199 @@
+"""Atomic training checkpoints: the student in HF format, optimizer + scheduler, RNG states, run state.
+
+Layout of one checkpoint (`<out>/checkpoints/ckpt-000042/`):
+
+    model/              student, `save_pretrained` (safetensors) + tokenizer: loadable by transformers
+    optimizer.pt        {"optimizer": ..., "scheduler": ...} state dicts (torch.save; loaded weights_only)
+    rng-rank<r>.json    torch / numpy / python RNG states of rank r (and CUDA when present)
+    state.json          step, data cursor (= step), config hash, resolved config, metrics so far
+
+A checkpoint is built in `ckpt-XXXXXX.tmp` and renamed with `os.replace` once every part is written, so a
+directory named `ckpt-XXXXXX` is complete by construction; `latest_checkpoint` also checks the files, so
+a copy truncated by hand is skipped. Nothing is unpickled: tensors load with `weights_only=True`, the rest
+is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import config_diff
+
+__all__ = [
+    "CheckpointError",
+    "CKPT_DIR_RE",
+    "checkpoint_name",
+    "begin_checkpoint",
+    "write_rng_state",
+    "read_rng_state",
+    "write_optimizer_state",
+    "read_optimizer_state",
+    "finalize_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "read_state",
+    "check_resume_config",
+    "RESUME_IGNORED_KEYS",
+]
+
+CKPT_DIR_RE = re.compile(r"^ckpt-(\d{6})$")
+STATE_FILE = "state.json"
+MODEL_DIR = "model"
+OPTIMIZER_FILE = "optimizer.pt"
+
+# Keys that may differ between the run that wrote a checkpoint and the one resuming from it.
+RESUME_IGNORED_KEYS = ("training.max_steps", "output.dir", "evaluation.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or belongs to another config. The message names the path."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:06d}"
+
+
+def begin_checkpoint(ckpt_root: str | Path, step: int) -> Path:
+    """Create an empty `ckpt-XXXXXX.tmp` directory (a stale one from a crash is removed first)."""
+    tmp = Path(ckpt_root) / (checkpoint_name(step) + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_rng_state(ckpt_dir: str | Path, rank: int) -> None:
+    """Save this process's torch / numpy / python (and CUDA) RNG states as JSON (no pickle)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": _py_state_to_json(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    (Path(ckpt_dir) / f"rng-rank{rank}.json").write_text(json.dumps(state))
+
+
+def read_rng_state(ckpt_dir: str | Path, rank: int) -> None:
+    """Restore the RNG states written by `write_rng_state` for `rank` into this process."""
+    path = Path(ckpt_dir) / f"rng-rank{rank}.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing RNG state of rank {rank} (checkpoint from another world size?)")
+    state = json.loads(path.read_text())
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(_py_state_from_json(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _py_state_to_json(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_state_from_json(data: list[Any]) -> tuple[Any, ...]:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)
+
+
+def write_optimizer_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               Path(ckpt_dir) / OPTIMIZER_FILE)
+
+
+def read_optimizer_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    path = Path(ckpt_dir) / OPTIMIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing optimizer state")
+    # weights_only: tensors and plain containers only; an untrusted file cannot run code on load.
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(data["optimizer"])
+    scheduler.load_state_dict(data["scheduler"])
+
+
+def finalize_checkpoint(tmp_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
+    """Write state.json into `ckpt-XXXXXX.tmp`, rename it to `ckpt-XXXXXX` atomically, keep the last `keep`.
+
+    state: must hold "step"; conventionally also "data_cursor", "config_hash", "config", "metrics".
+    Returns the final directory.
+    """
+    tmp = Path(tmp_dir)
+    if not tmp.name.endswith(".tmp"):
+        raise CheckpointError(f"{tmp}: not a temporary checkpoint directory (expected a .tmp suffix)")
+    missing = [p for p in (MODEL_DIR, OPTIMIZER_FILE) if not (tmp / p).exists()]
+    if missing:
+        raise CheckpointError(f"{tmp}: incomplete checkpoint, missing {missing}")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    final = tmp.with_name(tmp.name[: -len(".tmp")])
+    if final.exists():  # the same step saved again (e.g. after a restore): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(final.parent)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _is_complete(path: Path) -> bool:
+    model = path / MODEL_DIR
+    has_weights = model.is_dir() and any(model.glob("*.safetensors"))
+    return has_weights and (path / OPTIMIZER_FILE).is_file() and (path / STATE_FILE).is_file()
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoints under `ckpt_root`, oldest first (`.tmp` and half-copied ones are skipped)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CKPT_DIR_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if _is_complete(p)]
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    done = list_checkpoints(ckpt_root)
+    return done[-1] if done else None
+
+
+def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (incomplete checkpoint)")
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if "step" not in state:
+        raise CheckpointError(f"{path}: no 'step' key")
+    return state
+
+
+def check_resume_config(ckpt_dir: str | Path, config: dict[str, Any]) -> None:
+    """Raise CheckpointError listing the config keys that differ from the checkpoint's config.
+
+    Keys in RESUME_IGNORED_KEYS (a trailing '.' means a whole section) may legitimately differ.
+    """
+    saved = read_state(ckpt_dir).get("config")
+    if saved is None:
+        raise CheckpointError(f"{Path(ckpt_dir) / STATE_FILE}: no resolved config stored; cannot check it")
+    diffs = [d for d in config_diff(saved, config) if not _ignored(d.split(":", 1)[0])]
+    if diffs:
+        lines = "\n  ".join(diffs)
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir}: it was written with a different config "
+            f"(checkpoint != this run):\n  {lines}"
+        )
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_IGNORED_KEYS)

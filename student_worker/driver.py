@@ -1,0 +1,379 @@
+"""The driver: one process orchestrates teachers and student workers (DESIGN.md section 3).
+
+Per step s (0-based) with W workers, rank r trains batch id `s * W + r`. The driver keeps `prefetch`
+batches beyond the current one submitted to the teacher pool; each record ref goes straight to the worker
+of its rank (nested in a list for the object store, as direct arguments for RDT); the driver never reads a
+record. Checkpoints are taken after every `checkpoint_every` completed steps and at the end; a checkpoint
+named `ckpt-N` holds the state after N completed steps (N is also the data cursor: the next step index).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from common.config import RunConfig, config_hash, dump_config
+from student_worker import checkpoint as ckpt
+from student_worker.data import BatchPlan, collate, load_examples, tokenize_examples
+from student_worker.evaluate import evaluate_model
+from student_worker.report import write_report
+from student_worker.worker import StudentWorker
+
+__all__ = ["TrainingRunError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS"]
+
+MAX_WORKER_RESTARTS = 3
+# Per-rank metrics that are NOT per-token means (everything else is combined weighted by tokens).
+_NON_TOKEN_KEYS = {"rank", "batch_id", "grad_norm", "lr", "teacher_wait_s", "compute_s", "loss_sum", "tokens"}
+
+
+class TrainingRunError(RuntimeError):
+    """The run cannot continue (teacher unavailable, workers keep dying). The message names the culprit."""
+
+
+class _WorkerCrash(Exception):
+    def __init__(self, rank: int, cause: BaseException):
+        super().__init__(f"student worker rank {rank} died: {cause}")
+        self.rank, self.cause = rank, cause
+
+
+def find_cause(exc: BaseException | None, cls: type) -> BaseException | None:
+    """The first exception of type `cls` in a chain of Ray task errors (`.cause`) and Python causes."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, cls):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+@ray.remote(num_cpus=1)
+def _evaluate_path(path: str, trust_remote_code: bool, examples: list[dict[str, str]], max_new_tokens: int,
+                   batch_size: int) -> dict[str, Any]:
+    """Evaluate a model by path in a Ray task (GPU when the task gets one): the SFT teacher's ceiling."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    model.to("cuda" if cuda else "cpu")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return evaluate_model(model, tok, examples, max_new_tokens, batch_size)
+
+
+@dataclass
+class _InFlight:
+    step: int
+    arrays: list[dict[str, np.ndarray]]  # per rank
+    records: list[Any] = field(default_factory=list)  # per rank: ObjectRef, or (meta, roles, refs) for RDT
+
+
+class Driver:
+    """One training run. `run()` returns the report dict; outputs go to cfg.output_dir."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True):
+        self.cfg, self.resume, self.stop_after, self.progress = cfg, resume, stop_after, progress
+        self.out = cfg.output_dir
+        self.ckpt_root = self.out / "checkpoints"
+        self.cfg_dict = cfg.model_dump(mode="json")
+        self.world = cfg.training.num_workers
+        self.rdt = cfg.transport.kind == "rdt" and cfg.loss.method != "sft"
+        self.pool: Any = None
+        self.workers: list[Any] = []
+        self.rows: list[dict[str, Any]] = []
+        self.rouge: dict[str, Any] = {}
+        self.restarts = 0
+        self._group_name: str | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _load_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        spec = self.cfg.models.student
+        tok = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        train = load_examples(self.cfg.data, "train", self.cfg.embedded)
+        self.train_tok = tokenize_examples(train, tok, self.cfg.data)
+        self.eval_examples = (load_examples(self.cfg.data, "eval", self.cfg.embedded)
+                              if self.cfg.evaluation.enabled and self.cfg.data.eval else [])
+        self.plan = BatchPlan(len(self.train_tok), self.cfg.training.batch_size, self.world, self.cfg.seed,
+                              self.cfg.data.shuffle)
+
+    def _check_resources(self) -> None:
+        """Warn (loudly) when teachers + workers ask for more CPUs/GPUs than the cluster has right now:
+        Ray would wait forever for the missing slots (an autoscaling cluster may still add them)."""
+        t, tc = self.cfg.training, self.cfg.teachers
+        n_teachers = 0 if self.cfg.loss.method == "sft" or tc.attach else sum(
+            tc.replicas.get(r, 1) for r in self._teacher_roles())
+        need = {"CPU": self.world * t.num_cpus_per_worker + n_teachers * tc.num_cpus,
+                "GPU": self.world * t.num_gpus_per_worker + n_teachers * tc.num_gpus}
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+        if short:
+            print("WARNING: this run asks for more than the Ray cluster has now ("
+                  + ", ".join(f"{k}: {v:g} needed, {h:g} available" for k, (v, h) in short.items())
+                  + "); it will wait for resources. Lower training.num_cpus_per_worker / teachers.num_cpus "
+                  "(fractions are fine) or add nodes.", flush=True)
+
+    def _teacher_roles(self) -> list[str]:
+        from teacher_service.roles import teacher_role_specs
+
+        return list(teacher_role_specs(self.cfg))
+
+    def _start_pool(self) -> None:
+        if self.cfg.loss.method == "sft":
+            return  # no teacher at all for plain SFT
+        from teacher_service import TeacherPool
+
+        self.pool = TeacherPool.attach(self.cfg) if self.cfg.teachers.attach else TeacherPool.start(self.cfg)
+
+    def _create_workers(self) -> None:
+        """Create the actors (non-blocking: their processes start and import while teachers load)."""
+        t = self.cfg.training
+        self.workers = [
+            StudentWorker.options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker).remote(
+                self.cfg_dict, rank, self.world)
+            for rank in range(self.world)
+        ]
+
+    def _start_workers(self, resume_dir: Path | None) -> None:
+        """Set up the created workers: process group, DDP, optimizer, checkpoint; RDT group when used."""
+        if not self.workers:
+            self._create_workers()
+        init_method = ray.get(self.workers[0].rendezvous_address.remote())
+        arg = None if resume_dir is None else str(resume_dir)
+        ray.get([w.setup.remote(init_method, arg) for w in self.workers])
+        if self.rdt:
+            from ray.experimental.collective import create_collective_group
+
+            self._group_name = f"deltakd-rdt-{time.time_ns()}"
+            create_collective_group(self.pool.actors() + self.workers, backend=self.pool.rdt_backend(),
+                                    name=self._group_name)
+
+    def _stop_workers(self) -> None:
+        if self._group_name is not None:
+            from ray.experimental.collective import destroy_collective_group
+
+            destroy_collective_group(self._group_name)
+            self._group_name = None
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []
+
+    def _restore_workers(self) -> int:
+        """Replace the worker group and load the newest checkpoint; returns the step to continue from."""
+        self.restarts += 1
+        if self.restarts > MAX_WORKER_RESTARTS:
+            raise TrainingRunError(f"student workers died {self.restarts} times; giving up")
+        self._stop_workers()
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        self._create_workers()
+        self._start_workers(latest)
+        step = 0 if latest is None else int(ckpt.read_state(latest)["step"])
+        self.rows = [r for r in self.rows if r["step"] < step]
+        self._rewrite_metrics()
+        return step
+
+    # ------------------------------------------------------------------ steps
+    def _submit(self, step: int) -> _InFlight:
+        arrays = [collate([self.train_tok[i] for i in idx], self.pad_id) for idx in self.plan.step_indices(step)]
+        item = _InFlight(step, arrays)
+        if self.pool is not None:
+            for rank, a in enumerate(arrays):
+                bid = step * self.world + rank
+                submit = self.pool.submit_parts if self.rdt else self.pool.submit
+                item.records.append(submit(bid, a["input_ids"], a["attention_mask"], a["loss_mask"]))
+        return item
+
+    def _run_step(self, item: _InFlight) -> list[dict[str, Any]]:
+        global_tokens = int(sum(a["loss_mask"].sum() for a in item.arrays))
+        refs = []
+        for rank, w in enumerate(self.workers):
+            batch = {k: item.arrays[rank][k] for k in ("input_ids", "attention_mask", "labels")}
+            if self.rdt:
+                meta, roles, parts = item.records[rank]
+                refs.append(w.train_step_rdt.remote(item.step, batch, global_tokens, meta, roles, *parts))
+            else:
+                box = [item.records[rank]] if item.records else None  # nested: the worker resolves it
+                refs.append(w.train_step.remote(item.step, batch, box, global_tokens))
+        rank_of = {r: i for i, r in enumerate(refs)}
+        results: list[dict[str, Any]] = [{} for _ in refs]
+        errors: list[BaseException] = []
+        remaining = list(refs)
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=1)
+            try:
+                results[rank_of[ready[0]]] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                raise _WorkerCrash(rank_of[ready[0]], exc) from exc
+            except ray.exceptions.RayTaskError as exc:
+                errors.append(exc)
+        if errors:
+            from student_worker.worker import PeerInputError
+            from teacher_service import TeacherUnavailableError
+
+            teacher = next((c for e in errors if (c := find_cause(e, TeacherUnavailableError))), None)
+            first = next((e for e in errors if not find_cause(e, PeerInputError)), errors[0])
+            raise teacher or first
+        return results
+
+    def _combine(self, step: int, per_rank: list[dict[str, Any]], arrays: list[dict[str, np.ndarray]],
+                 step_s: float) -> dict[str, Any]:
+        tokens = sum(m["tokens"] for m in per_rank)
+        input_tokens = int(sum(a["attention_mask"].sum() for a in arrays))
+        row: dict[str, Any] = {"step": step, "batch_ids": [m["batch_id"] for m in per_rank],
+                               "loss": sum(m["loss_sum"] for m in per_rank) / max(tokens, 1)}
+        for key in sorted(per_rank[0]):
+            if key not in _NON_TOKEN_KEYS:
+                row[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
+        wait = float(np.mean([m["teacher_wait_s"] for m in per_rank]))
+        row.update({"grad_norm": per_rank[0]["grad_norm"], "lr": per_rank[0]["lr"], "tokens": tokens,
+                    "input_tokens": input_tokens, "step_s": step_s, "tokens_per_s": input_tokens / step_s,
+                    "teacher_wait_s": wait, "teacher_wait_frac": min(1.0, wait / step_s),
+                    "compute_s": max(m["compute_s"] for m in per_rank)})
+        return row
+
+    # ------------------------------------------------------------------ outputs
+    def _rewrite_metrics(self) -> None:
+        with open(self.out / "metrics.jsonl", "w") as f:
+            for r in self.rows:
+                f.write(json.dumps(r) + "\n")
+
+    def _checkpoint(self, step: int) -> Path:
+        tmp = ckpt.begin_checkpoint(self.ckpt_root, step)
+        ray.get([w.save_checkpoint.remote(str(tmp)) for w in self.workers])
+        state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg), "config": self.cfg_dict,
+                 "metrics": self.rows, "rouge": self.rouge}
+        return ckpt.finalize_checkpoint(tmp, state, self.cfg.training.keep_checkpoints)
+
+    def _evaluate_student(self) -> dict[str, Any]:
+        e = self.cfg.evaluation
+        return ray.get(self.workers[0].evaluate.remote(self.eval_examples, e.max_new_tokens, e.batch_size))
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        start_step, resume_dir = 0, None
+        if self.resume:
+            resume_dir = ckpt.latest_checkpoint(self.ckpt_root)
+            if resume_dir is None:
+                print(f"--resume: no complete checkpoint under {self.ckpt_root}; starting from step 0")
+            else:
+                ckpt.check_resume_config(resume_dir, self.cfg_dict)
+                state = ckpt.read_state(resume_dir)
+                start_step, self.rows, self.rouge = int(state["step"]), list(state["metrics"]), state["rouge"]
+        dump_config(self.cfg, self.out / "config.yaml")
+        self._rewrite_metrics()
+        self._load_data()
+        t = self.cfg.training
+        end_step = t.max_steps if self.stop_after is None else min(t.max_steps, self.stop_after)
+        try:
+            self._check_resources()
+            self._create_workers()
+            self._start_pool()
+            self._start_workers(resume_dir)
+            e = self.cfg.evaluation
+            if self.eval_examples and e.evaluate_before and "student_base" not in self.rouge:
+                self.rouge["student_base"] = self._evaluate_student()
+            step, last_ckpt = start_step, start_step if resume_dir is not None else -1
+            pending: deque[_InFlight] = deque()
+            next_submit = step
+            bar = tqdm(total=t.max_steps, initial=step, disable=not self.progress, desc=self.cfg.loss.method)
+            t_loop, t_prev = time.perf_counter(), time.perf_counter()
+            while step < end_step:
+                while next_submit < end_step and len(pending) < t.prefetch + 1:
+                    pending.append(self._submit(next_submit))
+                    next_submit += 1
+                item = pending.popleft()
+                try:
+                    per_rank = self._run_step(item)
+                except _WorkerCrash as crash:
+                    print(f"{crash}; restoring the worker group from the last checkpoint")
+                    pending.clear()
+                    step = next_submit = self._restore_workers()
+                    bar.n = step
+                    bar.refresh()
+                    t_prev = time.perf_counter()
+                    continue
+                except Exception as exc:
+                    if step != last_ckpt:  # keep what is done: the model is still at `step` completed steps
+                        self._checkpoint(step)
+                    raise TrainingRunError(f"step {step} failed; checkpoint of {step} completed steps written "
+                                           f"under {self.ckpt_root}: {exc}") from exc
+                now = time.perf_counter()
+                row = self._combine(step, per_rank, item.arrays, now - t_prev)
+                t_prev = now
+                self.rows.append(row)
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                wait=f"{100 * row['teacher_wait_frac']:.0f}%")
+                bar.update(1)
+                step += 1
+                if step % t.checkpoint_every == 0 or step == end_step:
+                    self._checkpoint(step)
+                    last_ckpt = step
+            bar.close()
+            loop_s = time.perf_counter() - t_loop
+            if step < t.max_steps:  # stopped early on purpose (--stop-after): as if interrupted
+                return {"stopped_at": step, "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))}
+            ray.get(self.workers[0].save_model.remote(str(self.out / "final_model")))
+            if self.eval_examples:
+                self.rouge["student_after"] = self._evaluate_student()
+            teacher_stats = self.pool.stats() if self.pool is not None else None
+            self._release()  # frees the CPU/GPU slots the teacher's evaluation task needs on small machines
+            if self.eval_examples and e.evaluate_teacher:
+                spec, tc = self.cfg.models.sft_teacher, self.cfg.teachers
+                task = _evaluate_path.options(num_cpus=min(1.0, tc.num_cpus), num_gpus=tc.num_gpus)
+                self.rouge["sft_teacher"] = ray.get(task.remote(spec.path, spec.trust_remote_code,
+                                                                self.eval_examples, e.max_new_tokens, e.batch_size))
+            return self._report(start_step, step, loop_s, teacher_stats)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Kill the workers and the teachers this run started (attached teachers stay up)."""
+        self._stop_workers()
+        if self.pool is not None:
+            self.pool.shutdown()  # kills only the actors it started (not attached ones)
+            self.pool = None
+
+    def _report(self, start_step: int, step: int, loop_s: float,
+                teacher_stats: dict[str, Any] | None) -> dict[str, Any]:
+        run_rows = [r for r in self.rows if r["step"] >= start_step]  # this process's steps (for speed)
+        wait = sum(r["teacher_wait_s"] for r in run_rows)
+        step_time = sum(r["step_s"] for r in run_rows)
+        report = {
+            "method": self.cfg.loss.method, "config_hash": config_hash(self.cfg), "steps": step,
+            "tokens": int(sum(r["tokens"] for r in self.rows)),
+            "tokens_per_s": sum(r["input_tokens"] for r in run_rows) / max(loop_s, 1e-9),
+            "steps_per_s": len(run_rows) / max(loop_s, 1e-9),
+            "teacher_wait_fraction": wait / max(step_time, 1e-9),
+            "final_loss": self.rows[-1]["loss"] if self.rows else None,
+            "rouge": self.rouge, "transport": self.cfg.transport.kind, "num_workers": self.world,
+            "worker_restarts": self.restarts,
+            "paths": {"output_dir": str(self.out), "final_model": str(self.out / "final_model"),
+                      "metrics": str(self.out / "metrics.jsonl"),
+                      "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))},
+        }
+        if teacher_stats is not None:
+            report["teacher_stats"] = {k: v for k, v in teacher_stats.items() if k in ("tokens", "busy_s")}
+        paths = write_report(self.out, report, self.rows, self.cfg.output.plot)
+        report["paths"].update({k: str(v) for k, v in paths.items()})
+        return report
+
+
+def run_training(cfg: RunConfig, resume: bool = False, stop_after: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Run one training job on the already-initialised Ray cluster; returns the report dict."""
+    return Driver(cfg, resume=resume, stop_after=stop_after, progress=progress).run()

@@ -1,0 +1,108 @@
+"""`python -m student_worker.train [--config X] [--set a.b=v ...] [--output-dir D] [--resume] [--address A]`
+
+Without --config it runs the embedded default, deploy/configs/tiny.yaml (tiny models built on the spot).
+Exit codes: 0 done, 2 bad config / arguments / unwritable output dir (nothing written), 3 the run failed
+(e.g. a teacher stayed unavailable: a checkpoint of the completed steps is written first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["DEFAULT_CONFIG", "main", "parse_args", "check_output_dir", "init_ray"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy/configs/tiny.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m student_worker.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: the tiny embedded run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set loss.method=kd (repeatable)")
+    p.add_argument("--output-dir", help="output directory (overrides output.dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS / the last `ray start`, else local)")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after N completed steps with a checkpoint, as if interrupted (resume later)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def check_output_dir(out: Path) -> None:
+    """Create `out` if needed and prove it is writable, before anything starts. Raises OSError naming it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise OSError(f"output directory {out} is not writable: {exc.strerror or exc}") from None
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to --address if given; else plain `ray.init()`: RAY_ADDRESS (set under `ray job submit`) or
+    the cluster of the last `ray start` on this node, and with neither, a local cluster for this process.
+
+    Not address="auto": that also probes any GCS process found on the host (another user's cluster on a
+    shared machine) and fails there instead of starting a local one.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.config import ConfigError, load_config
+
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output.dir={args.output_dir}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_output_dir(cfg.output_dir)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from student_worker.checkpoint import CheckpointError
+    from student_worker.driver import TrainingRunError, run_training
+    from student_worker.embedded_models import resolve_model_paths
+    from student_worker.report import rouge_table
+
+    cfg = resolve_model_paths(cfg)
+    init_ray(args.address)
+    try:
+        report = run_training(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    if "stopped_at" in report:
+        print(f"stopped after {report['stopped_at']} steps; checkpoint {report['checkpoint']} (use --resume)")
+        return 0
+    print()
+    print(rouge_table(report))
+    print()
+    print(f"steps/s {report['steps_per_s']:.3f}  tokens/s {report['tokens_per_s']:.1f}  "
+          f"teacher wait {100 * report['teacher_wait_fraction']:.1f}%")
+    for name, path in report["paths"].items():
+        print(f"{name:>12}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

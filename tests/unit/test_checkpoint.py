@@ -1,0 +1,119 @@
+"""Checkpoint files: atomic rename, keep-last-K, incomplete ones ignored, RNG round trip, config check."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import config_from_dict
+from student_worker import checkpoint as ckpt
+from student_worker.train_step import lr_factor
+
+CFG = {"models": {"base_teacher": {"path": "b"}, "sft_teacher": {"path": "s"}, "student": {"path": "st"}}}
+
+
+def _write(root, step, model, opt, sched, config=None):
+    tmp = ckpt.begin_checkpoint(root, step)
+    assert tmp.name.endswith(".tmp") and tmp.is_dir()
+    model_dir = tmp / ckpt.MODEL_DIR
+    model_dir.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(model_dir / "model.safetensors"))
+    ckpt.write_optimizer_state(tmp, opt, sched)
+    ckpt.write_rng_state(tmp, 0)
+    return ckpt.finalize_checkpoint(tmp, {"step": step, "config": config or CFG, "metrics": []}, keep=2)
+
+
+def _train_objects():
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 2, 10, 0.1))
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def test_keep_last_k_and_latest(tmp_path):
+    model, opt, sched = _train_objects()
+    for step in (2, 4, 6):
+        final = _write(tmp_path, step, model, opt, sched)
+        assert final.name == ckpt.checkpoint_name(step) and not (tmp_path / f"{final.name}.tmp").exists()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-000004", "ckpt-000006"]
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "ckpt-000006"
+    assert ckpt.read_state(tmp_path / "ckpt-000006")["step"] == 6
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    model, opt, sched = _train_objects()
+    _write(tmp_path, 2, model, opt, sched)
+    # a crash mid-write leaves a .tmp; a hand-truncated copy lacks state.json: both skipped
+    ckpt.begin_checkpoint(tmp_path, 8)
+    bad = tmp_path / "ckpt-000009"
+    shutil.copytree(tmp_path / "ckpt-000002", bad)
+    (bad / "state.json").unlink()
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "ckpt-000002"
+    assert ckpt.latest_checkpoint(tmp_path / "nothing-here") is None
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.finalize_checkpoint(ckpt.begin_checkpoint(tmp_path, 10), {"step": 10}, keep=2)
+
+
+def test_optimizer_scheduler_round_trip_exactly(tmp_path):
+    model, opt, sched = _train_objects()
+    final = _write(tmp_path, 1, model, opt, sched)
+    model2 = torch.nn.Linear(4, 3)
+    model2.load_state_dict(model.state_dict())
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: lr_factor(s, 2, 10, 0.1))
+    ckpt.read_optimizer_state(final, opt2, sched2)
+    x = torch.randn(5, 4)
+    for m, o, s in ((model, opt, sched), (model2, opt2, sched2)):
+        o.zero_grad()
+        m(x).sum().backward()
+        o.step()
+        s.step()
+    assert torch.equal(model.weight, model2.weight) and sched.get_last_lr() == sched2.get_last_lr()
+
+
+def test_rng_states_round_trip(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    ckpt.write_rng_state(tmp_path, rank=1)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    ckpt.read_rng_state(tmp_path, rank=1)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+    with pytest.raises(ckpt.CheckpointError, match="rank 0"):
+        ckpt.read_rng_state(tmp_path, rank=0)
+
+
+def test_resume_config_check_lists_differing_keys(tmp_path):
+    model, opt, sched = _train_objects()
+    saved = config_from_dict(CFG).model_dump(mode="json")
+    final = _write(tmp_path, 2, model, opt, sched, config=saved)
+    allowed = config_from_dict(CFG, ["training.max_steps=7", "output.dir=elsewhere",
+                                     "evaluation.max_new_tokens=3"]).model_dump(mode="json")
+    ckpt.check_resume_config(final, allowed)  # may legitimately differ
+    other = config_from_dict(CFG, ["loss.alpha=0.5", "training.lr=0.1"]).model_dump(mode="json")
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.check_resume_config(final, other)
+    assert "loss.alpha" in str(err.value) and "training.lr" in str(err.value)
+    assert "max_steps" not in str(err.value)
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    assert lr_factor(0, 4, 20, 0.1) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0, 0, 20, 0.1) == pytest.approx(1.0)
