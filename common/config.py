@@ -147,6 +147,8 @@ class TeachersConfig(_Strict):
     replicas: dict[str, int] = Field(default_factory=lambda: {"sft": 1, "base": 1})
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    # Custom Ray resources each teacher actor asks for, e.g. {teacher_gpu: 1} to land on teacher nodes.
+    resources: dict[str, float] = Field(default_factory=dict)
     dtype: DType = "auto"
     wire_dtype: WireDType = "float32"
     device: str = "auto"  # "auto": cuda when the actor has a GPU, else cpu
@@ -173,6 +175,8 @@ class TrainingConfig(_Strict):
     num_workers: int = Field(default=1, gt=0)
     num_cpus_per_worker: float = Field(default=1.0, ge=0)
     num_gpus_per_worker: float = Field(default=0.0, ge=0)
+    # Custom Ray resources each student worker asks for, e.g. {student_gpu: 1} to land on student nodes.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     batch_size: int = Field(default=8, gt=0)  # global batch (sequences per step), split across workers
     max_steps: int = Field(default=100, gt=0)
     lr: float = Field(default=5e-4, gt=0)

@@ -37,6 +37,8 @@ __all__ = [
     "read_rng_state",
     "write_optimizer_state",
     "read_optimizer_state",
+    "verify_checkpoint",
+    "check_no_previous_run",
     "finalize_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",
@@ -117,10 +119,46 @@ def read_optimizer_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer,
     path = Path(ckpt_dir) / OPTIMIZER_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing optimizer state")
-    # weights_only: tensors and plain containers only; an untrusted file cannot run code on load.
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = _load_tensors_only(path)
     optimizer.load_state_dict(data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
+
+
+def _load_tensors_only(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """torch.load with weights_only=True: tensors and plain containers only, so a crafted pickle (a
+    `__reduce__` that runs code) is refused instead of executed. Raises CheckpointError naming the file."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip archive), ...: all mean "refused"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused to load (not a weights-only torch file; nothing untrusted is "
+                              f"unpickled): {type(exc).__name__}: {first}") from None
+    if not isinstance(data, dict) or not {"optimizer", "scheduler"} <= set(data):
+        raise CheckpointError(f"{path}: expected a dict with 'optimizer' and 'scheduler' state dicts")
+    return data
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> None:
+    """Check a checkpoint before any process loads it: state.json is JSON with a step, the weights are
+    safetensors with readable headers, the optimizer file loads weights-only (memory-mapped: cheap even
+    for a large optimizer state). Raises CheckpointError naming the offending file."""
+    from safetensors import safe_open
+
+    root = Path(ckpt_dir)
+    read_state(root)
+    weights = sorted((root / MODEL_DIR).glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{root / MODEL_DIR}: no safetensors weights")
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
+    bins = [p.name for p in (root / MODEL_DIR).iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
+    if bins:
+        raise CheckpointError(f"{root / MODEL_DIR}: pickle-based weight files {bins} are not accepted")
+    _load_tensors_only(root / OPTIMIZER_FILE, mmap=True)
 
 
 def finalize_checkpoint(tmp_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
@@ -197,3 +235,15 @@ def check_resume_config(ckpt_dir: str | Path, config: dict[str, Any]) -> None:
 
 def _ignored(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_IGNORED_KEYS)
+
+
+def check_no_previous_run(out_dir: str | Path) -> None:
+    """Raise CheckpointError if `out_dir` holds a previous run (complete checkpoints or non-empty metrics):
+    a fresh run there would overwrite them. `--resume` continues such a run instead."""
+    out = Path(out_dir)
+    previous = list_checkpoints(out / "checkpoints")
+    metrics = out / "metrics.jsonl"
+    if previous or (metrics.is_file() and metrics.stat().st_size > 0):
+        what = previous[-1] if previous else metrics
+        raise CheckpointError(f"output directory {out} already holds a previous run ({what}); pass --resume to "
+                              f"continue it, or choose another output directory (nothing was overwritten)")

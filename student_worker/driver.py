@@ -23,12 +23,21 @@ from common.config import RunConfig, config_hash, dump_config
 from student_worker import checkpoint as ckpt
 from student_worker.data import BatchPlan, collate, load_examples, tokenize_examples
 from student_worker.evaluate import evaluate_model
+from student_worker.recovery import (
+    ACTOR_GONE,
+    MAX_WORKER_RESTARTS,
+    WorkerCrash,
+    find_cause,
+    maybe_crash_in_checkpoint,
+    new_run_uid,
+    step_delay_s,
+    worker_actor_name,
+)
 from student_worker.report import write_report
 from student_worker.worker import StudentWorker
 
-__all__ = ["TrainingRunError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS"]
+__all__ = ["TrainingRunError", "InputError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS"]
 
-MAX_WORKER_RESTARTS = 3
 # Per-rank metrics that are NOT per-token means (everything else is combined weighted by tokens).
 _NON_TOKEN_KEYS = {"rank", "batch_id", "grad_norm", "lr", "teacher_wait_s", "compute_s", "loss_sum", "tokens"}
 
@@ -37,21 +46,11 @@ class TrainingRunError(RuntimeError):
     """The run cannot continue (teacher unavailable, workers keep dying). The message names the culprit."""
 
 
-class _WorkerCrash(Exception):
-    def __init__(self, rank: int, cause: BaseException):
-        super().__init__(f"student worker rank {rank} died: {cause}")
-        self.rank, self.cause = rank, cause
+class InputError(ValueError):
+    """Bad input found by `Driver.preflight` (data rows, tokenizers, k), before anything was written.
 
-
-def find_cause(exc: BaseException | None, cls: type) -> BaseException | None:
-    """The first exception of type `cls` in a chain of Ray task errors (`.cause`) and Python causes."""
-    seen = 0
-    while exc is not None and seen < 20:
-        if isinstance(exc, cls):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-        seen += 1
-    return None
+    The message names the culprit (file and line, model paths, key); `__cause__` is the original typed error
+    (DataError, TokenizerMismatchError, ...)."""
 
 
 @ray.remote(num_cpus=1)
@@ -92,6 +91,36 @@ class Driver:
         self.rouge: dict[str, Any] = {}
         self.restarts = 0
         self._group_name: str | None = None
+        self.worker_names: list[str] = []
+        self.resume_dir: Path | None = None
+        self._preflight_done = False
+
+    # ------------------------------------------------------------------ checks before anything is written
+    def preflight(self) -> None:
+        """Every check that needs no Ray and writes nothing: the resume checkpoint (config, files), that a
+        fresh run does not overwrite a previous one, the data (rows, columns, lengths), one tokenizer for all
+        roles and k in 1..V. Raises CheckpointError or InputError naming the culprit."""
+        from student_worker.data import DataError
+        from teacher_service.errors import TeacherError
+
+        if self._preflight_done:
+            return
+        if self.resume:  # first: a checkpoint of another config is the user's most likely mistake here
+            self.resume_dir = ckpt.latest_checkpoint(self.ckpt_root)
+            if self.resume_dir is not None:
+                ckpt.check_resume_config(self.resume_dir, self.cfg_dict)
+                ckpt.verify_checkpoint(self.resume_dir)
+        try:
+            self._load_data()
+            if self.cfg.loss.method != "sft":
+                from teacher_service.tokenizer_check import check_tokenizers
+
+                check_tokenizers(self.cfg)  # tokenizer files only: no weights are loaded yet
+        except (DataError, TeacherError, ValueError) as exc:
+            raise InputError(f"{type(exc).__name__}: {exc}") from exc
+        if not self.resume:  # last: a bad row or tokenizer is reported as such, wherever the output goes
+            ckpt.check_no_previous_run(self.out)
+        self._preflight_done = True
 
     # ------------------------------------------------------------------ set-up
     def _load_data(self) -> None:
@@ -138,10 +167,14 @@ class Driver:
     def _create_workers(self) -> None:
         """Create the actors (non-blocking: their processes start and import while teachers load)."""
         t = self.cfg.training
+        uid, delay = new_run_uid(), step_delay_s()
+        self.worker_names = [worker_actor_name(self.cfg.run_name, rank, uid) for rank in range(self.world)]
         self.workers = [
-            StudentWorker.options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker).remote(
-                self.cfg_dict, rank, self.world)
-            for rank in range(self.world)
+            StudentWorker.options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker, name=name,
+                                  resources=dict(t.resources_per_worker) or None,
+                                  namespace=self.cfg.teachers.namespace).remote(self.cfg_dict, rank, self.world,
+                                                                                delay)
+            for rank, name in enumerate(self.worker_names)
         ]
 
     def _start_workers(self, resume_dir: Path | None) -> None:
@@ -150,7 +183,13 @@ class Driver:
             self._create_workers()
         init_method = ray.get(self.workers[0].rendezvous_address.remote())
         arg = None if resume_dir is None else str(resume_dir)
-        ray.get([w.setup.remote(init_method, arg) for w in self.workers])
+        try:
+            ray.get([w.setup.remote(init_method, arg) for w in self.workers])
+        except ray.exceptions.RayTaskError as exc:  # e.g. a refused checkpoint file: raise the typed error
+            typed = find_cause(exc, ckpt.CheckpointError)
+            if typed is None:
+                raise
+            raise typed from exc
         if self.rdt:
             from ray.experimental.collective import create_collective_group
 
@@ -166,13 +205,17 @@ class Driver:
             self._group_name = None
         for w in self.workers:
             ray.kill(w, no_restart=True)
-        self.workers = []
+        self.workers, self.worker_names = [], []
 
-    def _restore_workers(self) -> int:
-        """Replace the worker group and load the newest checkpoint; returns the step to continue from."""
+    def _restore_workers(self, crash: WorkerCrash) -> int:
+        """Replace the whole worker group (the survivors may be stuck in a collective with the dead rank) and
+        load the newest complete checkpoint; returns the step to continue from. The metrics rows of the steps
+        after that checkpoint are dropped here and rewritten when those steps are replayed."""
         self.restarts += 1
         if self.restarts > MAX_WORKER_RESTARTS:
-            raise TrainingRunError(f"student workers died {self.restarts} times; giving up")
+            raise TrainingRunError(f"student workers died {self.restarts} times (last: {crash}); giving up; "
+                                   f"resume later from {ckpt.latest_checkpoint(self.ckpt_root)}") from crash.cause
+        print(f"{crash}; restoring the worker group from the last checkpoint", flush=True)
         self._stop_workers()
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         self._create_workers()
@@ -212,17 +255,20 @@ class Driver:
             ready, remaining = ray.wait(remaining, num_returns=1)
             try:
                 results[rank_of[ready[0]]] = ray.get(ready[0])
-            except ray.exceptions.RayActorError as exc:
-                raise _WorkerCrash(rank_of[ready[0]], exc) from exc
+            except ACTOR_GONE as exc:
+                raise WorkerCrash(rank_of[ready[0]], exc) from exc
             except ray.exceptions.RayTaskError as exc:
                 errors.append(exc)
         if errors:
+            from common.topk import RecordError
             from student_worker.worker import PeerInputError
-            from teacher_service import TeacherUnavailableError
+            from teacher_service.errors import TeacherError, TeacherUnavailableError
 
-            teacher = next((c for e in errors if (c := find_cause(e, TeacherUnavailableError))), None)
+            # The typed teacher error (dead role, NaN output, bad record) names role/model and batch.
+            typed = ([c for e in errors if (c := find_cause(e, TeacherUnavailableError))]
+                     + [c for e in errors if (c := find_cause(e, (TeacherError, RecordError)))])
             first = next((e for e in errors if not find_cause(e, PeerInputError)), errors[0])
-            raise teacher or first
+            raise typed[0] if typed else first
         return results
 
     def _combine(self, step: int, per_rank: list[dict[str, Any]], arrays: list[dict[str, np.ndarray]],
@@ -249,7 +295,12 @@ class Driver:
 
     def _checkpoint(self, step: int) -> Path:
         tmp = ckpt.begin_checkpoint(self.ckpt_root, step)
-        ray.get([w.save_checkpoint.remote(str(tmp)) for w in self.workers])
+        for rank, ref in enumerate([w.save_checkpoint.remote(str(tmp)) for w in self.workers]):
+            try:
+                ray.get(ref)
+            except ACTOR_GONE as exc:  # the .tmp directory is left behind and never read
+                raise WorkerCrash(rank, exc) from exc
+        maybe_crash_in_checkpoint(tmp, step)  # test-only fault hook (student_worker/recovery.py)
         state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg), "config": self.cfg_dict,
                  "metrics": self.rows, "rouge": self.rouge}
         return ckpt.finalize_checkpoint(tmp, state, self.cfg.training.keep_checkpoints)
@@ -262,19 +313,16 @@ class Driver:
     def run(self) -> dict[str, Any]:
         from tqdm import tqdm
 
+        self.preflight()  # nothing is written before every input check passed
+        start_step, resume_dir = 0, self.resume_dir
+        if self.resume and resume_dir is None:
+            print(f"--resume: no complete checkpoint under {self.ckpt_root}; starting from step 0")
+        elif resume_dir is not None:
+            state = ckpt.read_state(resume_dir)
+            start_step, self.rows, self.rouge = int(state["step"]), list(state["metrics"]), state["rouge"]
         self.out.mkdir(parents=True, exist_ok=True)
-        start_step, resume_dir = 0, None
-        if self.resume:
-            resume_dir = ckpt.latest_checkpoint(self.ckpt_root)
-            if resume_dir is None:
-                print(f"--resume: no complete checkpoint under {self.ckpt_root}; starting from step 0")
-            else:
-                ckpt.check_resume_config(resume_dir, self.cfg_dict)
-                state = ckpt.read_state(resume_dir)
-                start_step, self.rows, self.rouge = int(state["step"]), list(state["metrics"]), state["rouge"]
         dump_config(self.cfg, self.out / "config.yaml")
         self._rewrite_metrics()
-        self._load_data()
         t = self.cfg.training
         end_step = t.max_steps if self.stop_after is None else min(t.max_steps, self.stop_after)
         try:
@@ -297,19 +345,16 @@ class Driver:
                 item = pending.popleft()
                 try:
                     per_rank = self._run_step(item)
-                except _WorkerCrash as crash:
-                    print(f"{crash}; restoring the worker group from the last checkpoint")
+                except WorkerCrash as crash:
                     pending.clear()
-                    step = next_submit = self._restore_workers()
-                    bar.n = step
-                    bar.refresh()
+                    step = next_submit = bar.n = self._restore_workers(crash)
                     t_prev = time.perf_counter()
                     continue
                 except Exception as exc:
                     if step != last_ckpt:  # keep what is done: the model is still at `step` completed steps
                         self._checkpoint(step)
                     raise TrainingRunError(f"step {step} failed; checkpoint of {step} completed steps written "
-                                           f"under {self.ckpt_root}: {exc}") from exc
+                                           f"under {self.ckpt_root}: {type(exc).__name__}: {exc}") from exc
                 now = time.perf_counter()
                 row = self._combine(step, per_rank, item.arrays, now - t_prev)
                 t_prev = now
@@ -321,7 +366,13 @@ class Driver:
                 bar.update(1)
                 step += 1
                 if step % t.checkpoint_every == 0 or step == end_step:
-                    self._checkpoint(step)
+                    try:
+                        self._checkpoint(step)
+                    except WorkerCrash as crash:  # died while saving: replay from the previous checkpoint
+                        pending.clear()
+                        step = next_submit = bar.n = self._restore_workers(crash)
+                        t_prev = time.perf_counter()
+                        continue
                     last_ckpt = step
             bar.close()
             loop_s = time.perf_counter() - t_loop

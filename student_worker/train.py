@@ -1,8 +1,10 @@
 """`python -m student_worker.train [--config X] [--set a.b=v ...] [--output-dir D] [--resume] [--address A]`
 
 Without --config it runs the embedded default, deploy/configs/tiny.yaml (tiny models built on the spot).
-Exit codes: 0 done, 2 bad config / arguments / unwritable output dir (nothing written), 3 the run failed
-(e.g. a teacher stayed unavailable: a checkpoint of the completed steps is written first).
+Exit codes: 0 done, 2 bad input, nothing written (config / arguments / unwritable output dir / data rows /
+tokenizers / k / a checkpoint that does not match or is refused / an output dir holding a previous run
+without --resume), 3 the run failed (e.g. a teacher stayed unavailable: a checkpoint of the completed steps
+is written first). Every error goes to stderr as one `error: ...` message naming the culprit.
 """
 
 from __future__ import annotations
@@ -77,14 +79,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from student_worker.checkpoint import CheckpointError
-    from student_worker.driver import TrainingRunError, run_training
+    from student_worker.driver import Driver, InputError, TrainingRunError
     from student_worker.embedded_models import resolve_model_paths
     from student_worker.report import rouge_table
 
     cfg = resolve_model_paths(cfg)
+    driver = Driver(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    try:
+        driver.preflight()  # data, tokenizers, k, resume checkpoint: before Ray starts, nothing written
+    except (InputError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     init_ray(args.address)
     try:
-        report = run_training(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+        report = driver.run()
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

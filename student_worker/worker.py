@@ -59,9 +59,12 @@ def required_roles(cfg: RunConfig) -> list[str]:
 class StudentWorkerImpl:
     """The worker's logic, plain Python (the Ray actor below is a thin subclass)."""
 
-    def __init__(self, cfg_dict: dict[str, Any], rank: int, world_size: int):
+    def __init__(self, cfg_dict: dict[str, Any], rank: int, world_size: int, step_delay_s: float = 0.0):
+        """step_delay_s: test-only pause after each step (the driver's DELTAKD_TEST_STEP_DELAY_S hook, see
+        student_worker/recovery.py), so tests can kill things mid-run; 0 in production."""
         self.cfg = config_from_dict(cfg_dict, source="StudentWorker config")
         self.rank, self.world_size = rank, world_size
+        self.step_delay_s = float(step_delay_s)
         self._last_step_end: float | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -170,6 +173,8 @@ class StudentWorkerImpl:
             torch.cuda.synchronize(self.device)
         metrics.update({"rank": self.rank, "batch_id": expected_id, "grad_norm": float(grad_norm), "lr": lr,
                         "teacher_wait_s": wait, "compute_s": time.perf_counter() - t_start})
+        if self.step_delay_s > 0:
+            time.sleep(self.step_delay_s)  # test hook only (see __init__); not part of compute_s
         self._last_step_end = time.perf_counter()
         return metrics
 
@@ -194,7 +199,9 @@ class StudentWorkerImpl:
         """Load weights, optimizer, scheduler and this rank's RNG states; returns the checkpoint's step."""
         from transformers import AutoModelForCausalLM
 
-        src = AutoModelForCausalLM.from_pretrained(f"{ckpt_dir}/{ckpt.MODEL_DIR}", dtype=torch.float32)
+        # Our own checkpoint: safetensors only, never remote code (whatever the config says for hub models).
+        src = AutoModelForCausalLM.from_pretrained(f"{ckpt_dir}/{ckpt.MODEL_DIR}", dtype=torch.float32,
+                                                   use_safetensors=True, trust_remote_code=False)
         self.model.load_state_dict(src.state_dict())
         ckpt.read_optimizer_state(ckpt_dir, self.optimizer, self.scheduler)
         ckpt.read_rng_state(ckpt_dir, self.rank)

@@ -84,6 +84,8 @@ class TeacherPool:
         name = replica_name(t.name_prefix, role, i)
         opts: dict[str, Any] = dict(name=name, namespace=t.namespace, num_cpus=t.num_cpus, num_gpus=t.num_gpus,
                                     max_restarts=t.max_restarts, max_task_retries=t.max_task_retries)
+        if t.resources:  # custom resources pin teachers to their node type (e.g. teacher_gpu in cluster.yaml)
+            opts["resources"] = dict(t.resources)
         if detached:
             opts["lifetime"] = "detached"
         try:

@@ -1,0 +1,270 @@
+"""Faults survived (DESIGN.md section 4), on tiny models in the session's local Ray cluster.
+
+Every run here trains the same config on one shared, restartable teacher service (max_restarts=2,
+max_task_retries=-1), and is compared with ONE uninterrupted reference run of this module: on CPU the
+metrics rows (loss, parts, grad norm, lr, batch ids) and the final weights must be bit-for-bit equal.
+
+- a teacher actor killed mid-run (Ray restarts it, its calls are retried): same rows, every batch id once;
+- a student worker killed mid-run: the driver restores the group from the last checkpoint; same weights,
+  the replayed steps' rows replaced, not duplicated;
+- the driver SIGKILLed mid-run (a CLI subprocess attached with --address): `--resume` gives the same weights;
+- a crash while a checkpoint is written (DELTAKD_FAULT_CRASH_IN_CHECKPOINT): the previous checkpoint is
+  intact, and resuming from it gives the same weights;
+- a teacher that stays dead (LAST: it kills the shared service): exit code 3, TeacherUnavailableError naming
+  role and batch on stderr, a checkpoint of the completed steps; once teachers are back, resume completes.
+
+Kills are timed by polling metrics.jsonl; DELTAKD_TEST_STEP_DELAY_S (student_worker/recovery.py) slows each
+step a little so "mid-run" is reliable without sleeps in production code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+
+from common.config import RunConfig, dump_config
+from student_worker import checkpoint as ckpt
+from student_worker.recovery import CRASH_IN_CHECKPOINT_ENV, STEP_DELAY_ENV
+from tests.integration.test_student_training import (
+    comparable,
+    load_weights,
+    make_cfg,
+    read_rows,
+    teacher_service,
+    tiny_setup,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 8
+RUN_OVERRIDES = [f"training.max_steps={STEPS}", "training.checkpoint_every=2", "training.keep_checkpoints=8",
+                 "training.batch_size=4", "output.plot=false"]
+STEP_DELAY_S = "0.25"
+SUBPROCESS_TIMEOUT_S = 180
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tiny, tmp_path_factory):
+    """A restartable teacher service shared by every run of the module: (tag, overrides that attach)."""
+    yield from teacher_service(tiny, tmp_path_factory.mktemp("svc"),
+                               ["teachers.max_restarts=2", "teachers.max_task_retries=-1"])
+
+
+def _cfg(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path) -> RunConfig:
+    tag, attach = service
+    return make_cfg(tiny, out, attach + RUN_OVERRIDES, tag=tag)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, service, tmp_path_factory) -> dict[str, Any]:
+    """The uninterrupted run every fault run must reproduce exactly."""
+    from student_worker.driver import run_training
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_training(_cfg(tiny, service, out), progress=False)
+    rows = read_rows(out)
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    return {"rows": comparable(rows), "weights": load_weights(out / "final_model")}
+
+
+def _assert_same_as_reference(out: Path, reference: dict[str, Any]) -> None:
+    rows = read_rows(out)
+    assert [r["step"] for r in rows] == list(range(STEPS)), "a step is missing or was logged twice"
+    ids = sorted(b for r in rows for b in r["batch_ids"])
+    assert ids == list(range(2 * STEPS)), f"batch ids not trained exactly once: {ids}"
+    assert comparable(rows) == reference["rows"]  # loss trajectory, grad norms, lr: bit for bit
+    weights = load_weights(out / "final_model")
+    assert weights.keys() == reference["weights"].keys()
+    for name, w in weights.items():
+        assert np.array_equal(w, reference["weights"][name]), name
+
+
+def _wait_for_step(out: Path, step: int, alive: Callable[[], bool], what: str) -> None:
+    """Poll metrics.jsonl until a row with `step` or more is logged (the run must still be alive)."""
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if (out / "metrics.jsonl").is_file():
+            rows = [r for r in read_rows(out) if r["step"] >= step]
+            if rows:
+                return
+        assert alive(), f"{what} ended before step {step} was logged"
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: step {step} not logged within {SUBPROCESS_TIMEOUT_S} s")
+
+
+def _in_thread(cfg: RunConfig, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    from student_worker.driver import run_training
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["report"] = run_training(cfg, progress=False, **kwargs)
+        except BaseException as exc:  # handed to the test thread, which asserts on it
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+def _train_cli(cfg: RunConfig, tmp: Path, ray_cluster: dict, *args: str, env_extra: dict[str, str] | None = None,
+               log_name: str = "driver.log") -> tuple[subprocess.Popen, Path]:
+    """`python -m student_worker.train` on this config, attached to the session cluster with --address."""
+    config_path = tmp / f"{log_name}.yaml"
+    dump_config(cfg, config_path)
+    env = dict(os.environ)
+    env.pop(STEP_DELAY_ENV, None)
+    env.pop(CRASH_IN_CHECKPOINT_ENV, None)
+    env.update(env_extra or {})
+    log = tmp / log_name
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "student_worker.train", "--config", str(config_path),
+                                 "--address", ray_cluster["gcs_address"], "--no-progress", *args],
+                                cwd=REPO, env=env, stdout=f, stderr=subprocess.PIPE, text=True)
+    return proc, log
+
+
+def _student_worker_names(cfg: RunConfig) -> list[str]:
+    prefix = f"{cfg.run_name}-student-"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == cfg.teachers.namespace and a["name"].startswith(prefix))
+
+
+def test_killed_teacher_is_restarted_and_the_run_equals_the_uninterrupted_one(
+        tiny, service, reference, tmp_path, monkeypatch) -> None:
+    from teacher_service.roles import replica_name
+
+    monkeypatch.setenv(STEP_DELAY_ENV, STEP_DELAY_S)
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, service, out)
+    sft = ray.get_actor(replica_name(cfg.teachers.name_prefix, "sft", 0), namespace=cfg.teachers.namespace)
+    pid_before = ray.get(sft.health.remote())["pid"]
+    thread, box = _in_thread(cfg)
+    _wait_for_step(out, 2, thread.is_alive, "the run")
+    ray.kill(sft, no_restart=False)  # Ray restarts it; calls in flight are retried on the new process
+    thread.join()
+    assert "error" not in box, box.get("error")
+    assert ray.get(sft.health.remote())["pid"] != pid_before, "the sft teacher was not restarted"
+    assert box["report"]["worker_restarts"] == 0
+    _assert_same_as_reference(out, reference)
+
+
+def test_killed_student_worker_is_restored_from_the_last_checkpoint(
+        tiny, service, reference, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(STEP_DELAY_ENV, STEP_DELAY_S)
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, service, out)
+    thread, box = _in_thread(cfg)
+    _wait_for_step(out, 3, thread.is_alive, "the run")  # checkpoint 2 exists, step 3 is done
+    names = _student_worker_names(cfg)
+    assert len(names) == 2 and names[1].startswith(f"{cfg.run_name}-student-1-"), names
+    ray.kill(ray.get_actor(names[1], namespace=cfg.teachers.namespace), no_restart=True)
+    thread.join()
+    assert "error" not in box, box.get("error")
+    assert box["report"]["worker_restarts"] == 1
+    after = _student_worker_names(cfg)
+    assert after == [], f"workers of the run left behind: {after}"
+    _assert_same_as_reference(out, reference)  # rows of the replayed steps replaced, not duplicated
+
+
+def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, reference, ray_cluster, tmp_path) -> None:
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, service, out)
+    proc, _ = _train_cli(cfg, tmp_path, ray_cluster, env_extra={STEP_DELAY_ENV: STEP_DELAY_S}, log_name="a.log")
+    try:
+        _wait_for_step(out, 3, lambda: proc.poll() is None, "the CLI driver")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "final_model").exists() is False
+    assert ckpt.latest_checkpoint(out / "checkpoints") is not None
+
+    resumed, log = _train_cli(cfg, tmp_path, ray_cluster, "--resume", log_name="b.log")
+    _, stderr = resumed.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    assert resumed.returncode == 0, f"--resume failed:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
+    _assert_same_as_reference(out, reference)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
+        tiny, service, reference, ray_cluster, tmp_path) -> None:
+    from student_worker.driver import run_training
+
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, service, out)
+    proc, log = _train_cli(cfg, tmp_path, ray_cluster, env_extra={CRASH_IN_CHECKPOINT_ENV: "4"})
+    _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    assert proc.returncode == 1, f"expected the hook's exit 1:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
+    root = out / "checkpoints"
+    assert (root / "ckpt-000004.tmp" / "state.json").read_text() == '{"step": ', "no half-written checkpoint"
+    previous = ckpt.latest_checkpoint(root)
+    assert previous is not None and previous.name == "ckpt-000002"
+    ckpt.verify_checkpoint(previous)  # intact: JSON state, safetensors, weights-only optimizer state
+    intact = {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()}
+
+    report = run_training(cfg, resume=True, progress=False)
+    assert report["steps"] == STEPS
+    assert {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()} == intact
+    assert not (root / "ckpt-000004.tmp").exists() and (root / "ckpt-000004").is_dir()
+    _assert_same_as_reference(out, reference)
+
+
+def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
+        tiny, service, reference, ray_cluster, tmp_path) -> None:
+    """Runs LAST: kills the module's teacher service for good, then starts it again for the resume."""
+    from student_worker.driver import run_training
+    from teacher_service import TeacherPool
+    from teacher_service.roles import replica_name
+
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, service, out)
+    ns, prefix = cfg.teachers.namespace, cfg.teachers.name_prefix
+    proc, log = _train_cli(cfg, tmp_path, ray_cluster, env_extra={STEP_DELAY_ENV: STEP_DELAY_S})
+    try:
+        _wait_for_step(out, 2, lambda: proc.poll() is None, "the CLI driver")
+        ray.kill(ray.get_actor(replica_name(prefix, "base", 0), namespace=ns), no_restart=True)
+        _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    assert proc.returncode == 3, f"exit {proc.returncode}:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
+    assert "TeacherUnavailableError: teacher role 'base' unavailable for batch" in stderr, stderr[-3000:]
+    done = len(read_rows(out))
+    assert 0 < done < STEPS
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    assert latest is not None and ckpt.read_state(latest)["step"] == done  # every completed step kept
+
+    # The service comes back (same names): stop what is left of it, start it again, resume.
+    ray.kill(ray.get_actor(replica_name(prefix, "sft", 0), namespace=ns), no_restart=True)
+    deadline = time.monotonic() + 60
+    while any(a["namespace"] == ns and a["name"].startswith(prefix)
+              for a in ray.util.list_named_actors(all_namespaces=True)):
+        assert time.monotonic() < deadline, "old teacher names were not released"
+        time.sleep(0.1)
+    pool = TeacherPool.start(make_cfg(tiny, tmp_path / "svc2", RUN_OVERRIDES, tag=service[0]))
+    try:
+        report = run_training(cfg, resume=True, progress=False)
+    finally:
+        pool.shutdown()
+    assert report["steps"] == STEPS
+    _assert_same_as_reference(out, reference)
