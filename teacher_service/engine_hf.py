@@ -130,7 +130,8 @@ class TeacherEngine:
                              f"[B, T] = {tuple(np.asarray(input_ids).shape)}")
         self._check_k(ids.shape[-1])
         logits = self.logits(input_ids, attention_mask, batch_id)
-        support = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        # np.array copies: ids arrive as a read-only view from the object store, which torch warns about
+        support = torch.from_numpy(np.array(ids, dtype=np.int64)).to(self.device)
         lps, tail = sparse_gather(logits, support, tau, self.vocab_size, self.chunk_tokens)
         return lps.cpu().numpy(), tail.cpu().numpy()
 
