@@ -1,0 +1,78 @@
+"""The method comparison end to end on the shared local Ray cluster: tiny random Llamas, inline JSONL data,
+two methods, one seed, 3 steps; then a rerun that must reuse every finished run."""
+
+from __future__ import annotations
+
+import json
+
+from common.config import dump_config
+from tests.integration.test_student_training import make_cfg, tiny_setup
+
+
+def test_run_key_ignores_where_a_run_writes_but_not_what_it_computes(tmp_path):
+    from student_worker.experiment import run_key, shared_key
+
+    paths = {k: tmp_path / k for k in ("base_teacher", "sft_teacher", "student", "train", "eval")}
+    a = make_cfg(paths, tmp_path / "a", tag="one")
+    b = make_cfg(paths, tmp_path / "b", ["teachers.attach=true"], tag="two")
+    assert run_key(a) == run_key(b)  # other actor names, attach and output dir: the same run
+    steps = make_cfg(paths, tmp_path / "a", ["training.max_steps=11"], tag="one")
+    assert run_key(steps) != run_key(a) and shared_key(steps) != shared_key(a)
+    kd = make_cfg(paths, tmp_path / "a", ["loss.method=kd", "seed=3"], tag="one")
+    assert run_key(kd) != run_key(a) and shared_key(kd) == shared_key(a)
+
+
+def test_experiment_writes_table_json_plot_and_reuses_finished_runs(ray_cluster, tmp_path, capsys):
+    import ray
+
+    from student_worker.experiment import main
+
+    paths = tiny_setup(tmp_path)
+    cfg = make_cfg(paths, tmp_path / "unused", [
+        "evaluation.enabled=true", "evaluation.max_new_tokens=4", "training.max_steps=3",
+        "training.num_workers=1", "training.batch_size=4", "training.checkpoint_every=3", "training.warmup_steps=1"])
+    cfg_path = tmp_path / "exp.yaml"
+    dump_config(cfg, cfg_path)
+    out = tmp_path / "exp"
+    argv = ["--methods", "sft,delta_kd", "--seeds", "1", "--config", str(cfg_path), "--output-dir", str(out),
+            "--shift-batches", "2", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "student delta_kd" in printed and "SFT teacher" in printed
+
+    exp = json.loads((out / "experiment.json").read_text())
+    assert exp["status"] == "complete" and exp["methods"] == ["sft", "delta_kd"] and exp["seeds"] == [0]
+    assert [(r["method"], r["seed"], r["reused"]) for r in exp["runs"]] == [("sft", 0, False), ("delta_kd", 0, False)]
+    for run in exp["runs"]:
+        assert run["report"]["method"] == run["method"] and run["report"]["steps"] == 3
+        assert set(run["report"]["rouge"]) == {"student_after"}  # references are evaluated once, by the experiment
+        assert (out / "runs" / f"{run['method']}-seed0" / "report.json").is_file()
+    assert set(exp["aggregates"]) == {"sft", "delta_kd"}
+    for agg in exp["aggregates"].values():
+        for key in ("rougeL", "rouge1", "rouge2"):
+            s = agg[key]
+            assert set(s) == {"mean", "std", "min", "max", "n"} and s["n"] == 1 and s["std"] == 0.0
+            assert 0.0 <= s["min"] <= s["mean"] <= s["max"] <= 1.0
+    assert "topk_mass_student_base" in exp["aggregates"]["delta_kd"]["diagnostics"]
+    assert "topk_mass_sft" not in exp["aggregates"]["sft"]["diagnostics"]  # sft has no teacher
+    assert set(exp["references"]) == {"student_base", "sft_teacher"}
+    assert exp["references"]["student_base"]["num_examples"] == 4
+    shift = exp["shift"]
+    assert shift["tokens"] > 0 and 0.0 <= shift["tv_sft_base"] <= 1.0 and 0.0 <= shift["tv_target_sft"] <= 1.0
+    assert 0.0 < shift["topk_mass_sft"] <= 1.0 + 1e-5
+    md = (out / "experiment.md").read_text()
+    assert "student delta_kd" in md and "Shift diagnostics" in md
+    assert (out / "rouge_by_method.png").read_bytes()[:4] == b"\x89PNG"
+    prefix = cfg.teachers.name_prefix
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith(prefix)], names  # the experiment's teachers are gone
+
+    # A rerun trains nothing: every run is reused, its outputs untouched.
+    report_paths = [out / "runs" / f"{m}-seed0" / "report.json" for m in ("sft", "delta_kd")]
+    before = [p.stat().st_mtime_ns for p in report_paths]
+    assert main(argv) == 0
+    again = json.loads((out / "experiment.json").read_text())
+    assert [r["reused"] for r in again["runs"]] == [True, True]
+    assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in exp["runs"]]  # kept beside each run
+    assert [p.stat().st_mtime_ns for p in report_paths] == before
+    assert again["aggregates"] == exp["aggregates"] and again["shift"] == exp["shift"]
