@@ -22,7 +22,7 @@ import ray
 from common.config import RunConfig, config_hash, dump_config
 from student_worker import checkpoint as ckpt
 from student_worker.data import BatchPlan, collate, load_examples, tokenize_examples
-from student_worker.evaluate import evaluate_model
+from student_worker.evaluate import evaluate_spec
 from student_worker.recovery import (
     ACTOR_GONE,
     MAX_WORKER_RESTARTS,
@@ -53,19 +53,8 @@ class InputError(ValueError):
     (DataError, TokenizerMismatchError, ...)."""
 
 
-@ray.remote(num_cpus=1)
-def _evaluate_path(path: str, trust_remote_code: bool, examples: list[dict[str, str]], max_new_tokens: int,
-                   batch_size: int) -> dict[str, Any]:
-    """Evaluate a model by path in a Ray task (GPU when the task gets one): the SFT teacher's ceiling."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 trust_remote_code=trust_remote_code)
-    model.to("cuda" if cuda else "cpu")
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return evaluate_model(model, tok, examples, max_new_tokens, batch_size)
+# The SFT teacher's ceiling, evaluated in a Ray task so that it gets a GPU when the teachers had one.
+evaluate_spec_task = ray.remote(num_cpus=1)(evaluate_spec)
 
 
 @dataclass
@@ -385,9 +374,9 @@ class Driver:
             self._release()  # frees the CPU/GPU slots the teacher's evaluation task needs on small machines
             if self.eval_examples and e.evaluate_teacher:
                 spec, tc = self.cfg.models.sft_teacher, self.cfg.teachers
-                task = _evaluate_path.options(num_cpus=min(1.0, tc.num_cpus), num_gpus=tc.num_gpus)
-                self.rouge["sft_teacher"] = ray.get(task.remote(spec.path, spec.trust_remote_code,
-                                                                self.eval_examples, e.max_new_tokens, e.batch_size))
+                task = evaluate_spec_task.options(num_cpus=min(1.0, tc.num_cpus), num_gpus=tc.num_gpus)
+                self.rouge["sft_teacher"] = ray.get(task.remote(spec, self.eval_examples, e.max_new_tokens,
+                                                                e.batch_size))
             return self._report(start_step, step, loop_s, teacher_stats)
         finally:
             self._release()

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from common.config import ModelSpec
 from student_worker.data import encode_prompt
 
-__all__ = ["EvaluationError", "ROUGE_KEYS", "greedy_generate", "rouge", "evaluate_model"]
+__all__ = ["EvaluationError", "ROUGE_KEYS", "greedy_generate", "rouge", "evaluate_model", "evaluate_spec"]
 
 ROUGE_KEYS = ("rougeL", "rouge1", "rouge2")
 
@@ -93,3 +94,19 @@ def evaluate_model(
     result["samples"] = [{"prompt": p, "reference": r, "prediction": g}
                          for p, r, g in list(zip(prompts, refs, preds))[:3]]
     return result
+
+
+def evaluate_spec(spec: ModelSpec, examples: list[dict[str, str]], max_new_tokens: int,
+                  batch_size: int) -> dict[str, Any]:
+    """Load a model by its spec (hub id or path, revision, trust_remote_code) and `evaluate_model` it:
+    bf16 on a GPU when this process has one, fp32 on the CPU. The driver runs it as a Ray task for the
+    SFT teacher's ceiling; the method comparison for its reference models."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision,
+                                                 dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 trust_remote_code=spec.trust_remote_code)
+    model.to("cuda" if cuda else "cpu")
+    tok = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    return evaluate_model(model, tok, examples, max_new_tokens, batch_size)

@@ -129,24 +129,21 @@ def _student_base_spec(cfg: RunConfig) -> Any:
 
 
 def evaluate_references(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """ROUGE of the student base and the SFT teacher on the eval set, here in this process (CPU).
+    """ROUGE of the student base and the SFT teacher on the eval set, once for every run.
 
-    Same examples, generation settings and fp32 weights as the driver's own evaluations."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    The same function as the driver's own evaluations (`evaluate_spec`: same examples and generation
+    settings), run as Ray tasks that ask for `teachers.num_gpus`, so a GPU cluster evaluates on GPUs."""
+    import ray
 
     from student_worker.data import load_examples
-    from student_worker.evaluate import evaluate_model
+    from student_worker.driver import evaluate_spec_task
 
     e = cfg.evaluation
     examples = load_examples(cfg.data, "eval", cfg.embedded)
-    out = {}
-    for name, spec in (("student_base", _student_base_spec(cfg)), ("sft_teacher", cfg.models.sft_teacher)):
-        model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, dtype=torch.float32,
-                                                     trust_remote_code=spec.trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-        out[name] = evaluate_model(model, tok, examples, e.max_new_tokens, e.batch_size)
-    return out
+    task = evaluate_spec_task.options(num_cpus=min(1.0, cfg.teachers.num_cpus), num_gpus=cfg.teachers.num_gpus)
+    specs = {"student_base": _student_base_spec(cfg), "sft_teacher": cfg.models.sft_teacher}
+    refs = {name: task.remote(spec, examples, e.max_new_tokens, e.batch_size) for name, spec in specs.items()}
+    return {name: ray.get(ref) for name, ref in refs.items()}
 
 
 def shift_diagnostics(cfg: RunConfig, pool: Any, num_batches: int) -> dict[str, float]:
