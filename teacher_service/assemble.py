@@ -1,8 +1,9 @@
 """Building a `TopKRecord` from the parts the teacher roles return (object store or RDT).
 
-`assemble_record` is a pure function: the object-store path runs it in a small Ray task, the RDT path in
-the receiving student worker. `assemble_task` is that Ray task: it gets the role refs *nested in a list*,
-so it resolves them itself and can turn a dead actor into `TeacherUnavailableError(role, batch_id)`.
+`assemble_record` is a pure function: the object-store path runs it in Ray (the pool's long-lived
+`RecordAssembler` actor; `assemble_task` for one-off client calls), the RDT path in the receiving student
+worker. Both get the role refs *nested in a list*, so they resolve them themselves and can turn a dead
+actor into `TeacherUnavailableError(role, batch_id)`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from common.topk import ROLE_SFT, RecordError, TopKRecord
 
 from .errors import TeacherRecordError, TeacherUnavailableError
 
-__all__ = ["assemble_record", "assemble_task", "record_meta"]
+__all__ = ["assemble_record", "assemble_task", "RecordAssembler", "record_meta"]
 
 
 def record_meta(batch_id: Any, loss_mask: np.ndarray, tau: float, vocab_size: int, fingerprint: str,
@@ -62,8 +63,7 @@ def assemble_record(meta: dict[str, Any], roles: list[str], parts: list[dict[str
 _ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def assemble_task(meta: dict[str, Any], roles: list[str], nested_refs: list[ray.ObjectRef]) -> TopKRecord:
+def assemble_from_refs(meta: dict[str, Any], roles: list[str], nested_refs: list[ray.ObjectRef]) -> TopKRecord:
     """Resolve the role refs in chain order (sft first: a dead sft fails every later role too)."""
     parts = []
     for role, ref in zip(roles, nested_refs):
@@ -75,3 +75,22 @@ def assemble_task(meta: dict[str, Any], roles: list[str], nested_refs: list[ray.
         return assemble_record(meta, roles, parts)
     except RecordError as err:
         raise TeacherRecordError(err.batch_id, err.role, err.what) from None
+
+
+# One-off assembly (the client's `record()`).
+assemble_task = ray.remote(num_cpus=0, max_retries=0)(assemble_from_refs)
+
+
+@ray.remote(num_cpus=0, max_concurrency=64, max_restarts=-1, max_task_retries=-1)
+class RecordAssembler:
+    """The pool's assembler: one long-lived threaded actor instead of a task per record.
+
+    Each assembly blocks in `ray.get` until the teachers answer, so with a window of records in flight a
+    task per record held several pooled worker processes; Ray started fresh ones as the window refilled
+    (about 1.5 s each on 2 cores), which showed up as periodic stalls of the students. Threads of one
+    process wait for free. Retried on restart (assembly is a pure function of the refs); application
+    errors (TeacherUnavailableError, TeacherRecordError) are not retried.
+    """
+
+    def assemble(self, meta: dict[str, Any], roles: list[str], nested_refs: list[ray.ObjectRef]) -> TopKRecord:
+        return assemble_from_refs(meta, roles, nested_refs)

@@ -20,7 +20,7 @@ from common.config import RunConfig
 from common.topk import ROLE_SFT
 
 from .actor import TeacherActor
-from .assemble import assemble_task, record_meta
+from .assemble import RecordAssembler, record_meta
 from .roles import gather_roles, replica_name, teacher_role_specs
 from .tokenizer_check import check_tokenizers
 
@@ -39,6 +39,7 @@ class TeacherPool:
             raise ValueError(f"a teacher pool needs the 'sft' role first, got roles {self.roles}")
         self.inflight: dict[str, list[list[ray.ObjectRef]]] = {r: [[] for _ in hs] for r, hs in handles.items()}
         self.submitted = 0
+        self._assembler: Any = None  # RecordAssembler, started on the first submit, always owned by this pool
         info = ray.get(handles[ROLE_SFT][0].health.remote())
         self.vocab_size = int(info["vocab_size"])
         self.fingerprint = str(info["fingerprint"])
@@ -160,7 +161,9 @@ class TeacherPool:
             refs.append(ref)
         meta = record_meta(batch_id, lm, tau, self.vocab_size, self.fingerprint, self.cfg.teachers.wire_dtype)
         self.submitted += 1
-        return assemble_task.remote(meta, self.roles, refs)
+        if self._assembler is None:
+            self._assembler = RecordAssembler.remote()
+        return self._assembler.assemble.remote(meta, self.roles, refs)
 
     def submit_parts(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
                      loss_mask: np.ndarray) -> tuple[dict[str, Any], list[str], list[ray.ObjectRef]]:
@@ -210,6 +213,9 @@ class TeacherPool:
 
     def shutdown(self, force: bool = False) -> None:
         """Kill the actors this pool started (attached ones only with force=True, e.g. `stop`)."""
+        if self._assembler is not None:  # this pool's own, even when the teachers are attached
+            ray.kill(self._assembler, no_restart=True)
+            self._assembler = None
         if not (self.owned or force):
             return
         for hs in self.handles.values():
