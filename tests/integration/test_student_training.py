@@ -160,11 +160,15 @@ def test_two_workers_make_the_same_update_as_one(ray_cluster, tiny, shared_teach
         np.testing.assert_allclose(weights[2][name], w1, rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path):
+def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path, monkeypatch):
     import ray
 
     from student_worker.driver import run_training
+    from student_worker.recovery import STEP_DELAY_ENV
 
+    # Six undelayed sft steps can finish between two polls (CI once saw none); a 0.3 s pause per step keeps
+    # the workers training for ~2 s, so the poll below sees the run mid-training several times.
+    monkeypatch.setenv(STEP_DELAY_ENV, "0.3")
     out = tmp_path / "sft"
     cfg = make_cfg(tiny, out, ["loss.method=sft", "training.max_steps=6"])
     seen: list[list[str]] = []
