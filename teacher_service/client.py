@@ -19,7 +19,8 @@ import ray
 from common.topk import ROLE_BASE, ROLE_SFT, ROLE_STUDENT_BASE, TopKRecord, pair_roles
 
 from .assemble import assemble_task, record_meta
-from .roles import gather_roles, replica_name
+from .chain import call_chain
+from .roles import replica_name
 
 __all__ = ["TeacherClient"]
 
@@ -102,9 +103,8 @@ class TeacherClient:
         ids, am = self._inputs(inputs, attention_mask)
         lm = am.astype(bool) if loss_mask is None else np.asarray(loss_mask, dtype=bool)
         batch_id = f"client-{uuid.uuid4().hex}"
-        sft_ref = self._pick(ROLE_SFT).topk.remote(batch_id, ids, am, k, tau, False)
-        refs = [sft_ref] + [self._pick(r).gather.remote(batch_id, ids, am, sft_ref, tau, False)
-                            for r in gather_roles(self.roles)]
+        calls = call_chain(self.roles, lambda role: (0, self._pick(role)), batch_id, ids, am, k, tau, wire=False)
+        refs = [ref for _, _, ref in calls]
         meta = record_meta(batch_id, lm, tau, self.vocab_size, self.fingerprint, "float32")
         rec: TopKRecord = ray.get(assemble_task.remote(meta, self.roles, refs))
         if wire_dtype == "float32":

@@ -11,6 +11,7 @@ is the backpressure that keeps queues bounded.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ from common.topk import ROLE_SFT
 
 from .actor import TeacherActor
 from .assemble import RecordAssembler, record_meta
-from .roles import gather_roles, replica_name, teacher_role_specs
+from .chain import call_chain, warmup_inputs
+from .roles import replica_name, teacher_role_specs
 from .tokenizer_check import check_tokenizers
 
 __all__ = ["TeacherPool"]
@@ -147,23 +149,39 @@ class TeacherPool:
         input_ids, attention_mask, loss_mask: [B, T] (right padded). The record has ids [B, T, k] with
         k = loss.k, log-probs at tau = loss.tau in teachers.wire_dtype, mask = loss_mask.
         """
-        ids, am, lm = self._inputs(batch_id, input_ids, attention_mask, loss_mask)
-        ids_ref, am_ref = ray.put(ids), ray.put(am)  # one copy in the object store, shared by every role
-        k, tau = self.cfg.loss.k, self.cfg.loss.tau
-        i, sft = self._route(ROLE_SFT)
-        sft_ref = sft.topk.remote(batch_id, ids_ref, am_ref, k, tau)
-        self.inflight[ROLE_SFT][i].append(sft_ref)
-        refs = [sft_ref]
-        for role in gather_roles(self.roles):
-            i, h = self._route(role)
-            ref = h.gather.remote(batch_id, ids_ref, am_ref, sft_ref, tau)  # sft ids go teacher -> teacher
-            self.inflight[role][i].append(ref)
-            refs.append(ref)
-        meta = record_meta(batch_id, lm, tau, self.vocab_size, self.fingerprint, self.cfg.teachers.wire_dtype)
         self.submitted += 1
+        return self._record(batch_id, *self._inputs(batch_id, input_ids, attention_mask, loss_mask))
+
+    def _record(self, batch_id: Any, ids: np.ndarray, am: np.ndarray, lm: np.ndarray) -> ray.ObjectRef:
+        ids_ref, am_ref = ray.put(ids), ray.put(am)  # one copy in the object store, shared by every role
+        refs = self._chain(batch_id, ids_ref, am_ref)
+        meta = record_meta(batch_id, lm, self.cfg.loss.tau, self.vocab_size, self.fingerprint,
+                           self.cfg.teachers.wire_dtype)
         if self._assembler is None:
             self._assembler = RecordAssembler.remote()
         return self._assembler.assemble.remote(meta, self.roles, refs)
+
+    def _chain(self, batch_id: Any, ids: Any, am: Any, tensor_transport: str | None = None) -> list[ray.ObjectRef]:
+        """The role calls of one batch (routed; each counted in flight on its replica), in chain order."""
+        calls = call_chain(self.roles, self._route, batch_id, ids, am, self.cfg.loss.k, self.cfg.loss.tau,
+                           tensor_transport=tensor_transport)
+        for role, i, ref in calls:
+            self.inflight[role][i].append(ref)
+        return [ref for _, _, ref in calls]
+
+    def warm_up(self, assemble: bool = True) -> list[ray.ObjectRef]:
+        """Send one tiny batch through every role (and the assembler); returns the refs (do not wait).
+
+        The first call of an engine pays one-off costs (allocator and kernel warm-up; for `assemble`, the
+        assembler actor's process start, about 1 s on 2 cores), which the first training batch would otherwise
+        wait for. The driver calls this right after the pool is up, so the cost overlaps with the student
+        workers' set-up. assemble=False (the RDT path, which assembles in the workers) warms the teachers only.
+        Not counted in `submitted`.
+        """
+        batch_id, (ids, am, lm) = f"warmup-{uuid.uuid4().hex[:8]}", warmup_inputs()
+        if assemble:
+            return [self._record(batch_id, ids, am, lm)]
+        return self._chain(batch_id, ray.put(ids), ray.put(am))
 
     def submit_parts(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
                      loss_mask: np.ndarray) -> tuple[dict[str, Any], list[str], list[ray.ObjectRef]]:
@@ -173,19 +191,10 @@ class TeacherPool:
         arguments to an actor call of a receiving actor in the group.
         """
         ids, am, lm = self._inputs(batch_id, input_ids, attention_mask, loss_mask)
-        backend = self.rdt_backend()
-        k, tau = self.cfg.loss.k, self.cfg.loss.tau
-        i, sft = self._route(ROLE_SFT)
-        sft_ref = sft.topk_tensors.options(tensor_transport=backend).remote(batch_id, ids, am, k, tau)
-        self.inflight[ROLE_SFT][i].append(sft_ref)
-        refs = [sft_ref]
-        for role in gather_roles(self.roles):
-            i, h = self._route(role)
-            ref = h.gather_tensors.options(tensor_transport=backend).remote(batch_id, ids, am, sft_ref, tau)
-            self.inflight[role][i].append(ref)
-            refs.append(ref)
+        refs = self._chain(batch_id, ids, am, tensor_transport=self.rdt_backend())
         self.submitted += 1
-        meta = record_meta(batch_id, lm, tau, self.vocab_size, self.fingerprint, self.cfg.teachers.wire_dtype)
+        meta = record_meta(batch_id, lm, self.cfg.loss.tau, self.vocab_size, self.fingerprint,
+                           self.cfg.teachers.wire_dtype)
         return meta, list(self.roles), refs
 
     def rdt_backend(self) -> str:

@@ -96,6 +96,17 @@ def test_many_batches_routed_and_bounded(pool: TeacherPool) -> None:
     assert stats["tokens"]["base"] >= sum(int(b[1].sum()) for b in batches.values())
 
 
+def test_warm_up_runs_every_role_and_is_not_counted(pool: TeacherPool) -> None:
+    before = pool.submitted
+    [ref] = pool.warm_up()
+    rec = ray.get(ref)
+    assert isinstance(rec, TopKRecord) and str(rec.batch_id).startswith("warmup-")
+    assert rec.roles == pool.roles and rec.ids.shape[-1] == pool.cfg.loss.k
+    parts = ray.get(pool.warm_up(assemble=False))  # the RDT path: teachers only, one part per role
+    assert len(parts) == len(pool.roles) and "ids" in parts[0]
+    assert pool.submitted == before
+
+
 def test_tokenizer_mismatch_before_any_actor(ray_cluster: dict, models: dict[str, Path], tmp_path: Path) -> None:
     other = make_llama(tmp_path / "other", make_tokenizer(tmp_path / "tok", extra_words="zebra yak"))
     cfg = _cfg(models, "mismatch", f"models.base_teacher.path={other}")

@@ -1,0 +1,54 @@
+"""The teacher call chain of one batch: the SFT teacher's top-k, then every gathering role at its support.
+
+Shared by `TeacherPool` (routed, object store or RDT) and `TeacherClient.record` (round robin), so a change to
+the chain is made once. The sft result ref goes, as a direct argument, to each gathering role: the support ids
+travel teacher to teacher and the caller never fetches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+
+from common.topk import ROLE_SFT
+
+from .roles import gather_roles
+
+__all__ = ["call_chain", "warmup_inputs"]
+
+Pick = Callable[[str], tuple[int, Any]]  # role -> (replica index, actor handle)
+
+
+def call_chain(roles: list[str], pick: Pick, batch_id: Any, input_ids: Any, attention_mask: Any, k: int,
+               tau: float, *, wire: bool = True, tensor_transport: str | None = None,
+               ) -> list[tuple[str, int, ray.ObjectRef]]:
+    """Submit sft top-k and the gathers of `gather_roles(roles)`; returns (role, replica, ref) in chain order.
+
+    input_ids / attention_mask: [B, T] arrays or object refs to them. wire=False asks for fp32 log-probs
+    (object-store calls only). tensor_transport (e.g. "gloo", "nccl") uses the actors' RDT methods instead.
+    """
+    i, sft = pick(ROLE_SFT)
+    if tensor_transport is None:
+        sft_ref = sft.topk.remote(batch_id, input_ids, attention_mask, k, tau, wire)
+    else:
+        sft_ref = sft.topk_tensors.options(tensor_transport=tensor_transport).remote(
+            batch_id, input_ids, attention_mask, k, tau)
+    calls = [(ROLE_SFT, i, sft_ref)]
+    for role in gather_roles(roles):
+        i, h = pick(role)
+        if tensor_transport is None:
+            ref = h.gather.remote(batch_id, input_ids, attention_mask, sft_ref, tau, wire)
+        else:
+            ref = h.gather_tensors.options(tensor_transport=tensor_transport).remote(
+                batch_id, input_ids, attention_mask, sft_ref, tau)
+        calls.append((role, i, ref))
+    return calls
+
+
+def warmup_inputs(seq_len: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A one-row batch of token id 0 with every position real: (input_ids, attention_mask, loss_mask)."""
+    ids = np.zeros((1, seq_len), dtype=np.int32)
+    return ids, np.ones_like(ids), np.ones((1, seq_len), dtype=bool)
