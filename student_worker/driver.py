@@ -33,14 +33,10 @@ from student_worker.recovery import (
     step_delay_s,
     worker_actor_name,
 )
-from student_worker.report import write_report
+from student_worker.report import run_summary, step_row, write_report
 from student_worker.worker import StudentWorker
 
 __all__ = ["TrainingRunError", "InputError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS"]
-
-# Per-rank metrics that are NOT per-token means (everything else is combined weighted by tokens).
-_NON_TOKEN_KEYS = {"rank", "batch_id", "grad_norm", "lr", "teacher_wait_s", "compute_s", "loss_sum", "tokens"}
-
 
 class TrainingRunError(RuntimeError):
     """The run cannot continue (teacher unavailable, workers keep dying). The message names the culprit."""
@@ -264,22 +260,6 @@ class Driver:
             raise typed[0] if typed else first
         return results
 
-    def _combine(self, step: int, per_rank: list[dict[str, Any]], arrays: list[dict[str, np.ndarray]],
-                 step_s: float) -> dict[str, Any]:
-        tokens = sum(m["tokens"] for m in per_rank)
-        input_tokens = int(sum(a["attention_mask"].sum() for a in arrays))
-        row: dict[str, Any] = {"step": step, "batch_ids": [m["batch_id"] for m in per_rank],
-                               "loss": sum(m["loss_sum"] for m in per_rank) / max(tokens, 1)}
-        for key in sorted(per_rank[0]):
-            if key not in _NON_TOKEN_KEYS:
-                row[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
-        wait = float(np.mean([m["teacher_wait_s"] for m in per_rank]))
-        row.update({"grad_norm": per_rank[0]["grad_norm"], "lr": per_rank[0]["lr"], "tokens": tokens,
-                    "input_tokens": input_tokens, "step_s": step_s, "tokens_per_s": input_tokens / step_s,
-                    "teacher_wait_s": wait, "teacher_wait_frac": min(1.0, wait / step_s),
-                    "compute_s": max(m["compute_s"] for m in per_rank)})
-        return row
-
     # ------------------------------------------------------------------ outputs
     def _rewrite_metrics(self) -> None:
         with open(self.out / "metrics.jsonl", "w") as f:
@@ -349,7 +329,7 @@ class Driver:
                     raise TrainingRunError(f"step {step} failed; checkpoint of {step} completed steps written "
                                            f"under {self.ckpt_root}: {type(exc).__name__}: {exc}") from exc
                 now = time.perf_counter()
-                row = self._combine(step, per_rank, item.arrays, now - t_prev)
+                row = step_row(step, per_rank, item.arrays, now - t_prev)
                 t_prev = now
                 self.rows.append(row)
                 with open(self.out / "metrics.jsonl", "a") as f:
@@ -394,24 +374,11 @@ class Driver:
 
     def _report(self, start_step: int, step: int, loop_s: float,
                 teacher_stats: dict[str, Any] | None) -> dict[str, Any]:
-        run_rows = [r for r in self.rows if r["step"] >= start_step]  # this process's steps (for speed)
-        wait = sum(r["teacher_wait_s"] for r in run_rows)
-        step_time = sum(r["step_s"] for r in run_rows)
-        report = {
-            "method": self.cfg.loss.method, "config_hash": config_hash(self.cfg), "steps": step,
-            "tokens": int(sum(r["tokens"] for r in self.rows)),
-            "tokens_per_s": sum(r["input_tokens"] for r in run_rows) / max(loop_s, 1e-9),
-            "steps_per_s": len(run_rows) / max(loop_s, 1e-9),
-            "teacher_wait_fraction": wait / max(step_time, 1e-9),
-            "final_loss": self.rows[-1]["loss"] if self.rows else None,
-            "rouge": self.rouge, "transport": self.cfg.transport.kind, "num_workers": self.world,
-            "worker_restarts": self.restarts,
-            "paths": {"output_dir": str(self.out), "final_model": str(self.out / "final_model"),
-                      "metrics": str(self.out / "metrics.jsonl"),
-                      "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))},
-        }
-        if teacher_stats is not None:
-            report["teacher_stats"] = {k: v for k, v in teacher_stats.items() if k in ("tokens", "busy_s")}
+        report = run_summary(self.cfg, self.rows, start_step, step, loop_s, self.rouge, self.restarts,
+                             teacher_stats, paths={"output_dir": str(self.out),
+                                                   "final_model": str(self.out / "final_model"),
+                                                   "metrics": str(self.out / "metrics.jsonl"),
+                                                   "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))})
         paths = write_report(self.out, report, self.rows, self.cfg.output.plot)
         report["paths"].update({k: str(v) for k, v in paths.items()})
         return report

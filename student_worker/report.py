@@ -1,4 +1,5 @@
-"""The run's report: report.json (figures), report.md (readable), loss_curve.png, and the console table."""
+"""The run's figures: one metrics row per step (`step_row`), the summary (`run_summary`), and the files
+report.json (figures), report.md (readable), loss_curve.png, plus the console table."""
 
 from __future__ import annotations
 
@@ -6,10 +7,63 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report", "rouge_table", "plot_losses"]
+import numpy as np
+
+from common.config import RunConfig, config_hash
+
+__all__ = ["step_row", "run_summary", "write_report", "rouge_table", "plot_losses"]
+
+# Per-rank metrics that are NOT per-token means (everything else is combined weighted by tokens).
+_NON_TOKEN_KEYS = {"rank", "batch_id", "grad_norm", "lr", "teacher_wait_s", "compute_s", "loss_sum", "tokens"}
 
 _ROWS = (("student_base", "student base"), ("student_after", "student after {method}"),
          ("sft_teacher", "SFT teacher"))
+
+
+def step_row(step: int, per_rank: list[dict[str, Any]], arrays: list[dict[str, np.ndarray]],
+             step_s: float) -> dict[str, Any]:
+    """One metrics.jsonl row from the ranks' step results.
+
+    loss = sum of the ranks' loss sums / their tokens; every other per-token metric is the token-weighted mean
+    over ranks; grad_norm and lr are rank 0's (identical after the all-reduce); teacher_wait_s is the ranks'
+    mean; compute_s their max; input_tokens counts every real (attention-masked) token of the global batch.
+    """
+    tokens = sum(m["tokens"] for m in per_rank)
+    input_tokens = int(sum(a["attention_mask"].sum() for a in arrays))
+    row: dict[str, Any] = {"step": step, "batch_ids": [m["batch_id"] for m in per_rank],
+                           "loss": sum(m["loss_sum"] for m in per_rank) / max(tokens, 1)}
+    for key in sorted(per_rank[0]):
+        if key not in _NON_TOKEN_KEYS:
+            row[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
+    wait = float(np.mean([m["teacher_wait_s"] for m in per_rank]))
+    row.update({"grad_norm": per_rank[0]["grad_norm"], "lr": per_rank[0]["lr"], "tokens": tokens,
+                "input_tokens": input_tokens, "step_s": step_s, "tokens_per_s": input_tokens / step_s,
+                "teacher_wait_s": wait, "teacher_wait_frac": min(1.0, wait / step_s),
+                "compute_s": max(m["compute_s"] for m in per_rank)})
+    return row
+
+
+def run_summary(cfg: RunConfig, rows: list[dict[str, Any]], start_step: int, step: int, loop_s: float,
+                rouge: dict[str, Any], restarts: int, teacher_stats: dict[str, Any] | None,
+                paths: dict[str, str]) -> dict[str, Any]:
+    """report.json's figures. Speeds count only this process's steps (rows from `start_step` on: a resumed
+    run's earlier rows were timed by another process); tokens and the final loss cover the whole run."""
+    run_rows = [r for r in rows if r["step"] >= start_step]
+    wait = sum(r["teacher_wait_s"] for r in run_rows)
+    step_time = sum(r["step_s"] for r in run_rows)
+    report = {
+        "method": cfg.loss.method, "config_hash": config_hash(cfg), "steps": step,
+        "tokens": int(sum(r["tokens"] for r in rows)),
+        "tokens_per_s": sum(r["input_tokens"] for r in run_rows) / max(loop_s, 1e-9),
+        "steps_per_s": len(run_rows) / max(loop_s, 1e-9),
+        "teacher_wait_fraction": wait / max(step_time, 1e-9),
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "rouge": rouge, "transport": cfg.transport.kind, "num_workers": cfg.training.num_workers,
+        "worker_restarts": restarts, "paths": dict(paths),
+    }
+    if teacher_stats is not None:
+        report["teacher_stats"] = {k: v for k, v in teacher_stats.items() if k in ("tokens", "busy_s")}
+    return report
 
 
 def rouge_table(report: dict[str, Any]) -> str:

@@ -1,9 +1,13 @@
 """The method comparison end to end on the shared local Ray cluster: tiny random Llamas, inline JSONL data,
-two methods, one seed, 3 steps; then a rerun that must reuse every finished run."""
+two methods, one seed, 3 steps; then a rerun that must reuse every finished run. And an experiment whose
+second run fails mid-training (its teacher killed for good): exit 3, the first run kept, a rerun completes."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from pathlib import Path
 
 from common.config import dump_config
 from tests.integration.test_student_training import make_cfg, tiny_setup
@@ -76,3 +80,86 @@ def test_experiment_writes_table_json_plot_and_reuses_finished_runs(ray_cluster,
     assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in exp["runs"]]  # kept beside each run
     assert [p.stat().st_mtime_ns for p in report_paths] == before
     assert again["aggregates"] == exp["aggregates"] and again["shift"] == exp["shift"]
+
+
+def _rows(path: Path) -> list[dict]:
+    """metrics.jsonl rows written so far (a line being written is skipped)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
+        ray_cluster, tmp_path, monkeypatch, capsys):
+    """The second run (delta_kd) loses its base teacher for good in the middle of training: exit 3 naming the
+    run, the first run's outputs and its experiment.json entry kept, no actor left; a rerun (new teachers)
+    reuses the first run and trains only the failed one."""
+    import ray
+
+    from student_worker.experiment import main
+    from student_worker.recovery import STEP_DELAY_ENV
+
+    steps = 6
+    paths = tiny_setup(tmp_path)
+    cfg = make_cfg(paths, tmp_path / "unused", [
+        "evaluation.enabled=true", "evaluation.max_new_tokens=4", f"training.max_steps={steps}",
+        "training.num_workers=1", "training.batch_size=4", "training.checkpoint_every=2", "training.warmup_steps=1",
+        "training.prefetch=0"])  # no teacher work runs ahead: the steps after the kill do need the teacher
+    cfg_path = tmp_path / "exp.yaml"
+    dump_config(cfg, cfg_path)
+    out = tmp_path / "exp"
+    argv = ["--methods", "sft,delta_kd", "--seeds", "1", "--config", str(cfg_path), "--output-dir", str(out),
+            "--shift-batches", "1", "--no-progress"]
+    ns, prefix = cfg.teachers.namespace, cfg.teachers.name_prefix
+    failing = out / "runs" / "delta_kd-seed0"
+
+    monkeypatch.setenv(STEP_DELAY_ENV, "0.2")  # each step pauses, so the kill lands mid-run
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(rc=main(argv)))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not [r for r in _rows(failing / "metrics.jsonl") if r["step"] >= 1]:
+            assert thread.is_alive(), f"the experiment ended before delta_kd trained a step: {box}"
+            assert time.monotonic() < deadline, "delta_kd did not log step 1 in time"
+            time.sleep(0.05)
+        base = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == ns and a["name"].startswith(prefix) and a["name"].endswith("-base-0")]
+        assert len(base) == 1, base  # the experiment's own pool
+        ray.kill(ray.get_actor(base[0], namespace=ns), no_restart=True)
+    finally:
+        thread.join(timeout=180)
+    assert not thread.is_alive()
+    assert box.get("rc") == 3, box
+    err = capsys.readouterr().err
+    assert f"run delta_kd seed 0 ({failing}) failed" in err and "TeacherUnavailableError" in err, err[-3000:]
+
+    exp = json.loads((out / "experiment.json").read_text())
+    assert exp["status"].startswith("failed: delta_kd seed 0: "), exp["status"]
+    assert [(r["method"], r["seed"], r["reused"]) for r in exp["runs"]] == [("sft", 0, False)]
+    sft_report = out / "runs" / "sft-seed0" / "report.json"
+    saved = json.loads(sft_report.read_text())
+    assert {k: v for k, v in exp["runs"][0]["report"].items() if k != "paths"} == {
+        k: v for k, v in saved.items() if k != "paths"}  # the returned report's paths also name report.md etc.
+    assert set(exp["aggregates"]) == {"sft"}
+    assert not (out / "experiment.md").exists()  # written only when every run finished
+    done = len(_rows(failing / "metrics.jsonl"))
+    assert 1 <= done < steps and not (failing / "report.json").exists()
+    left = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
+    assert left == [], f"actors of the failed experiment left running: {left}"
+
+    # The cause is gone (the rerun starts its own teachers): sft is reused untouched, delta_kd trained again.
+    monkeypatch.delenv(STEP_DELAY_ENV)
+    sft_mtime = sft_report.stat().st_mtime_ns
+    assert main(argv) == 0
+    again = json.loads((out / "experiment.json").read_text())
+    assert again["status"] == "complete"
+    assert [(r["method"], r["seed"], r["reused"]) for r in again["runs"]] == [("sft", 0, True), ("delta_kd", 0, False)]
+    assert again["runs"][0]["report"] == saved and sft_report.stat().st_mtime_ns == sft_mtime
+    assert again["runs"][1]["report"]["steps"] == steps
+    assert [r["step"] for r in _rows(failing / "metrics.jsonl")] == list(range(steps))  # from scratch, once each
+    assert (out / "experiment.md").is_file()
