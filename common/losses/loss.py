@@ -90,10 +90,11 @@ class _PrecomputedGrad(torch.autograd.Function):
         return grad.mul_(grad_out.to(grad.dtype)), None, None
 
 
-def _student_atoms(x: Tensor, ids: Tensor, mode: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """x: [n, V] fp32 scaled logits s = z / tau (restored on return). Returns atoms and what the
-    analytic gradient needs."""
-    lse = torch.logsumexp(x, dim=-1)
+def _student_atoms(x: Tensor, ids: Tensor, mode: str, lse: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """x: [n, V] fp32 scaled logits s = z / tau (restored on return); lse: logsumexp(s) when the caller has it
+    (tau = 1: the CE's). Returns atoms and what the analytic gradient needs."""
+    if lse is None:
+        lse = torch.logsumexp(x, dim=-1)
     s_sup = x.gather(-1, ids)
     if mode == "drop":
         return torch.log_softmax(s_sup, dim=-1), {"lse": lse, "s_sup": s_sup}
@@ -220,7 +221,7 @@ def distillation_loss(
             ids = ids_flat.index_select(0, r.to(ids_flat.device))
             if tau != 1.0:
                 x.div_(tau)
-            s_atoms, saved = _student_atoms(x, ids, cfg.tail)
+            s_atoms, saved = _student_atoms(x, ids, cfg.tail, lse1 if tau == 1.0 else None)  # one V pass fewer
             atoms = {role: teacher_atoms(lp_flat[role][r], tail_flat[role][r], cfg.tail) for role in roles}
             a = s_atoms.detach().requires_grad_(grad_buf is not None)
             with torch.enable_grad():
