@@ -211,6 +211,9 @@ class EvaluationConfig(_Strict):
 class OutputConfig(_Strict):
     dir: str = "runs/{run_name}"
     plot: bool = True
+    # The driver checks that every student worker sees output.dir (a shared file system on several nodes);
+    # false turns the failed check into a warning (weights then stay on the workers' nodes).
+    require_shared_dir: bool = True
 
 
 class EmbeddedModelShape(_Strict):

@@ -34,6 +34,7 @@ from student_worker.recovery import (
     worker_actor_name,
 )
 from student_worker.report import run_summary, step_row, write_report
+from student_worker.shared_output import check_shared_output
 from student_worker.worker import StudentWorker
 
 __all__ = ["TrainingRunError", "InputError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS"]
@@ -65,7 +66,7 @@ class Driver:
 
     def __init__(self, cfg: RunConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True):
         self.cfg, self.resume, self.stop_after, self.progress = cfg, resume, stop_after, progress
-        self.out = cfg.output_dir
+        self.out = cfg.output_dir.resolve()  # workers get absolute paths, whatever their working directory
         self.ckpt_root = self.out / "checkpoints"
         self.cfg_dict = cfg.model_dump(mode="json")
         self.world = cfg.training.num_workers
@@ -170,6 +171,7 @@ class Driver:
         """Set up the created workers: process group, DDP, optimizer, checkpoint; RDT group when used."""
         if not self.workers:
             self._create_workers()
+        check_shared_output(self.out, self.workers, self.cfg.output.require_shared_dir)
         init_method = ray.get(self.workers[0].rendezvous_address.remote())
         arg = None if resume_dir is None else str(resume_dir)
         try:

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from student_worker.driver import Driver, InputError, TrainingRunError
     from student_worker.embedded_models import resolve_model_paths
     from student_worker.report import rouge_table
+    from student_worker.shared_output import OutputDirNotSharedError
 
     cfg = resolve_model_paths(cfg)
     driver = Driver(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingRunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except OutputDirNotSharedError as exc:  # found before any model loaded: a set-up problem, like bad input
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if "stopped_at" in report:
         print(f"stopped after {report['stopped_at']} steps; checkpoint {report['checkpoint']} (use --resume)")
         return 0

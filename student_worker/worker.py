@@ -72,6 +72,12 @@ class StudentWorkerImpl:
         """Called on rank 0 only: tcp://<this node>:<a free port> for the student process group."""
         return f"tcp://{node_ip()}:{free_port()}"
 
+    def read_probe(self, path: str) -> dict[str, Any]:
+        """What this worker sees at the driver's probe file (student_worker/shared_output.py)."""
+        from student_worker.shared_output import read_probe
+
+        return read_probe(path)
+
     def setup(self, init_method: str, resume_dir: str | None = None) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -129,6 +129,7 @@ def test_delta_kd_two_workers_trains_and_writes_everything(ray_cluster, tiny, tm
     assert 0 <= saved["rouge"]["student_after"]["rougeL"] <= 1
     assert (out / "report.md").is_file() and (out / "loss_curve.png").stat().st_size > 0
     assert (out / "config.yaml").is_file()
+    assert not list(out.glob(".deltakd-probe-*"))  # both workers read the shared-dir probe; it is removed
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["ckpt-000006", "ckpt-000012"]
     for model_dir in (out / "final_model", out / "checkpoints/ckpt-000012/model"):
