@@ -16,9 +16,10 @@ Outputs in D (default runs/experiment): `runs/<method>-seed<s>/` (each run's own
 saved config hashes like the planned one (runtime-only keys aside: teacher names, output dir).
 
 Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Diagnostics per run come from
-its metrics.jsonl; the size of the shift is measured by the experiment on a few training batches (see `shift_diagnostics`
-in student_worker/experiment_diagnostics.py).
-Exit codes: 0 done, 2 bad config / arguments, 3 a run failed (finished runs stay on disk).
+its metrics.jsonl; the size of the shift is measured by the experiment on a few training batches (see
+`shift_diagnostics` in student_worker/experiment_diagnostics.py).
+Exit codes: 0 done, 2 bad config / arguments, 3 a run failed (finished runs stay on disk). On a failure
+experiment.json keeps the finished runs and says `"status": "failed: ..."`; the teachers it started are stopped.
 """
 
 from __future__ import annotations
@@ -146,16 +147,28 @@ def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir
              "plot": out_dir / "rouge_by_method.png"}
 
     def save() -> None:
+        exp["runs"].sort(key=lambda r: plan.index((r["method"], r["seed"])))
         exp["aggregates"] = aggregate(exp["runs"]) if exp["runs"] else {}
         paths["json"].write_text(json.dumps(exp, indent=1, sort_keys=True))
 
+    def entry(m: str, s: int, report: dict[str, Any], reused: bool) -> dict[str, Any]:
+        rc = run_cfgs[(m, s)]
+        timing = rc.output_dir / "experiment_run.json"
+        wall = json.loads(timing.read_text())["wall_s"] if timing.is_file() else None
+        return {"method": m, "seed": s, "run_key": run_key(rc), "output_dir": str(rc.output_dir),
+                "reused": reused, "wall_s": wall,
+                "report": report, "diagnostics": run_diagnostics(rc.output_dir, report)}
+
     exp["references"] = _cached_json(out_dir / "references.json", shared, lambda: evaluate_references(cfg))
     exp["eval_examples"] = exp["references"]["student_base"]["num_examples"]
-    save()
     run_cfgs = {(m, s): config_from_dict(cfg.model_dump(mode="json"), [
         f"loss.method={m}", f"seed={s}", "teachers.attach=true", f"run_name={cfg.run_name}-{m}-seed{s}",
         f"output.dir={out_dir / 'runs' / f'{m}-seed{s}'}"]) for m, s in plan}
-    todo = [ms for ms in plan if _reusable(run_cfgs[ms].output_dir, run_key(run_cfgs[ms])) is None]
+    finished = {ms: r for ms in plan if (r := _reusable(run_cfgs[ms].output_dir, run_key(run_cfgs[ms]))) is not None}
+    # Finished runs are in experiment.json from the start: a rerun that fails early does not drop them.
+    exp["runs"] = [entry(m, s, report, True) for (m, s), report in finished.items()]
+    save()
+    todo = [ms for ms in plan if ms not in finished]
     shift_path = out_dir / "shift.json"
     need_shift = not (shift_path.is_file() and json.loads(shift_path.read_text()).get("key") == shared)
     pool = None
@@ -171,9 +184,9 @@ def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir
         exp["shift"] = _cached_json(shift_path, shared, lambda: shift_diagnostics(cfg, pool, shift_batches))
         for i, (m, s) in enumerate(plan):
             rc = run_cfgs[(m, s)]
-            report, t0 = _reusable(rc.output_dir, run_key(rc)), time.perf_counter()
-            reused, timing = report is not None, rc.output_dir / "experiment_run.json"
-            if report is None:
+            reused = (m, s) in finished
+            if not reused:
+                t0 = time.perf_counter()
                 if rc.output_dir.exists():  # unfinished or made with another config: start it afresh
                     print(f"{rc.output_dir}: unfinished or from another config; training it again", flush=True)
                     shutil.rmtree(rc.output_dir)
@@ -181,18 +194,19 @@ def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir
                     report = run_training(rc, progress=progress)
                 except Exception as exc:
                     exp["status"] = f"failed: {m} seed {s}: {exc}"
-                    save()
                     raise ExperimentError(f"run {m} seed {s} ({rc.output_dir}) failed: {exc}") from exc
-                timing.write_text(json.dumps({"wall_s": time.perf_counter() - t0}))
-            wall = json.loads(timing.read_text())["wall_s"] if timing.is_file() else None
-            entry = {"method": m, "seed": s, "run_key": run_key(rc), "output_dir": str(rc.output_dir),
-                     "reused": reused, "wall_s": wall,
-                     "report": report, "diagnostics": run_diagnostics(rc.output_dir, report)}
-            exp["runs"].append(entry)
-            save()
-            after = report["rouge"]["student_after"]
+                (rc.output_dir / "experiment_run.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0}))
+                exp["runs"].append(entry(m, s, report, False))
+                save()
+            done = next(r for r in exp["runs"] if (r["method"], r["seed"]) == (m, s))
+            after, wall = done["report"]["rouge"]["student_after"], done["wall_s"]
             print(f"[{i + 1}/{len(plan)}] {m} seed {s}: ROUGE-L {after['rougeL']:.4f}"
                   + (" (reused)" if reused else f" ({wall:.0f} s)"), flush=True)
+    except BaseException as exc:  # experiment.json says so (finished runs stay listed), then the error goes on
+        if exp["status"] == "running":
+            exp["status"] = f"failed: {type(exc).__name__}: {exc}"
+        save()
+        raise
     finally:
         if pool is not None:
             pool.shutdown()  # kills only the actors this experiment started

@@ -152,9 +152,16 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
     left = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
     assert left == [], f"actors of the failed experiment left running: {left}"
 
-    # The cause is gone (the rerun starts its own teachers): sft is reused untouched, delta_kd trained again.
+    # A rerun that fails before training (no teacher service to attach to) still lists the finished run.
     monkeypatch.delenv(STEP_DELAY_ENV)
     sft_mtime = sft_report.stat().st_mtime_ns
+    assert main([*argv, "--set", "teachers.attach=true"]) == 3
+    assert "the teacher pool (attach" in capsys.readouterr().err
+    early = json.loads((out / "experiment.json").read_text())
+    assert early["status"].startswith("failed: ExperimentError: the teacher pool (attach"), early["status"]
+    assert [(r["method"], r["seed"], r["reused"]) for r in early["runs"]] == [("sft", 0, True)]
+
+    # The cause is gone (the rerun starts its own teachers): sft is reused untouched, delta_kd trained again.
     assert main(argv) == 0
     again = json.loads((out / "experiment.json").read_text())
     assert again["status"] == "complete"
