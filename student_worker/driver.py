@@ -381,8 +381,7 @@ class Driver:
                                                    "final_model": str(self.out / "final_model"),
                                                    "metrics": str(self.out / "metrics.jsonl"),
                                                    "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))})
-        paths = write_report(self.out, report, self.rows, self.cfg.output.plot)
-        report["paths"].update({k: str(v) for k, v in paths.items()})
+        write_report(self.out, report, self.rows, self.cfg.output.plot)  # adds its files to report["paths"]
         return report
 
 

@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     from common.config import LOSS_METHODS, ConfigError, load_config
     from student_worker.train import DEFAULT_CONFIG
 
-    p = argparse.ArgumentParser(prog="python -m student_worker.experiment", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m student_worker.experiment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sft,kd,delta_kd", help="comma-separated loss methods")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds per method: seed, seed+1, ...")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))

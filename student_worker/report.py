@@ -102,8 +102,13 @@ def plot_losses(metrics: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_report(out_dir: Path, report: dict[str, Any], metrics: list[dict[str, Any]], plot: bool) -> dict[str, Path]:
-    """Write report.json, report.md and (when `plot`) loss_curve.png into out_dir; returns their paths."""
+    """Write report.json, report.md and (when `plot`) loss_curve.png into out_dir; returns their paths.
+
+    The paths are added to `report["paths"]` first, so report.json lists itself and its siblings too."""
     paths = {"report_json": out_dir / "report.json", "report_md": out_dir / "report.md"}
+    if plot and metrics:
+        paths["loss_curve"] = out_dir / "loss_curve.png"
+    report.setdefault("paths", {}).update({k: str(v) for k, v in paths.items()})
     paths["report_json"].write_text(json.dumps(report, indent=1, sort_keys=True))
     md = [
         f"# deltakd run: {report.get('method')}",
@@ -117,8 +122,7 @@ def write_report(out_dir: Path, report: dict[str, Any], metrics: list[dict[str, 
         rouge_table(report),
         "```",
     ]
-    if plot and metrics:
-        paths["loss_curve"] = out_dir / "loss_curve.png"
+    if "loss_curve" in paths:
         plot_losses(metrics, paths["loss_curve"])
         md += ["", "![loss curve](loss_curve.png)"]
     paths["report_md"].write_text("\n".join(md) + "\n")

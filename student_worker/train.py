@@ -3,8 +3,10 @@
 Without --config it runs the embedded default, deploy/configs/tiny.yaml (tiny models built on the spot).
 Exit codes: 0 done, 2 bad input, nothing written (config / arguments / unwritable output dir / data rows /
 tokenizers / k / a checkpoint that does not match or is refused / an output dir holding a previous run
-without --resume), 3 the run failed (e.g. a teacher stayed unavailable: a checkpoint of the completed steps
-is written first). Every error goes to stderr as one `error: ...` message naming the culprit.
+without --resume), also 2 when a student worker cannot see output.dir (checked before any model loads;
+only config.yaml and an empty metrics.jsonl exist then, and the same command may be rerun), 3 the run
+failed (e.g. a teacher stayed unavailable: a checkpoint of the completed steps is written first). Every
+error goes to stderr as one `error: ...` message naming the culprit.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy/configs/tiny.yaml
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m student_worker.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m student_worker.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: the tiny embedded run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set loss.method=kd (repeatable)")
