@@ -16,8 +16,9 @@ Atoms of a teacher role: [lp at ids, log max(tail, 1e-30)] (bucket) or its k val
 renormalised over the atoms (wire rounding leaves them summing to 1 +- eps; a proper distribution keeps
 every KL >= 0). Teacher -inf log-probs become -1e4 (zero mass, finite arithmetic).
 
-Memory: the counted rows are processed `cfg.chunk_tokens` at a time, each as one fp32 `[chunk, V]` block
-(plus the temporaries of logsumexp). The gradient with respect to the logits is formed analytically from
+Memory: the counted rows are processed `cfg.chunk_tokens` at a time in two fp32 `[chunk, V]` blocks that
+are allocated once per call (the chunk's logits, then its gradient; and a scratch block for the logsumexp
+and the CE softmax), so the working set is fixed whatever the number of chunks. The gradient with respect to the logits is formed analytically from
 the gradient of the small `[chunk, A]` atom tensor (autograd on the atoms only) and written straight into
 one buffer shaped like `student_logits` (its dtype); nothing of size `[chunk, V]` is kept for backward.
 For the bucket atoms a_j = s_{id_j} - lse(s), a_tail = lse_off(s) - lse(s) with s = z / tau:
@@ -90,16 +91,23 @@ class _PrecomputedGrad(torch.autograd.Function):
         return grad.mul_(grad_out.to(grad.dtype)), None, None
 
 
-def _student_atoms(x: Tensor, ids: Tensor, mode: str, lse: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """x: [n, V] fp32 scaled logits s = z / tau (restored on return); lse: logsumexp(s) when the caller has it
-    (tau = 1: the CE's). Returns atoms and what the analytic gradient needs."""
+def _logsumexp(x: Tensor, tmp: Tensor) -> Tensor:
+    """logsumexp over the last dim of x [n, V] (finite rows), using tmp [n, V] as its only temporary."""
+    m = x.amax(dim=-1, keepdim=True)
+    return torch.sub(x, m, out=tmp).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
+
+
+def _student_atoms(x: Tensor, ids: Tensor, mode: str, tmp: Tensor,
+                   lse: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """x: [n, V] fp32 scaled logits s = z / tau (restored on return); tmp: a [n, V] scratch block; lse:
+    logsumexp(s) when the caller has it (tau = 1: the CE's). Returns atoms and what the gradient needs."""
     if lse is None:
-        lse = torch.logsumexp(x, dim=-1)
+        lse = _logsumexp(x, tmp)
     s_sup = x.gather(-1, ids)
     if mode == "drop":
         return torch.log_softmax(s_sup, dim=-1), {"lse": lse, "s_sup": s_sup}
     x.scatter_(-1, ids, _SUPPORT_FILL)
-    lse_off = torch.logsumexp(x, dim=-1)
+    lse_off = _logsumexp(x, tmp)
     x.scatter_(-1, ids, s_sup)  # restore: exact, these are the values gathered above
     raw_tail = lse_off - lse
     unclamped = raw_tail > LOG_TAIL_FLOOR
@@ -125,6 +133,13 @@ def _distill_grad_into(x: Tensor, ids: Tensor, g: Tensor, mode: str, saved: dict
     x.sub_(lse[:, None]).exp_().mul_((c - big_g)[:, None])  # off-support: p * (g_tail*exp(..) - G)
     x.scatter_(-1, ids, p_sup * (-big_g)[:, None])
     x.scatter_add_(-1, ids, g_sup)
+
+
+def _rows_fp32(flat: Tensor, rows: Tensor, out: Tensor) -> Tensor:
+    """flat[rows] as fp32, written into `out` ([len(rows), V] fp32) and returned."""
+    if flat.dtype == torch.float32:
+        return torch.index_select(flat, 0, rows, out=out)
+    return out.copy_(flat.index_select(0, rows))
 
 
 def _check_inputs(student_logits: Tensor, targets: SparseTargets | None, labels: Tensor,
@@ -204,11 +219,19 @@ def distillation_loss(
     tail_flat = {} if targets is None else {r: targets.tail[r].reshape(b * t) for r in targets.roles}
     ids_flat = None if targets is None else targets.ids.reshape(b * t, k).to(device)
 
+    # Two fp32 [chunk, V] blocks, allocated once and refilled per chunk: `work` holds the chunk's logits (then
+    # its gradient), `scratch` the logsumexp temporaries and the CE softmax. Fresh blocks per chunk (and
+    # torch.logsumexp's own temporaries) made the CPU allocator's peak drift by several blocks between runs.
+    width = min(cfg.chunk_tokens, n)
+    work = torch.empty((width, vocab), dtype=torch.float32, device=device) if n else None
+    scratch = torch.empty_like(work) if work is not None else None
     for start in range(0, n, cfg.chunk_tokens):
         r = rows[start : start + cfg.chunk_tokens]
         lab = flat_labels[start : start + cfg.chunk_tokens][:, None]
-        x = flat.index_select(0, r).float()  # the chunk's one fp32 [n, V] block (a fresh copy)
-        lse1 = torch.logsumexp(x, dim=-1)
+        assert work is not None and scratch is not None
+        x = _rows_fp32(flat, r, work[: r.numel()])  # the chunk's fp32 [n, V] block (a copy)
+        tmp = scratch[: r.numel()]
+        lse1 = _logsumexp(x, tmp)
         ce = lse1 - x.gather(-1, lab).squeeze(1)
         chunk_sums: dict[str, Tensor] = {"ce": ce.sum()}
         if cfg.method == "sft":
@@ -221,7 +244,7 @@ def distillation_loss(
             ids = ids_flat.index_select(0, r.to(ids_flat.device))
             if tau != 1.0:
                 x.div_(tau)
-            s_atoms, saved = _student_atoms(x, ids, cfg.tail, lse1 if tau == 1.0 else None)  # one V pass fewer
+            s_atoms, saved = _student_atoms(x, ids, cfg.tail, tmp, lse1 if tau == 1.0 else None)
             atoms = {role: teacher_atoms(lp_flat[role][r], tail_flat[role][r], cfg.tail) for role in roles}
             a = s_atoms.detach().requires_grad_(grad_buf is not None)
             with torch.enable_grad():
@@ -239,9 +262,8 @@ def distillation_loss(
                 _distill_grad_into(x, ids, g, cfg.tail, saved)
                 x.mul_((1.0 - lam) * tau)  # (1 - lam) tau^2 * dL/ds * ds/dz, ds/dz = 1 / tau
                 if lam > 0.0:
-                    soft = flat.index_select(0, r).float()
+                    soft = _rows_fp32(flat, r, tmp)
                     x.add_(soft.sub_(lse1[:, None]).exp_().mul_(lam))
-                    del soft
                     x.scatter_add_(-1, lab, torch.full_like(ce[:, None], -lam))
         total += token_loss.sum().double()
         sums += torch.stack([chunk_sums[key].double() for key in keys])
