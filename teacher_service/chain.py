@@ -30,21 +30,17 @@ def call_chain(roles: list[str], pick: Pick, batch_id: Any, input_ids: Any, atte
     input_ids / attention_mask: [B, T] arrays or object refs to them. wire=False asks for fp32 log-probs
     (object-store calls only). tensor_transport (e.g. "gloo", "nccl") uses the actors' RDT methods instead.
     """
+    def call(handle: Any, method: str, *args: Any) -> ray.ObjectRef:
+        if tensor_transport is None:
+            return getattr(handle, method).remote(*args, wire)
+        return getattr(handle, f"{method}_tensors").options(tensor_transport=tensor_transport).remote(*args)
+
     i, sft = pick(ROLE_SFT)
-    if tensor_transport is None:
-        sft_ref = sft.topk.remote(batch_id, input_ids, attention_mask, k, tau, wire)
-    else:
-        sft_ref = sft.topk_tensors.options(tensor_transport=tensor_transport).remote(
-            batch_id, input_ids, attention_mask, k, tau)
+    sft_ref = call(sft, "topk", batch_id, input_ids, attention_mask, k, tau)
     calls = [(ROLE_SFT, i, sft_ref)]
     for role in gather_roles(roles):
         i, h = pick(role)
-        if tensor_transport is None:
-            ref = h.gather.remote(batch_id, input_ids, attention_mask, sft_ref, tau, wire)
-        else:
-            ref = h.gather_tensors.options(tensor_transport=tensor_transport).remote(
-                batch_id, input_ids, attention_mask, sft_ref, tau)
-        calls.append((role, i, ref))
+        calls.append((role, i, call(h, "gather", batch_id, input_ids, attention_mask, sft_ref, tau)))
     return calls
 
 
