@@ -131,13 +131,17 @@ class Driver:
             tc.replicas.get(r, 1) for r in self._teacher_roles())
         need = {"CPU": self.world * t.num_cpus_per_worker + n_teachers * tc.num_cpus,
                 "GPU": self.world * t.num_gpus_per_worker + n_teachers * tc.num_gpus}
+        for per, count in ((tc.resources, n_teachers), (t.resources_per_worker, self.world)):
+            for name, amount in per.items():  # custom resources that pin actors to node types
+                need[name] = need.get(name, 0.0) + amount * count
         have = ray.cluster_resources()
         short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
         if short:
             print("WARNING: this run asks for more than the Ray cluster has now ("
                   + ", ".join(f"{k}: {v:g} needed, {h:g} available" for k, (v, h) in short.items())
                   + "); it will wait for resources. Lower training.num_cpus_per_worker / teachers.num_cpus "
-                  "(fractions are fine) or add nodes.", flush=True)
+                  "(fractions are fine), check teachers.resources / training.resources_per_worker against the "
+                  "nodes' custom resources, or add nodes.", flush=True)
 
     def _teacher_roles(self) -> list[str]:
         from teacher_service.roles import teacher_role_specs

@@ -26,7 +26,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LocalHead", "RayHeadError", "local_ray_head", "ray_cli", "free_ports", "client_env", "job_status"]
+__all__ = ["LocalHead", "RayHeadError", "local_ray_head", "local_ray_node", "ray_cli", "free_ports", "client_env",
+           "job_status"]
 
 VENV_BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 120.0  # `ray start` + dashboard + job agent take ~10-20 s on 2 shared cores
@@ -138,7 +139,8 @@ def _wait_ready(head: LocalHead, deadline: float) -> None:
 
 
 @contextmanager
-def local_ray_head(num_cpus: int = 8, extra_env: dict[str, str] | None = None) -> Iterator[LocalHead]:
+def local_ray_head(num_cpus: int = 8, extra_env: dict[str, str] | None = None,
+                   resources: dict[str, float] | None = None) -> Iterator[LocalHead]:
     """Start `ray start --head --block` with a dashboard on 127.0.0.1, token auth on; yield; end it.
 
     `extra_env` reaches the head and therefore every job driver and actor it starts (e.g. DELTAKD_CACHE).
@@ -161,6 +163,7 @@ def local_ray_head(num_cpus: int = 8, extra_env: dict[str, str] | None = None) -
         "--object-manager-port", str(obj_mgr),
         "--num-cpus", str(num_cpus), "--num-gpus", "0",
         "--temp-dir", str(temp_dir / "ray"), "--disable-usage-stats",
+        *(["--resources", json.dumps(resources)] if resources else []),
     ]
     log_path = temp_dir / "head.log"
     with open(log_path, "wb") as log:
@@ -175,6 +178,51 @@ def local_ray_head(num_cpus: int = 8, extra_env: dict[str, str] | None = None) -
     finally:
         head.stop()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextmanager
+def local_ray_node(head: LocalHead, name: str, num_cpus: int, resources: dict[str, float]) -> Iterator[int]:
+    """Join one more raylet ("node") to the head on this host: `ray start --address --block` with its own
+    ports, temp dir and custom resources; yields its pid; ends it by killing its own process group."""
+    node_dir = head.temp_dir / f"node-{name}"
+    node_dir.mkdir()
+    node_mgr, obj_mgr, metrics, agent_http, agent_grpc, runtime_env = free_ports(6)
+    cmd = [
+        str(ray_cli()), "start", "--address", head.gcs_address, "--block",
+        "--node-ip-address", "127.0.0.1",
+        "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+        "--metrics-export-port", str(metrics), "--dashboard-agent-listen-port", str(agent_http),
+        "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
+        "--num-cpus", str(num_cpus), "--num-gpus", "0", "--resources", json.dumps(resources),
+        "--temp-dir", str(node_dir / "ray"), "--disable-usage-stats",
+    ]
+    log_path = node_dir / "node.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=head.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:  # the node is up when the head's node list has its resources
+            if proc.poll() is not None:
+                raise RayHeadError(f"ray node {name} exited with {proc.returncode}:\n"
+                                   f"{log_path.read_text(errors='replace')[-4000:]}")
+            status, body = head.api_get("/api/v0/nodes", timeout=5.0)  # the state API: live nodes and resources
+            if status == 200 and all(f'"{k}"' in body for k in resources):
+                break
+            time.sleep(0.5)
+        else:
+            raise RayHeadError(f"ray node {name} not in the head's node list after {READY_TIMEOUT_S:.0f} s:\n"
+                               f"{log_path.read_text(errors='replace')[-4000:]}")
+        yield proc.pid
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def job_status(head: LocalHead, job_id: str) -> dict:

@@ -202,3 +202,16 @@ def test_rdt_gives_the_same_losses_as_the_object_store(ray_cluster, tiny, shared
     assert len(rows["rdt"]) == 2
     # fp32 tensors cross gloo bit for bit, and the worker computes the same loss from the same record.
     assert rows["rdt"] == rows["object_store"]
+
+
+def test_resources_the_cluster_lacks_are_named_before_the_run_waits(ray_cluster, tiny, tmp_path, capsys):
+    from student_worker.driver import Driver
+
+    cfg = make_cfg(tiny, tmp_path / "r", ["teachers.resources={teacher_gpu: 1}",
+                                          "training.resources_per_worker={student_gpu: 0.5}"])
+    Driver(cfg, progress=False)._check_resources()  # reads ray.cluster_resources(); starts nothing
+    warning = capsys.readouterr().out
+    assert "WARNING" in warning and "teacher_gpu: 2 needed, 0 available" in warning  # sft + base
+    assert "student_gpu: 1 needed, 0 available" in warning and "teachers.resources" in warning
+    Driver(make_cfg(tiny, tmp_path / "ok"), progress=False)._check_resources()
+    assert "WARNING" not in capsys.readouterr().out
