@@ -103,7 +103,7 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
     from student_worker.experiment import main
     from student_worker.recovery import STEP_DELAY_ENV
 
-    steps = 6
+    steps = 10  # after the step-1 trigger, 8 delayed steps (~2 s) remain for the kill to land in
     paths = tiny_setup(tmp_path)
     cfg = make_cfg(paths, tmp_path / "unused", [
         "evaluation.enabled=true", "evaluation.max_new_tokens=4", f"training.max_steps={steps}",
