@@ -39,6 +39,7 @@ def _serve(cfg: RunConfig, address: str) -> None:
     cfg = resolve_paths(cfg)
     _connect(cfg, address)
     pool = TeacherPool.start(cfg, detached=True)
+    ray.get(pool.warm_up(assemble=False))  # the first real call then pays no one-off costs (the service outlives us)
     t = cfg.teachers
     gcs = ray.get_runtime_context().gcs_address
     print(f"teacher service up: namespace={t.namespace!r} name_prefix={t.name_prefix!r} address={gcs}")
