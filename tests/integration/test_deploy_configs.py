@@ -179,7 +179,7 @@ def test_paper_config_is_the_paper_setup() -> None:
     assert (cfg.data.columns.instruction, cfg.data.columns.context, cfg.data.columns.response) == (
         "instruction", "context", "response")
     assert cfg.loss.method == "delta_kd" and cfg.loss.k == 64
-    assert (cfg.teachers.dtype, cfg.teachers.wire_dtype, cfg.training.bf16) == ("bfloat16", "bfloat16", "on")
+    assert (cfg.teachers.dtype, cfg.teachers.wire_dtype, cfg.training.bf16) == ("bfloat16", "float16", "on")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
