@@ -52,8 +52,10 @@ STATE_FILE = "state.json"
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
 
-# Keys that may differ between the run that wrote a checkpoint and the one resuming from it.
-RESUME_IGNORED_KEYS = ("training.max_steps", "output.dir", "evaluation.")
+# Keys that may differ between the run that wrote a checkpoint and the one resuming from it: the budget, where
+# outputs go, evaluation, and where the teachers run (their models, k, tau and wire are still compared).
+RESUME_IGNORED_KEYS = ("training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.",
+                       "teachers.namespace", "teachers.name_prefix", "teachers.attach")
 
 
 class CheckpointError(RuntimeError):

@@ -13,7 +13,9 @@ config, to the running service). The student base and the SFT teacher are evalua
 Outputs in D (default runs/experiment): `runs/<method>-seed<s>/` (each run's own outputs), `experiment.json`
 (rewritten after every run: every run's report, per-method aggregates, the hash of the shared config),
 `experiment.md`, `rouge_by_method.png`. A rerun reuses a finished run whose report.json exists and whose
-saved config hashes like the planned one (runtime-only keys aside: teacher names, output dir).
+saved config hashes like the planned one (runtime-only keys aside: teacher names, output dir); an unfinished
+run resumes from its newest checkpoint when that checkpoint's config matches (student_worker.checkpoint's
+RESUME_IGNORED_KEYS aside), else it is trained again from step 0.
 
 Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Diagnostics per run come from
 its metrics.jsonl; the size of the shift is measured by the experiment on a few training batches (see
@@ -113,6 +115,22 @@ def _reusable(run_dir: Path, key: str) -> dict[str, Any] | None:
     return report if "student_after" in report.get("rouge", {}) else None
 
 
+def _resumable(rc: RunConfig) -> Path | None:
+    """The newest complete checkpoint of an unfinished run made with this run's config, else None."""
+    from student_worker import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(rc.output_dir / "checkpoints") if rc.output_dir.is_dir() else None
+    if latest is None:
+        return None
+    try:
+        ckpt.check_resume_config(latest, rc.model_dump(mode="json"))
+        ckpt.verify_checkpoint(latest)
+    except ckpt.CheckpointError as exc:
+        print(f"{rc.output_dir}: not resumable ({exc})", flush=True)
+        return None
+    return latest
+
+
 def _git_sha() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
@@ -187,11 +205,14 @@ def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir
             reused = (m, s) in finished
             if not reused:
                 t0 = time.perf_counter()
-                if rc.output_dir.exists():  # unfinished or made with another config: start it afresh
+                resume = _resumable(rc)
+                if resume is not None:  # a run that stopped part-way (e.g. a lost teacher): continue it
+                    print(f"{rc.output_dir}: unfinished; resuming from {resume.name}", flush=True)
+                elif rc.output_dir.exists():  # no usable checkpoint, or another config: start it afresh
                     print(f"{rc.output_dir}: unfinished or from another config; training it again", flush=True)
                     shutil.rmtree(rc.output_dir)
                 try:
-                    report = run_training(rc, progress=progress)
+                    report = run_training(rc, resume=resume is not None, progress=progress)
                 except Exception as exc:
                     exp["status"] = f"failed: {m} seed {s}: {exc}"
                     raise ExperimentError(f"run {m} seed {s} ({rc.output_dir}) failed: {exc}") from exc

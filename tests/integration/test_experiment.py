@@ -97,7 +97,7 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
         ray_cluster, tmp_path, monkeypatch, capsys):
     """The second run (delta_kd) loses its base teacher for good in the middle of training: exit 3 naming the
     run, the first run's outputs and its experiment.json entry kept, no actor left; a rerun (new teachers)
-    reuses the first run and trains only the failed one."""
+    reuses the first run and resumes the failed one from the checkpoint its failure left."""
     import ray
 
     from student_worker.experiment import main
@@ -147,8 +147,10 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
         k: v for k, v in saved.items() if k != "paths"}  # the returned report's paths also name report.md etc.
     assert set(exp["aggregates"]) == {"sft"}
     assert not (out / "experiment.md").exists()  # written only when every run finished
-    done = len(_rows(failing / "metrics.jsonl"))
+    failed_rows = _rows(failing / "metrics.jsonl")
+    done = len(failed_rows)
     assert 1 <= done < steps and not (failing / "report.json").exists()
+    assert (failing / "checkpoints" / f"ckpt-{done:06d}").is_dir()  # the driver kept every completed step
     left = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
     assert left == [], f"actors of the failed experiment left running: {left}"
 
@@ -161,12 +163,17 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
     assert early["status"].startswith("failed: ExperimentError: the teacher pool (attach"), early["status"]
     assert [(r["method"], r["seed"], r["reused"]) for r in early["runs"]] == [("sft", 0, True)]
 
-    # The cause is gone (the rerun starts its own teachers): sft is reused untouched, delta_kd trained again.
+    # The cause is gone (the rerun starts its own teachers): sft is reused untouched, delta_kd resumes from
+    # the checkpoint its failure left.
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming from ckpt-{done:06d}" in printed, printed[:1500]
     again = json.loads((out / "experiment.json").read_text())
     assert again["status"] == "complete"
     assert [(r["method"], r["seed"], r["reused"]) for r in again["runs"]] == [("sft", 0, True), ("delta_kd", 0, False)]
     assert again["runs"][0]["report"] == saved and sft_report.stat().st_mtime_ns == sft_mtime
     assert again["runs"][1]["report"]["steps"] == steps
-    assert [r["step"] for r in _rows(failing / "metrics.jsonl")] == list(range(steps))  # from scratch, once each
+    rows = _rows(failing / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(steps))  # each step once
+    assert rows[:done] == failed_rows  # the steps before the failure were not trained again
     assert (out / "experiment.md").is_file()

@@ -101,12 +101,13 @@ def test_resume_config_check_lists_differing_keys(tmp_path):
     saved = config_from_dict(CFG).model_dump(mode="json")
     final = _write(tmp_path, 2, model, opt, sched, config=saved)
     allowed = config_from_dict(CFG, ["training.max_steps=7", "output.dir=elsewhere",
-                                     "evaluation.max_new_tokens=3"]).model_dump(mode="json")
-    ckpt.check_resume_config(final, allowed)  # may legitimately differ
-    other = config_from_dict(CFG, ["loss.alpha=0.5", "training.lr=0.1"]).model_dump(mode="json")
+                                     "evaluation.max_new_tokens=3", "teachers.namespace=svc2",
+                                     "teachers.name_prefix=t2", "teachers.attach=true"]).model_dump(mode="json")
+    ckpt.check_resume_config(final, allowed)  # may legitimately differ (budget, outputs, where teachers run)
+    other = config_from_dict(CFG, ["loss.alpha=0.5", "training.lr=0.1", "loss.k=8"]).model_dump(mode="json")
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.check_resume_config(final, other)
-    assert "loss.alpha" in str(err.value) and "training.lr" in str(err.value)
+    assert "loss.alpha" in str(err.value) and "training.lr" in str(err.value) and "loss.k" in str(err.value)
     assert "max_steps" not in str(err.value)
 
 
