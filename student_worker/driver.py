@@ -72,7 +72,6 @@ class Driver:
         self.world = cfg.training.num_workers
         self.rdt = cfg.transport.kind == "rdt" and cfg.loss.method != "sft"
         self.pool: Any = None
-        self._warmup: list[Any] = []  # refs of the teacher pool's warm-up batch (never read)
         self.workers: list[Any] = []
         self.rows: list[dict[str, Any]] = []
         self.rouge: dict[str, Any] = {}
@@ -156,7 +155,7 @@ class Driver:
         self.pool = TeacherPool.attach(self.cfg) if self.cfg.teachers.attach else TeacherPool.start(self.cfg)
         # Not waited for: the teachers' one-off first-call costs overlap with the workers' set-up, and any
         # remainder shows up as the first step's teacher wait. A real fault recurs on the first real batch.
-        self._warmup = self.pool.warm_up(assemble=not self.rdt)
+        self.pool.warm_up(assemble=not self.rdt)
 
     def _create_workers(self) -> None:
         """Create the actors (non-blocking: their processes start and import while teachers load)."""
@@ -376,7 +375,7 @@ class Driver:
         self._stop_workers()
         if self.pool is not None:
             self.pool.shutdown()  # kills only the actors it started (not attached ones)
-            self.pool, self._warmup = None, []
+            self.pool = None
 
     def _report(self, start_step: int, step: int, loop_s: float,
                 teacher_stats: dict[str, Any] | None) -> dict[str, Any]:

@@ -155,11 +155,14 @@ class TeacherPool:
     def _record(self, batch_id: Any, ids: np.ndarray, am: np.ndarray, lm: np.ndarray) -> ray.ObjectRef:
         ids_ref, am_ref = ray.put(ids), ray.put(am)  # one copy in the object store, shared by every role
         refs = self._chain(batch_id, ids_ref, am_ref)
-        meta = record_meta(batch_id, lm, self.cfg.loss.tau, self.vocab_size, self.fingerprint,
-                           self.cfg.teachers.wire_dtype)
+        meta = self._meta(batch_id, lm)
         if self._assembler is None:
             self._assembler = RecordAssembler.remote()
         return self._assembler.assemble.remote(meta, self.roles, refs)
+
+    def _meta(self, batch_id: Any, loss_mask: np.ndarray) -> dict[str, Any]:
+        return record_meta(batch_id, loss_mask, self.cfg.loss.tau, self.vocab_size, self.fingerprint,
+                           self.cfg.teachers.wire_dtype)
 
     def _chain(self, batch_id: Any, ids: Any, am: Any, tensor_transport: str | None = None) -> list[ray.ObjectRef]:
         """The role calls of one batch (routed; each counted in flight on its replica), in chain order."""
@@ -193,9 +196,7 @@ class TeacherPool:
         ids, am, lm = self._inputs(batch_id, input_ids, attention_mask, loss_mask)
         refs = self._chain(batch_id, ids, am, tensor_transport=self.rdt_backend())
         self.submitted += 1
-        meta = record_meta(batch_id, lm, self.cfg.loss.tau, self.vocab_size, self.fingerprint,
-                           self.cfg.teachers.wire_dtype)
-        return meta, list(self.roles), refs
+        return self._meta(batch_id, lm), list(self.roles), refs
 
     def rdt_backend(self) -> str:
         """transport.rdt_backend, with "auto" -> nccl when teachers have GPUs, else gloo."""

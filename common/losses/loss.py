@@ -16,11 +16,12 @@ Atoms of a teacher role: [lp at ids, log max(tail, 1e-30)] (bucket) or its k val
 renormalised over the atoms (wire rounding leaves them summing to 1 +- eps; a proper distribution keeps
 every KL >= 0). Teacher -inf log-probs become -1e4 (zero mass, finite arithmetic).
 
-Memory: the counted rows are processed `cfg.chunk_tokens` at a time in two fp32 `[chunk, V]` blocks that
-are allocated once per call (the chunk's logits, then its gradient; and a scratch block for the logsumexp
-and the CE softmax), so the working set is fixed whatever the number of chunks. The gradient with respect to the logits is formed analytically from
-the gradient of the small `[chunk, A]` atom tensor (autograd on the atoms only) and written straight into
-one buffer shaped like `student_logits` (its dtype); nothing of size `[chunk, V]` is kept for backward.
+Memory: the counted rows are processed `cfg.chunk_tokens` at a time in two fp32 `[chunk, V]` blocks,
+allocated once per call: one holds the chunk's logits and then their gradient, the other is scratch for the
+logsumexp and the CE softmax. The working set is fixed whatever the number of chunks. The gradient with
+respect to the logits is formed analytically from the gradient of the small `[chunk, A]` atom tensor
+(autograd on the atoms only) and written straight into one buffer shaped like `student_logits` (its dtype);
+nothing of size `[chunk, V]` is kept for backward.
 For the bucket atoms a_j = s_{id_j} - lse(s), a_tail = lse_off(s) - lse(s) with s = z / tau:
 
     dL/ds_v = sum_{j: id_j = v} g_j + g_tail * p_off(v) - G * p(v),   G = sum_j g_j + g_tail
