@@ -190,6 +190,9 @@ def id_bits(vocab_size: int) -> int:
 # Bit packing
 
 
+_WORD = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 3: np.dtype("<u4"), 4: np.dtype("<u4")}
+
+
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned codes (each < 2^bits, bits <= 32) -> uint8 [ceil(len * bits / 8)], LSB first."""
     if not 1 <= bits <= 32:
@@ -197,24 +200,31 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     flat = np.ascontiguousarray(codes).reshape(-1)
     if flat.size and (int(flat.min()) < 0 or int(flat.max()) >> bits):
         raise CodecError(f"codes in [{int(flat.min())}, {int(flat.max())}] do not fit in {bits} unsigned bits")
-    flat = flat.astype(np.uint32, copy=False)
-    planes = np.empty((flat.size, bits), dtype=np.uint8)  # one byte per bit: 1/4 of a uint32 per bit plane
-    for b in range(bits):
-        np.bitwise_and(flat >> np.uint32(b), np.uint32(1), out=planes[:, b], casting="unsafe")
-    return np.packbits(planes.reshape(-1), bitorder="little")
+    word = _WORD[(bits + 7) // 8]
+    # each code's little-endian bytes -> its bits (LSB first) -> keep the low `bits` -> one bit stream
+    planes = np.unpackbits(flat.astype(word).view(np.uint8).reshape(flat.size, word.itemsize), axis=1,
+                           bitorder="little")
+    return np.packbits(planes[:, :bits].reshape(-1), bitorder="little")
 
 
 def unpack_bits(buf: np.ndarray, bit_offsets: np.ndarray, bits: int) -> np.ndarray:
-    """The `bits`-wide unsigned field starting at each bit offset of `buf` (uint8). Returns uint32."""
-    width = (7 + bits + 7) // 8  # bytes that can hold a field starting at any bit of its first byte
-    padded = np.concatenate([np.asarray(buf, dtype=np.uint8).reshape(-1), np.zeros(width, dtype=np.uint8)])
+    """The `bits`-wide (<= 32) unsigned field starting at each bit offset of `buf` (uint8). Returns uint32.
+
+    Two 64-bit word gathers per field: the word holding its first bit and the next one.
+    """
+    raw = np.asarray(buf, dtype=np.uint8).reshape(-1)
     offsets = np.asarray(bit_offsets, dtype=np.int64)
-    start = offsets >> 3
-    word = np.zeros(offsets.shape, dtype=np.uint64)
-    for m in range(width):
-        word |= padded[start + m].astype(np.uint64) << np.uint64(8 * m)
-    word >>= (offsets & 7).astype(np.uint64)
-    return (word & np.uint64((1 << bits) - 1)).astype(np.uint32)
+    if bits == 8 and not (offsets & 7).any():  # byte-aligned: a plain gather
+        return raw[offsets >> 3].astype(np.uint32)
+    padded = np.zeros(((raw.size + 7) // 8 + 1) * 8, dtype=np.uint8)
+    padded[: raw.size] = raw
+    words = padded.view("<u8")
+    at = offsets >> 6
+    shift = (offsets & 63).astype(np.uint64)
+    low = words[at] >> shift
+    high = words[at + 1] << ((np.uint64(64) - shift) & np.uint64(63))
+    high[shift == 0] = 0  # a shift by 64 is not "all out" in numpy; the field lies in one word
+    return ((low | high) & np.uint64((1 << bits) - 1)).astype(np.uint32)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def test_pack_unpack_round_trip(bits):
     buf = pack_bits(codes, bits)
     assert buf.size == (301 * bits + 7) // 8
     got = unpack_bits(buf, np.arange(301) * bits, bits)
+    np.testing.assert_array_equal(unpack_bits(buf, np.array([7 * bits]), bits), codes[7:8])  # random access
     np.testing.assert_array_equal(got, codes)
 
 
