@@ -56,6 +56,8 @@ class ExampleRecord:
             if lp.shape != self.ids.shape or self.tail.get(role, np.empty(0)).shape != (n,):
                 raise CacheError(f"{where}, role {role!r}: logprobs {tuple(lp.shape)} / tail shapes do not match "
                                  f"ids {tuple(self.ids.shape)}")
+            if np.isnan(lp).any() or np.isposinf(lp).any() or not np.isfinite(self.tail[role]).all():
+                raise CacheError(f"{where}, role {role!r}: NaN or +inf teacher values")
         return self
 
 

@@ -224,6 +224,21 @@ def _groups(counts: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
     return out
 
 
+def _check_values(ids: np.ndarray, lps: dict[str, np.ndarray], tails: dict[str, np.ndarray], vocab_size: int,
+                  where: str) -> None:
+    """What the sha256 cannot vouch for (a shard written from bad teacher output): ids in range, log-probs
+    <= 0 and not NaN, tails in [0, 1]. The mass check of TopKRecord.validate is left to the receiver: a
+    lossy encoding moves the support's mass by up to a few percent (the loss renormalises the atoms)."""
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ShardError(f"{where}: support ids out of range [0, {vocab_size}): [{int(ids.min())}, {int(ids.max())}]")
+    for r, lp in lps.items():
+        if np.isnan(lp).any() or (lp.size and float(lp.max()) > 1e-3):
+            raise ShardError(f"{where}, role {r!r}: log-probs NaN or above 0")
+        t = tails[r]
+        if t.size and not (np.isfinite(t).all() and float(t.min()) >= -1e-3 and float(t.max()) <= 1 + 1e-3):
+            raise ShardError(f"{where}, role {r!r}: tail mass outside [0, 1]")
+
+
 def decode_table(table: pa.Table, layout: ShardLayout, roles: Sequence[str] | None = None,
                  where: str = "shard") -> DecodedShard:
     """Decode a shard table (all its examples in one vectorised call per component)."""
@@ -258,6 +273,7 @@ def decode_table(table: pa.Table, layout: ShardLayout, roles: Sequence[str] | No
     lps = {r: np.concatenate([p.logprobs[r] for p in parts]) if parts else np.zeros((0, layout.k), np.float32)
            for r in keep}
     tails = {r: np.concatenate([p.tail[r] for p in parts]) if parts else np.zeros(0, np.float32) for r in keep}
+    _check_values(ids, lps, tails, layout.vocab_size, where)
     return DecodedShard(int(examples[0]) if examples.size else 0, examples,
                         table.column("length").to_numpy(), np.concatenate([[0], np.cumsum(counts)]), t, ids,
                         lps, tails)

@@ -217,3 +217,22 @@ def test_cli_status_and_verify(tmp_path, examples, capsys):
     assert cli_main(["verify", "--cache", uri, "--json"]) == 1
     status = json.loads(capsys.readouterr().out)
     assert len(status["problems"]) == 1 and "shard-00004.parquet (examples 20..22)" in status["problems"][0]
+
+
+def test_bad_teacher_output_is_refused_at_write_and_at_read(tmp_path, examples, monkeypatch):
+    """NaN teacher values never enter a shard; and as the checksum vouches only for the bytes, a shard that
+    holds them anyway (written by another tool) is refused when read."""
+    import dataclasses
+
+    from teacher_service.cache import ExampleRecord
+
+    bad = list(examples)
+    lp = dict(bad[6].logprobs, base=bad[6].logprobs["base"].copy())
+    lp["base"][0, 0] = np.nan
+    bad[6] = dataclasses.replace(bad[6], logprobs=lp)
+    with pytest.raises(CacheError, match="example 6, role 'base': NaN or"):
+        build(tmp_path / "c", bad)
+    monkeypatch.setattr(ExampleRecord, "check", lambda self: self)  # a writer without the check
+    build(tmp_path / "c", bad).finalize()  # fp32 stores NaN as it is
+    with pytest.raises(ShardError, match=r"shard-00001.parquet \(examples 5..9\), role 'base': log-probs NaN"):
+        CacheReader(str(tmp_path / "c")).examples([6])
