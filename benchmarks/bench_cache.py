@@ -84,6 +84,12 @@ def accuracy(vocab: int, tokens: int, seeds: int, base_noise: float | None = Non
         z0 = torch.randn(1, tokens, vocab, generator=g) * 4
         labels = torch.randint(0, vocab, (1, tokens), generator=g)
         rec = TopKRecord.from_dense(seed, dense, K, wire_dtype="float32")
+        for name in ENCODINGS:  # how far decoding moves each role's mass (support + tail)
+            dec = encode_record(rec, name, ["sft", "base", "student_base"])
+            drift = max(float(np.abs(np.exp(dec.logprobs[r].astype(np.float64)).sum(-1)
+                                     - np.exp(rec.logprobs[r].astype(np.float64)).sum(-1)).max())
+                        for r in ("sft", "base", "student_base"))
+            errs.setdefault(("mass_drift", name), []).append((drift, drift))
         for case, (method, roles) in cases.items():
             cfg = LossConfig(method=method, k=K)
 
@@ -99,7 +105,9 @@ def accuracy(vocab: int, tokens: int, seeds: int, base_noise: float | None = Non
                 errs.setdefault((case, name), []).append(
                     (abs(loss - ref_loss) / abs(ref_loss), float((grad - ref_grad).norm() / ref_grad.norm())))
     return [{"case": case, "encoding": name, "loss_rel_err": max(e[0] for e in v),
-             "grad_rel_err": max(e[1] for e in v)} for (case, name), v in errs.items()]
+             "grad_rel_err": max(e[1] for e in v)} if case != "mass_drift" else
+            {"case": case, "encoding": name, "max_abs_mass_change": max(e[0] for e in v)}
+            for (case, name), v in errs.items()]
 
 
 def size_table() -> list[dict[str, Any]]:
@@ -251,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["case"], r["encoding"]): r for r in acc}
     by_corr = {(r["case"], r["encoding"]): r for r in acc_corr}
     print_table(["encoding", "storage", "B/tok 2 roles", "1 in", "B/tok +S0", "kd grad err", "dkd grad err",
-                 "dkd(S0 cached)", "dkd corr. pair"],
+                 "dkd(S0 cached)", "dkd corr. pair", "max mass drift"],
                 [[s["encoding"], ", ".join(f"{r}:{v}" for r, v in s["storage"].items()), s["bytes_per_token_2roles"],
                   s["one_in_2roles"], s["bytes_per_token_3roles"], by[("kd", s["encoding"])]["grad_rel_err"],
                   by[("delta_kd", s["encoding"])]["grad_rel_err"],
                   by[("delta_kd_s0_cached", s["encoding"])]["grad_rel_err"],
-                  by_corr[("delta_kd", s["encoding"])]["grad_rel_err"]] for s in sizes],
+                  by_corr[("delta_kd", s["encoding"])]["grad_rel_err"],
+                  by[("mass_drift", s["encoding"])]["max_abs_mass_change"]] for s in sizes],
                 title=f"encodings at k={K}, V={QWEN2_VOCAB} (dense bf16 row {DENSE_BF16} B); gradient error vs fp32 "
                       f"(V={vocab}, {tokens} tokens, max over {seeds} seeds)")
 
