@@ -394,16 +394,24 @@ def encode_rows(ids: np.ndarray, logprobs: Mapping[str, np.ndarray], tail: Mappi
 
 
 def decode_rows(blobs: Mapping[str, Segments | np.ndarray | bytes], counts: np.ndarray | int, k: int,
-                roles: Iterable[str], vocab_size: int, encoding: Encoding | str) -> DecodedRows:
+                roles: Iterable[str], vocab_size: int, encoding: Encoding | str,
+                select: Iterable[str] | None = None) -> DecodedRows:
     """Inverse of `encode_rows` over one or many segments (rows of all segments, concatenated in order).
 
-    blobs: component -> Segments (or one buffer for a single segment); counts: rows per segment.
+    blobs: component -> Segments (or one buffer for a single segment); counts: rows per segment;
+    roles: every role that was encoded (the storage layout depends on it); select: the roles to decode
+    (default all). A shift role needs its reference's components too; only selected roles are returned.
     """
     enc = get_encoding(encoding) if isinstance(encoding, str) else encoding
     cnt = np.atleast_1d(np.asarray(counts, dtype=np.int64))
     segs = {name: b if isinstance(b, Segments) else Segments.single(b) for name, b in blobs.items()}
-    role_list = list(roles)
-    for name in ["ids", *(f"{p}.{r}" for r in role_list for p in ("lp", "tail"))]:
+    layout = enc.layout(roles)
+    wanted = list(layout) if select is None else list(select)
+    unknown = [r for r in wanted if r not in layout]
+    if unknown:
+        raise CodecError(f"roles {unknown} were not encoded (encoded roles: {sorted(layout)})")
+    todo = set(wanted) | {ref for r in wanted if (ref := layout[r][1]) is not None}
+    for name in ["ids", *(f"{p}.{r}" for r in sorted(todo) for p in ("lp", "tail"))]:
         if name not in segs:
             raise CodecError(f"component {name!r} missing; have {sorted(segs)}")
     bits = id_bits(vocab_size)
@@ -412,7 +420,9 @@ def decode_rows(blobs: Mapping[str, Segments | np.ndarray | bytes], counts: np.n
     ids = _packed(ids_seg, cnt, k, bits, head=0).astype(np.int32)
     logprobs: dict[str, np.ndarray] = {}
     tails: dict[str, np.ndarray] = {}
-    for role, (codec, ref) in enc.layout(role_list).items():
+    for role, (codec, ref) in layout.items():  # references come first
+        if role not in todo:
+            continue
         vals = _decode_values(segs[f"lp.{role}"], cnt, k, codec, f"component 'lp.{role}'")
         if ref is not None:
             vals = np.where(np.isfinite(logprobs[ref]), logprobs[ref] + vals, -np.inf).astype(np.float32)
@@ -422,4 +432,4 @@ def decode_rows(blobs: Mapping[str, Segments | np.ndarray | bytes], counts: np.n
         tseg = segs[f"tail.{role}"]
         _check_sizes(tseg, cnt, 4 * cnt, f"component 'tail.{role}'")
         tails[role] = _raw_rows(tseg, np.float32, 1).reshape(-1)
-    return DecodedRows(ids, logprobs, tails)
+    return DecodedRows(ids, {r: logprobs[r] for r in wanted}, {r: tails[r] for r in wanted})

@@ -51,9 +51,9 @@ class CacheReader:
         self.where = self.loc.display()
         self.manifest = load_manifest(self.loc)
         self.roles = list(roles) if roles is not None else list(self.manifest.head.role_names)
-        check_roles(self.manifest, self.where, self.roles, roles_why)
         if run_valid_for is not None or run_roles is not None:
             check_run(self.manifest, self.where, run_valid_for or {}, run_roles or {})
+        check_roles(self.manifest, self.where, self.roles, roles_why)
         missing = [s.spec().where(self.loc) for s in self.manifest.shards if self.loc.size(s.path) is None]
         if missing:
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""

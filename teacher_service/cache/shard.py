@@ -253,20 +253,20 @@ def decode_table(table: pa.Table, layout: ShardLayout, roles: Sequence[str] | No
         raise ShardError(f"{where}: positions cover {int(run_len.sum())} rows, num_rows says {int(counts.sum())}")
     first = np.cumsum(run_len) - run_len
     t = (np.repeat(run_start - first, run_len) + np.arange(int(run_len.sum()))).astype(np.int32)
-    # decode reads only the roles asked for; a shift role needs its reference decoded too
+    # decode reads only the roles asked for, and the references of those stored as a shift
     enc = get_encoding(layout.encoding)
-    needed = list(keep)
-    for r in keep:
-        ref = enc.layout(layout.roles)[r][1]
-        if ref is not None and ref not in needed:
-            needed.append(ref)
-    comps = ["ids", *(f"{p}.{r}" for r in needed for p in ("lp", "tail"))]
+    stored = enc.layout(layout.roles)
+    unknown = [r for r in keep if r not in stored]
+    if unknown:
+        raise ShardError(f"{where}: roles {unknown} not stored (roles: {list(layout.roles)})")
+    needed = set(keep) | {stored[r][1] for r in keep if stored[r][1] is not None}
+    comps = ["ids", *(f"{p}.{r}" for r in sorted(needed) for p in ("lp", "tail"))]
     blobs = {c: _segments(table.column(c)) for c in comps}
     parts = []
     for a, b in _groups(counts, _DECODE_ROWS):  # bounded temporaries: ~ rows * K * 8 bytes per array
         sub = {c: Segments(seg.data, seg.offsets[a: b + 1]) for c, seg in blobs.items()}
         try:
-            parts.append(decode_rows(sub, counts[a:b], layout.k, needed, layout.vocab_size, enc))
+            parts.append(decode_rows(sub, counts[a:b], layout.k, layout.roles, layout.vocab_size, enc, select=keep))
         except CodecError as exc:
             raise ShardError(f"{where}: {exc}") from None
     ids = np.concatenate([p.ids for p in parts]) if parts else np.zeros((0, layout.k), np.int32)

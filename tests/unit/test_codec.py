@@ -119,6 +119,20 @@ def test_shift_form_keeps_the_pair_delta_at_the_shift_precision():
     assert err8.mean() > 3 * err.mean()
 
 
+def test_decoding_a_subset_of_roles_uses_the_stored_layout():
+    """base alone decodes through its stored shift (its reference's buffers are needed, not returned)."""
+    ids, lp, tail = payload(n=6, k=5, seed=4)
+    blobs = encode_rows(ids, lp, tail, 1000, "q8d10")
+    full = decode_rows(blobs, 6, 5, list(lp), 1000, "q8d10")
+    only = decode_rows(blobs, 6, 5, list(lp), 1000, "q8d10", select=["base"])
+    assert list(only.logprobs) == ["base"] and only.logprobs["base"].tobytes() == full.logprobs["base"].tobytes()
+    with pytest.raises(CodecError, match="component 'lp.sft' missing"):
+        decode_rows({c: b for c, b in blobs.items() if not c.endswith(".sft")}, 6, 5, list(lp), 1000, "q8d10",
+                    select=["base"])
+    with pytest.raises(CodecError, match=r"roles \['sft_1'\] were not encoded"):
+        decode_rows(blobs, 6, 5, list(lp), 1000, "q8d10", select=["sft_1"])
+
+
 def test_uq_minus_inf_and_far_values_decode_as_minus_inf():
     ids, lp, tail = payload(n=3, k=6, roles=("sft", "base"))
     lp["sft"][0, 5] = -np.inf
