@@ -15,7 +15,7 @@ The compact encoding is `common.codec`.
 
 from .errors import CacheError, CacheIncompleteError, CacheMismatchError, CacheRoleError, ShardError
 from .manifest import BuildHead, Manifest, load_manifest
-from .reader import CacheReader, check_roles
+from .reader import CacheReader, check_roles, open_for_run
 from .records import ExampleRecord, RowsRecord, assemble_batch, split_batch
 from .shard import ShardInfo, ShardLayout, ShardSpec, write_shard
 from .writer import CacheWriter
@@ -31,6 +31,7 @@ __all__ = [
     "load_manifest",
     "CacheReader",
     "check_roles",
+    "open_for_run",
     "ExampleRecord",
     "RowsRecord",
     "assemble_batch",

@@ -28,7 +28,7 @@ from .manifest import Manifest, check_run, load_manifest
 from .records import ExampleRecord, assemble_batch
 from .shard import DecodedShard, ShardInfo, read_shard
 
-__all__ = ["CacheReader", "check_roles"]
+__all__ = ["CacheReader", "check_roles", "open_for_run"]
 
 
 def check_roles(manifest: Manifest, where: str, roles: Sequence[str], why: str = "") -> None:
@@ -151,3 +151,20 @@ class CacheReader:
             except ShardError as exc:
                 bad.append(str(exc))
         return bad
+
+
+def open_for_run(uri: str, cfg: Any, *, tokenizer_fingerprint: str, vocab_size: int, examples_sha256: str,
+                 num_examples: int, student_base_from_cache: bool = False, encoding: str | None = None,
+                 max_shards_in_memory: int = 2) -> CacheReader:
+    """A CacheReader checked against a run config (`common.config.RunConfig`): its settings and models
+    (identity.run_valid_for / run_roles) and the roles its loss method reads from a cache
+    (identity.cache_roles_needed; student_base only when lp_S0 is to come from the cache)."""
+    from .identity import cache_roles_needed, run_roles, run_valid_for
+
+    roles = cache_roles_needed(cfg, student_base_from_cache)
+    why = f"loss.method {cfg.loss.method}" + (", lp_S0 from the cache" if student_base_from_cache else "")
+    return CacheReader(uri, run_valid_for=run_valid_for(cfg, tokenizer_fingerprint=tokenizer_fingerprint,
+                                                        vocab_size=vocab_size, examples_sha256=examples_sha256,
+                                                        num_examples=num_examples, encoding=encoding),
+                       run_roles=run_roles(cfg, roles), roles=roles, roles_why=why,
+                       max_shards_in_memory=max_shards_in_memory)

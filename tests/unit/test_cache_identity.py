@@ -10,7 +10,15 @@ import pytest
 from safetensors.numpy import save_file
 
 from common.config import config_from_dict
-from teacher_service.cache import BuildHead, CacheError, CacheMismatchError, CacheReader, CacheWriter
+from teacher_service.cache import (
+    BuildHead,
+    CacheError,
+    CacheMismatchError,
+    CacheReader,
+    CacheRoleError,
+    CacheWriter,
+    open_for_run,
+)
 from teacher_service.cache.identity import (
     cache_roles_needed,
     examples_fingerprint,
@@ -94,8 +102,14 @@ def test_a_cache_built_for_one_run_refuses_another(tmp_path):
         w.write(spec, exs[spec.start: spec.end])
     w.finalize()
     # the same run: accepted, whatever encoding it would take (encoding=None)
-    same = run_valid_for(cfg, tokenizer_fingerprint="tok", vocab_size=40, examples_sha256=data_fp, num_examples=8)
-    CacheReader(str(tmp_path / "cache"), run_valid_for=same, run_roles=roles, roles=cache_roles_needed(cfg))
+    facts = {"tokenizer_fingerprint": "tok", "vocab_size": 40, "examples_sha256": data_fp, "num_examples": 8}
+    reader = open_for_run(str(tmp_path / "cache"), cfg, **facts)
+    assert reader.roles == ["sft", "base"]
+    with pytest.raises(CacheMismatchError, match="encoding: cache 'fp32', run 'q8d10'"):
+        open_for_run(str(tmp_path / "cache"), cfg, encoding="q8d10", **facts)
+    # lp_S0 from the cache: this cache has no student_base role
+    with pytest.raises(CacheRoleError, match=r"lacks role\(s\) \['student_base'\].*lp_S0 from the cache"):
+        open_for_run(str(tmp_path / "cache"), cfg, student_base_from_cache=True, **facts)
     # another run: tau, prompt template and the SFT teacher's weights differ
     other = cfg.model_copy(update={
         "loss": cfg.loss.model_copy(update={"tau": 2.0}),
