@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from common.bitpack import BitPackError
 from common.codec import (
     ENCODINGS,
     SPAN_CAP,
@@ -48,7 +49,7 @@ def test_pack_unpack_round_trip(bits):
 
 
 def test_pack_refuses_codes_that_do_not_fit():
-    with pytest.raises(CodecError, match="do not fit in 4"):
+    with pytest.raises(BitPackError, match="do not fit in 4"):
         pack_bits(np.array([16]), 4)
 
 
