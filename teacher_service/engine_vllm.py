@@ -59,14 +59,21 @@ def as_numpy_rows(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.int64)
 
 
-def prompt_logprobs_block(plp: Any, actual: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """One request's prompt log-probs -> (ids int64 [P, 1 + width], logprobs fp32 [P, 1 + width]).
+def prompt_logprobs_block(plp: Any, actual: np.ndarray, width: int, start: int = 0
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """One request's prompt log-probs -> (ids int64 [P - start, 1 + width], logprobs fp32 [P - start, 1 + width]).
 
     plp: `RequestOutput.prompt_logprobs` (FlatLogprobs or a list whose entry 0 is None), P + 1 entries for
     a prompt of P + 1 tokens. actual: [P] the prompt tokens 1..P (the token each position scored).
+    start: the first of our positions to convert (the counted positions of a batch, responses, sit at
+    the end of each sequence: converting only from the first one halves the work there).
     Column 0 is the actual token, columns 1..width the ids of rank 1..width. Raises ValueError naming
     the position when an entry is missing or short.
     """
+    return _block_from(plp, actual, width, start)
+
+
+def _block_from(plp: Any, actual: np.ndarray, width: int, start: int) -> tuple[np.ndarray, np.ndarray]:
     n_pos = len(actual)
     if hasattr(plp, "start_indices") and hasattr(plp, "token_ids"):  # FlatLogprobs: flat lists
         starts = np.asarray(plp.start_indices[1:], dtype=np.int64)
@@ -78,26 +85,27 @@ def prompt_logprobs_block(plp: Any, actual: np.ndarray, width: int) -> tuple[np.
             p = int(short[0])
             raise ValueError(f"position {p}: {int(ends[p] - starts[p])} entries, expected {width + 1} (the actual "
                              f"token + top-{width}); raise max_logprobs to >= {width}")
-        first = int(starts[0]) if n_pos else 0
-        total = n_pos * (width + 1)
+        m = n_pos - start
+        first = int(starts[start]) if m > 0 else 0
+        total = m * (width + 1)
+        if m > 0 and int(ends[-1]) - first != total:  # non-contiguous positions: should not happen
+            raise ValueError("FlatLogprobs positions are not contiguous")
         ids = np.fromiter(plp.token_ids[first:first + total], dtype=np.int64, count=total)
         lps = np.fromiter(plp.logprobs[first:first + total], dtype=np.float32, count=total)
-        if n_pos and int(ends[-1]) - first != total:  # non-contiguous positions: should not happen
-            raise ValueError("FlatLogprobs positions are not contiguous")
-        return ids.reshape(n_pos, width + 1), lps.reshape(n_pos, width + 1)
-    return _dict_block(plp, actual, width)
+        return ids.reshape(m, width + 1), lps.reshape(m, width + 1)
+    return _dict_block(plp, actual, width, start)
 
 
-def _dict_block(plp: Sequence[Mapping[int, Any] | None], actual: np.ndarray, width: int
+def _dict_block(plp: Sequence[Mapping[int, Any] | None], actual: np.ndarray, width: int, start: int = 0
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Fallback for the list-of-dicts form: each dict holds the top-width ids (rank 1..width) and the
     actual token (an extra entry when it is outside the top-width)."""
     n_pos = len(actual)
     if len(plp) != n_pos + 1:
         raise ValueError(f"{len(plp) - 1} prompt positions with log-probs, expected {n_pos}")
-    ids = np.empty((n_pos, width + 1), dtype=np.int64)
-    lps = np.empty((n_pos, width + 1), dtype=np.float32)
-    for p in range(n_pos):
+    ids = np.empty((n_pos - start, width + 1), dtype=np.int64)
+    lps = np.empty((n_pos - start, width + 1), dtype=np.float32)
+    for p in range(start, n_pos):
         entry = plp[p + 1]
         if entry is None:
             raise ValueError(f"position {p}: no log-probs")
@@ -108,9 +116,9 @@ def _dict_block(plp: Sequence[Mapping[int, Any] | None], actual: np.ndarray, wid
         a = int(actual[p])
         if a not in entry:
             raise ValueError(f"position {p}: the actual token {a} is missing")
-        ids[p, 0], lps[p, 0] = a, float(entry[a].logprob)
-        ids[p, 1:] = [t for _, t, _ in top[:width]]
-        lps[p, 1:] = [lp for _, _, lp in top[:width]]
+        ids[p - start, 0], lps[p - start, 0] = a, float(entry[a].logprob)
+        ids[p - start, 1:] = [t for _, t, _ in top[:width]]
+        lps[p - start, 1:] = [lp for _, _, lp in top[:width]]
     return ids, lps
 
 
@@ -128,8 +136,10 @@ def _locate_rows(rows: np.ndarray, lengths: np.ndarray, seq_len: int) -> tuple[n
 
 
 def rows_topk(blocks: list[tuple[np.ndarray, np.ndarray]], rows: np.ndarray, lengths: np.ndarray, seq_len: int,
-              k: int, include: bool, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-request blocks (prompt_logprobs_block, width >= k, + 1 with include) -> the rows' support.
+              k: int, include: bool, vocab_size: int, starts: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-request blocks (prompt_logprobs_block, width >= k, + 1 with include; request i's block begins
+    at position starts[i], default 0) -> the rows' support.
 
     returns ids int32 [N, K], logprobs fp32 [N, K], tail fp32 [N] = 1 - sum_K p, K = k (+ 1 with include:
     the top-k, then the actual next token if it is not among them, else the (k+1)-th best id).
@@ -138,7 +148,7 @@ def rows_topk(blocks: list[tuple[np.ndarray, np.ndarray]], rows: np.ndarray, len
     offsets = np.concatenate([[0], np.cumsum([len(blk[0]) for blk in blocks])])
     all_ids = np.concatenate([blk[0] for blk in blocks]) if blocks else np.empty((0, k + 2), np.int64)
     all_lps = np.concatenate([blk[1] for blk in blocks]) if blocks else np.empty((0, k + 2), np.float32)
-    sel = offsets[b] + t
+    sel = offsets[b] + t - (0 if starts is None else np.asarray(starts, dtype=np.int64)[b])
     ids_sel, lps_sel = all_ids[sel], all_lps[sel]
     ids, lps = ids_sel[:, 1:k + 1], lps_sel[:, 1:k + 1]
     if include:
@@ -256,10 +266,13 @@ class VLLMEngine:
                 raise ValueError(f"vLLM model {self.name}, batch {batch_id}: include must be the next input token "
                                  "of each row (the label): vLLM scores only the actual prompt token beyond its top-k")
         outs = self._generate(ids_np, lengths, prompt_logprobs=width)
+        first = np.full(len(lengths), seq_len, dtype=np.int64)  # each request's first counted position
+        np.minimum.at(first, rows_np // seq_len, rows_np % seq_len)
+        starts = np.minimum(first, np.maximum(lengths - 1, 0))
         try:
-            blocks = [prompt_logprobs_block(o.prompt_logprobs, ids_np[i, 1:lengths[i]], width)
+            blocks = [prompt_logprobs_block(o.prompt_logprobs, ids_np[i, 1:lengths[i]], width, int(starts[i]))
                       for i, o in enumerate(outs)]
-            res = rows_topk(blocks, rows_np, lengths, seq_len, k, include is not None, self.vocab_size)
+            res = rows_topk(blocks, rows_np, lengths, seq_len, k, include is not None, self.vocab_size, starts)
         except ValueError as err:
             raise ValueError(f"vLLM model {self.name}, batch {batch_id}: {err}") from err
         return tuple(torch.from_numpy(a).to(self.device) for a in res)  # type: ignore[return-value]

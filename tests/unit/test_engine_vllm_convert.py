@@ -76,14 +76,19 @@ def _case(seed: int = 0, b: int = 3, t: int = 9, v: int = 40):
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "dicts"])
 @pytest.mark.parametrize("include", [False, True], ids=["topk", "include-label"])
-def test_rows_topk_equals_dense_reference(flat: bool, include: bool) -> None:
+@pytest.mark.parametrize("from_first_row", [False, True], ids=["all-positions", "from-first-counted"])
+def test_rows_topk_equals_dense_reference(flat: bool, include: bool, from_first_row: bool) -> None:
     input_ids, lengths, dense, rows = _case()
     b_, t_ = input_ids.shape
     v, k = dense.shape[-1], 5
     width = k + 1 if include else k
+    starts = np.zeros(b_, dtype=np.int64)
+    if from_first_row:  # what the engine does: convert each request from its first counted position on
+        starts = np.array([min(r % t_ for r in rows if r // t_ == i) for i in range(b_)])
+        assert starts.max() > 0
     blocks = [prompt_logprobs_block(_vllm_prompt_logprobs(dense[i], input_ids[i, : lengths[i]], width, flat),
-                                    input_ids[i, 1: lengths[i]], width) for i in range(b_)]
-    ids, lps, tail = rows_topk(blocks, rows, lengths, t_, k, include, v)
+                                    input_ids[i, 1: lengths[i]], width, int(starts[i])) for i in range(b_)]
+    ids, lps, tail = rows_topk(blocks, rows, lengths, t_, k, include, v, starts)
     assert ids.dtype == np.int32 and lps.dtype == np.float32 and tail.dtype == np.float32
     assert ids.shape == (len(rows), width) and tail.shape == (len(rows),)
     bb, tt = np.divmod(rows, t_)
