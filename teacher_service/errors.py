@@ -11,7 +11,7 @@ from typing import Any
 from common.topk import RecordError
 
 __all__ = ["TeacherError", "TeacherUnavailableError", "TokenizerMismatchError", "TokenizerSpecialTokensWarning",
-           "TeacherOutputError", "TeacherRecordError"]
+           "TeacherOutputError", "TeacherRecordError", "RayConnectionError"]
 
 
 class TeacherError(RuntimeError):
@@ -76,3 +76,7 @@ class TeacherRecordError(RecordError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (TeacherRecordError, (self.batch_id, self.role, self.what))
+
+
+class RayConnectionError(TeacherError):
+    """Could not connect to the Ray cluster; the message says what to set (auth env vars, the address)."""
