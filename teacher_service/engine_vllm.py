@@ -53,7 +53,7 @@ def sampling_params_fields(sampling_params_cls: Any) -> set[str]:
 
 
 def as_numpy_rows(x: Any) -> np.ndarray:
-    """[N] int64 numpy from a numpy array or torch tensor (any device)."""
+    """int64 numpy of the same shape from a numpy array or torch tensor (any device)."""
     if isinstance(x, torch.Tensor):
         return x.detach().to("cpu", torch.int64).numpy()
     return np.asarray(x, dtype=np.int64)
@@ -333,8 +333,7 @@ class VLLMEngine:
         return out
 
     def _inputs(self, input_ids: Any, attention_mask: Any, rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        ids_np = as_numpy_rows(input_ids).reshape(np.shape(input_ids)) if not isinstance(input_ids, torch.Tensor) \
-            else input_ids.detach().to("cpu", torch.int64).numpy()
+        ids_np = as_numpy_rows(input_ids)  # [B, T] int64 on the host: vLLM takes token lists
         mask = as_numpy_rows(attention_mask).reshape(ids_np.shape)
         if ids_np.ndim != 2:
             raise ValueError(f"{self.name}: input_ids must be [B, T], got shape {ids_np.shape}")
