@@ -161,8 +161,16 @@ class TeachersConfig(_Strict):
     max_task_retries: int = Field(default=3, ge=-1)
     max_inflight_per_replica: int = Field(default=4, gt=0)
     chunk_tokens: int = Field(default=1024, gt=0)
-    vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    # vLLM engine (teachers.engine: vllm). Prompt log-probs are formed over the whole vocabulary for every
+    # scheduled prompt token, in memory vLLM's start-up profiler does not count (~2 x tokens x V x 4 bytes:
+    # 2.5 GB for 2048 tokens at V = 151,646). So the utilisation leaves that room (0.75 of a 24 GB GPU:
+    # 15.2 GB of 7B bf16 weights + ~1 GB activations + KV cache, 57 KB a token for Qwen2-7B) and
+    # max_num_batched_tokens caps the tokens per scheduler step (chunked prefill), hence that buffer.
+    vllm_gpu_memory_utilization: float = Field(default=0.75, gt=0, le=1)
+    vllm_max_num_batched_tokens: int | None = Field(default=2048, gt=0)
     vllm_max_model_len: int | None = None
+    # vLLM's cap on log-probs per position (its LLM(max_logprobs=...)); None: loss.k + 1 (top-k + the label).
+    vllm_max_logprobs: int | None = Field(default=None, gt=0)
 
 
 class TransportConfig(_Strict):
@@ -188,6 +196,9 @@ class TrainingConfig(_Strict):
     checkpoint_every: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast on GPU when auto
+    # DDP gradient all-reduce: "bf16" sends gradients as bfloat16 (half the bytes; torch's
+    # bf16_compress_hook, registered in student_worker/distributed.py:wrap_ddp), "none" as they are.
+    grad_compression: Literal["none", "bf16"] = "none"
     log_every: int = Field(default=1, gt=0)
 
     @model_validator(mode="after")
@@ -264,6 +275,21 @@ class RunConfig(_Strict):
     @property
     def output_dir(self) -> Path:
         return Path(self.output.dir.format(run_name=self.run_name))
+
+    @model_validator(mode="after")
+    def _vllm_limits(self) -> RunConfig:
+        """vLLM's limits, checked when the config loads rather than on the first batch."""
+        t = self.teachers
+        if t.engine != "vllm":
+            return self
+        if self.loss.tau != 1.0:
+            raise ValueError(f"loss.tau={self.loss.tau} with teachers.engine=vllm: vLLM's prompt log-probs are at "
+                             "temperature 1 and their normaliser at another tau is not recoverable from the top-k; "
+                             "use loss.tau=1 or teachers.engine=hf")
+        if t.vllm_max_logprobs is not None and self.loss.k > t.vllm_max_logprobs:
+            raise ValueError(f"loss.k={self.loss.k} exceeds teachers.vllm_max_logprobs={t.vllm_max_logprobs} "
+                             "(vLLM returns at most that many log-probs per position); raise it or lower loss.k")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedError", "free_port", "node_ip", "make_process_group", "wrap_ddp"]
+__all__ = ["DistributedError", "free_port", "node_ip", "make_process_group", "wrap_ddp", "bf16_allreduce_hook"]
 
 
 class DistributedError(RuntimeError):
@@ -73,7 +73,40 @@ def make_process_group(
     return group
 
 
-def wrap_ddp(model: torch.nn.Module, group: dist.ProcessGroup, device: torch.device) -> torch.nn.Module:
-    """DDP over `group`: broadcasts rank 0's weights at construction, averages gradients on backward."""
+def bf16_allreduce_hook(group, bucket):  # type: ignore[no-untyped-def]
+    """(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]. The
+    annotations live here because DDP inspects real ones and this module's are strings (__future__).
+
+    DDP communication hook: all-reduce a gradient bucket as bfloat16, averaged, cast back in place.
+
+    The same steps as torch's `bf16_compress_hook` (cast, divide by the world size, all-reduce, copy
+    back), written here because DDP refuses torch's hook off NCCL/CUDA, and the GPU path should run the
+    lines the CPU tests run. It calls the group's own `allreduce`, never the default group (Ray's RDT owns it).
+    """
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(group.size())
+    fut = group.allreduce([compressed]).get_future()
+
+    def decompress(f):  # type: ignore[no-untyped-def]
+        buffer.copy_(f.value()[0])
+        return buffer
+
+    return fut.then(decompress)
+
+
+def wrap_ddp(model: torch.nn.Module, group: dist.ProcessGroup, device: torch.device,
+             grad_compression: str = "none") -> torch.nn.Module:
+    """DDP over `group`: broadcasts rank 0's weights at construction, averages gradients on backward.
+
+    grad_compression "bf16" registers `bf16_allreduce_hook`: each gradient bucket travels as bfloat16,
+    halving the all-reduce's bytes for fp32 gradients (~1 GB instead of ~2 GB a step for Qwen2-0.5B's
+    494M parameters); each gradient element is rounded to bf16 (8 bits of mantissa) before the sum.
+    "none": DDP's own fp32 all-reduce.
+    """
     device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=group)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=group)
+    if grad_compression == "bf16":
+        ddp.register_comm_hook(group, bf16_allreduce_hook)
+    elif grad_compression != "none":
+        raise DistributedError(f"training.grad_compression={grad_compression!r}: expected 'none' or 'bf16'")
+    return ddp

@@ -3,7 +3,8 @@
 Without --config it runs the embedded default, deploy/configs/tiny.yaml (tiny models built on the spot).
 Exit codes: 0 done, 2 bad input, nothing written (config / arguments / unwritable output dir / data rows /
 tokenizers / k / a checkpoint that does not match or is refused / an output dir holding a previous run
-without --resume), also 2 when a student worker cannot see output.dir (checked before any model loads;
+without --resume), also 2 when the Ray cluster cannot be reached (the message says what to set: RAY_AUTH_MODE,
+the token, the address) or a student worker cannot see output.dir (checked before any model loads;
 only config.yaml and an empty metrics.jsonl exist then, and the same command may be rerun), 3 the run
 failed (e.g. a teacher stayed unavailable: a checkpoint of the completed steps is written first). Every
 error goes to stderr as one `error: ...` message naming the culprit.
@@ -53,14 +54,9 @@ def init_ray(address: str | None) -> None:
     Not address="auto": that also probes any GCS process found on the host (another user's cluster on a
     shared machine) and fails there instead of starting a local one.
     """
-    import ray
+    from teacher_service.ray_connect import connect_ray  # auth/connection failures -> RayConnectionError
 
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init()
+    connect_ray(address or None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    init_ray(args.address)
+    from teacher_service.errors import RayConnectionError
+
+    try:
+        init_ray(args.address)
+    except RayConnectionError as exc:  # no model loaded, nothing but config checks done: like bad input
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         report = driver.run()
     except CheckpointError as exc:

@@ -105,7 +105,7 @@ class StudentWorkerImpl:
             ).to(self.device).eval()
             self.base_model.requires_grad_(False)
         self.group = make_process_group(init_method, self.rank, self.world_size, "nccl" if use_cuda else "gloo")
-        self.ddp = wrap_ddp(self.model, self.group, self.device)
+        self.ddp = wrap_ddp(self.model, self.group, self.device, cfg.training.grad_compression)
         t = cfg.training
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

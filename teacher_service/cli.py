@@ -13,9 +13,11 @@ from typing import Any
 
 import ray
 
-from common.config import RunConfig, load_config
+from common.config import ConfigError, RunConfig, load_config
 
+from .errors import RayConnectionError
 from .pool import TeacherPool
+from .ray_connect import connect_ray
 
 __all__ = ["main", "resolve_paths"]
 
@@ -32,7 +34,7 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
 
 
 def _connect(cfg: RunConfig, address: str) -> None:
-    ray.init(address=address, namespace=cfg.teachers.namespace, logging_level="ERROR")
+    connect_ray(address, namespace=cfg.teachers.namespace, logging_level="ERROR")
 
 
 def _serve(cfg: RunConfig, address: str) -> None:
@@ -81,18 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["serve", "status", "stop"])
     ap.add_argument("--config", required=True, help="run config YAML (its models and teachers sections)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    ap.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    ap.add_argument("--address", default="auto",
+                    help="Ray cluster address <head node IP>:<port> (default: auto = $RAY_ADDRESS, else the last "
+                         "`ray start` on this host). Token auth: RAY_AUTH_MODE=token in the environment")
     ap.add_argument("--json", action="store_true", help="status: also print the full status as JSON")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    if args.command == "serve":
-        _serve(cfg, args.address)
-    elif args.command == "status":
-        out = _status(cfg, args.address)
-        if args.json:
-            print(json.dumps(out, default=str))
-    else:
-        _stop(cfg, args.address)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.command == "serve":
+            _serve(cfg, args.address)
+        elif args.command == "status":
+            out = _status(cfg, args.address)
+            if args.json:
+                print(json.dumps(out, default=str))
+        else:
+            _stop(cfg, args.address)
+    except (ConfigError, RayConnectionError) as exc:  # bad input or no cluster: one message, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

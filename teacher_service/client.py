@@ -31,8 +31,10 @@ class TeacherClient:
     """Finds the service's named actors (`{name_prefix}-{role}-{i}`) in a namespace; returns numpy arrays."""
 
     def __init__(self, namespace: str = "deltakd", address: str = "auto", name_prefix: str = "teacher"):
-        if not ray.is_initialized():
-            ray.init(address=address, namespace=namespace, logging_level="ERROR")
+        if not ray.is_initialized():  # auth/connection failures -> RayConnectionError saying what to set
+            from .ray_connect import connect_ray
+
+            connect_ray(address, namespace=namespace, logging_level="ERROR")
         self.namespace, self.name_prefix = namespace, name_prefix
         self.handles: dict[str, list[Any]] = {}
         candidates = [ROLE_SFT, ROLE_BASE, ROLE_STUDENT_BASE]

@@ -10,8 +10,8 @@ from typing import Any
 
 from common.topk import RecordError
 
-__all__ = ["TeacherError", "TeacherUnavailableError", "TokenizerMismatchError", "TeacherOutputError",
-           "TeacherRecordError"]
+__all__ = ["TeacherError", "TeacherUnavailableError", "TokenizerMismatchError", "TokenizerSpecialTokensWarning",
+           "TeacherOutputError", "TeacherRecordError", "RayConnectionError"]
 
 
 class TeacherError(RuntimeError):
@@ -34,16 +34,27 @@ class TeacherUnavailableError(TeacherError):
 
 
 class TokenizerMismatchError(TeacherError):
-    """Two models that must share one tokenizer do not (fingerprints of vocabulary + special tokens differ)."""
+    """Two models that must share one vocabulary do not: their token -> id maps differ.
 
-    def __init__(self, model_a: str, model_b: str, fingerprint_a: str, fingerprint_b: str):
+    `detail` says where (e.g. "id 151646 is '<|x|>' vs None; sizes 151646 vs 151647").
+    """
+
+    def __init__(self, model_a: str, model_b: str, fingerprint_a: str, fingerprint_b: str, detail: str = ""):
         self.model_a, self.model_b = model_a, model_b
         self.fingerprint_a, self.fingerprint_b = fingerprint_a, fingerprint_b
+        self.detail = detail
         super().__init__(f"tokenizer mismatch: {model_a} (fingerprint {fingerprint_a[:12]}) != "
-                         f"{model_b} (fingerprint {fingerprint_b[:12]}); all models must share one tokenizer")
+                         f"{model_b} (fingerprint {fingerprint_b[:12]})" + (f": {detail}" if detail else "")
+                         + "; all models must share one token -> id map")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (TokenizerMismatchError, (self.model_a, self.model_b, self.fingerprint_a, self.fingerprint_b))
+        return (TokenizerMismatchError, (self.model_a, self.model_b, self.fingerprint_a, self.fingerprint_b,
+                                         self.detail))
+
+
+class TokenizerSpecialTokensWarning(UserWarning):
+    """Models share one vocabulary but call different tokens eos/bos/pad/unk (a base model and its instruct
+    version, e.g. Qwen2's `<|endoftext|>` vs `<|im_end|>`). Legitimate; the message names both models."""
 
 
 class TeacherOutputError(TeacherError):
@@ -65,3 +76,7 @@ class TeacherRecordError(RecordError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (TeacherRecordError, (self.batch_id, self.role, self.what))
+
+
+class RayConnectionError(TeacherError):
+    """Could not connect to the Ray cluster; the message says what to set (auth env vars, the address)."""

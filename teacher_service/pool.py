@@ -82,7 +82,9 @@ class TeacherPool:
         """Replica i of a role as a named actor with the configured resources and restart policy."""
         t = cfg.teachers
         engine = t.engine if role == ROLE_SFT else "hf"  # vLLM cannot gather: only the sft role may use it
-        vllm_options = {"max_logprobs": cfg.loss.k, "gpu_memory_utilization": t.vllm_gpu_memory_utilization,
+        vllm_options = {"max_logprobs": t.vllm_max_logprobs or cfg.loss.k + 1,  # + 1: the label (include)
+                        "gpu_memory_utilization": t.vllm_gpu_memory_utilization,
+                        "max_num_batched_tokens": t.vllm_max_num_batched_tokens,
                         "max_model_len": t.vllm_max_model_len, "dtype": t.dtype}
         name = replica_name(t.name_prefix, role, i)
         opts: dict[str, Any] = dict(name=name, namespace=t.namespace, num_cpus=t.num_cpus, num_gpus=t.num_gpus,

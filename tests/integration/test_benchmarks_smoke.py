@@ -30,6 +30,7 @@ SCRIPTS = {
     "bench_e2e": (True, ["runs.delta_kd", "runs.sft", "steps_per_s_ratio_kd_over_sft",
                          "teacher_wait_fraction_kd"]),
     "gpu_check": (False, ["teacher", "loss.time_ratio", "student.kd_over_sft_time", "scaled_down"]),
+    "bench_vllm_convert": (False, ["cells.flat_topk_all.seconds.median", "cells.dicts_include_half.seconds.median"]),
 }
 
 

@@ -96,19 +96,30 @@ def test_cluster_yaml_security_and_layout(cluster_cfg: dict) -> None:
     for excluded in (".venv", "runs"):
         assert excluded in cluster_cfg["rsync_exclude"]
     types = cluster_cfg["available_node_types"]
-    assert types["teacher_gpu_node"]["resources"] == {"teacher_gpu": 1}
-    assert types["student_gpu_node"]["resources"] == {"student_gpu": 1}
+    assert set(types["teacher_gpu_node"]["resources"]) == {"teacher_gpu"}
+    assert set(types["student_gpu_node"]["resources"]) == {"student_gpu"}
+
+
+# GPUs per instance type named in cluster.yaml (AWS's published figures), so the layout can be checked.
+GPUS_PER_INSTANCE = {"p4d.24xlarge": 8, "p4de.24xlarge": 8, "p5.48xlarge": 8, "g5.2xlarge": 1}
 
 
 def test_cluster_has_room_for_the_paper_config(cluster_cfg: dict) -> None:
-    """The GPU node types can host the paper config's teachers and student ranks (one GPU a node)."""
+    """The node types host the paper config: every teacher replica, and ALL student ranks on one node
+    (their DDP all-reduce stays on NVLink); each node type's custom resource equals its GPU count."""
     cfg = load_config(DEPLOY / "configs" / "qwen2_7b_dolly.yaml")
     types = cluster_cfg["available_node_types"]
+    per_node = {name: GPUS_PER_INSTANCE[types[name]["node_config"]["InstanceType"]]
+                for name in ("teacher_gpu_node", "student_gpu_node")}
+    assert types["teacher_gpu_node"]["resources"]["teacher_gpu"] == per_node["teacher_gpu_node"]
+    assert types["student_gpu_node"]["resources"]["student_gpu"] == per_node["student_gpu_node"]
     teacher_gpus = sum(cfg.teachers.replicas.values()) * cfg.teachers.num_gpus
     student_gpus = cfg.training.num_workers * cfg.training.num_gpus_per_worker
-    assert types["teacher_gpu_node"]["max_workers"] >= teacher_gpus
-    assert types["student_gpu_node"]["max_workers"] >= student_gpus
-    assert cluster_cfg["max_workers"] >= teacher_gpus + student_gpus
+    assert types["teacher_gpu_node"]["max_workers"] * per_node["teacher_gpu_node"] >= teacher_gpus
+    assert per_node["student_gpu_node"] >= student_gpus, "the student ranks must fit on ONE node"
+    assert cfg.training.resources_per_worker == {"student_gpu": 1} and cfg.teachers.resources == {"teacher_gpu": 1}
+    nodes = -(-teacher_gpus // per_node["teacher_gpu_node"]) + 1
+    assert cluster_cfg["max_workers"] >= nodes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,6 +164,16 @@ def test_rayjob_cluster_spec(rayjob: dict) -> None:
     assert gpus["student-gpu"] >= cfg.training.num_workers * cfg.training.num_gpus_per_worker
     assert "teacher_gpu" in groups["teacher-gpu"]["rayStartParams"]["resources"]
     assert "student_gpu" in groups["student-gpu"]["rayStartParams"]["resources"]
+
+
+def test_rayjob_pods_have_a_memory_backed_dev_shm(rayjob: dict) -> None:
+    spec = rayjob["spec"]["rayClusterSpec"]
+    templates = [spec["headGroupSpec"]["template"], *[g["template"] for g in spec["workerGroupSpecs"]]]
+    for template in templates:
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in template["spec"]["containers"][0]["volumeMounts"]}
+        assert "/dev/shm" in mounts, template["spec"]["containers"][0]["name"]
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
 
 
 def test_rayjob_token_auth_from_a_secret(rayjob: dict) -> None:
