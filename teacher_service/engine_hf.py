@@ -104,7 +104,7 @@ class TeacherEngine:
     """
 
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", chunk_tokens: int = 1024):
-        self.spec = spec
+        self.spec: ModelSpec | None = spec
         self.name = spec.path if spec.revision is None else f"{spec.path}@{spec.revision}"
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, spec.dtype, self.device)
@@ -116,7 +116,26 @@ class TeacherEngine:
             # Base LMs often ship without a pad token; padded positions are masked, so eos is a safe filler.
             # Set after the fingerprint, which describes the tokenizer as shipped.
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_causal_lm(spec, self.device, self.dtype)
+        self._use_model(load_causal_lm(spec, self.device, self.dtype))
+
+    @classmethod
+    def from_model(cls, model: Any, vocab_size: int, chunk_tokens: int = 1024, name: str | None = None,
+                   fingerprint: str = "") -> TeacherEngine:
+        """An engine over a causal LM already in memory (benchmarks, pipelines that built the model): no
+        checkpoint and no tokenizer (`encode` is unavailable); device and dtype are the model's."""
+        engine = cls.__new__(cls)
+        engine.spec = None
+        engine.name = name or f"in-memory-{type(model).__name__}"
+        first = next(model.parameters())
+        engine.device, engine.dtype = first.device, first.dtype
+        engine.chunk_tokens = int(chunk_tokens)
+        engine.tokenizer = None
+        engine.vocab_size, engine.fingerprint = int(vocab_size), fingerprint
+        engine._use_model(model.eval())
+        return engine
+
+    def _use_model(self, model: Any) -> None:
+        self.model = model
         self.model_vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         if self.model_vocab_size < self.vocab_size:
             raise ValueError(f"model {self.name} has {self.model_vocab_size} output rows, fewer than its "
@@ -265,6 +284,8 @@ class TeacherEngine:
         """Tokenise texts with this model's tokenizer, right padded: (input_ids int32, attention_mask) [B, T]."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a list of strings")
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name}: an engine built from a model in memory has no tokenizer")
         enc = self.tokenizer(list(texts), padding=True, return_tensors="np", padding_side="right")
         return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
