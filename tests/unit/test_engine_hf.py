@@ -174,6 +174,7 @@ def test_nan_weights_raise_teacher_output_error(models: dict[str, Path]) -> None
     eng = TeacherEngine(ModelSpec(path=str(models["a"])))
     with torch.no_grad():
         eng.model.lm_head.weight.fill_(float("nan"))
+    assert eng._choose_rows_path() == "hidden_states"  # the load-time probe does not fail on NaN weights
     ids, mask, rows = _batch(eng.vocab_size)
     with pytest.raises(TeacherOutputError, match=r"batch 17.*NaN.*first at \[b, t\] = \[0, 2\]") as info:
         eng.topk(ids, mask, rows, 4, 1.0, batch_id=17)
