@@ -130,7 +130,8 @@ class TeacherActor:
         ids, lps, tail = self.engine.topk(input_ids, attention_mask, rows, k, tau, include=include,
                                           batch_id=batch_id)
         self._count(attention_mask, rows, t0)
-        return self._remember(key, {"ids": ids, "logprobs": lps, "tail": tail})
+        return self._remember(key, {"ids": torch.as_tensor(ids), "logprobs": torch.as_tensor(lps),
+                                    "tail": torch.as_tensor(tail)})
 
     def _gather(self, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, support: Any,
                 tau: float) -> Part:
@@ -143,7 +144,7 @@ class TeacherActor:
         t0 = time.perf_counter()
         lps, tail = self.engine.gather(input_ids, attention_mask, rows, ids, tau, batch_id=batch_id)
         self._count(attention_mask, rows, t0)
-        return self._remember(key, {"logprobs": lps, "tail": tail})
+        return self._remember(key, {"logprobs": torch.as_tensor(lps), "tail": torch.as_tensor(tail)})
 
     # ------------------------------------------------------------------ object-store calls (numpy)
     def topk(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray, k: int,
@@ -192,8 +193,11 @@ class TeacherActor:
         return self.engine.encode(texts)
 
     def health(self) -> dict[str, Any]:
+        """Liveness plus what routing needs: node, GPUs, and whether the engine returns device tensors
+        (`tensor_engine`: an engine with a torch `.device`; the RDT path requires it)."""
         return {"ok": True, "role": self.role, "engine": self.engine_kind, "pid": os.getpid(),
                 "wire_dtype": self.wire_dtype, "uptime_s": time.time() - self.started, **placement(),
+                "tensor_engine": isinstance(getattr(self.engine, "device", None), torch.device),
                 **self.engine.describe()}
 
     def stats(self) -> dict[str, Any]:

@@ -48,6 +48,11 @@ class TeacherPool:
         health = {r: ray.get([h.health.remote() for h in hs]) for r, hs in handles.items()}
         self.placements = [h for hs in health.values() for h in hs]  # node, GPUs and device of every replica
         info = health[ROLE_SFT][0]
+        if cfg.transport.kind == "rdt" and cfg.loss.method != "sft":
+            plain = [f"{h['role']} ({h['engine']})" for h in self.placements if not h.get("tensor_engine")]
+            if plain:
+                raise ValueError(f"transport.kind=rdt needs teacher engines that return torch tensors on a device; "
+                                 f"{', '.join(plain)} do not: use transport.kind=object_store")
         self.vocab_size = int(info["vocab_size"])
         self.fingerprint = str(info["fingerprint"])
         if not 0 < cfg.loss.k <= self.vocab_size:
