@@ -62,28 +62,31 @@ class SleepPool:
         """The sleeping teacher outlives each run; main() kills it at the end."""
 
 
-def _slice(rec: Any, b: int, t: int) -> Any:
-    """The [:b, :t] corner of a record, contiguous (what a real teacher would return for that shape)."""
+def _slice(rec: Any, loss_mask: np.ndarray) -> Any:
+    """A record for this loss mask: the first N rows of the largest record (what a real teacher would return
+    for a batch with N counted positions), contiguous."""
+    from common.topk import rows_from_mask
+
     c = np.ascontiguousarray
-    return dataclasses.replace(rec, ids=c(rec.ids[:b, :t]), mask=c(rec.mask[:b, :t]),
-                               logprobs={r: c(a[:b, :t]) for r, a in rec.logprobs.items()},
-                               tail={r: c(a[:b, :t]) for r, a in rec.tail.items()})
+    rows = rows_from_mask(loss_mask)
+    n = len(rows)
+    return dataclasses.replace(rec, ids=c(rec.ids[:n]), rows=rows, batch_shape=tuple(loss_mask.shape),
+                               logprobs={r: c(a[:n]) for r, a in rec.logprobs.items()},
+                               tail={r: c(a[:n]) for r, a in rec.tail.items()})
 
 
 def _sleep_teacher(ray: Any, largest: Any) -> Any:
     @ray.remote(num_cpus=0)
     class SleepTeacher:
-        """Serial (one call at a time, like one teacher replica): sleep, then return a cached record."""
+        """Serial (one call at a time, like one teacher replica): sleep, then return a record of cached rows."""
 
         def __init__(self, largest: Any):
-            self.largest, self.cache = largest, {}
+            self.largest = largest
 
         def record(self, batch_id: int, loss_mask: np.ndarray, delay_s: float) -> Any:
-            shape = tuple(loss_mask.shape)
-            if shape not in self.cache:  # once per padded shape; every later call is a sleep and a view
-                self.cache[shape] = _slice(self.largest, *shape)
+            rec = _slice(self.largest, loss_mask)
             time.sleep(delay_s)
-            return dataclasses.replace(self.cache[shape], batch_id=batch_id, mask=loss_mask)
+            return dataclasses.replace(rec, batch_id=batch_id)
 
     return SleepTeacher.remote(largest)
 

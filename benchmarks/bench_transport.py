@@ -3,8 +3,8 @@
 Figure 3 of the benchmarks issue. One SFT teacher (a tiny Llama sized so a 32k-token batch takes about a
 second on one thread) computes top-k (k = 64) for a batch of 4k and of 32k tokens:
 
-- in_process:        `TeacherEngine.topk(...)` in this process;
-- object_store_get:  `ray.get(TeacherActor.topk.remote(...))` here (the record's arrays via the object store);
+- in_process:        `TeacherEngine.topk(...)` in this process (torch tensors, no conversion);
+- object_store_get:  `ray.get(TeacherActor.topk.remote(...))` here (numpy wire arrays via the object store);
 - object_store_actor: the TeacherActor's result ref passed to a receiver actor (teacher -> student hop);
 - rdt_gloo_actor:    `TeacherActor.topk_tensors` (Ray Direct Transport, gloo) to a receiver actor in one
                      collective group with the teacher (the GPU path's CPU twin).
@@ -12,7 +12,8 @@ second on one thread) computes top-k (k = 64) for a batch of 4k and of 32k token
     ratio = median seconds of a path / median seconds in-process      target: <= 1.15 at 32k tokens
 
 Fairness: the engine runs with one torch thread in both places (the actor gets num_cpus=1, so Ray sets
-OMP_NUM_THREADS=1 there; this process calls torch.set_num_threads(1)). Paths alternate within each repeat
+OMP_NUM_THREADS=1 there; this process calls torch.set_num_threads(1)). Every position of the batch is a
+counted row (a 32k-token record: what the record path moves). Paths alternate within each repeat
 so a burst of load from other processes hits all of them alike. Each call has a fresh batch id (the
 actor caches by batch id).
 
@@ -73,6 +74,7 @@ def _receiver(ray: Any) -> Any:
 
 def _paths(ray: Any, engine: Any, actor: Any, receiver: Any, ids: np.ndarray, mask: np.ndarray, label: str,
            counter: Iterator[int], with_rdt: bool) -> dict[str, Callable[[], Any]]:
+    rows = np.arange(ids.size, dtype=np.int32)  # every position counted
     """The callables timed for one batch: in-process, object store (driver get, to an actor), RDT."""
     expect = ids.size * K * 8  # ids int32 + fp32 log-probs per support entry (tails on top)
 
@@ -82,14 +84,14 @@ def _paths(ray: Any, engine: Any, actor: Any, receiver: Any, ids: np.ndarray, ma
         return n
 
     paths: dict[str, Callable[[], Any]] = {
-        "in_process": lambda: engine.topk(ids, mask, K, 1.0),
-        "object_store_get": lambda: ray.get(actor.topk.remote(next(counter), ids, mask, K, 1.0)),
+        "in_process": lambda: engine.topk(ids, mask, rows, K, 1.0),
+        "object_store_get": lambda: ray.get(actor.topk.remote(next(counter), ids, mask, rows, K, 1.0)),
         "object_store_actor": lambda: checked(ray.get(receiver.consume.remote(
-            actor.topk.remote(next(counter), ids, mask, K, 1.0))), "object_store_actor"),
+            actor.topk.remote(next(counter), ids, mask, rows, K, 1.0))), "object_store_actor"),
     }
     if with_rdt:
         paths["rdt_gloo_actor"] = lambda: checked(ray.get(receiver.consume.remote(
-            actor.topk_tensors.remote(next(counter), ids, mask, K, 1.0))), "rdt_gloo_actor")
+            actor.topk_tensors.remote(next(counter), ids, mask, rows, K, 1.0))), "rdt_gloo_actor")
     return paths
 
 

@@ -2,12 +2,18 @@
 
 Figure 1 of the benchmarks issue.
 
-Size: bytes per token of a real `TopKRecord` (`record.bytes_per_token()`: ids int32 [k], per role
-log-probs [k] in the wire dtype and tail fp32, plus the 1-byte mask) for k = 16, 64, 256, two roles
-(sft + base; also three with a `student_base` teacher role), fp32 and bf16 wire, against one dense bf16
-row of V = 152,064 (2 * V = 304,128 bytes).
+Size: bytes per *trained* (counted) token of a real `TopKRecord` (`record.bytes_per_token()`: ids int32 [k],
+the row index int32, per role log-probs [k] in the wire dtype and tail fp32) for k = 16, 64, 256, two roles
+(sft + base; also three with a `student_base` teacher role), fp32, fp16 and bf16 wire, against one dense
+bf16 row of V = 152,064 (2 * V = 304,128 bytes). Records carry the counted positions only (prompt and
+padding are neither scored nor sent), so the bytes of a batch are N_counted x bytes/token.
 
     ratio = record bytes/token / dense bytes/token          target: k = 64, two roles, <= 1/400
+
+Counted fraction: over one epoch of the embedded default's training batches (deploy/configs/tiny.yaml:
+its tokenizer, max_length, batch size and workers), the share of the padded [B, T] positions and of the
+attended tokens that the loss trains on, and the record bytes per batch against a record of every
+position (the form before records were cut to the counted rows).
 
 Throughput: tokens/s of a producer actor returning a precomputed payload (the record, or a dense bf16
 [B, T, V] array) to a consumer actor that receives it as an argument and touches every page, i.e.
@@ -19,6 +25,7 @@ teacher -> object store -> student, as in the real data path. Sparse and dense i
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +40,9 @@ from _common import (
     write_result,
 )
 
-from common.topk import TopKRecord, to_wire_dtype
+from common.topk import TopKRecord, rows_from_mask, to_wire_dtype
 
-__all__ = ["make_record", "dense_row_bytes", "main"]
+__all__ = ["make_record", "dense_row_bytes", "counted_fraction", "main"]
 
 QWEN2_VOCAB = 152_064
 TARGET_RATIO = 1 / 400
@@ -43,24 +50,27 @@ WIRE_DTYPES_MEASURED = ("float32", "float16", "bfloat16")  # float32 first: the 
 
 
 def make_record(batch: int, seq: int, k: int, roles: list[str], wire_dtype: str, vocab_size: int = QWEN2_VOCAB,
-                seed: int = 0) -> TopKRecord:
+                seed: int = 0, mask: np.ndarray | None = None) -> TopKRecord:
     """A valid record of the given shape filled with plausible values (descending log-probs, small tails).
 
-    ids [B, T, k] int32 distinct per position; logprobs per role [B, T, k]; tail per role [B, T].
+    mask [B, T] bool: the counted positions (default: every position). ids [N, k] int32 distinct per row;
+    logprobs per role [N, k]; tail per role [N].
     """
     rng = np.random.default_rng(seed)
-    # Distinct ids per position: a random offset plus a stride never wraps onto itself while k*stride < V.
+    rows = rows_from_mask(np.ones((batch, seq), dtype=bool) if mask is None else mask)
+    n = len(rows)
+    # Distinct ids per row: a random offset plus a stride never wraps onto itself while k*stride < V.
     stride = max(1, vocab_size // (k + 1))
-    base = rng.integers(0, vocab_size, size=(batch, seq, 1))
+    base = rng.integers(0, vocab_size, size=(n, 1))
     ids = ((base + np.arange(k) * stride) % vocab_size).astype(np.int32)
     logprobs, tails = {}, {}
     for role in roles:
-        lp = np.sort(rng.standard_normal((batch, seq, k)).astype(np.float32), axis=-1)[..., ::-1]
+        lp = np.sort(rng.standard_normal((n, k)).astype(np.float32), axis=-1)[..., ::-1]
         lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True) * 1.05)  # 5% mass left for the tail
         logprobs[role] = to_wire_dtype(lp, wire_dtype)
         tails[role] = np.clip(1.0 - np.exp(lp.astype(np.float64)).sum(-1), 0.0, 1.0).astype(np.float32)
-    mask = np.ones((batch, seq), dtype=bool)
-    return TopKRecord("bench", ids, logprobs, tails, mask, 1.0, vocab_size, "bench", wire_dtype).validate()
+    return TopKRecord("bench", ids, logprobs, tails, rows, (batch, seq), 1.0, vocab_size, "bench",
+                      wire_dtype).validate()
 
 
 def dense_row_bytes(vocab_size: int = QWEN2_VOCAB) -> int:
@@ -79,6 +89,64 @@ def size_table() -> list[dict[str, Any]]:
                 rows.append({"k": k, "roles": len(roles), "wire_dtype": wire, "bytes_per_token": bpt,
                              "ratio_to_dense_bf16": bpt / dense, "one_in": dense / bpt})
     return rows
+
+
+def _embedded_tokenizer(cfg: Any, out: Path) -> Any:
+    """The embedded default's tokenizer: the cached build's when present, else trained here by the build's
+    own recipe (the same deterministic training, so the same token ids) without building the models."""
+    from transformers import AutoTokenizer
+
+    from common.config import DataConfig
+    from common.embedded_data import generate_corpus, generate_instruction_suite
+    from student_worker.data import format_prompt
+    from student_worker.embedded_models import _is_complete, _train_tokenizer, build_key, cache_root
+
+    ecfg = cfg.embedded
+    built = cache_root(ecfg) / f"embedded-{build_key(ecfg)}"
+    if _is_complete(built, build_key(ecfg)):
+        return AutoTokenizer.from_pretrained(str(built / "tokenizer"))
+    suite = generate_instruction_suite(ecfg.seed, ecfg.num_train, ecfg.num_val, ecfg.num_test)
+    data_cfg = DataConfig(max_length=ecfg.max_length, overlong="truncate")
+    prompts = [format_prompt(e["instruction"], e["context"], data_cfg) for e in suite["train"]]
+    texts = generate_corpus(ecfg.seed, ecfg.corpus_sentences) + [p + " " + e["response"]
+                                                                 for p, e in zip(prompts, suite["train"])]
+    return _train_tokenizer(texts, ecfg.vocab_size, out)
+
+
+def counted_fraction(k: int = 64, roles: int = 2, wire_dtype: str = "float32") -> dict[str, Any]:
+    """Counted positions in one epoch of the embedded default's training batches, and the record bytes per
+    batch in the rows form vs a record of every [B, T] position (k, roles, wire as given)."""
+    import tempfile
+
+    from common.config import load_config
+    from student_worker.data import BatchPlan, collate, load_examples, tokenize_examples
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "deploy" / "configs" / "tiny.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _embedded_tokenizer(cfg, Path(tmp) / "tokenizer")
+    train = tokenize_examples(load_examples(cfg.data, "train", cfg.embedded), tok, cfg.data)
+    t = cfg.training
+    plan = BatchPlan(len(train), t.batch_size, t.num_workers, cfg.seed, cfg.data.shuffle)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    positions = attended = counted = 0
+    fractions = []
+    for step in range(plan.steps_per_epoch):
+        for idx in plan.step_indices(step):
+            b = collate([train[i] for i in idx], pad)
+            positions += b["loss_mask"].size
+            attended += int(b["attention_mask"].sum())
+            counted += int(b["loss_mask"].sum())
+            fractions.append(b["loss_mask"].mean())
+    per_row = make_record(1, 1, k, ["sft", "base", "student_base"][:roles], wire_dtype, vocab_size=QWEN2_VOCAB)
+    rows_form = per_row.bytes_per_token()
+    every_position = rows_form - 4 + 1  # the old form: no row index, a 1-byte mask per position
+    return {"config": "deploy/configs/tiny.yaml", "batches": len(fractions), "positions": positions,
+            "attended_tokens": attended, "counted_tokens": counted,
+            "counted_over_positions": counted / positions, "counted_over_attended": counted / attended,
+            "per_batch_counted_over_positions": summarize(fractions),
+            "k": k, "roles": roles, "wire_dtype": wire_dtype,
+            "record_bytes_rows_form": counted * rows_form, "record_bytes_every_position": positions * every_position,
+            "rows_form_over_every_position": counted * rows_form / (positions * every_position)}
 
 
 def _actors(ray: Any) -> tuple[Any, Any]:
@@ -108,7 +176,7 @@ def _actors(ray: Any) -> tuple[Any, Any]:
 
         def consume(self, payload: Any) -> int:
             arrays = ([payload] if isinstance(payload, np.ndarray) else
-                      [payload.ids, payload.mask, *payload.logprobs.values(), *payload.tail.values()])
+                      [payload.ids, payload.rows, *payload.logprobs.values(), *payload.tail.values()])
             touched = 0
             for a in arrays:
                 flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
@@ -214,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
                 [[r["method"], r["wire_dtype"], r["loss_rel_err"], r["grad_rel_err"]] for r in accuracy],
                 title="error vs the fp32 wire (k=64, tail bucket, max over 3 seeds)")
 
+    counted = counted_fraction()
+    print_table(["batches", "counted/positions", "counted/attended", "record bytes rows form",
+                 "every position", "ratio"],
+                [[counted["batches"], counted["counted_over_positions"], counted["counted_over_attended"],
+                  counted["record_bytes_rows_form"], counted["record_bytes_every_position"],
+                  counted["rows_form_over_every_position"]]],
+                title="the embedded default's training batches, one epoch (k=64, two roles, fp32 wire)")
+
     by_key = {(r["roles"], r["wire_dtype"], r["k"]): r for r in sizes}
     targets = [
         Target("k64_two_roles_bf16_wire_ratio_to_dense", by_key[(2, "bfloat16", 64)]["ratio_to_dense_bf16"],
@@ -224,10 +300,14 @@ def main(argv: list[str] | None = None) -> int:
                "<=", TARGET_RATIO, "fp32 log-probs (the config default teachers.wire_dtype=float32)"),
     ]
     figures = {"vocab_size": QWEN2_VOCAB, "dense_bf16_bytes_per_token": dense_row_bytes(), "sizes": sizes,
-               "throughput": tput, "sparse_over_dense_tokens_per_s": speedups, "accuracy_vs_fp32": accuracy}
+               "throughput": tput, "sparse_over_dense_tokens_per_s": speedups, "accuracy_vs_fp32": accuracy,
+               "counted_positions_embedded_default": counted}
     notes = [
-        "bytes/token = TopKRecord.nbytes() / (B*T): ids int32 [k] + per role logprobs [k] (wire dtype) "
-        "+ tail fp32 + mask 1 byte.",
+        "bytes/token = TopKRecord.nbytes() / N per counted (trained) token: ids int32 [k] + row index int32 + "
+        "per role logprobs [k] (wire dtype) + tail fp32. Prompt and padding positions are not in the record.",
+        "counted fraction: one epoch of deploy/configs/tiny.yaml's training batches (its tokenizer, max_length, "
+        "batch size, workers); 'every position' = the earlier record form (all B*T positions, 1-byte mask, no "
+        "row index).",
         "dense = one bf16 row of V per token (a second role would double it); the target compares to one row.",
         "accuracy: same fp32 teacher log-probs encoded per wire dtype; fp16 and bf16 are the same size, and "
         "for log-probs in [-1e4, 0] fp16 keeps 3 more mantissa bits.",

@@ -66,32 +66,15 @@ def build_qwen2(shape: str, device: Any, dtype: Any) -> Any:
     return model
 
 
-def _engine_class() -> type:
-    from teacher_service.engine_hf import TeacherEngine
-
-    class InMemoryEngine(TeacherEngine):
-        """The real TeacherEngine's methods over a model already in memory (no checkpoint, no tokenizer)."""
-
-        def __init__(self, model: Any, vocab_size: int, chunk_tokens: int = 1024):
-            self.model = model.eval()
-            self.name = f"random-{type(model).__name__}"
-            self.device = next(model.parameters()).device
-            self.dtype = next(model.parameters()).dtype
-            self.vocab_size = int(vocab_size)
-            self.model_vocab_size = int(model.get_output_embeddings().weight.shape[0])
-            self.chunk_tokens = int(chunk_tokens)
-
-    return InMemoryEngine
-
-
-
 def teacher_throughput(shape: str, device: Any, batch: int, seq: int, repeats: int, sync: Any) -> dict[str, Any]:
     import numpy as np
     import torch
 
     model = build_qwen2(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     vocab = QWEN2_SHAPES[shape]["vocab_size"]
-    engine = _engine_class()(model, vocab)
+    from teacher_service.engine_hf import TeacherEngine
+
+    engine = TeacherEngine.from_model(model, vocab)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab, size=(batch, seq)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -102,11 +85,12 @@ def teacher_throughput(shape: str, device: Any, batch: int, seq: int, repeats: i
     def bare() -> None:
         model(input_ids=ids_t, attention_mask=mask_t, use_cache=False)
 
-    support, _, _ = engine.topk(ids, mask, K)
+    rows = np.arange(batch * seq)  # every position counted
+    support, _, _ = engine.topk(ids, mask, rows, K)
     tokens = batch * seq
     out: dict[str, Any] = {"shape": shape, "batch": batch, "seq": seq, "k": K}
-    for name, fn in (("bare_forward", bare), ("engine_topk", lambda: engine.topk(ids, mask, K)),
-                     ("engine_gather", lambda: engine.gather(ids, mask, support))):
+    for name, fn in (("bare_forward", bare), ("engine_topk", lambda: engine.topk(ids, mask, rows, K)),
+                     ("engine_gather", lambda: engine.gather(ids, mask, rows, support))):
         secs = time_repeats(fn, repeats, warmup=1, sync=sync)
         out[name] = {"seconds": summarize(secs), "tokens_per_s": tokens / summarize(secs)["median"]}
     out["topk_over_bare_time"] = out["engine_topk"]["seconds"]["median"] / out["bare_forward"]["seconds"]["median"]

@@ -25,8 +25,9 @@ import ray
 import torch
 
 from common.config import RunConfig, config_from_dict
-from common.losses import targets_from_record
-from common.topk import ROLE_STUDENT_BASE, TopKRecord, pair_roles
+from common.losses import SparseTargets, targets_from_record
+from common.losses.targets import targets_from_parts
+from common.topk import ROLE_STUDENT_BASE, pair_roles
 from student_worker import checkpoint as ckpt
 from student_worker.distributed import free_port, make_process_group, node_ip, wrap_ddp
 from student_worker.evaluate import evaluate_model
@@ -123,41 +124,46 @@ class StudentWorkerImpl:
                    global_tokens: int) -> dict[str, Any]:
         """Object-store path. record_box: `[record_ref]` (nested, resolved here and timed) or None (sft)."""
         t0 = time.perf_counter()
-        record, error = None, None
+        record, targets, error = None, None, None
         if record_box is not None:
             try:
                 record = ray.get(record_box[0])
             except Exception as exc:  # re-raised below, after every rank knows this one failed
                 error = exc
         wait = time.perf_counter() - t0
-        return self._step(step, batch, record, error, global_tokens, wait)
+        if record is not None:
+            try:
+                targets = targets_from_record(record.validate(self.required_roles), self.device)
+            except Exception as exc:
+                error = exc
+        return self._step(step, batch, targets, error, global_tokens, wait)
 
     def train_step_rdt(self, step: int, batch: dict[str, np.ndarray], global_tokens: int,
                        meta: dict[str, Any], roles: list[str], *parts: dict[str, Any]) -> dict[str, Any]:
-        """RDT path: the record's parts arrive as direct arguments (already fetched by Ray)."""
-        from teacher_service import assemble_record
-
+        """RDT path: the record's parts arrive as direct arguments (already fetched by Ray), as the teachers'
+        tensors; the loss targets are built from them on this worker's device (no numpy, no host copy)."""
         now = time.perf_counter()
         wait = 0.0 if self._last_step_end is None else now - self._last_step_end
-        record, error = None, None
+        targets, error = None, None
         try:
-            record = assemble_record(meta, roles, list(parts))
+            targets = targets_from_parts(meta, roles, list(parts), self.device, self.required_roles)
         except Exception as exc:  # re-raised below, after the agreement
             error = exc
-        return self._step(step, batch, record, error, global_tokens, wait)
+        return self._step(step, batch, targets, error, global_tokens, wait)
 
-    def _step(self, step: int, batch_np: dict[str, np.ndarray], record: TopKRecord | None,
+    def placement(self) -> dict[str, Any]:
+        """{"node_id", "gpu_ids"} of this worker: the teacher pool picks the RDT transport from it."""
+        from teacher_service.actor import placement
+
+        return placement()
+
+    def _step(self, step: int, batch_np: dict[str, np.ndarray], targets: SparseTargets | None,
               error: BaseException | None, global_tokens: int, wait: float) -> dict[str, Any]:
         t_start = time.perf_counter()
         expected_id = step * self.world_size + self.rank
-        if error is None and record is not None:
-            try:
-                if record.batch_id != expected_id:
-                    raise ValueError(f"rank {self.rank} step {step} expected batch {expected_id}, "
-                                     f"got the record of batch {record.batch_id}")
-                record.validate(self.required_roles)
-            except Exception as exc:
-                error = exc
+        if error is None and targets is not None and targets.batch_id != expected_id:
+            error = ValueError(f"rank {self.rank} step {step} expected batch {expected_id}, "
+                               f"got the record of batch {targets.batch_id}")
         self._agree_inputs_ok(error is None, step)
         if error is not None:
             raise error
@@ -165,7 +171,6 @@ class StudentWorkerImpl:
                  for k in ("input_ids", "attention_mask", "labels")}
         batch["input_ids"] = batch["input_ids"].long()
         batch["attention_mask"] = batch["attention_mask"].long()
-        targets = None if record is None else targets_from_record(record, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, metrics = train_step(self.ddp, self.base_model, batch, targets, self.cfg.loss,

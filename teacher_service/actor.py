@@ -1,12 +1,17 @@
 """`TeacherActor`: a thin Ray actor around one teacher engine.
 
-Every call carries its batch id. Results are kept in a small LRU keyed by (call, batch id, a hash of the inputs, k, tau), so a
-call that is re-sent to the same live actor returns the same arrays without a second forward pass (Ray's
-retries after a restart land on a fresh actor, which recomputes: the engine is deterministic).
+Every call carries its batch id and the batch's counted rows (flat b * T + t). Results are kept in a small
+LRU keyed by (call, batch id, a digest of the inputs, k, tau), so a call that is re-sent to the same live
+actor returns the same result without a second forward pass (Ray's retries after a restart land on a
+fresh actor, which recomputes: the engine is deterministic).
 
-Object-store methods (`topk`, `gather`) return dicts of numpy arrays in the wire dtype (zero-copy reads for
-the receiver). RDT methods (`topk_tensors`, `gather_tensors`) return dicts of torch tensors that Ray Direct
-Transport moves through a collective group (gloo on CPU, nccl on GPU) instead of the object store.
+Two edges, one computation (the engine returns torch tensors on its device; log-probs are cast to the
+torch wire dtype once, here):
+- object store (`topk`, `gather`): dicts of numpy arrays in the wire dtype (bf16 as uint16 bits), zero-copy
+  reads for the receiver. This is the only place the record path turns tensors into numpy.
+- Ray Direct Transport (`topk_tensors`, `gather_tensors`): dicts of the engine's tensors as they are (CUDA
+  on GPUs), sent with the tensor transport the caller picks per call (`cuda_ipc`, `nccl`, `gloo`). Only a
+  `gloo` call with CUDA tensors moves them to the host first (gloo carries CPU tensors only).
 """
 
 from __future__ import annotations
@@ -22,29 +27,49 @@ import ray
 import torch
 
 from common.config import ModelSpec
-from common.topk import to_wire_dtype
 
-__all__ = ["TeacherActor", "TORCH_WIRE_DTYPES"]
+__all__ = ["TeacherActor", "TORCH_WIRE_DTYPES", "to_numpy_wire", "placement"]
 
 TORCH_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+Part = dict[str, torch.Tensor]
 
-def _digest(*arrays: np.ndarray) -> str:
-    """Short content hash of the inputs: part of the cache key, so a reused batch id never aliases."""
+
+def _digest(*arrays: Any) -> str:
+    """Short content hash of host inputs (numpy, or None): part of the cache key, so a reused batch id never
+    aliases."""
     h = hashlib.blake2b(digest_size=12)
     for a in arrays:
+        if a is None:
+            h.update(b"none")
+            continue
         a = np.ascontiguousarray(a)
         h.update(str((a.dtype.str, a.shape)).encode())
         h.update(a.tobytes())
     return h.hexdigest()
 
 
-def _support_ids(support: Any) -> np.ndarray:
-    """The [B, T, k] ids of a support: an sft result dict (numpy or torch) or a bare array."""
-    ids = support["ids"] if isinstance(support, dict) else support
+def _support_key(ids: Any) -> Any:
+    """Cache-key part for a support: a digest of host ids; for a device tensor (RDT) two weighted sums,
+    read with one small sync instead of copying the ids to the host."""
     if isinstance(ids, torch.Tensor):
-        ids = ids.cpu().numpy()
-    return np.asarray(ids)
+        flat = ids.reshape(-1).long()
+        weights = torch.arange(1, flat.numel() + 1, device=flat.device)
+        return (tuple(ids.shape), *torch.stack([flat.sum(), (flat * weights).sum()]).tolist())
+    return _digest(np.asarray(ids))
+
+
+def to_numpy_wire(x: torch.Tensor) -> np.ndarray:
+    """A torch tensor -> numpy for the object store (bf16 becomes its uint16 bit pattern, the numpy wire bf16)."""
+    x = x.detach().cpu()
+    if x.dtype == torch.bfloat16:
+        return x.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return x.numpy()
+
+
+def placement() -> dict[str, Any]:
+    """Where the calling Ray worker runs: {"node_id", "gpu_ids"} (used to pick the RDT transport)."""
+    return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [int(g) for g in ray.get_gpu_ids()]}
 
 
 @ray.remote(enable_tensor_transport=True)
@@ -57,6 +82,7 @@ class TeacherActor:
         model_spec = ModelSpec.model_validate(spec)
         self.role = role
         self.wire_dtype = wire_dtype
+        self.torch_wire = TORCH_WIRE_DTYPES[wire_dtype]
         self.engine_kind = engine
         if engine == "vllm":
             from .engine_vllm import VLLMEngine
@@ -68,79 +94,98 @@ class TeacherActor:
             self.engine = TeacherEngine(model_spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens)
         else:
             raise ValueError(f"teacher role {role!r}: unknown engine {engine!r} (expected 'hf' or 'vllm')")
-        self.cache: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+        self.cache: OrderedDict[tuple, Part] = OrderedDict()
         self.cache_size = int(cache_size)
         self.started = time.time()
-        self.counters = {"calls": 0, "cache_hits": 0, "tokens": 0, "busy_s": 0.0}
+        self.counters = {"calls": 0, "cache_hits": 0, "tokens": 0, "rows": 0, "busy_s": 0.0}
 
-    # ------------------------------------------------------------------ bookkeeping
-    def _cached(self, key: tuple) -> dict[str, np.ndarray] | None:
+    # ------------------------------------------------------------------ the computation (tensors)
+    def _remember(self, key: tuple, value: Part) -> Part:
+        self.cache[key] = value
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return value
+
+    def _cached(self, key: tuple) -> Part | None:
         hit = self.cache.get(key)
         if hit is not None:
             self.cache.move_to_end(key)
             self.counters["cache_hits"] += 1
         return hit
 
-    def _remember(self, key: tuple, value: dict[str, np.ndarray]) -> None:
-        self.cache[key] = value
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
-
-    def _count(self, attention_mask: np.ndarray, t0: float) -> None:
+    def _count(self, attention_mask: Any, rows: Any, t0: float) -> None:
         self.counters["calls"] += 1
-        self.counters["tokens"] += int(np.asarray(attention_mask).sum())
+        self.counters["tokens"] += int(np.asarray(attention_mask).sum())  # the backbone runs over these
+        self.counters["rows"] += int(len(rows))  # the head and the softmax over these
         self.counters["busy_s"] += time.perf_counter() - t0
 
-    # ------------------------------------------------------------------ object-store calls
-    def topk(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, k: int, tau: float,
-             wire: bool = True) -> dict[str, np.ndarray]:
-        """{"ids": int32 [B,T,k], "logprobs": [B,T,k] wire dtype (fp32 if not wire), "tail": fp32 [B,T]}."""
-        key = ("topk", batch_id, _digest(input_ids, attention_mask), int(k), float(tau), wire)
+    def _topk(self, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, k: int, tau: float,
+              include: Any) -> Part:
+        """{"ids": int32 [N, K], "logprobs": fp32 [N, K], "tail": fp32 [N]} on the engine's device."""
+        key = ("topk", batch_id, _digest(input_ids, attention_mask, rows, include), int(k), float(tau))
         hit = self._cached(key)
         if hit is not None:
             return hit
         t0 = time.perf_counter()
-        ids, lps, tail = self.engine.topk(input_ids, attention_mask, k, tau, batch_id=batch_id)
-        out = {"ids": ids, "logprobs": to_wire_dtype(lps, self.wire_dtype) if wire else lps, "tail": tail}
-        self._count(attention_mask, t0)
-        self._remember(key, out)
-        return out
+        ids, lps, tail = self.engine.topk(input_ids, attention_mask, rows, k, tau, include=include,
+                                          batch_id=batch_id)
+        self._count(attention_mask, rows, t0)
+        return self._remember(key, {"ids": torch.as_tensor(ids), "logprobs": torch.as_tensor(lps),
+                                    "tail": torch.as_tensor(tail)})
 
-    def gather(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, support: Any,
-               tau: float, wire: bool = True) -> dict[str, np.ndarray]:
-        """{"logprobs": [B,T,k] at the support's ids, "tail": fp32 [B,T]}. `support`: sft result or ids."""
-        ids = _support_ids(support)
-        key = ("gather", batch_id, _digest(input_ids, attention_mask, ids), float(tau), wire)
+    def _gather(self, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, support: Any,
+                tau: float) -> Part:
+        """{"logprobs": fp32 [N, K], "tail": fp32 [N]} at the support's ids."""
+        ids = support["ids"] if isinstance(support, dict) else support
+        key = ("gather", batch_id, _digest(input_ids, attention_mask, rows), _support_key(ids), float(tau))
         hit = self._cached(key)
         if hit is not None:
             return hit
         t0 = time.perf_counter()
-        lps, tail = self.engine.gather(input_ids, attention_mask, ids, tau, batch_id=batch_id)
-        out = {"logprobs": to_wire_dtype(lps, self.wire_dtype) if wire else lps, "tail": tail}
-        self._count(attention_mask, t0)
-        self._remember(key, out)
-        return out
+        lps, tail = self.engine.gather(input_ids, attention_mask, rows, ids, tau, batch_id=batch_id)
+        self._count(attention_mask, rows, t0)
+        return self._remember(key, {"logprobs": torch.as_tensor(lps), "tail": torch.as_tensor(tail)})
+
+    # ------------------------------------------------------------------ object-store calls (numpy)
+    def topk(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray, k: int,
+             tau: float, include: np.ndarray | None = None, wire: bool = True) -> dict[str, np.ndarray]:
+        """{"ids": int32 [N,K], "logprobs": [N,K] wire dtype (fp32 if not wire), "tail": fp32 [N]} at the rows.
+
+        include: optional [N] ids forced into the support (K = k + 1; `TeacherEngine.topk`).
+        """
+        out = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include)
+        lps = out["logprobs"].to(self.torch_wire) if wire else out["logprobs"]
+        return {"ids": to_numpy_wire(out["ids"]), "logprobs": to_numpy_wire(lps), "tail": to_numpy_wire(out["tail"])}
+
+    def gather(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
+               support: Any, tau: float, wire: bool = True) -> dict[str, np.ndarray]:
+        """{"logprobs": [N,K], "tail": fp32 [N]} at the support's ids. `support`: sft result or ids [N, K]."""
+        out = self._gather(batch_id, input_ids, attention_mask, rows, support, tau)
+        lps = out["logprobs"].to(self.torch_wire) if wire else out["logprobs"]
+        return {"logprobs": to_numpy_wire(lps), "tail": to_numpy_wire(out["tail"])}
 
     # ------------------------------------------------------------------ RDT calls (torch tensors)
-    def _tensors(self, out: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        dev = getattr(self.engine, "device", torch.device("cpu"))
-        res = {"logprobs": torch.from_numpy(np.array(out["logprobs"])).to(dev, TORCH_WIRE_DTYPES[self.wire_dtype]),
-               "tail": torch.from_numpy(np.array(out["tail"])).to(dev)}
-        if "ids" in out:
-            res["ids"] = torch.from_numpy(np.array(out["ids"])).to(dev)
-        return res
+    def _for_transport(self, out: Part, transport: str) -> Part:
+        """The part as sent: log-probs in the torch wire dtype (the same cast as the object store's), on the
+        engine's device; a new dict, so an fp32 wire sends the cached tensors themselves (never modified)."""
+        sent = {**out, "logprobs": out["logprobs"].to(self.torch_wire)}
+        if transport == "gloo" and any(v.is_cuda for v in sent.values()):
+            return {name: v.cpu() for name, v in sent.items()}  # gloo carries CPU tensors only
+        return sent
 
     @ray.method(tensor_transport="gloo")
-    def topk_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, k: int,
-                     tau: float) -> dict[str, torch.Tensor]:
-        """`topk` as torch tensors for Ray Direct Transport (logprobs in the torch wire dtype)."""
-        return self._tensors(self.topk(batch_id, input_ids, attention_mask, k, tau, wire=False))
+    def topk_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
+                     k: int, tau: float, include: np.ndarray | None = None, transport: str = "gloo") -> Part:
+        """`topk` as the engine's tensors, for Ray Direct Transport. `transport`: the one this call uses."""
+        return self._for_transport(self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include),
+                                   transport)
 
     @ray.method(tensor_transport="gloo")
-    def gather_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, support: Any,
-                       tau: float) -> dict[str, torch.Tensor]:
-        """`gather` as torch tensors for Ray Direct Transport; `support` is the sft part (tensors)."""
-        return self._tensors(self.gather(batch_id, input_ids, attention_mask, support, tau, wire=False))
+    def gather_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
+                       support: Any, tau: float, transport: str = "gloo") -> Part:
+        """`gather` as the engine's tensors, for RDT; `support` is the sft part, received as tensors."""
+        return self._for_transport(self._gather(batch_id, input_ids, attention_mask, rows, support, tau),
+                                   transport)
 
     # ------------------------------------------------------------------ service
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -148,9 +193,14 @@ class TeacherActor:
         return self.engine.encode(texts)
 
     def health(self) -> dict[str, Any]:
+        """Liveness plus what routing needs: node, GPUs, and whether the engine returns device tensors
+        (`tensor_engine`: an engine with a torch `.device`; the RDT path requires it)."""
         return {"ok": True, "role": self.role, "engine": self.engine_kind, "pid": os.getpid(),
-                "wire_dtype": self.wire_dtype, "uptime_s": time.time() - self.started, **self.engine.describe()}
+                "wire_dtype": self.wire_dtype, "uptime_s": time.time() - self.started, **placement(),
+                "tensor_engine": isinstance(getattr(self.engine, "device", None), torch.device),
+                **self.engine.describe()}
 
     def stats(self) -> dict[str, Any]:
-        """Tokens served, busy seconds, calls (cache hits not included), role and model path."""
+        """Tokens served (attended, through the backbone), rows scored, busy seconds, calls (cache hits not
+        included), role and model path."""
         return {"role": self.role, "model": self.engine.name, **self.counters}

@@ -1,9 +1,10 @@
-"""Building a `TopKRecord` from the parts the teacher roles return (object store or RDT).
+"""Building a numpy `TopKRecord` from the parts the teacher roles return (the object-store path).
 
-`assemble_record` is a pure function: the object-store path runs it in Ray (the pool's long-lived
-`RecordAssembler` actor; `assemble_task` for one-off client calls), the RDT path in the receiving student
-worker. Both get the role refs *nested in a list*, so they resolve them themselves and can turn a dead
-actor into `TeacherUnavailableError(role, batch_id)`.
+`assemble_record` is a pure function: the pool's long-lived `RecordAssembler` actor runs it (and
+`assemble_task` for one-off client calls). It gets the role refs *nested in a list*, so it resolves them
+itself and can turn a dead actor into `TeacherUnavailableError(role, batch_id)`. The RDT path does not
+assemble a numpy record: the receiving worker builds the loss targets from the tensors directly
+(`common.losses.targets.targets_from_parts`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import numpy as np
 import ray
 import torch
 
-from common.topk import ROLE_SFT, RecordError, TopKRecord
+from common.topk import ROLE_SFT, RecordError, TopKRecord, rows_from_mask
 
+from .actor import to_numpy_wire
 from .errors import TeacherRecordError, TeacherUnavailableError
 
 __all__ = ["assemble_record", "assemble_task", "RecordAssembler", "record_meta"]
@@ -23,26 +25,29 @@ __all__ = ["assemble_record", "assemble_task", "RecordAssembler", "record_meta"]
 
 def record_meta(batch_id: Any, loss_mask: np.ndarray, tau: float, vocab_size: int, fingerprint: str,
                 wire_dtype: str) -> dict[str, Any]:
-    """Everything a record needs besides the role parts (small; travels with the refs)."""
-    return {"batch_id": batch_id, "mask": np.ascontiguousarray(loss_mask, dtype=bool), "tau": float(tau),
-            "vocab_size": int(vocab_size), "tokenizer_fingerprint": fingerprint, "wire_dtype": wire_dtype}
+    """Everything a record needs besides the role parts (small; travels with the refs).
+
+    rows: int32 [N], the flat indices b * T + t where loss_mask [B, T] is true; batch_shape: (B, T).
+    """
+    mask = np.asarray(loss_mask, dtype=bool)
+    return {"batch_id": batch_id, "rows": rows_from_mask(mask), "batch_shape": tuple(int(s) for s in mask.shape),
+            "tau": float(tau), "vocab_size": int(vocab_size), "tokenizer_fingerprint": fingerprint,
+            "wire_dtype": wire_dtype}
 
 
-def _to_numpy(x: Any, wire_dtype: str | None = None) -> np.ndarray:
+def _to_numpy(x: Any) -> np.ndarray:
     """numpy view of a part array; a torch bf16 tensor becomes its uint16 bit pattern (the wire bf16)."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if x.dtype == torch.bfloat16:
-            return x.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return x.numpy()
+        return to_numpy_wire(x)
     return np.asarray(x)
 
 
 def assemble_record(meta: dict[str, Any], roles: list[str], parts: list[dict[str, Any]]) -> TopKRecord:
     """One validated TopKRecord from per-role parts.
 
-    parts[i] for roles[i]: {"logprobs": [B,T,k] wire dtype, "tail": [B,T]} (+ "ids" int32 [B,T,k] for sft);
-    numpy arrays or torch tensors (bf16 tensors for a bfloat16 wire). Raises RecordError on bad values.
+    parts[i] for roles[i]: {"logprobs": [N,K] wire dtype, "tail": [N]} (+ "ids" int32 [N,K] for sft);
+    numpy arrays or torch tensors (bf16 tensors for a bfloat16 wire; copied to the host). Raises RecordError
+    on bad values. (The RDT path does not come here: `common.losses.targets.targets_from_parts`.)
     """
     if len(roles) != len(parts):
         raise ValueError(f"batch {meta.get('batch_id')}: {len(roles)} roles but {len(parts)} parts")
@@ -52,11 +57,12 @@ def assemble_record(meta: dict[str, Any], roles: list[str], parts: list[dict[str
                          f"(roles {roles})")
     wire = meta["wire_dtype"]
     ids = _to_numpy(by_role[ROLE_SFT]["ids"]).astype(np.int32, copy=False)
-    logprobs = {r: _to_numpy(p["logprobs"], wire) for r, p in by_role.items()}
+    logprobs = {r: _to_numpy(p["logprobs"]) for r, p in by_role.items()}
     tails = {r: _to_numpy(p["tail"]).astype(np.float32, copy=False) for r, p in by_role.items()}
-    rec = TopKRecord(meta["batch_id"], ids, logprobs, tails, np.asarray(meta["mask"], dtype=bool),
-                     float(meta["tau"]), int(meta["vocab_size"]), meta.get("tokenizer_fingerprint", ""), wire,
-                     dict(meta.get("extra", {})))
+    b, t = meta["batch_shape"]
+    rec = TopKRecord(meta["batch_id"], ids, logprobs, tails, np.asarray(meta["rows"], dtype=np.int32),
+                     (int(b), int(t)), float(meta["tau"]), int(meta["vocab_size"]),
+                     meta.get("tokenizer_fingerprint", ""), wire, dict(meta.get("extra", {})))
     return rec.validate(required_roles=roles)
 
 

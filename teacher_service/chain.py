@@ -22,25 +22,28 @@ __all__ = ["call_chain", "warmup_inputs"]
 Pick = Callable[[str], tuple[int, Any]]  # role -> (replica index, actor handle)
 
 
-def call_chain(roles: list[str], pick: Pick, batch_id: Any, input_ids: Any, attention_mask: Any, k: int,
-               tau: float, *, wire: bool = True, tensor_transport: str | None = None,
+def call_chain(roles: list[str], pick: Pick, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, k: int,
+               tau: float, *, include: Any = None, wire: bool = True, tensor_transport: str | None = None,
                ) -> list[tuple[str, int, ray.ObjectRef]]:
     """Submit sft top-k and the gathers of `gather_roles(roles)`; returns (role, replica, ref) in chain order.
 
-    input_ids / attention_mask: [B, T] arrays or object refs to them. wire=False asks for fp32 log-probs
-    (object-store calls only). tensor_transport (e.g. "gloo", "nccl") uses the actors' RDT methods instead.
+    input_ids / attention_mask: [B, T] arrays or object refs to them; rows: [N] flat b * T + t (or a ref);
+    include: optional [N] ids forced into the sft support (K = k + 1). wire=False asks for fp32 log-probs
+    (object-store calls only). tensor_transport ("gloo", "nccl", "cuda_ipc") uses the actors' RDT methods:
+    every part, the sft part included, which the gathering teachers also receive, goes with that transport.
     """
-    def call(handle: Any, method: str, *args: Any) -> ray.ObjectRef:
+    def call(handle: Any, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         if tensor_transport is None:
-            return getattr(handle, method).remote(*args, wire)
-        return getattr(handle, f"{method}_tensors").options(tensor_transport=tensor_transport).remote(*args)
+            return getattr(handle, method).remote(*args, wire=wire, **kwargs)
+        return getattr(handle, f"{method}_tensors").options(tensor_transport=tensor_transport).remote(
+            *args, transport=tensor_transport, **kwargs)
 
     i, sft = pick(ROLE_SFT)
-    sft_ref = call(sft, "topk", batch_id, input_ids, attention_mask, k, tau)
+    sft_ref = call(sft, "topk", batch_id, input_ids, attention_mask, rows, k, tau, include=include)
     calls = [(ROLE_SFT, i, sft_ref)]
     for role in gather_roles(roles):
         i, h = pick(role)
-        calls.append((role, i, call(h, "gather", batch_id, input_ids, attention_mask, sft_ref, tau)))
+        calls.append((role, i, call(h, "gather", batch_id, input_ids, attention_mask, rows, sft_ref, tau)))
     return calls
 
 

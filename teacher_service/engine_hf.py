@@ -1,33 +1,53 @@
-"""The transformers teacher engine: one causal LM that scores batches of token ids. No Ray here.
+"""The transformers teacher engine: one causal LM that scores the counted rows of a batch. No Ray here.
 
 `topk` gives the SFT teacher's support (its top-k ids at temperature tau, their log-probs and the tail
-mass); `gather` gives any other model's log-probs at given ids plus its tail mass off those ids. The math
-is `common.sparse` (fp32 log-softmax, chunked over tokens, padded vocabulary rows cut).
+mass), optionally with one forced id per row (`include`); `gather` gives any other model's log-probs at
+given ids plus its tail mass off those ids. Both work on the counted rows only (`rows`: flat indices
+b * T + t of a right-padded [B, T] batch): the backbone runs over the batch, its last hidden states are
+selected at the rows, and the LM head is applied chunk by chunk over them (`common.sparse.head_topk`),
+so no [B, T, V] logits exist. Results are torch tensors on `engine.device` (no host copy).
+
+What this relies on in a Hugging Face causal LM: `model.get_decoder()` returns the backbone, whose output
+has `last_hidden_state`, and `model.get_output_embeddings()` is the `nn.Linear` LM head, with logits =
+lm_head(last_hidden_state). Models that post-process their logits (Gemma-2/3 soft-capping, Cohere's
+logit_scale, Granite's logits_scaling, ...) or whose structure differs are detected at load (config keys
+plus a probe forward compared against the model's own logits) and use the full forward instead, selecting
+the rows from its [B, T, V'] logits; `describe()["rows_path"]` says which path and why.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
 from common.config import ModelSpec
-from common.sparse import sparse_gather, sparse_topk
+from common.sparse import head_gather, head_topk, sparse_gather, sparse_topk
 
 from .errors import TeacherOutputError
 from .tokenizer_check import load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["TeacherEngine", "resolve_device", "resolve_dtype"]
+__all__ = ["TeacherEngine", "resolve_device", "resolve_dtype", "load_causal_lm", "ArrayLike"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Config attributes of logit post-processing the hidden-state path would skip (value None/0/1 = inactive).
+_POSTPROCESSING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                        "output_multiplier_scale")
+
+ArrayLike = np.ndarray | torch.Tensor
+
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
+    """"auto" -> cuda when available, else cpu. A bare "cuda" becomes the current device (cuda:i)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def resolve_dtype(dtype: str, spec_dtype: str, device: torch.device) -> torch.dtype:
@@ -40,17 +60,51 @@ def resolve_dtype(dtype: str, spec_dtype: str, device: torch.device) -> torch.dt
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def load_causal_lm(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Any:
+    """AutoModelForCausalLM on `device` in `dtype`, in eval mode.
+
+    With `accelerate` installed, `device_map={"": device}` makes transformers place each weight on the
+    device as it is read, so a 7B model is never fully materialised on the host first. Without it (e.g. an
+    image that lacks the package) the model is loaded on the host and moved, with a warning saying so.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_accelerate_available
+
+    kwargs: dict[str, Any] = dict(revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    if is_accelerate_available():
+        model = AutoModelForCausalLM.from_pretrained(spec.path, device_map={"": device}, **kwargs)
+    else:
+        warnings.warn(f"loading {spec.path} on the host, then moving it to {device}: the `accelerate` package "
+                      "(needed for device_map) is not installed", stacklevel=2)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs).to(device)
+    return model.eval()
+
+
+def _postprocessing(config: Any) -> str | None:
+    """The name of an active logit post-processing config key, or None."""
+    for key in _POSTPROCESSING_KEYS:
+        value = getattr(config, key, None)
+        if value not in (None, 0, 0.0, 1, 1.0, False):
+            return f"config.{key}={value}"
+    return None
+
+
+def _as_tensor(x: ArrayLike, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    # torch.tensor copies: Ray hands out read-only numpy views, which torch.from_numpy would warn about.
+    return torch.tensor(np.asarray(x), dtype=dtype, device=device)
+
+
 class TeacherEngine:
-    """A Hugging Face causal LM serving sparse distributions.
+    """A Hugging Face causal LM serving sparse distributions at the counted rows of a batch.
 
     vocab_size = len(tokenizer); logits' rows beyond it (padded embeddings) are cut before the softmax.
-    Inputs are right padded: input_ids, attention_mask [B, T].
+    Inputs are right padded: input_ids, attention_mask [B, T] (numpy or torch); rows [N] flat b * T + t.
     """
 
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", chunk_tokens: int = 1024):
-        from transformers import AutoModelForCausalLM
-
-        self.spec = spec
+        self.spec: ModelSpec | None = spec
         self.name = spec.path if spec.revision is None else f"{spec.path}@{spec.revision}"
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, spec.dtype, self.device)
@@ -62,87 +116,184 @@ class TeacherEngine:
             # Base LMs often ship without a pad token; padded positions are masked, so eos is a safe filler.
             # Set after the fingerprint, which describes the tokenizer as shipped.
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, dtype=self.dtype,
-                                                     trust_remote_code=spec.trust_remote_code)
-        self.model = model.to(self.device).eval()
+        self._use_model(load_causal_lm(spec, self.device, self.dtype))
+
+    @classmethod
+    def from_model(cls, model: Any, vocab_size: int, chunk_tokens: int = 1024, name: str | None = None,
+                   fingerprint: str = "") -> TeacherEngine:
+        """An engine over a causal LM already in memory (benchmarks, pipelines that built the model): no
+        checkpoint and no tokenizer (`encode` is unavailable); device and dtype are the model's."""
+        engine = cls.__new__(cls)
+        engine.spec = None
+        engine.name = name or f"in-memory-{type(model).__name__}"
+        first = next(model.parameters())
+        engine.device, engine.dtype = first.device, first.dtype
+        engine.chunk_tokens = int(chunk_tokens)
+        engine.tokenizer = None
+        engine.vocab_size, engine.fingerprint = int(vocab_size), fingerprint
+        engine._use_model(model.eval())
+        return engine
+
+    def _use_model(self, model: Any) -> None:
+        self.model = model
         self.model_vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         if self.model_vocab_size < self.vocab_size:
             raise ValueError(f"model {self.name} has {self.model_vocab_size} output rows, fewer than its "
                              f"tokenizer's {self.vocab_size} tokens")
+        self.backbone: Any = None
+        self.head: torch.nn.Linear | None = None
+        self.rows_path = self._choose_rows_path()
 
-    # ------------------------------------------------------------------ forward
-    def _check_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        if input_ids.ndim != 2:
-            raise ValueError(f"{self.name}: input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"{self.name}: attention_mask shape {tuple(attention_mask.shape)} != "
-                             f"input_ids shape {tuple(input_ids.shape)}")
-        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
-            raise ValueError(f"{self.name}: token ids out of range [0, {self.vocab_size}): "
-                             f"min {input_ids.min()}, max {input_ids.max()}")
-
+    # ------------------------------------------------------------------ the hidden-state path, or not
     @torch.inference_mode()
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, batch_id: Any = None) -> torch.Tensor:
-        """Raw logits [B, T, V'] (model dtype, V' >= vocab_size), checked finite at attended positions."""
-        input_ids = np.asarray(input_ids)
-        attention_mask = np.asarray(attention_mask)
-        self._check_inputs(input_ids, attention_mask)
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)  # copy: Ray hands read-only views
-        mask_t = torch.tensor(attention_mask, dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids_t, attention_mask=mask_t, use_cache=False).logits
-        # Only attended positions matter (padding positions are masked out of every loss); a NaN there
-        # means broken weights or overflow, never something to pass on.
-        bad = ~torch.isfinite(out[..., : self.vocab_size]).all(-1) & mask_t.bool()
-        if bool(bad.any()):
-            where = bad.nonzero()[0].tolist()
-            raise TeacherOutputError(self.name, batch_id,
-                                     f"{int(bad.sum())} positions with NaN/inf logits (first at [b, t] = {where})")
-        return out
+    def _choose_rows_path(self) -> str:
+        """Use backbone + LM head when they reproduce the model's logits; else the full forward (says why)."""
+        reason = _postprocessing(self.model.config)
+        if reason is not None:
+            return f"full_forward ({reason})"
+        backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        head = self.model.get_output_embeddings()
+        if backbone is None or backbone is self.model or not isinstance(head, torch.nn.Linear):
+            return "full_forward (no separate backbone and nn.Linear LM head)"
+        probe = torch.arange(2, 2 + 6, device=self.device).remainder(self.vocab_size)[None]
+        ones = torch.ones_like(probe)
+        try:
+            want = self.model(input_ids=probe, attention_mask=ones, use_cache=False).logits[0].float()
+            hidden = backbone(input_ids=probe, attention_mask=ones, use_cache=False).last_hidden_state[0]
+            got = head(hidden).float()
+        except Exception as err:  # an exotic backbone signature: the full forward still works
+            return f"full_forward (backbone probe failed: {type(err).__name__}: {err})"
+        finite = want[torch.isfinite(want)]
+        scale = float(finite.abs().max()) if finite.numel() else 1.0
+        # NaN weights give NaN on both sides: no reason to leave the hidden-state path (each batch's outputs
+        # are checked for NaN anyway, naming the batch)
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * (scale or 1.0),
+                                                         equal_nan=True):
+            return "full_forward (lm_head(last_hidden_state) differs from the model's logits)"
+        self.backbone, self.head = backbone, head
+        return "hidden_states"
+
+    # ------------------------------------------------------------------ inputs
+    def _inputs(self, input_ids: ArrayLike, attention_mask: ArrayLike, rows: ArrayLike,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids_t = _as_tensor(input_ids, torch.long, self.device)
+        mask_t = _as_tensor(attention_mask, torch.long, self.device)
+        rows_t = _as_tensor(rows, torch.long, self.device)
+        if ids_t.ndim != 2:
+            raise ValueError(f"{self.name}: input_ids must be [B, T], got shape {tuple(ids_t.shape)}")
+        if mask_t.shape != ids_t.shape:
+            raise ValueError(f"{self.name}: attention_mask shape {tuple(mask_t.shape)} != "
+                             f"input_ids shape {tuple(ids_t.shape)}")
+        if rows_t.ndim != 1:
+            raise ValueError(f"{self.name}: rows must be [N] flat indices b * T + t, got shape {tuple(rows_t.shape)}")
+        b, t = ids_t.shape
+        if ids_t.numel() or rows_t.numel():  # one host sync for every range check
+            lo, hi = (ids_t.min(), ids_t.max()) if ids_t.numel() else (ids_t.new_zeros(()), ids_t.new_zeros(()))
+            r_lo, r_hi = (rows_t.min(), rows_t.max()) if rows_t.numel() else (lo.new_zeros(()), lo.new_zeros(()))
+            steps = (rows_t[1:] - rows_t[:-1]).min() if rows_t.numel() > 1 else lo.new_ones(())
+            lo_, hi_, r_lo_, r_hi_, step = torch.stack([lo, hi, r_lo, r_hi, steps]).tolist()
+            if lo_ < 0 or hi_ >= self.vocab_size:
+                raise ValueError(f"{self.name}: token ids out of range [0, {self.vocab_size}): min {lo_}, max {hi_}")
+            if rows_t.numel() and (r_lo_ < 0 or r_hi_ >= b * t):
+                raise ValueError(f"{self.name}: rows out of range [0, B*T={b * t}): min {r_lo_}, max {r_hi_}")
+            if step <= 0:
+                raise ValueError(f"{self.name}: rows must be strictly increasing")
+        return ids_t, mask_t, rows_t
 
     def _check_k(self, k: int) -> None:
         if not 0 < k <= self.vocab_size:
             raise ValueError(f"k={k} out of range for model {self.name}: must be in 1..{self.vocab_size} "
                              f"(its vocabulary size)")
 
-    @torch.inference_mode()
-    def topk(self, input_ids: np.ndarray, attention_mask: np.ndarray, k: int, tau: float = 1.0,
-             batch_id: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-k of log_softmax(logits / tau) per position.
+    # ------------------------------------------------------------------ forward
+    def _at_rows(self, ids_t: torch.Tensor, mask_t: torch.Tensor, rows_t: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states [N, H] at the rows, or (full-forward path) the logits [N, V']."""
+        if self.backbone is not None:
+            hidden = self.backbone(input_ids=ids_t, attention_mask=mask_t, use_cache=False).last_hidden_state
+            return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows_t)
+        logits = self.model(input_ids=ids_t, attention_mask=mask_t, use_cache=False).logits
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, rows_t)
 
-        returns ids int32 [B, T, k] (descending log-prob), logprobs fp32 [B, T, k],
-        tail fp32 [B, T] = 1 - sum_{i in top-k} p_i.
+    @torch.inference_mode()
+    def full_logits(self, input_ids: ArrayLike, attention_mask: ArrayLike) -> torch.Tensor:
+        """The model's own logits [B, T, V'] (model dtype): the reference the row path must reproduce."""
+        ids_t, mask_t, _ = self._inputs(input_ids, attention_mask, np.zeros(0, dtype=np.int64))
+        return self.model(input_ids=ids_t, attention_mask=mask_t, use_cache=False).logits
+
+    def _check_output(self, lps: torch.Tensor, tail: torch.Tensor, rows_t: torch.Tensor, t: int,
+                      batch_id: Any) -> None:
+        """NaN in a row's outputs means NaN/inf logits there (the log-sum-exp spreads it): never pass it on."""
+        bad = torch.isnan(tail) | torch.isnan(lps).any(-1)
+        if bool(bad.any()):
+            first = int(rows_t[bad.nonzero()[0, 0]])
+            raise TeacherOutputError(self.name, batch_id, f"{int(bad.sum())} positions with NaN/inf logits "
+                                                          f"(first at [b, t] = {[first // t, first % t]})")
+
+    @torch.inference_mode()
+    def topk(self, input_ids: ArrayLike, attention_mask: ArrayLike, rows: ArrayLike, k: int, tau: float = 1.0,
+             include: ArrayLike | None = None, batch_id: Any = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k of log_softmax(logits / tau) at each counted row.
+
+        include: optional [N] ids forced into the support (K = k + 1, all distinct; if the id is already in
+        the top-k, slot k holds the (k+1)-th best id). Returns tensors on `self.device`: ids int32 [N, K]
+        (top-k descending, then the forced slot), logprobs fp32 [N, K], tail fp32 [N] = 1 - sum_K p.
         """
         self._check_k(k)
-        logits = self.logits(input_ids, attention_mask, batch_id)
-        ids, lps, tail = sparse_topk(logits, k, tau, self.vocab_size, self.chunk_tokens)
-        return (ids.to(torch.int32).cpu().numpy(), lps.cpu().numpy(), tail.cpu().numpy())
+        ids_t, mask_t, rows_t = self._inputs(input_ids, attention_mask, rows)
+        forced = None if include is None else _as_tensor(include, torch.long, self.device)
+        if forced is not None and tuple(forced.shape) != tuple(rows_t.shape):
+            raise ValueError(f"{self.name}: include shape {tuple(forced.shape)} != rows shape {tuple(rows_t.shape)}")
+        width = k if forced is None else k + 1
+        if width > self.vocab_size:
+            raise ValueError(f"k={k} plus a forced id needs {width} distinct ids, more than model {self.name}'s "
+                             f"vocabulary of {self.vocab_size}")
+        x = self._at_rows(ids_t, mask_t, rows_t) if rows_t.numel() else None
+        if x is None:  # no counted row: nothing to run
+            ids, lps, tail = (torch.empty(0, width, dtype=torch.long, device=self.device),
+                              torch.empty(0, width, device=self.device), torch.empty(0, device=self.device))
+        elif self.head is not None:
+            ids, lps, tail = head_topk(x, self.head.weight, self.head.bias, k, tau, self.vocab_size,
+                                       self.chunk_tokens, forced)
+        else:
+            ids, lps, tail = sparse_topk(x, k, tau, self.vocab_size, self.chunk_tokens, forced)
+        self._check_output(lps, tail, rows_t, ids_t.shape[1], batch_id)
+        return ids.to(torch.int32), lps, tail
 
     @torch.inference_mode()
-    def gather(self, input_ids: np.ndarray, attention_mask: np.ndarray, ids: np.ndarray, tau: float = 1.0,
-               batch_id: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """log_softmax(logits / tau) at given ids [B, T, k], and the mass off them.
+    def gather(self, input_ids: ArrayLike, attention_mask: ArrayLike, rows: ArrayLike, ids: ArrayLike,
+               tau: float = 1.0, batch_id: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log_softmax(logits / tau) at given ids [N, K] of each counted row, and the mass off them.
 
-        returns logprobs fp32 [B, T, k], tail fp32 [B, T] = 1 - sum_{i in ids} p_i.
+        Returns tensors on `self.device`: logprobs fp32 [N, K], tail fp32 [N] = 1 - sum_{i in ids} p_i.
         """
-        ids = np.asarray(ids)
-        if ids.ndim != 3 or ids.shape[:2] != np.asarray(input_ids).shape:
-            raise ValueError(f"{self.name}: support ids shape {tuple(ids.shape)} must be [B, T, k] with "
-                             f"[B, T] = {tuple(np.asarray(input_ids).shape)}")
-        self._check_k(ids.shape[-1])
-        logits = self.logits(input_ids, attention_mask, batch_id)
-        # np.array copies: ids arrive as a read-only view from the object store, which torch warns about
-        support = torch.from_numpy(np.array(ids, dtype=np.int64)).to(self.device)
-        lps, tail = sparse_gather(logits, support, tau, self.vocab_size, self.chunk_tokens)
-        return lps.cpu().numpy(), tail.cpu().numpy()
+        ids_t, mask_t, rows_t = self._inputs(input_ids, attention_mask, rows)
+        support = _as_tensor(ids, torch.long, self.device)
+        if support.ndim != 2 or support.shape[0] != rows_t.shape[0]:
+            raise ValueError(f"{self.name}: support ids shape {tuple(support.shape)} must be [N, K] with "
+                             f"N = {rows_t.shape[0]} rows")
+        self._check_k(support.shape[1])
+        if not rows_t.numel():
+            return torch.empty(0, support.shape[1], device=self.device), torch.empty(0, device=self.device)
+        x = self._at_rows(ids_t, mask_t, rows_t)
+        if self.head is not None:
+            lps, tail = head_gather(x, self.head.weight, self.head.bias, support, tau, self.vocab_size,
+                                    self.chunk_tokens)
+        else:
+            lps, tail = sparse_gather(x, support, tau, self.vocab_size, self.chunk_tokens)
+        self._check_output(lps, tail, rows_t, ids_t.shape[1], batch_id)
+        return lps, tail
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Tokenise texts with this model's tokenizer, right padded: (input_ids int32, attention_mask) [B, T]."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a list of strings")
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name}: an engine built from a model in memory has no tokenizer")
         enc = self.tokenizer(list(texts), padding=True, return_tensors="np", padding_side="right")
         return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "vocab_size": self.vocab_size, "model_vocab_size": self.model_vocab_size,
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, "rows_path": self.rows_path}

@@ -1,8 +1,9 @@
 """`TeacherPool`: routes each batch through the teacher roles and yields one `TopKRecord` ref.
 
-For a batch the SFT teacher picks the support (top-k); its result ref goes, as a direct argument, to every
-gathering role (base, student_base, extra pairs), and a small assemble task receives all role refs nested
-in a list and returns the validated record. The driver never `ray.get`s intermediate arrays.
+For a batch the SFT teacher picks the support (top-k at the counted positions); its result ref goes, as a
+direct argument, to every gathering role (base, student_base, extra pairs), and the assembler actor
+receives all role refs nested in a list and returns the validated record (object store), or the driver
+hands the role refs to the receiving worker (RDT). The driver never `ray.get`s intermediate arrays.
 
 Routing: each call goes to the replica of its role with the fewest calls in flight; a replica holds at most
 `teachers.max_inflight_per_replica`; when all are full the pool waits (`ray.wait`) for one to finish, which
@@ -18,13 +19,14 @@ import numpy as np
 import ray
 
 from common.config import RunConfig
-from common.topk import ROLE_SFT
+from common.topk import ROLE_SFT, rows_from_mask
 
 from .actor import TeacherActor
 from .assemble import RecordAssembler, record_meta
 from .chain import call_chain, warmup_inputs
 from .roles import replica_name, teacher_role_specs
 from .tokenizer_check import check_tokenizers
+from .transport import choose_rdt_transport
 
 __all__ = ["TeacherPool"]
 
@@ -42,7 +44,15 @@ class TeacherPool:
         self.inflight: dict[str, list[list[ray.ObjectRef]]] = {r: [[] for _ in hs] for r, hs in handles.items()}
         self.submitted = 0
         self._assembler: Any = None  # RecordAssembler, started on the first submit, always owned by this pool
-        info = ray.get(handles[ROLE_SFT][0].health.remote())
+        self._rdt_transport: str | None = None  # fixed by the first rdt_backend(receivers) call
+        health = {r: ray.get([h.health.remote() for h in hs]) for r, hs in handles.items()}
+        self.placements = [h for hs in health.values() for h in hs]  # node, GPUs and device of every replica
+        info = health[ROLE_SFT][0]
+        if cfg.transport.kind == "rdt" and cfg.loss.method != "sft":
+            plain = [f"{h['role']} ({h['engine']})" for h in self.placements if not h.get("tensor_engine")]
+            if plain:
+                raise ValueError(f"transport.kind=rdt needs teacher engines that return torch tensors on a device; "
+                                 f"{', '.join(plain)} do not: use transport.kind=object_store")
         self.vocab_size = int(info["vocab_size"])
         self.fingerprint = str(info["fingerprint"])
         if not 0 < cfg.loss.k <= self.vocab_size:
@@ -134,30 +144,42 @@ class TeacherPool:
                 return i, self.handles[role][i]
             ray.wait([r for refs in slots for r in refs], num_returns=1, fetch_local=False)
 
-    def _inputs(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
-                loss_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _inputs(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, loss_mask: np.ndarray,
+                include: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(input_ids int32, attention_mask int32, loss_mask bool) [B, T] and the forced ids at the counted
+        positions ([N] int64, or None)."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int32)
         am = np.ascontiguousarray(attention_mask, dtype=np.int32)
         lm = np.ascontiguousarray(loss_mask, dtype=bool)
         if ids.ndim != 2 or am.shape != ids.shape or lm.shape != ids.shape:
             raise ValueError(f"batch {batch_id}: input_ids {ids.shape}, attention_mask {am.shape} and loss_mask "
                              f"{lm.shape} must all be the same [B, T]")
-        return ids, am, lm
+        forced = None
+        if include is not None:
+            inc = np.asarray(include)
+            if inc.shape != ids.shape or not np.issubdtype(inc.dtype, np.integer):
+                raise ValueError(f"batch {batch_id}: include must be integer token ids [B, T] = {ids.shape}, got "
+                                 f"{inc.dtype} {inc.shape}")
+            forced = np.ascontiguousarray(inc[lm], dtype=np.int64)
+        return ids, am, lm, forced
 
-    def submit(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
-               loss_mask: np.ndarray) -> ray.ObjectRef:
+    def submit(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray, loss_mask: np.ndarray,
+               include: np.ndarray | None = None) -> ray.ObjectRef:
         """Chain sft -> gathering roles -> assemble; returns a ref to the validated TopKRecord.
 
-        input_ids, attention_mask, loss_mask: [B, T] (right padded). The record has ids [B, T, k] with
-        k = loss.k, log-probs at tau = loss.tau in teachers.wire_dtype, mask = loss_mask.
+        input_ids, attention_mask, loss_mask: [B, T] (right padded). The record holds the counted positions
+        only (rows = the flat indices where loss_mask is true): ids [N, k] with k = loss.k, log-probs at
+        tau = loss.tau in teachers.wire_dtype. include: optional [B, T] token ids; the value at each counted
+        position is forced into that position's support (K = k + 1; on-policy batches pass the labels).
         """
         self.submitted += 1
-        return self._record(batch_id, *self._inputs(batch_id, input_ids, attention_mask, loss_mask))
+        return self._record(batch_id, *self._inputs(batch_id, input_ids, attention_mask, loss_mask, include))
 
-    def _record(self, batch_id: Any, ids: np.ndarray, am: np.ndarray, lm: np.ndarray) -> ray.ObjectRef:
-        ids_ref, am_ref = ray.put(ids), ray.put(am)  # one copy in the object store, shared by every role
-        refs = self._chain(batch_id, ids_ref, am_ref)
+    def _record(self, batch_id: Any, ids: np.ndarray, am: np.ndarray, lm: np.ndarray,
+                forced: np.ndarray | None = None) -> ray.ObjectRef:
         meta = self._meta(batch_id, lm)
+        # one copy of each input in the object store, shared by every role
+        refs = self._chain(batch_id, ray.put(ids), ray.put(am), ray.put(meta["rows"]), forced)
         if self._assembler is None:
             self._assembler = RecordAssembler.remote()
         return self._assembler.assemble.remote(meta, self.roles, refs)
@@ -166,10 +188,11 @@ class TeacherPool:
         return record_meta(batch_id, loss_mask, self.cfg.loss.tau, self.vocab_size, self.fingerprint,
                            self.cfg.teachers.wire_dtype)
 
-    def _chain(self, batch_id: Any, ids: Any, am: Any, tensor_transport: str | None = None) -> list[ray.ObjectRef]:
+    def _chain(self, batch_id: Any, ids: Any, am: Any, rows: Any, forced: np.ndarray | None = None,
+               tensor_transport: str | None = None) -> list[ray.ObjectRef]:
         """The role calls of one batch (routed; each counted in flight on its replica), in chain order."""
-        calls = call_chain(self.roles, self._route, batch_id, ids, am, self.cfg.loss.k, self.cfg.loss.tau,
-                           tensor_transport=tensor_transport)
+        calls = call_chain(self.roles, self._route, batch_id, ids, am, rows, self.cfg.loss.k, self.cfg.loss.tau,
+                           include=forced, tensor_transport=tensor_transport)
         for role, i, ref in calls:
             self.inflight[role][i].append(ref)
         return [ref for _, _, ref in calls]
@@ -180,32 +203,51 @@ class TeacherPool:
         The first call of an engine pays one-off costs (allocator and kernel warm-up; for `assemble`, the
         assembler actor's process start, about 1 s on 2 cores), which the first training batch would otherwise
         wait for. The driver calls this right after the pool is up, so the cost overlaps with the student
-        workers' set-up. assemble=False (the RDT path, which assembles in the workers) warms the teachers only.
-        Not counted in `submitted`.
+        workers' set-up. assemble=False (the RDT path, which needs no assembler) warms the teachers only,
+        through their object-store methods (the RDT collective group does not exist yet). Not counted in
+        `submitted`.
         """
         batch_id, (ids, am, lm) = f"warmup-{uuid.uuid4().hex[:8]}", warmup_inputs()
         if assemble:
             return [self._record(batch_id, ids, am, lm)]
-        return self._chain(batch_id, ray.put(ids), ray.put(am))
+        return self._chain(batch_id, ray.put(ids), ray.put(am), ray.put(rows_from_mask(lm)))
 
     def submit_parts(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
-                     loss_mask: np.ndarray) -> tuple[dict[str, Any], list[str], list[ray.ObjectRef]]:
-        """The RDT path: (meta, roles, refs), each ref an RDT dict of torch tensors, for `assemble_record`.
+                     loss_mask: np.ndarray, include: np.ndarray | None = None,
+                     ) -> tuple[dict[str, Any], list[str], list[ray.ObjectRef]]:
+        """The RDT path: (meta, roles, refs), each ref an RDT dict of the engines' torch tensors, for
+        `common.losses.targets.targets_from_parts` in the receiving worker. Arguments as `submit`.
 
         Only the process that created the collective group (the driver) may pass these refs on, as direct
-        arguments to an actor call of a receiving actor in the group.
+        arguments to an actor call of a receiving actor in the group. The transport is the run's
+        (`rdt_backend`), the same for every part: the sft part feeds the gathering teachers as well as the
+        worker, and one RDT object has one transport.
         """
-        ids, am, lm = self._inputs(batch_id, input_ids, attention_mask, loss_mask)
-        refs = self._chain(batch_id, ids, am, tensor_transport=self.rdt_backend())
+        ids, am, lm, forced = self._inputs(batch_id, input_ids, attention_mask, loss_mask, include)
+        meta = self._meta(batch_id, lm)
+        refs = self._chain(batch_id, ids, am, meta["rows"], forced, tensor_transport=self.rdt_backend())
         self.submitted += 1
-        return self._meta(batch_id, lm), list(self.roles), refs
+        return meta, list(self.roles), refs
 
-    def rdt_backend(self) -> str:
-        """transport.rdt_backend, with "auto" -> nccl when teachers have GPUs, else gloo."""
-        b = self.cfg.transport.rdt_backend
-        if b == "auto":
-            return "nccl" if self.cfg.teachers.num_gpus > 0 else "gloo"
-        return b
+    def rdt_backend(self, receivers: list[Any] | None = None) -> str:
+        """The run's RDT tensor transport: transport.rdt_backend, or for "auto" `choose_rdt_transport` over the
+        teachers' placements and (when given) the receiving workers' (actor handles with a `placement()`
+        method, or placement dicts). The first call that passes receivers fixes the choice for the run.
+
+        "gloo" and "nccl" need a collective group of the teachers and the receivers (the caller creates it
+        with this backend); "cuda_ipc" is one-sided and needs none.
+        """
+        if self._rdt_transport is not None:
+            return self._rdt_transport
+        configured = self.cfg.transport.rdt_backend
+        if receivers is None:
+            return choose_rdt_transport(configured, self.placements, None)
+        asked = [r if isinstance(r, dict) else r.placement.remote() for r in receivers]
+        refs = [a for a in asked if not isinstance(a, dict)]
+        got = iter(ray.get(refs))
+        where: list[dict[str, Any]] = [a if isinstance(a, dict) else next(got) for a in asked]
+        self._rdt_transport = choose_rdt_transport(configured, self.placements, where)
+        return self._rdt_transport
 
     # ------------------------------------------------------------------ service
     def actors(self) -> list[Any]:

@@ -1,7 +1,16 @@
-"""SparseTargets: the torch view of a TopKRecord, as the loss consumes it."""
+"""SparseTargets: the torch view of a teacher record, as the loss consumes it; and its constructors.
+
+Two ways a record reaches the loss (ARCHITECTURE.md, "the record path"):
+- object store: a numpy `TopKRecord`, validated by the assembler -> `targets_from_record(record, device)`;
+- Ray Direct Transport: the role parts as torch tensors, as the teachers produced them (CUDA on GPUs) ->
+  `targets_from_parts(meta, roles, parts, device)`, which validates them on the device (one host sync per
+  record) and never converts them to numpy.
+Both give bit-identical SparseTargets for the same teacher outputs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.topk import TopKRecord
+from common.topk import MASS_EPS, ROLE_SFT, WIRE_DTYPES, RecordError, TopKRecord
 
-__all__ = ["SparseTargets", "LossInputError", "targets_from_record"]
+__all__ = ["SparseTargets", "LossInputError", "targets_from_record", "targets_from_parts"]
 
 
 class LossInputError(ValueError):
@@ -76,28 +85,169 @@ class SparseTargets:
                                      f"targets have roles {self.roles}")
 
 
-def _to_torch(x: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    # torch.tensor copies: Ray hands out read-only numpy views, which torch.from_numpy would warn about.
-    return torch.tensor(np.ascontiguousarray(x), dtype=dtype).to(device)
+# ---------------------------------------------------------------------------------------------------------
+# Constructors (the records branch). They build the rows form of INTERFACES.md section 1.
+
+
+def _make_targets(ids: Tensor, logprobs: dict[str, Tensor], tail: dict[str, Tensor], rows: Tensor,
+                  batch_shape: tuple[int, int], tau: float, vocab_size: int, batch_id: Any) -> SparseTargets:
+    """SparseTargets from rows-form tensors (ids [N, K] long, fp32 logprobs [N, K] / tail [N], rows [N] long).
+
+    Transitional: until the rows-form SparseTargets (fields `rows`, `batch_shape`) lands, the rows are
+    scattered into the [B, T, K] + mask form the loss reads today (uncounted positions hold zeros and are
+    masked out). Once `rows` is a field this is a plain constructor call.
+    """
+    fields = {f.name for f in dataclasses.fields(SparseTargets)}
+    if "rows" in fields:
+        return SparseTargets(ids=ids, logprobs=logprobs, tail=tail, rows=rows,  # type: ignore[call-arg]
+                             batch_shape=batch_shape, tau=tau, vocab_size=vocab_size, batch_id=batch_id)
+    b, t = batch_shape
+    k = ids.shape[1]
+
+    def dense(x: Tensor, *trailing: int) -> Tensor:
+        out = x.new_zeros((b * t, *trailing))
+        return out.index_copy_(0, rows, x).view(b, t, *trailing)
+
+    mask = dense(torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device))
+    return SparseTargets(ids=dense(ids, k), logprobs={r: dense(v, k) for r, v in logprobs.items()},  # type: ignore[call-arg]
+                         tail={r: dense(v) for r, v in tail.items()}, mask=mask, tau=tau, vocab_size=vocab_size,
+                         batch_id=batch_id)
+
+
+_TORCH_WIRE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _wire_to_device(x: np.ndarray, wire_dtype: str, device: torch.device | str) -> Tensor:
+    """A numpy wire array -> fp32 on `device`; the 16-bit wire travels to the device as 16 bits."""
+    x = np.ascontiguousarray(x)
+    if wire_dtype == "bfloat16":  # uint16 bit patterns: reinterpret as torch bf16 (exact), widen on the device
+        t = torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(x.copy())  # copy: Ray hands out read-only views
+    return t.to(device).float()
 
 
 def targets_from_record(record: TopKRecord, device: torch.device | str = "cpu") -> SparseTargets:
-    """Decode a wire record (fp32, fp16 or bf16-as-uint16 log-probs) into fp32 torch tensors on `device`.
+    """A numpy wire record (fp32, fp16 or bf16-as-uint16 log-probs) -> fp32 SparseTargets on `device`.
 
-    The record is not re-validated here: the receiver calls `record.validate(...)` on receipt.
+    The record is not re-validated here: the receiver validates it on receipt (`record.validate(...)`).
     """
-    lp = {role: _to_torch(record.role_logprobs(role), torch.float32, device) for role in record.logprobs}
-    tail = {}
+    lp: dict[str, Tensor] = {}
+    tail: dict[str, Tensor] = {}
     for role in record.logprobs:
         if role not in record.tail:
             raise LossInputError(f"batch {record.batch_id}, role {role!r}: log-probs without tail mass")
-        tail[role] = _to_torch(np.asarray(record.tail[role], dtype=np.float32), torch.float32, device)
-    return SparseTargets(
-        ids=_to_torch(record.ids, torch.long, device),
-        logprobs=lp,
-        tail=tail,
-        mask=_to_torch(np.asarray(record.mask, dtype=bool), torch.bool, device),
-        tau=float(record.tau),
-        vocab_size=int(record.vocab_size),
-        batch_id=record.batch_id,
-    )
+        lp[role] = _wire_to_device(record.logprobs[role], record.wire_dtype, device)
+        tail[role] = _wire_to_device(np.asarray(record.tail[role], dtype=np.float32), "float32", device)
+    rows = torch.from_numpy(np.asarray(record.rows, dtype=np.int64).copy()).to(device)
+    ids = torch.from_numpy(np.asarray(record.ids).copy()).to(device).long()
+    b, t = record.batch_shape
+    return _make_targets(ids, lp, tail, rows, (int(b), int(t)), float(record.tau), int(record.vocab_size),
+                         record.batch_id)
+
+
+def _meta_rows(meta: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int]]:
+    """The record's rows (host numpy, from the sender's loss mask) checked against batch_shape."""
+    bid = meta.get("batch_id")
+    b, t = (int(s) for s in meta["batch_shape"])
+    rows = np.asarray(meta["rows"])
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        raise RecordError(bid, None, f"rows must be a 1-d integer array, got {rows.dtype} {tuple(rows.shape)}")
+    if rows.size and (rows.min() < 0 or rows.max() >= b * t):
+        raise RecordError(bid, None, f"rows out of range [0, B*T={b * t}): min {rows.min()}, max {rows.max()}")
+    if rows.size > 1 and not (np.diff(rows.astype(np.int64)) > 0).all():
+        raise RecordError(bid, None, "rows must be strictly increasing")
+    return rows.astype(np.int64), (b, t)
+
+
+def _part_tensor(x: Any, device: torch.device | str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.to(device)  # no-op when the transport delivered it on this device
+    return torch.from_numpy(np.array(x)).to(device)  # a numpy part (tests, mixed callers): copied once
+
+
+def targets_from_parts(meta: dict[str, Any], roles: list[str], parts: list[dict[str, Any]],
+                       device: torch.device | str, required_roles: list[str] | tuple[str, ...] = (),
+                       ) -> SparseTargets:
+    """SparseTargets straight from the teachers' role parts (the RDT path), validated on `device`.
+
+    meta: `teacher_service.assemble.record_meta(...)` (batch_id, rows, batch_shape, tau, vocab_size,
+    wire_dtype); parts[i] for roles[i]: {"logprobs": [N, K] (torch wire dtype), "tail": [N] fp32}, plus
+    "ids" [N, K] int32 in the sft part. The tensors stay torch tensors (moved to `device` if they are not
+    there already); the checks of `TopKRecord.validate` run on the device and cost one host sync (a single
+    boolean), more only when a check fails (to say which). Raises RecordError naming batch id and role.
+    """
+    bid = meta.get("batch_id")
+    wire = meta.get("wire_dtype", "float32")
+    if wire not in WIRE_DTYPES:
+        raise RecordError(bid, None, f"unknown wire dtype {wire!r}")
+    if len(roles) != len(parts):
+        raise RecordError(bid, None, f"{len(roles)} roles but {len(parts)} parts")
+    by_role = dict(zip(roles, parts))
+    for role in required_roles:
+        if role not in by_role:
+            raise RecordError(bid, role, f"missing; record has roles {list(roles)}")
+    if ROLE_SFT not in by_role or "ids" not in by_role[ROLE_SFT]:
+        raise RecordError(bid, ROLE_SFT, f"the sft part with the support ids is missing (roles {list(roles)})")
+    rows_np, batch_shape = _meta_rows(meta)
+    vocab = int(meta["vocab_size"])
+    ids = _part_tensor(by_role[ROLE_SFT]["ids"], device)
+    n = rows_np.shape[0]
+    if ids.ndim != 2 or ids.shape[0] != n or ids.dtype not in (torch.int32, torch.int64):
+        raise RecordError(bid, ROLE_SFT, f"ids must be int32 [N, K] with N = {n} rows, got {ids.dtype} "
+                                         f"{tuple(ids.shape)}")
+    k = int(ids.shape[1])
+    if not 0 < k <= vocab:
+        raise RecordError(bid, None, f"k={k} out of range (1..vocab_size={vocab})")
+    lp: dict[str, Tensor] = {}
+    tail: dict[str, Tensor] = {}
+    for role, part in by_role.items():
+        x, tl = _part_tensor(part["logprobs"], device), _part_tensor(part["tail"], device)
+        if tuple(x.shape) != (n, k) or x.dtype != _TORCH_WIRE[wire]:
+            raise RecordError(bid, role, f"logprobs must be {_TORCH_WIRE[wire]} {(n, k)} (ids shape), got "
+                                         f"{x.dtype} {tuple(x.shape)}")
+        if tuple(tl.shape) != (n,) or tl.dtype != torch.float32:
+            raise RecordError(bid, role, f"tail must be float32 {(n,)}, got {tl.dtype} {tuple(tl.shape)}")
+        lp[role], tail[role] = x.float(), tl
+    _check_values_on_device(bid, ids, lp, tail, vocab, MASS_EPS[wire])
+    rows = torch.from_numpy(rows_np).to(ids.device)
+    return _make_targets(ids.long(), lp, tail, rows, batch_shape, float(meta["tau"]), vocab, bid)
+
+
+def _value_checks(ids: Tensor, lp: dict[str, Tensor], tail: dict[str, Tensor], vocab: int, eps: float,
+                  ) -> list[tuple[str | None, str, Tensor]]:
+    """(role, what, flag tensor) per check, in TopKRecord.validate's order; a flag is True when it fails."""
+    checks: list[tuple[str | None, str, Tensor]] = [(None, "ids out of range", (ids < 0).any() | (ids >= vocab).any())]
+    for role, x in lp.items():
+        t = tail[role]
+        checks += [
+            (role, "non-finite log-prob values (NaN or +inf)", (torch.isnan(x) | torch.isposinf(x)).any()),
+            (role, "log-prob > 0", (x > eps).any()),
+            (role, "non-finite tail mass", ~torch.isfinite(t).all()),
+            (role, "tail mass outside [0, 1]", ((t < -eps) | (t > 1 + eps)).any()),
+            (role, "probability mass > 1 (support + tail)", (x.exp().sum(-1) + t > 1 + eps).any()),
+        ]
+    return checks
+
+
+def _check_values_on_device(bid: Any, ids: Tensor, lp: dict[str, Tensor], tail: dict[str, Tensor], vocab: int,
+                            eps: float) -> None:
+    if ids.numel() == 0:
+        return
+    checks = _value_checks(ids, lp, tail, vocab, eps)
+    flags = torch.stack([flag for _, _, flag in checks])
+    if not bool(flags.any()):  # the one host sync of a good record
+        return
+    role, what, _ = checks[flags.tolist().index(True)]
+    if role is None:
+        what += f" [0, {vocab}): min {int(ids.min())}, max {int(ids.max())}"
+    elif what.startswith("non-finite log-prob"):
+        what = f"{int((torch.isnan(lp[role]) | torch.isposinf(lp[role])).sum())} {what}"
+    elif what == "log-prob > 0":
+        what = f"log-prob {float(lp[role].max()):.4g} > 0"
+    elif what.startswith("tail mass outside"):
+        what += f": [{float(tail[role].min()):.4g}, {float(tail[role].max()):.4g}]"
+    elif what.startswith("probability mass"):
+        worst = float((lp[role].double().exp().sum(-1) + tail[role]).max())
+        what = f"probability mass {worst:.6f} > 1 + {eps} (support + tail)"
+    raise RecordError(bid, role, what)

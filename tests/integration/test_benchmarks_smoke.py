@@ -85,17 +85,20 @@ def test_benchmark_smoke_writes_json(script: str, tmp_path: Path, request: pytes
             assert t["met"] == (t["value"] <= t["threshold"] if t["op"] == "<=" else t["value"] >= t["threshold"]), t
 
     if script == "bench_wire":
-        # Exact arithmetic, per token: ids int32 k + per role (k log-probs + fp32 tail) + 1 mask byte.
+        # Exact arithmetic, per counted token: ids int32 k + row index int32 + per role (k log-probs + fp32 tail).
         sizes = {(r["roles"], r["wire_dtype"], r["k"]): r["bytes_per_token"] for r in doc["figures"]["sizes"]}
-        assert sizes[(2, "float32", 64)] == 64 * 4 + 2 * (64 * 4 + 4) + 1 == 777
-        assert sizes[(2, "bfloat16", 64)] == sizes[(2, "float16", 64)] == 64 * 4 + 2 * (64 * 2 + 4) + 1 == 521
+        assert sizes[(2, "float32", 64)] == 64 * 4 + 4 + 2 * (64 * 4 + 4) == 780
+        assert sizes[(2, "bfloat16", 64)] == sizes[(2, "float16", 64)] == 64 * 4 + 4 + 2 * (64 * 2 + 4) == 524
+        counted = doc["figures"]["counted_positions_embedded_default"]
+        assert 0 < counted["counted_over_positions"] < counted["counted_over_attended"] < 1
+        assert counted["rows_form_over_every_position"] < 0.5  # prompt and padding are most positions
         accuracy = {(r["method"], r["wire_dtype"]): r for r in doc["figures"]["accuracy_vs_fp32"]}
         for method in ("kd", "delta_kd"):  # both 16-bit wires are close to fp32; fp16 closer than bf16
             fp16, bf16 = accuracy[(method, "float16")], accuracy[(method, "bfloat16")]
             assert 0 < fp16["grad_rel_err"] < bf16["grad_rel_err"] < 0.05, (fp16, bf16)
         met = {t["name"]: t["met"] for t in doc["targets"]}
-        assert met["k64_two_roles_bf16_wire_ratio_to_dense"] is True  # 521 / 304128 = 1/584 <= 1/400
-        assert met["k64_two_roles_fp32_wire_ratio_to_dense"] is False  # 777 / 304128 = 1/391 > 1/400
+        assert met["k64_two_roles_bf16_wire_ratio_to_dense"] is True  # 524 / 304128 = 1/580 <= 1/400
+        assert met["k64_two_roles_fp32_wire_ratio_to_dense"] is False  # 780 / 304128 = 1/390 > 1/400
     if script == "bench_e2e":
         for method in ("delta_kd", "sft"):
             run = doc["figures"]["runs"][method][0]

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from common.config import ModelSpec
+from common.topk import rows_from_mask
 from teacher_service import TeacherEngine
 from tests.tiny import make_model_set
 
@@ -60,7 +61,8 @@ def test_client_in_other_process_matches_engine(served: dict) -> None:
         g_lp, g_tail = c.gather(ids, t_ids, tau=1.5, attention_mask=am)
         rec = c.record(texts, k=8, tau=1.5)
         np.savez({str(out_file)!r}, ids=ids, am=am, t_ids=t_ids, t_lp=t_lp, t_tail=t_tail, g_lp=g_lp,
-                 g_tail=g_tail, rec_ids=rec.ids, rec_base=rec.role_logprobs("base"), roles=np.array(rec.roles))
+                 g_tail=g_tail, rec_ids=rec.ids, rec_rows=rec.rows, rec_base=rec.role_logprobs("base"),
+                 roles=np.array(rec.roles))
     """)
     _run(["-c", script])
     got = np.load(out_file)
@@ -70,17 +72,21 @@ def test_client_in_other_process_matches_engine(served: dict) -> None:
     np.testing.assert_array_equal(got["ids"], ids)
     np.testing.assert_array_equal(got["am"], am)
     assert am[1].tolist() == [1, 1, 0, 0, 0]  # right padded by the service's tokenizer
-    e_ids, e_lp, e_tail = sft.topk(ids, am, 8, 1.5)
     v = am.astype(bool)
-    np.testing.assert_array_equal(got["t_ids"][v], e_ids[v])
-    np.testing.assert_allclose(got["t_lp"][v], e_lp[v], atol=ATOL)
-    np.testing.assert_allclose(got["t_tail"][v], e_tail[v], atol=ATOL)
-    b_lp, b_tail = base.gather(ids, am, e_ids, 1.5)
-    np.testing.assert_allclose(got["g_lp"][v], b_lp[v], atol=ATOL)
-    np.testing.assert_allclose(got["g_tail"][v], b_tail[v], atol=ATOL)
+    rows = rows_from_mask(v)  # the client scores every attended position by default
+    e_ids, e_lp, e_tail = (x.numpy() for x in sft.topk(ids, am, rows, 8, 1.5))
+    assert got["t_ids"].shape == (2, 5, 8) and got["t_tail"].shape == (2, 5)  # per text and position
+    np.testing.assert_array_equal(got["t_ids"][v], e_ids)
+    np.testing.assert_allclose(got["t_lp"][v], e_lp, atol=ATOL)
+    np.testing.assert_allclose(got["t_tail"][v], e_tail, atol=ATOL)
+    assert (got["t_ids"][~v] == -1).all() and np.isnan(got["t_lp"][~v]).all()  # padding: nothing scored
+    b_lp, b_tail = (x.numpy() for x in base.gather(ids, am, rows, e_ids, 1.5))
+    np.testing.assert_allclose(got["g_lp"][v], b_lp, atol=ATOL)
+    np.testing.assert_allclose(got["g_tail"][v], b_tail, atol=ATOL)
     assert list(got["roles"]) == ["sft", "base"]
-    np.testing.assert_array_equal(got["rec_ids"][v], e_ids[v])
-    np.testing.assert_allclose(got["rec_base"][v], b_lp[v], atol=ATOL)
+    np.testing.assert_array_equal(got["rec_rows"], rows)
+    np.testing.assert_array_equal(got["rec_ids"], e_ids)
+    np.testing.assert_allclose(got["rec_base"], b_lp, atol=ATOL)
 
 
 def test_cli_status_reports_replicas_and_stats(served: dict) -> None:

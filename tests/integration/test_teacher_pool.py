@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from common.config import ModelSpec, RunConfig, config_from_dict
-from common.topk import TopKRecord
+from common.topk import TopKRecord, rows_from_mask
 from teacher_service import TeacherEngine, TeacherPool, TokenizerMismatchError
 from tests.tiny import make_llama, make_model_set, make_tokenizer
 
@@ -63,23 +63,42 @@ def test_record_equals_engines(pool: TeacherPool, models: dict[str, Path]) -> No
     rec = ray.get(pool.submit(7, ids, am, lm))
     assert isinstance(rec, TopKRecord) and rec.batch_id == 7
     assert set(rec.roles) == {"sft", "base", "student_base", "sft_1", "base_1"}
-    assert rec.shape == (3, 9, 8) and rec.tau == 1.5 and rec.vocab_size == sft.vocab_size
-    assert rec.tokenizer_fingerprint == sft.fingerprint
+    rows = rows_from_mask(lm)  # counted positions only: no prompt, no padding
+    assert rec.shape == (len(rows), 8) and rec.batch_shape == (3, 9) and rec.tau == 1.5
+    assert rec.vocab_size == sft.vocab_size and rec.tokenizer_fingerprint == sft.fingerprint
+    np.testing.assert_array_equal(rec.rows, rows)
     np.testing.assert_array_equal(rec.mask, lm)
-    e_ids, e_lp, e_tail = sft.topk(ids, am, 8, 1.5)
-    v = am.astype(bool)
-    np.testing.assert_array_equal(rec.ids[v], e_ids[v])
-    np.testing.assert_allclose(rec.role_logprobs("sft")[v], e_lp[v], atol=ATOL)
-    np.testing.assert_allclose(rec.tail["sft"][v], e_tail[v], atol=ATOL)
+    e_ids, e_lp, e_tail = (x.numpy() for x in sft.topk(ids, am, rows, 8, 1.5))
+    np.testing.assert_array_equal(rec.ids, e_ids)
+    np.testing.assert_allclose(rec.role_logprobs("sft"), e_lp, atol=ATOL)
+    np.testing.assert_allclose(rec.tail["sft"], e_tail, atol=ATOL)
     # base values = the base model's own log-probs at the SFT teacher's support
-    b_lp, b_tail = base.gather(ids, am, e_ids, 1.5)
-    np.testing.assert_allclose(rec.role_logprobs("base")[v], b_lp[v], atol=ATOL)
-    np.testing.assert_allclose(rec.tail["base"][v], b_tail[v], atol=ATOL)
-    s_lp, _ = student.gather(ids, am, e_ids, 1.5)
-    np.testing.assert_allclose(rec.role_logprobs("student_base")[v], s_lp[v], atol=ATOL)
+    b_lp, b_tail = (x.numpy() for x in base.gather(ids, am, rows, e_ids, 1.5))
+    np.testing.assert_allclose(rec.role_logprobs("base"), b_lp, atol=ATOL)
+    np.testing.assert_allclose(rec.tail["base"], b_tail, atol=ATOL)
+    s_lp, _ = student.gather(ids, am, rows, e_ids, 1.5)
+    np.testing.assert_allclose(rec.role_logprobs("student_base"), s_lp.numpy(), atol=ATOL)
     # the extra pair swaps the models, and gathers at pair 0's support
-    np.testing.assert_allclose(rec.role_logprobs("sft_1")[v], b_lp[v], atol=ATOL)
-    assert not np.allclose(rec.role_logprobs("base")[v], rec.role_logprobs("sft")[v], atol=1e-2)
+    np.testing.assert_allclose(rec.role_logprobs("sft_1"), b_lp, atol=ATOL)
+    assert not np.allclose(rec.role_logprobs("base"), rec.role_logprobs("sft"), atol=1e-2)
+
+
+def test_include_forces_the_labels_into_every_role_support(pool: TeacherPool, models: dict[str, Path]) -> None:
+    """On-policy batches pass the labels: K = k + 1, the label at each counted row is in its support, and every
+    role is gathered there."""
+    sft = TeacherEngine(ModelSpec(path=str(models["sft_teacher"])))
+    ids, am, lm = _batch(sft.vocab_size, 2, 8, seed=4)
+    labels = np.roll(ids, -1, axis=1)
+    rec = ray.get(pool.submit(8, ids, am, lm, include=labels))
+    rows = rows_from_mask(lm)
+    assert rec.shape == (len(rows), 9)
+    want = labels.reshape(-1)[rows]
+    assert all(want[n] in rec.ids[n] for n in range(len(rows)))
+    e_ids, e_lp, _ = sft.topk(ids, am, rows, 8, 1.5, include=want)
+    np.testing.assert_array_equal(rec.ids, e_ids.numpy())
+    np.testing.assert_allclose(rec.role_logprobs("sft"), e_lp.numpy(), atol=ATOL)
+    with pytest.raises(ValueError, match="include must be integer token ids"):
+        pool.submit(9, ids, am, lm, include=labels[:1])
 
 
 def test_many_batches_routed_and_bounded(pool: TeacherPool) -> None:

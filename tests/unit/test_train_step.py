@@ -12,7 +12,7 @@ import torch
 from common.config import DataConfig, LossConfig
 from common.losses import targets_from_record
 from common.sparse import sparse_gather, sparse_topk
-from common.topk import TopKRecord
+from common.topk import TopKRecord, rows_from_mask
 from student_worker.data import collate, tokenize_examples
 from student_worker.train_step import TrainStepError, needs_student_base, train_step
 from tests.tiny import make_model_set
@@ -56,8 +56,13 @@ def _record(models, b: dict[str, np.ndarray], k: int = 8, base_role_model: str =
     ids, lp_sft, tail_sft = sparse_topk(sft_logits, k, vocab_size=v)
     base_logits = ms[base_role_model](input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
     lp_base, tail_base = sparse_gather(base_logits, ids, vocab_size=v)
-    return TopKRecord(0, ids.int().numpy(), {"sft": lp_sft.numpy(), "base": lp_base.numpy()},
-                      {"sft": tail_sft.numpy(), "base": tail_base.numpy()}, b["loss_mask"], 1.0, v).validate()
+    rows = rows_from_mask(b["loss_mask"])  # the record carries the counted positions only
+
+    def at(x: torch.Tensor) -> np.ndarray:
+        return x.reshape(-1, *x.shape[2:]).numpy()[rows]
+
+    return TopKRecord(0, at(ids.int()), {"sft": at(lp_sft), "base": at(lp_base)},
+                      {"sft": at(tail_sft), "base": at(tail_base)}, rows, b["loss_mask"].shape, 1.0, v).validate()
 
 
 @pytest.mark.parametrize("method", ["sft", "kd", "delta_kd", "parallelogram"])
@@ -124,7 +129,8 @@ def test_frozen_base_copy_supplies_student_base(models):
     with torch.no_grad():
         x = _torch(b)
         logits = ms["student"](input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
-        lp, tail = sparse_gather(logits, torch.from_numpy(record.ids), vocab_size=len(tok))
+        at_rows = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(record.rows).long()]
+        lp, tail = sparse_gather(at_rows, torch.from_numpy(record.ids), vocab_size=len(tok))
     explicit = targets_from_record(record.with_role("student_base", lp.numpy(), tail.numpy()))
     via_copy, _ = train_step(ms["student"], ms["student"], x, targets_from_record(record), cfg, None, n, 1)
     via_record, _ = train_step(ms["student"], None, x, explicit, cfg, None, n, 1)
