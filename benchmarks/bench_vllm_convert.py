@@ -1,9 +1,10 @@
 """vLLM prompt log-probs -> the engine API's rows form: time per batch on outputs shaped as vLLM gives them.
 
 vLLM cannot run here (no GPU); its outputs are built the way `vllm/logprobs.py` lays them out:
-`FlatLogprobs` (flat Python lists per request; per position the actual token, then the top-k by rank),
-requested with `SamplingParams(flat_logprobs=True)` where the installed vLLM has it, and the older list of
-`dict[token_id, Logprob]`. Timed: `prompt_logprobs_block` per request + `rows_topk` over the batch's
+`FlatLogprobs` (flat columns per request; per position the actual token, then the top-k by rank),
+requested with `SamplingParams(flat_logprobs=True)` where the installed vLLM has it: its columns are Python
+lists in some releases ("flat") and numpy arrays in others ("flat_numpy"); and the older list of
+`dict[token_id, Logprob]` ("dicts"). Timed: `prompt_logprobs_block` per request + `rows_topk` over the batch's
 counted rows, i.e. everything the engine does between `llm.generate` returning and the tensors it hands
 on (the host -> GPU copy excluded).
 
@@ -40,16 +41,16 @@ class Logprob:  # vllm.logprobs.Logprob
 class FlatLogprobs:  # the fields of vllm.logprobs.FlatLogprobs, Python lists as vLLM fills them
     start_indices: list[int] = field(default_factory=list)
     end_indices: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    ranks: list[int | None] = field(default_factory=list)
+    token_ids: Any = field(default_factory=list)  # a list, or a numpy column in newer vLLM
+    logprobs: Any = field(default_factory=list)
+    ranks: Any = field(default_factory=list)
     decoded_tokens: list[str | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.start_indices)
 
 
-def make_outputs(batch: int, seq: int, width: int, flat: bool, seed: int = 0) -> tuple[list[Any], np.ndarray]:
+def make_outputs(batch: int, seq: int, width: int, form: str, seed: int = 0) -> tuple[list[Any], np.ndarray]:
     """One batch's prompt log-probs (every sequence `seq` tokens) and the input ids [B, T]."""
     rng = np.random.default_rng(seed)
     input_ids = rng.integers(0, QWEN2_VOCAB, size=(batch, seq))
@@ -63,11 +64,16 @@ def make_outputs(batch: int, seq: int, width: int, flat: bool, seed: int = 0) ->
         ids = np.concatenate([actual[:, None], top], 1)
         lps = np.concatenate([act_lp[:, None], top_lp], 1)
         ranks = np.concatenate([np.full((n_pos, 1), width + 5), np.tile(np.arange(1, width + 1), (n_pos, 1))], 1)
-        if flat:
+        if form in ("flat", "flat_numpy"):
             f = FlatLogprobs()
             f.start_indices = [0] + list(range(0, n_pos * (width + 1), width + 1))
             f.end_indices = [0] + list(range(width + 1, n_pos * (width + 1) + 1, width + 1))
-            f.token_ids, f.logprobs, f.ranks = ids.ravel().tolist(), lps.ravel().tolist(), ranks.ravel().tolist()
+            if form == "flat":
+                f.token_ids, f.logprobs = ids.ravel().tolist(), lps.ravel().tolist()
+                f.ranks = ranks.ravel().tolist()
+            else:  # numpy columns in the engine's dtypes (int32 ids, float32 log-probs)
+                f.token_ids, f.logprobs = ids.ravel().astype(np.int32), lps.ravel().astype(np.float32)
+                f.ranks = ranks.ravel().astype(np.int32)
             f.decoded_tokens = [None] * ids.size
             outs.append(f)
         else:
@@ -98,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     half_rows = np.array([b * seq + t for b in range(batch) for t in range(seq // 2, seq - 1)])
     figures: dict[str, Any] = {"batch": batch, "seq": seq, "k": k, "cells": {}}
     table = []
-    for form in ("flat", "dicts"):
+    for form in ("flat", "flat_numpy", "dicts"):
         for include in (False, True):
             width = k + 1 if include else k
-            outs, input_ids = make_outputs(batch, seq, width, form == "flat")
+            outs, input_ids = make_outputs(batch, seq, width, form)
             for label, rows in (("all", all_rows), ("half", half_rows)):
                 times = time_repeats(functools.partial(convert, outs, input_ids, rows, k, width, include), repeats)
                 name = f"{form}_{'include' if include else 'topk'}_{label}"
@@ -110,9 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                               f"{1e3 * summarize(times)['median']:.1f}"])
     print_table(["form", "K", "rows counted", "N", "ms/batch (median)"], table,
                 title=f"vLLM conversion, B={batch}, T={seq}, k={k}")
-    flat_ms = figures["cells"]["flat_topk_all"]["seconds"]["median"]
-    targets = [Target("flat FlatLogprobs -> rows, B=8 T=512 k=64, seconds per batch", None if args.smoke else flat_ms,
-                      "<=", TARGET_S, "smoke sizes are not the target's" if args.smoke else "")]
+    targets = []
+    for form in ("flat", "flat_numpy"):
+        ms = figures["cells"][f"{form}_topk_all"]["seconds"]["median"]
+        targets.append(Target(f"{form} FlatLogprobs -> rows, B=8 T=512 k=64, seconds per batch",
+                              None if args.smoke else ms, "<=", TARGET_S,
+                              "smoke sizes are not the target's" if args.smoke else ""))
     write_result("bench_vllm_convert", args, figures, targets,
                  notes=["outputs built as vLLM lays them out; vLLM itself not run (no GPU here)"])
     return 0

@@ -90,10 +90,17 @@ def _block_from(plp: Any, actual: np.ndarray, width: int, start: int) -> tuple[n
         total = m * (width + 1)
         if m > 0 and int(ends[-1]) - first != total:  # non-contiguous positions: should not happen
             raise ValueError("FlatLogprobs positions are not contiguous")
-        ids = np.fromiter(plp.token_ids[first:first + total], dtype=np.int64, count=total)
-        lps = np.fromiter(plp.logprobs[first:first + total], dtype=np.float32, count=total)
+        ids = _flat_column(plp.token_ids, first, total, np.int64)
+        lps = _flat_column(plp.logprobs, first, total, np.float32)
         return ids.reshape(m, width + 1), lps.reshape(m, width + 1)
     return _dict_block(plp, actual, width, start)
+
+
+def _flat_column(column: Any, first: int, total: int, dtype: Any) -> np.ndarray:
+    """column[first:first + total] as numpy. vLLM's FlatLogprobs keeps its columns as Python lists in some
+    releases and as numpy arrays in others: a numpy slice is a view (no per-entry work); a list slice is
+    converted by np.asarray, which reads Python numbers at C speed (np.fromiter took ~2x longer here)."""
+    return np.asarray(column[first:first + total], dtype=dtype)
 
 
 def _dict_block(plp: Sequence[Mapping[int, Any] | None], actual: np.ndarray, width: int, start: int = 0
