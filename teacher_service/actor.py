@@ -53,8 +53,10 @@ class TeacherActor:
 
     def __init__(self, role: str, spec: dict[str, Any], engine: str = "hf", device: str = "auto",
                  dtype: str = "auto", chunk_tokens: int = 1024, wire_dtype: str = "float32",
-                 cache_size: int = 32, vllm_options: dict[str, Any] | None = None):
+                 cache_size: int = 32, vllm_options: dict[str, Any] | None = None, test_delay_s: float = 0.0):
+        """test_delay_s: the test-only `testing.teacher_delay_s`, a sleep in every top-k / gather call."""
         model_spec = ModelSpec.model_validate(spec)
+        self.test_delay_s = float(test_delay_s)
         self.role = role
         self.wire_dtype = wire_dtype
         self.engine_kind = engine
@@ -100,6 +102,8 @@ class TeacherActor:
         if hit is not None:
             return hit
         t0 = time.perf_counter()
+        if self.test_delay_s:
+            time.sleep(self.test_delay_s)  # test-only (testing.teacher_delay_s)
         ids, lps, tail = self.engine.topk(input_ids, attention_mask, k, tau, batch_id=batch_id)
         out = {"ids": ids, "logprobs": to_wire_dtype(lps, self.wire_dtype) if wire else lps, "tail": tail}
         self._count(attention_mask, t0)
@@ -115,6 +119,8 @@ class TeacherActor:
         if hit is not None:
             return hit
         t0 = time.perf_counter()
+        if self.test_delay_s:
+            time.sleep(self.test_delay_s)  # test-only (testing.teacher_delay_s)
         lps, tail = self.engine.gather(input_ids, attention_mask, ids, tau, batch_id=batch_id)
         out = {"logprobs": to_wire_dtype(lps, self.wire_dtype) if wire else lps, "tail": tail}
         self._count(attention_mask, t0)
