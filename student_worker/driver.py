@@ -11,7 +11,7 @@ Checkpoints are taken after every `checkpoint_every` completed steps and at the 
 `ckpt-N` holds the state after N completed steps (N is also the data cursor: the next step index). Its save
 is queued between the calls of steps N-1 and N, so it sees exactly N completed steps (the workers check).
 
-Failures (`_wait_step`, `_on_failure`): a worker process that dies, or a rank that raises after the step's
+Failures (`step_calls.wait_step`, `Driver._loop`): a worker process that dies, or a rank that raises after the step's
 input agreement (the other ranks may then sit in a collective), makes the driver kill the whole worker group
 at once, start a new one from the last checkpoint and replay (at most MAX_WORKER_RESTARTS times). A step
 every rank rejected at the input agreement (a teacher unavailable, a bad record) and a deterministic input
@@ -24,16 +24,14 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 
 from common.config import RunConfig, config_hash, dump_config
 from student_worker import checkpoint as ckpt
-from student_worker.data import BatchPlan, collate, load_examples, tokenize_examples
+from student_worker.data import BatchPlan, load_examples, tokenize_examples
 from student_worker.evaluate import evaluate_spec
 from student_worker.recovery import (
     ACTOR_GONE,
@@ -44,12 +42,12 @@ from student_worker.recovery import (
     is_fatal_rank_error,
     maybe_crash_in_checkpoint,
     new_run_uid,
-    rejection_error,
     teacher_inflight_cap,
     worker_actor_name,
 )
 from student_worker.report import run_summary, step_row, write_report
 from student_worker.shared_output import check_shared_output
+from student_worker.step_calls import StepInFlight, dispatch_step, queue_save, submit_step, wait_step
 from student_worker.worker import StudentWorker
 
 __all__ = ["TrainingRunError", "InputError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS"]
@@ -68,15 +66,6 @@ class InputError(ValueError):
 
 # The SFT teacher's ceiling, evaluated in a Ray task so that it gets a GPU when the teachers had one.
 evaluate_spec_task = ray.remote(num_cpus=1)(evaluate_spec)
-
-
-@dataclass
-class _InFlight:
-    step: int
-    arrays: list[dict[str, np.ndarray]]  # per rank
-    records: list[Any] = field(default_factory=list)  # per rank: ObjectRef, or (meta, roles, refs) for RDT
-    calls: list[Any] | None = None  # per rank: the queued train-step call, once dispatched
-    save: tuple[Path, list[Any]] | None = None  # the checkpoint after this step, queued behind its calls
 
 
 class Driver:
@@ -235,66 +224,15 @@ class Driver:
         print(f"worker group restored at step {restored} in {seconds:.1f} s", flush=True)
         return restored
 
-    # ------------------------------------------------------------------ steps
-    def _submit(self, step: int) -> _InFlight:
-        arrays = [collate([self.train_tok[i] for i in idx], self.pad_id) for idx in self.plan.step_indices(step)]
-        item = _InFlight(step, arrays)
-        if self.pool is not None:
-            for rank, a in enumerate(arrays):
-                bid = step * self.world + rank
-                submit = self.pool.submit_parts if self.rdt else self.pool.submit
-                item.records.append(submit(bid, a["input_ids"], a["attention_mask"], a["loss_mask"]))
-        return item
+    # ------------------------------------------------------------------ steps (student_worker/step_calls.py)
+    def _submit(self, step: int) -> StepInFlight:
+        return submit_step(step, self.plan, self.train_tok, self.pad_id, self.pool, self.rdt)
 
-    def _dispatch(self, item: _InFlight) -> None:
-        """Queue every rank's call for this step (returns at once; the calls run after those queued before)."""
-        global_tokens = int(sum(a["loss_mask"].sum() for a in item.arrays))
-        calls = []
-        for rank, w in enumerate(self.workers):
-            batch = {k: item.arrays[rank][k] for k in ("input_ids", "attention_mask", "labels")}
-            if self.rdt:
-                meta, roles, parts = item.records[rank]
-                calls.append(w.train_step_rdt.remote(item.step, batch, global_tokens, meta, roles, *parts))
-            else:
-                box = [item.records[rank]] if item.records else None  # nested: the worker resolves it
-                calls.append(w.train_step.remote(item.step, batch, box, global_tokens))
-        item.calls = calls
+    def _dispatch(self, item: StepInFlight) -> None:
+        dispatch_step(item, self.workers, self.rdt)
 
-    def _queue_save(self, item: _InFlight) -> None:
-        """Queue the workers' parts of the checkpoint after `item` (item.step + 1 completed steps)."""
-        tmp = ckpt.begin_checkpoint(self.ckpt_root, item.step + 1)
-        item.save = (tmp, [w.save_checkpoint.remote(str(tmp), item.step + 1) for w in self.workers])
-
-    def _wait_step(self, item: _InFlight) -> list[dict[str, Any]]:
-        """Every rank's result of a dispatched step, failing fast.
-
-        Raises WorkerCrash at the FIRST rank that died or raised after the input agreement, without waiting for
-        the others (they may sit in DDP's all-reduce until the collective timeout). Ranks that all rejected the
-        step at the agreement (StepRejected: nobody touched the model, nobody is left in a collective) are
-        collected and raised as their typed error (recovery.rejection_error).
-        """
-        from student_worker.worker import StepRejected
-
-        assert item.calls is not None
-        rank_of = {ref: i for i, ref in enumerate(item.calls)}
-        results: list[dict[str, Any]] = [{} for _ in item.calls]
-        rejected: list[BaseException] = []
-        remaining = list(item.calls)
-        while remaining:
-            ready, remaining = ray.wait(remaining, num_returns=1)
-            rank = rank_of[ready[0]]
-            try:
-                results[rank] = ray.get(ready[0])
-            except ACTOR_GONE as exc:
-                raise WorkerCrash(rank, exc) from exc
-            except ray.exceptions.RayTaskError as exc:
-                if find_cause(exc, StepRejected) is not None:
-                    rejected.append(exc)
-                    continue
-                raise WorkerCrash(rank, exc, raised=True) from exc
-        if rejected:
-            raise rejection_error(rejected)
-        return results
+    def _queue_save(self, item: StepInFlight) -> None:
+        queue_save(item, self.workers, self.ckpt_root)
 
     # ------------------------------------------------------------------ outputs
     def _rewrite_metrics(self) -> None:
@@ -372,7 +310,7 @@ class Driver:
         """Train steps `step` .. end_step - 1; returns the number of completed steps (end_step)."""
         t = self.cfg.training
         queued = 2 if t.prefetch >= 1 else 1  # steps with worker calls queued (the next needs its records)
-        window: deque[_InFlight] = deque()  # submitted steps, in order; window[0] is `step`
+        window: deque[StepInFlight] = deque()  # submitted steps, in order; window[0] is `step`
         while step < end_step:
             if not window:
                 window.append(self._submit(step))
@@ -393,7 +331,7 @@ class Driver:
             # 3. wait for the current step
             item = window[0]
             try:
-                per_rank = self._wait_step(item)
+                per_rank = wait_step(item)
             except WorkerCrash as crash:
                 if crash.raised and is_fatal_rank_error(crash.cause):
                     self._stop_workers()  # the other ranks may sit in a collective; no checkpoint can be taken
