@@ -195,9 +195,9 @@ class TrainingConfig(_Strict):
     checkpoint_every: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast on GPU when auto
-    # The progress bar's figures (or, with no bar, one console line) every log_every steps; metrics.jsonl
-    # always gets every step.
-    log_every: int = Field(default=1, gt=0)
+    # The progress bar's figures refresh, or (no bar: --no-progress) one console line is printed, every
+    # log_every steps; metrics.jsonl always gets every step.
+    log_every: int = Field(default=10, gt=0)
     # Timeout of every collective of the students' process group (gloo and NCCL). A backstop only: the
     # driver kills the whole group on the first rank error. It must exceed the longest time one rank can
     # wait in a collective for another: at each step's input agreement, a rank whose teacher record is late

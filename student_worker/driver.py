@@ -311,6 +311,7 @@ class Driver:
         t = self.cfg.training
         queued = 2 if t.prefetch >= 1 else 1  # steps with worker calls queued (the next needs its records)
         window: deque[StepInFlight] = deque()  # submitted steps, in order; window[0] is `step`
+        ray.get([w.begin.remote(step) for w in self.workers])
         while step < end_step:
             if not window:
                 window.append(self._submit(step))
@@ -340,6 +341,7 @@ class Driver:
                                            f"{crash}") from crash.cause
                 window.clear()
                 step = self._bar.n = self._restore_workers(crash, step)
+                ray.get([w.begin.remote(step) for w in self.workers])
                 continue
             except Exception as exc:  # every rank rejected the step: the model is at `step` completed steps
                 if step != last_ckpt:
@@ -362,6 +364,7 @@ class Driver:
                 except WorkerCrash as crash:  # died while saving: replay from the previous checkpoint
                     window.clear()
                     step = self._bar.n = self._restore_workers(crash, step)
+                    ray.get([w.begin.remote(step) for w in self.workers])
                     continue
                 last_ckpt = step
         return step

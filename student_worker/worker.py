@@ -174,6 +174,13 @@ class StudentWorkerImpl:
                 "num_params": sum(p.numel() for p in self.model.parameters())}
 
     # ------------------------------------------------------------------ training
+    def begin(self, step: int) -> int:
+        """The driver's loop starts (or restarts after a restore) at `step`: the next step call must be for
+        it. Returns this rank. Step timing starts here (calls before, e.g. evaluation, are not a step's)."""
+        self.next_step = int(step)
+        self._end_call()
+        return self.rank
+
     def train_step(self, step: int, batch: dict[str, np.ndarray], record_box: list[Any] | None,
                    global_tokens: int) -> dict[str, Any]:
         """Object-store path. record_box: `[record_ref]` (nested, resolved here and timed) or None (sft)."""
