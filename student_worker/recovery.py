@@ -12,8 +12,8 @@ Which rank errors are retried and which stop the run:
   test-only `testing.rank_error`);
 - stop the run (TrainingRunError, exit 3): a step every rank rejected at the input agreement (the teacher
   record is missing or invalid: TeacherUnavailableError, TeacherOutputError, RecordError, ... named by
-  `rejection_error`), after a checkpoint of the completed steps; and a rank that raised one of
-  FATAL_RANK_ERRORS after the agreement (bad input the loss found: a replay would fail the same way), with
+  `rejection_error`), after a checkpoint of the completed steps; and a rank that raised bad input after the
+  agreement (`is_fatal_rank_error`: what the loss found; a replay would fail the same way), with
   the last checkpoint as it is (the other ranks may sit in a collective, so the group is killed first).
 
 Student worker actors are NAMED so an operator (or a test) can find them:
@@ -70,12 +70,13 @@ class WorkerCrash(Exception):
 
 def is_fatal_rank_error(exc: BaseException) -> bool:
     """True for errors raised after the input agreement that a replay would repeat (bad input the loss or
-    the step found: LossInputError, TrainStepError, ConfigError): the run stops instead of retrying."""
+    the step found: LossInputError, TrainStepError, RecordError, ConfigError): the run stops, no retry."""
     from common.config import ConfigError
     from common.losses.targets import LossInputError
+    from common.topk import RecordError
     from student_worker.train_step import TrainStepError
 
-    return find_cause(exc, (LossInputError, TrainStepError, ConfigError)) is not None
+    return find_cause(exc, (LossInputError, TrainStepError, RecordError, ConfigError)) is not None
 
 
 def rejection_error(errors: list[BaseException]) -> BaseException:

@@ -234,6 +234,9 @@ class StudentWorkerImpl:
                 record.validate(self.required_roles)
             except Exception as exc:
                 error = exc
+        clock.lap("prepare_s")
+        # Every check of this rank's inputs must come before this point: an error after it leaves the other
+        # ranks in a collective (the driver then kills the group).
         self._agree_inputs_ok(error, step)
         clock.lap("peer_wait_s")
         batch = {k: torch.as_tensor(np.array(batch_np[k]), device=self.device)
