@@ -253,6 +253,8 @@ class StudentWorkerImpl:
         clock.lap("forward_s")
         self.allreduce_timer.reset()
         loss.backward()
+        if self.device.type == "cuda":  # host clocks see kernel launches: wait for backward and its all-reduce
+            torch.cuda.synchronize(self.device)
         t_done = time.perf_counter()
         compute, exposed = self.allreduce_timer.split(clock.last, t_done)
         clock.add("backward_s", compute)
