@@ -212,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
 
         def run(pool: Any, prefetch: int, delay: float = 0.0) -> tuple[float, float, float]:
             driver_cls.sleep_pool = pool
-            out = root / f"run{next(run_no)}"
-            driver_cls(_config(student, teacher, out, steps, prefetch, batch_size, max_length, delay),
-                       progress=False).run()
+            n = next(run_no)
+            out = root / f"run{n}"
+            # A new data seed per run: other batches, so the teachers' result cache (keyed by batch id and
+            # inputs) never answers a call without its delay.
+            cfg = _config(student, teacher, out, steps, prefetch, batch_size, max_length, delay)
+            driver_cls(cfg.model_copy(update={"seed": n}), progress=False).run()
             return _steady_rate(out, skip=prefetch + 2)
 
         try:

@@ -1,9 +1,9 @@
 """The driver: one process orchestrates teachers and student workers (DESIGN.md section 3).
 
 Per step s (0-based) with W workers, rank r trains batch id `s * W + r`. The driver keeps the teacher work of
-steps s .. s + prefetch submitted to the teacher pool and, when prefetch >= 1, every worker's calls for steps
-s and s + 1 queued: the next call waits in the actor's queue, so a worker goes from one step straight into
-the next while the driver does its bookkeeping or waits on the pool. Each loop turn dispatches first, then
+steps s .. s + prefetch submitted to the teacher pool and every worker's calls for steps s .. s + min(prefetch,
+2) queued: the next call waits in the actor's queue, so a worker goes from one step straight into the next
+while the driver does its bookkeeping or waits on the pool. Each loop turn dispatches first, then
 tops up the teacher window, then waits. Each record ref goes straight to the worker of its rank (nested in a
 list for the object store, as direct arguments for RDT); the driver never reads a record.
 
@@ -66,6 +66,9 @@ class InputError(ValueError):
 
 # The SFT teacher's ceiling, evaluated in a Ray task so that it gets a GPU when the teachers had one.
 evaluate_spec_task = ray.remote(num_cpus=1)(evaluate_spec)
+
+
+_QUEUED_STEPS = 3
 
 
 class Driver:
@@ -309,7 +312,9 @@ class Driver:
     def _loop(self, step: int, end_step: int, last_ckpt: int) -> int:
         """Train steps `step` .. end_step - 1; returns the number of completed steps (end_step)."""
         t = self.cfg.training
-        queued = 2 if t.prefetch >= 1 else 1  # steps with worker calls queued (the next needs its records)
+        # Steps with worker calls queued: those whose teacher work is submitted, at most _QUEUED_STEPS (slack for a
+        # driver turn slower than a step; after a failed step the rest refuse to run at once).
+        queued = min(t.prefetch + 1, _QUEUED_STEPS)
         window: deque[StepInFlight] = deque()  # submitted steps, in order; window[0] is `step`
         ray.get([w.begin.remote(step) for w in self.workers])
         while step < end_step:
