@@ -5,6 +5,7 @@ deploy/configs/tiny.yaml` per repeat (subprocesses, alternating), differing only
 
     steps/s ratio = delta_kd steps/s / sft steps/s        (1.0 = distillation costs nothing extra)
     teacher wait fraction = time the student workers spent waiting for records / step time
+    steady step parts = each named part of a step (student_worker/worker.py STEP_PARTS) / step time
 
 Both read from each run's report.json (whole loop) and metrics.jsonl (steady state: rows after the
 first `prefetch + 2` steps). No target is set for this figure in the issue; it is reported as measured.
@@ -66,6 +67,7 @@ def run_train(method: str, out: Path, sets: list[str], address: str) -> dict[str
             cfg_prefetch = int(s.split("=", 1)[1])
     steady = rows[cfg_prefetch + 2:] if len(rows) > cfg_prefetch + 3 else rows[-2:]
     secs = sum(r["step_s"] for r in steady)
+    parts = {k: sum(r["step_parts"][k] for r in steady) / secs for k in steady[0]["step_parts"]}
     return {"steps": report["steps"], "steps_per_s": report["steps_per_s"], "tokens_per_s": report["tokens_per_s"],
             "teacher_wait_fraction": report["teacher_wait_fraction"], "steady_steps_per_s": len(steady) / secs,
             "steady_teacher_wait_fraction": sum(r["teacher_wait_s"] for r in steady) / secs,
@@ -73,6 +75,8 @@ def run_train(method: str, out: Path, sets: list[str], address: str) -> dict[str
             # on a CPU box the teachers share its cores, so this grows with them even when nobody waits
             "steady_worker_compute_s": sorted(r["compute_s"] for r in steady)[len(steady) // 2],
             "steady_step_s": secs / len(steady),
+            # each named part of the step (student_worker.worker.STEP_PARTS) as a fraction of the steady time
+            "steady_step_parts": parts,
             "wall_s": wall, "final_loss": report.get("final_loss")}
 
 
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "steady_steps_per_s_ratio_kd_over_sft": med("delta_kd", "steady_steps_per_s") / med("sft", "steady_steps_per_s"),
         "teacher_wait_fraction_kd": med("delta_kd", "teacher_wait_fraction"),
         "steady_teacher_wait_fraction_kd": med("delta_kd", "steady_teacher_wait_fraction"),
+        "steady_step_parts_kd": {k: float(summarize([r["steady_step_parts"][k] for r in runs["delta_kd"]])["median"])
+                                 for k in runs["delta_kd"][0]["steady_step_parts"]},
         "summary": {m: {k: summarize([r[k] for r in rs]) for k in ("steps_per_s", "steady_steps_per_s",
                                                                     "teacher_wait_fraction", "tokens_per_s")}
                     for m, rs in runs.items()},

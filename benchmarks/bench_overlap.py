@@ -1,23 +1,29 @@
 """Overlap of teacher and student work: the driver's window of in-flight batches against serial steps.
 
-Figure 2 of the benchmarks issue. The real training loop runs: `student_worker.driver.Driver` (its
-window: `prefetch + 1` batches submitted ahead, each record ref nested to the worker of its rank) and a
+Figure 2 of the benchmarks issue. The real training loop runs: `student_worker.driver.Driver` (teacher work
+of `prefetch + 1` steps submitted ahead, each worker's next step call queued behind the current one) and a
 real `StudentWorker` actor (tiny Llama forward + backward + AdamW through `train_step`, delta_kd with its
-frozen base copy). Only the teacher pool is replaced: `SleepPool.submit` calls one serial `SleepTeacher`
-actor that sleeps a fixed time per batch (no CPU) and returns a precomputed, valid `TopKRecord` for the
-batch's shape and id.
+frozen base copy). Two teacher sides, measured in the same run:
 
-1. calibrate: teacher time 0 -> the student step time S (steady-state seconds per step);
-2. for teacher time T in {0.5, 1, 2} x S and prefetch in {0, default 2}:
+- stand-in: `SleepPool.submit` calls one serial `SleepTeacher` actor that sleeps a fixed time per batch (no
+  CPU) and returns a precomputed, valid `TopKRecord` for the batch's shape and id;
+- real pool: the real `TeacherPool` (sft top-k -> base gather -> assembler actor, routing, back-pressure) on
+  tiny teachers, each call slowed by the test-only `testing.teacher_delay_s`, so teacher time is controlled
+  on 2 cores (the teachers' own compute is small beside the delay and is reported: `teacher_call_s`).
 
-       efficiency = steady steps/s / (1 / max(T, S))            target: >= 0.9 at T = S, prefetch 2
+1. calibrate: stand-in with teacher time 0 -> the student step time S (steady-state seconds per step);
+2. for teacher time T in {0.5, 1, 2} x S and prefetch in {0, default 2}, on each teacher side:
+
+       efficiency = steady steps/s / (1 / max(T, S))            target: >= 0.95 at T = S, prefetch 2
 
    (serial, prefetch 0, gives about S / (T + S) = 0.5 at T = S). Steady steps/s skips the first
-   `prefetch + 2` steps (the window filling, first-call allocations).
+   `prefetch + 2` steps (the window filling, first-call allocations). On the real pool T is the delay per
+   call (each role adds it once per batch, in parallel over roles); `efficiency_measured_T` uses the
+   measured mean busy time per call of the slowest role instead.
 
-Hooks into the driver (subclass `_BenchDriver`): `_start_pool` installs the SleepPool; `_start_workers` /
-`_stop_workers` keep one worker group across the runs (start-up costs seconds per run). The stepping loop
-itself is the driver's, unmodified.
+Hooks into the driver (subclass `_BenchDriver`): `_start_pool` installs the cell's pool; `_start_workers` /
+`_stop_workers` / `_release` keep one worker group and one pool per delay across the runs (start-up costs
+seconds per run). The stepping loop itself is the driver's, unmodified.
 
     python benchmarks/bench_overlap.py [--smoke] [--repeats N] [--steps N] [--ray-address ADDR]
 """
@@ -38,7 +44,7 @@ from _common import Target, add_ray_args, base_parser, print_table, ray_session,
 __all__ = ["SleepPool", "main"]
 
 K = 64
-TARGET = 0.9
+TARGET = 0.95
 FACTORS = (0.5, 1.0, 2.0)
 
 
@@ -96,10 +102,13 @@ def _driver_class() -> type:
 
     class _BenchDriver(Driver):
         shared_workers: list[Any] = []
-        sleep_pool: SleepPool | None = None
+        sleep_pool: Any = None  # the cell's pool: a SleepPool or a real TeacherPool, kept across runs
 
         def _start_pool(self) -> None:
             self.pool = _BenchDriver.sleep_pool
+
+        def _release(self) -> None:
+            self._stop_workers()  # the pool outlives the run; main() shuts it down
 
         def _start_workers(self, resume_dir: Path | None) -> None:
             if not _BenchDriver.shared_workers:
@@ -113,18 +122,22 @@ def _driver_class() -> type:
     return _BenchDriver
 
 
-def _config(student: Path, out: Path, steps: int, prefetch: int, batch_size: int, max_length: int) -> Any:
+def _config(student: Path, teacher: Path, out: Path, steps: int, prefetch: int, batch_size: int,
+            max_length: int, teacher_delay_s: float = 0.0) -> Any:
     from common.config import config_from_dict
 
-    spec = {"path": str(student)}
     return config_from_dict({
-        "run_name": "bench_overlap", "models": {"base_teacher": spec, "sft_teacher": spec, "student": spec},
+        "run_name": "bench_overlap",
+        "models": {"base_teacher": {"path": str(teacher)}, "sft_teacher": {"path": str(teacher)},
+                   "student": {"path": str(student)}},
         "data": {"max_length": max_length, "max_train_examples": 256, "max_eval_examples": 8},
         "loss": {"method": "delta_kd", "k": K},
-        "teachers": {"student_base_source": "worker"},
+        "teachers": {"student_base_source": "worker", "num_cpus": 0.5, "namespace": "bench-overlap",
+                     "name_prefix": f"bench-overlap-{out.name}"},
         "training": {"num_workers": 1, "num_cpus_per_worker": 1, "batch_size": batch_size, "max_steps": steps,
                      "prefetch": prefetch, "warmup_steps": 0, "checkpoint_every": 10**6},
         "evaluation": {"enabled": False}, "output": {"dir": str(out), "plot": False},
+        "testing": {"teacher_delay_s": teacher_delay_s},
     })
 
 
@@ -135,6 +148,31 @@ def _steady_rate(out_dir: Path, skip: int) -> tuple[float, float, float]:
     secs = sum(r["step_s"] for r in rows)
     return (len(rows) / secs, sum(r["teacher_wait_s"] for r in rows) / secs,
             statistics.median(r["compute_s"] for r in rows))
+
+
+def _cell(runs: list[tuple[float, float, float]], teacher_s: float, student_s: float, factor: float,
+          prefetch: int, call_s: list[float] | None = None) -> dict[str, Any]:
+    rates = [r[0] for r in runs]
+    cell = {"teacher_factor": factor, "teacher_s": teacher_s, "prefetch": prefetch,
+            "steps_per_s": summarize(rates),
+            "efficiency": summarize([r * max(teacher_s, student_s) for r in rates]),
+            "teacher_wait_fraction": summarize([r[1] for r in runs]),
+            "worker_compute_s": summarize([r[2] for r in runs])}
+    if call_s:
+        cell["teacher_call_s"] = summarize(call_s)
+        cell["efficiency_measured_T"] = summarize([r * max(c, student_s) for r, c in zip(rates, call_s)])
+    return cell
+
+
+def _slowest_call_s(pool: Any, before: dict[str, Any]) -> float:
+    """Mean busy seconds per call over the run, of the slowest teacher role (stats diff before/after)."""
+    after = pool.stats()["roles"]
+    per_role = []
+    for role, replicas in after.items():
+        calls = sum(s["calls"] for s in replicas) - sum(s["calls"] for s in before[role])
+        busy = sum(s["busy_s"] for s in replicas) - sum(s["busy_s"] for s in before[role])
+        per_role.append(busy / max(calls, 1))
+    return max(per_role)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,74 +188,93 @@ def main(argv: list[str] | None = None) -> int:
 
     window = TrainingConfig().prefetch if args.prefetch is None else args.prefetch
     repeats = 1 if args.smoke else args.repeats
-    steps = 6 if args.smoke else args.steps
+    steps = 8 if args.smoke else args.steps
     factors = (1.0,) if args.smoke else FACTORS
     batch_size, max_length = (4, 32) if args.smoke else (8, args.max_length)
+    hidden = 32 if args.smoke else args.hidden
 
-    with tempfile.TemporaryDirectory(prefix="dkb-overlap-") as tmp, ray_session(args.ray_address, num_cpus=4) as ray:
+    with tempfile.TemporaryDirectory(prefix="dkb-overlap-") as tmp, ray_session(args.ray_address, num_cpus=6) as ray:
         root = Path(tmp)
         tok = make_tokenizer(root / "tok", extra_words=" ".join(f"w{i}" for i in range(1024)))
-        student = make_llama(root / "student", tok, seed=3, hidden_size=32 if args.smoke else args.hidden,
-                             num_layers=2, num_heads=4, intermediate_size=2 * (32 if args.smoke else args.hidden))
+        student = make_llama(root / "student", tok, seed=3, hidden_size=hidden, num_layers=2, num_heads=4,
+                             intermediate_size=2 * hidden)
+        # The real pool's teachers: tiny on purpose, so the controlled delay is most of their time.
+        teacher = make_llama(root / "teacher", tok, seed=4, hidden_size=16, num_layers=1, num_heads=2,
+                             intermediate_size=32)
         from transformers import AutoTokenizer
 
         vocab = len(AutoTokenizer.from_pretrained(str(tok)))
         from bench_wire import make_record
 
-        teacher = _sleep_teacher(ray, make_record(batch_size, max_length, K, ["sft", "base"], "float32", vocab))
+        from teacher_service import TeacherPool
+
+        sleeper = _sleep_teacher(ray, make_record(batch_size, max_length, K, ["sft", "base"], "float32", vocab))
         driver_cls = _driver_class()
         run_no = iter(range(10**6))
+        pools: list[Any] = []
 
-        def run(delay: float, prefetch: int) -> tuple[float, float, float]:
-            driver_cls.sleep_pool = SleepPool(teacher, delay)
-            out = root / f"run{next(run_no)}"
-            cfg = _config(student, out, steps, prefetch, batch_size, max_length)
-            driver_cls(cfg, progress=False).run()
+        def run(pool: Any, prefetch: int, delay: float = 0.0) -> tuple[float, float, float]:
+            driver_cls.sleep_pool = pool
+            n = next(run_no)
+            out = root / f"run{n}"
+            # A new data seed per run: other batches, so the teachers' result cache (keyed by batch id and
+            # inputs) never answers a call without its delay.
+            cfg = _config(student, teacher, out, steps, prefetch, batch_size, max_length, delay)
+            driver_cls(cfg.model_copy(update={"seed": n}), progress=False).run()
             return _steady_rate(out, skip=prefetch + 2)
 
         try:
-            run(0.0, window)  # warm-up: worker start, first-call allocations, teacher record cache
-            calib_runs = [run(0.0, window) for _ in range(repeats)]
-            calib = [1.0 / r[0] for r in calib_runs]
-            student_s = statistics.median(calib)
+            run(SleepPool(sleeper, 0.0), window)  # warm-up: worker start, first-call allocations, record cache
+            calib_runs = [run(SleepPool(sleeper, 0.0), window) for _ in range(repeats)]
+            student_s = statistics.median(1.0 / r[0] for r in calib_runs)
             cells: dict[str, Any] = {}
             for factor in factors:
                 teacher_s = factor * student_s
                 for prefetch in (0, window):
-                    effs, waits, rates, computes = [], [], [], []
+                    runs = [run(SleepPool(sleeper, teacher_s), prefetch) for _ in range(repeats)]
+                    cells[f"standin_T{factor}x_prefetch{prefetch}"] = _cell(runs, teacher_s, student_s, factor,
+                                                                           prefetch)
+                cfg = _config(student, teacher, root / f"pool{factor}", steps, window, batch_size, max_length,
+                              teacher_s)
+                pool = TeacherPool.start(cfg)  # its teachers sleep teacher_s per call
+                pools.append(pool)
+                run(pool, window, teacher_s)  # warm-up of this pool's actors (and its assembler)
+                for prefetch in (0, window):
+                    runs, call_s = [], []
                     for _ in range(repeats):
-                        rate, wait, compute = run(teacher_s, prefetch)
-                        rates.append(rate)
-                        waits.append(wait)
-                        computes.append(compute)
-                        effs.append(rate * max(teacher_s, student_s))
-                    cells[f"T{factor}x_prefetch{prefetch}"] = {
-                        "teacher_factor": factor, "teacher_s": teacher_s, "prefetch": prefetch,
-                        "steps_per_s": summarize(rates), "efficiency": summarize(effs),
-                        "teacher_wait_fraction": summarize(waits),
-                        "worker_compute_s": summarize(computes)}
+                        before = pool.stats()["roles"]
+                        runs.append(run(pool, prefetch, teacher_s))
+                        call_s.append(_slowest_call_s(pool, before))
+                    cells[f"pool_T{factor}x_prefetch{prefetch}"] = _cell(runs, teacher_s, student_s, factor,
+                                                                        prefetch, call_s)
         finally:
             for w in driver_cls.shared_workers:
                 ray.kill(w, no_restart=True)
-            ray.kill(teacher, no_restart=True)
+            ray.kill(sleeper, no_restart=True)
+            for pool in pools:
+                pool.shutdown()
 
-    print_table(["teacher", "prefetch", "teacher s", "steps/s", "efficiency", "wait frac", "compute s"],
-                [[f"{c['teacher_factor']}x", c["prefetch"], c["teacher_s"], c["steps_per_s"]["median"],
-                  c["efficiency"]["median"], c["teacher_wait_fraction"]["median"],
-                  c["worker_compute_s"]["median"]] for c in cells.values()],
-                title=f"overlap: student step {student_s:.4f} s")
-    key = f"T1.0x_prefetch{window}"
-    targets = [Target(f"efficiency_T1x_prefetch{window}", cells[key]["efficiency"]["median"], ">=", TARGET,
-                      "median over repeats; the real driver loop and StudentWorker")]
-    figures = {"student_step_s": summarize(calib), "student_compute_s": summarize([r[2] for r in calib_runs]),
-               "steps_per_run": steps, "batch_size": batch_size,
-               "max_length": max_length, "window_prefetch": window, "cells": cells,
-               "serial_efficiency_T1x": cells["T1.0x_prefetch0"]["efficiency"]["median"]}
+    print_table(["cell", "teacher s", "steps/s", "efficiency", "wait frac", "compute s"],
+                [[name, c["teacher_s"], c["steps_per_s"]["median"], c["efficiency"]["median"],
+                  c["teacher_wait_fraction"]["median"], c["worker_compute_s"]["median"]]
+                 for name, c in cells.items()], title=f"overlap: student step {student_s:.4f} s")
+    targets = [Target(f"efficiency_{side}_T1x_prefetch{window}", cells[f"{side}_T1.0x_prefetch{window}"]
+                      ["efficiency"]["median"], ">=", TARGET, f"median over repeats; {what}")
+               for side, what in (("pool", "the real TeacherPool, teachers slowed by testing.teacher_delay_s"),
+                                  ("standin", "a sleeping stand-in for the pool"))]
+    figures = {"student_step_s": summarize([1.0 / r[0] for r in calib_runs]),
+               "student_compute_s": summarize([r[2] for r in calib_runs]),
+               "steps_per_run": steps, "batch_size": batch_size, "max_length": max_length,
+               "window_prefetch": window, "cells": cells,
+               "serial_efficiency_T1x": {side: cells[f"{side}_T1.0x_prefetch0"]["efficiency"]["median"]
+                                         for side in ("pool", "standin")}}
     notes = ["efficiency = steady steps/s * max(teacher s, student s); steady = rows after the first "
-             "prefetch + 2 steps of each run, from the driver's metrics.jsonl (step_s)",
-             "teacher: one serial actor sleeping a fixed time per batch, returning a cached valid record",
-             f"student: tiny Llama hidden={32 if args.smoke else args.hidden}, 2 layers, vocab {vocab}, "
-             f"batch {batch_size} x <= {max_length} tokens, delta_kd with the worker's frozen base copy"]
+             "prefetch + 2 steps of each run, from the driver's metrics.jsonl (step_s: the worker's time per step)",
+             "stand-in: one serial actor sleeping a fixed time per batch, returning a cached valid record",
+             "real pool: TeacherPool (sft top-k, base gather, assembler) on tiny Llamas (hidden 16) whose every "
+             "call sleeps testing.teacher_delay_s; teacher_call_s = measured busy s per call, slowest role",
+             f"student: tiny Llama hidden={hidden}, 2 layers, vocab {vocab}, batch {batch_size} x <= "
+             f"{max_length} tokens, delta_kd with the worker's frozen base copy, 1 worker"]
     write_result("bench_overlap", args, figures, targets, notes)
     return 0
 

@@ -30,6 +30,8 @@ __all__ = [
     "EvaluationConfig",
     "OutputConfig",
     "EmbeddedConfig",
+    "HooksConfig",
+    "RankError",
     "RunConfig",
     "LOSS_METHODS",
     "load_config",
@@ -116,6 +118,11 @@ class DataConfig(_Strict):
     max_train_examples: int | None = Field(default=None, gt=0)
     max_eval_examples: int | None = Field(default=64, gt=0)
     shuffle: bool = True
+    # Length-bucketed batching (student_worker.data.BatchPlan): 0 = off (each epoch a plain shuffle).
+    # n >= 1: each epoch's examples are sorted by length into n buckets of whole global batches, shuffled
+    # within each bucket and batched there, and the batches run in a seeded random order. More buckets,
+    # less padding; n >= steps per epoch sorts the whole epoch. Deterministic by step (resume-safe).
+    length_buckets: int = Field(default=0, ge=0)
 
 
 class LossConfig(_Strict):
@@ -196,10 +203,17 @@ class TrainingConfig(_Strict):
     checkpoint_every: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast on GPU when auto
-    # DDP gradient all-reduce: "bf16" sends gradients as bfloat16 (half the bytes; torch's
-    # bf16_compress_hook, registered in student_worker/distributed.py:wrap_ddp), "none" as they are.
+    # DDP gradient all-reduce: "bf16" sends gradients as bfloat16 (half the bytes; a bf16 all-reduce hook on
+    # the students' own group, student_worker/distributed.py), "none" as they are.
     grad_compression: Literal["none", "bf16"] = "none"
-    log_every: int = Field(default=1, gt=0)
+    # The progress bar's figures refresh, or (no bar: --no-progress) one console line is printed, every
+    # log_every steps; metrics.jsonl always gets every step.
+    log_every: int = Field(default=10, gt=0)
+    # Timeout of every collective of the students' process group (gloo and NCCL). A backstop only: the
+    # driver kills the whole group on the first rank error. It must exceed the longest time one rank can
+    # wait in a collective for another: at each step's input agreement, a rank whose teacher record is late
+    # (a teacher restarting, loading its model) keeps the others waiting.
+    collective_timeout_s: float = Field(default=1800.0, gt=0)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingConfig:
@@ -207,6 +221,17 @@ class TrainingConfig(_Strict):
             raise ValueError(
                 f"training.batch_size={self.batch_size} must be a multiple of "
                 f"training.num_workers={self.num_workers}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_rank_per_gpu(self) -> TrainingConfig:
+        g = self.num_gpus_per_worker
+        if 0 < g < 1 and self.num_workers > 1:
+            raise ValueError(
+                f"training.num_gpus_per_worker={g} with training.num_workers={self.num_workers} would put "
+                f"several student ranks on one GPU, which NCCL refuses (two ranks of one communicator on one "
+                f"device): use num_gpus_per_worker: 1 (one GPU per rank), or num_workers: 1"
             )
         return self
 
@@ -259,6 +284,33 @@ class EmbeddedConfig(_Strict):
     build_threads: int | None = Field(default=1, gt=0)
 
 
+class RankError(_Strict):
+    """Test-only: student rank `rank` raises once, mid-step (after the input agreement, in the forward),
+    at step `step`, in the run's first worker group only (a restored group runs that step normally)."""
+
+    rank: int = Field(ge=0)
+    step: int = Field(ge=0)
+
+
+class HooksConfig(_Strict):
+    """TEST-ONLY hooks: fault injection and slow-downs for tests and benchmarks; all off by default.
+
+    Never set in a production config. The section is excluded from resume comparisons
+    (student_worker/checkpoint.py RESUME_IGNORED_KEYS) and from experiment run keys, so a run with hooks
+    and the same run without them are the same run.
+    """
+
+    # Each student worker sleeps this long after every step (so a test can kill things "mid-run").
+    step_delay_s: float = Field(default=0.0, ge=0)
+    # Each teacher sleeps this long in every top-k / gather call (controlled teacher time in benchmarks).
+    teacher_delay_s: float = Field(default=0.0, ge=0)
+    # When the driver writes the checkpoint of this many completed steps: the workers write their parts,
+    # half of state.json is written, then the driver process exits (a crash while writing a checkpoint).
+    crash_in_checkpoint: int | None = Field(default=None, gt=0)
+    # One rank raises mid-step once (the fail-fast recovery path).
+    rank_error: RankError | None = None
+
+
 class RunConfig(_Strict):
     run_name: str = "deltakd"
     seed: int = 0
@@ -271,6 +323,7 @@ class RunConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
+    testing: HooksConfig = Field(default_factory=HooksConfig)
 
     @property
     def output_dir(self) -> Path:

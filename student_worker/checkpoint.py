@@ -53,9 +53,11 @@ MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming from it: the budget, where
-# outputs go, evaluation, and where the teachers run (their models, k, tau and wire are still compared).
+# outputs go, evaluation, where the teachers run (their models, k, tau and wire are still compared), how often
+# the console logs, the collective timeout, and the test-only hooks (`testing:`).
 RESUME_IGNORED_KEYS = ("training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.",
-                       "teachers.namespace", "teachers.name_prefix", "teachers.attach")
+                       "teachers.namespace", "teachers.name_prefix", "teachers.attach", "training.log_every",
+                       "training.collective_timeout_s", "testing.")
 
 
 class CheckpointError(RuntimeError):
@@ -236,7 +238,7 @@ def check_resume_config(ckpt_dir: str | Path, config: dict[str, Any]) -> None:
 
 
 def _ignored(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_IGNORED_KEYS)
+    return any(key == k or (k.endswith(".") and (key.startswith(k) or key == k[:-1])) for k in RESUME_IGNORED_KEYS)
 
 
 def check_no_previous_run(out_dir: str | Path) -> None:

@@ -7,14 +7,15 @@
 - `collate(examples, pad_id)` -> right-padded numpy arrays that follow the position convention of
   docs/ARCHITECTURE.md: `labels[b, t] = input_ids[b, t + 1]` where token t+1 is a response token.
 - `BatchPlan` gives each step's example indices per rank as a pure function of the step, so the data
-  cursor of a checkpoint is just its step number and a resume is exact.
+  cursor of a checkpoint is just its step number and a resume is exact; optionally length-bucketed
+  (`data.length_buckets`: examples of similar length batched together, still a pure function of the step).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ __all__ = [
     "encode_prompt",
     "tokenize_examples",
     "collate",
+    "padding_stats",
     "IGNORE_INDEX",
 ]
 
@@ -250,6 +252,14 @@ class BatchPlan:
     Step s is in epoch e = s // steps_per_epoch, which uses a permutation seeded by (seed, e) (the
     identity when shuffle is off); the global batch is that permutation's slice
     [(s % steps_per_epoch) * G, ... + G), and rank r gets its r-th contiguous G / num_workers share.
+
+    Length buckets (`length_buckets` = n >= 1, needs `lengths`: one token count per example): the epoch's
+    examples are those of the same permutation minus the dropped tail (so the same examples are kept as
+    without buckets), sorted by length (ties in permutation order) and cut into n buckets of whole global
+    batches (the first `steps_per_epoch % n` buckets one batch larger); each bucket is shuffled (seed, e,
+    bucket) and cut into global batches, and the epoch's batches run in a random order (seed, e). So
+    examples of similar length share a batch, every kept example is used once per epoch, and the plan is
+    still a pure function of the step. shuffle=False: no randomness (buckets in length order).
     """
 
     num_examples: int
@@ -257,6 +267,9 @@ class BatchPlan:
     num_workers: int = 1
     seed: int = 0
     shuffle: bool = True
+    length_buckets: int = 0
+    lengths: tuple[int, ...] | None = None
+    _epochs: dict[int, np.ndarray] = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.global_batch_size <= 0 or self.num_workers <= 0:
@@ -267,16 +280,49 @@ class BatchPlan:
                             f"{self.num_workers} workers")
         if self.num_examples < self.global_batch_size:
             raise DataError(f"{self.num_examples} examples cannot fill one batch of {self.global_batch_size}")
+        if self.length_buckets < 0:
+            raise DataError(f"data.length_buckets must be >= 0, got {self.length_buckets}")
+        if self.length_buckets and (self.lengths is None or len(self.lengths) != self.num_examples):
+            raise DataError(f"data.length_buckets={self.length_buckets} needs one length per example "
+                            f"({self.num_examples}), got {None if self.lengths is None else len(self.lengths)}")
 
     @property
     def steps_per_epoch(self) -> int:
         return self.num_examples // self.global_batch_size
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """[num_examples] int64: the example order of one epoch."""
+        """[num_examples] int64: the example order of one epoch (without buckets)."""
         if not self.shuffle:
             return np.arange(self.num_examples)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+    def _bucketed_order(self, epoch: int) -> np.ndarray:
+        """[steps_per_epoch * G] int64: the epoch's examples in batch order, with length buckets."""
+        cached = self._epochs.get(epoch)
+        if cached is not None:
+            return cached
+        assert self.lengths is not None  # checked in __post_init__
+        g, steps = self.global_batch_size, self.steps_per_epoch
+        kept = self.epoch_order(epoch)[: steps * g]
+        lengths = np.asarray(self.lengths, dtype=np.int64)[kept]
+        by_length = kept[np.argsort(lengths, kind="stable")]  # stable: ties keep the permutation's order
+        n = min(self.length_buckets, steps)
+        sizes = [steps // n + (1 if b < steps % n else 0) for b in range(n)]  # batches per bucket
+        batches: list[np.ndarray] = []
+        start = 0
+        for b, size in enumerate(sizes):
+            bucket = by_length[start : start + size * g]
+            start += size * g
+            if self.shuffle:
+                bucket = np.random.default_rng([self.seed, epoch, 1, b]).permutation(bucket)
+            batches.extend(bucket[i * g : (i + 1) * g] for i in range(size))
+        order = (np.random.default_rng([self.seed, epoch, 2]).permutation(len(batches)) if self.shuffle
+                 else np.arange(len(batches)))
+        out = np.concatenate([batches[i] for i in order])
+        if len(self._epochs) > 2:  # a run moves forward: keep only recent epochs
+            self._epochs.clear()
+        self._epochs[epoch] = out
+        return out
 
     def step_indices(self, step: int) -> list[list[int]]:
         """Example indices of `step`, one list of global_batch_size / num_workers per rank."""
@@ -284,6 +330,22 @@ class BatchPlan:
             raise DataError(f"step must be >= 0, got {step}")
         epoch, within = divmod(step, self.steps_per_epoch)
         start = within * self.global_batch_size
-        batch = self.epoch_order(epoch)[start : start + self.global_batch_size]
+        order = self._bucketed_order(epoch) if self.length_buckets else self.epoch_order(epoch)
+        batch = order[start : start + self.global_batch_size]
         per_rank = self.global_batch_size // self.num_workers
         return [batch[r * per_rank : (r + 1) * per_rank].tolist() for r in range(self.num_workers)]
+
+
+def padding_stats(plan: BatchPlan, examples: Sequence[TokenizedExample], steps: int) -> dict[str, float]:
+    """Token counts of the first `steps` steps as `collate` pads them (each rank's batch to its own longest):
+    {"positions", "real_tokens", "counted_tokens", "padding_fraction", "counted_fraction"}, where counted
+    tokens are the loss positions (response tokens) and fractions are of all padded positions."""
+    positions = real = counted = 0
+    for s in range(steps):
+        for idx in plan.step_indices(s):
+            lens = [len(examples[i].input_ids) for i in idx]
+            positions += len(idx) * max(lens)
+            real += sum(lens)
+            counted += sum(len(examples[i].input_ids) - max(examples[i].prompt_len, 1) for i in idx)
+    return {"positions": positions, "real_tokens": real, "counted_tokens": counted,
+            "padding_fraction": 1.0 - real / positions, "counted_fraction": counted / positions}

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedError", "free_port", "node_ip", "make_process_group", "wrap_ddp", "bf16_allreduce_hook"]
+__all__ = ["DistributedError", "AllReduceTimer", "free_port", "node_ip", "make_process_group", "wrap_ddp",
+           "bf16_allreduce_hook", "compression_hook"]
 
 
 class DistributedError(RuntimeError):
@@ -40,11 +44,15 @@ def node_ip() -> str:
 
 
 def make_process_group(
-    init_method: str, rank: int, world_size: int, backend: str, timeout_s: float = 120.0
+    init_method: str, rank: int, world_size: int, backend: str, timeout_s: float = 1800.0,
+    group_name: str = "deltakd-students",
 ) -> dist.ProcessGroup:
     """A process group over the student ranks that is NOT torch's default group.
 
     init_method: "tcp://host:port" (rank 0 hosts the store); backend: "gloo" (CPU) or "nccl" (GPU).
+    timeout_s (`training.collective_timeout_s`): the store's and every collective's timeout (gloo's
+    timeout; NCCL's `ProcessGroupNCCL.Options._timeout`, which its watchdog enforces). group_name: names
+    the group in torch's logs and NCCL's flight recorder, and prefixes its keys in the store.
     """
     if not init_method.startswith("tcp://"):
         raise DistributedError(f"rank {rank}: init_method must be tcp://host:port, got {init_method!r}")
@@ -56,21 +64,71 @@ def make_process_group(
         raise DistributedError(
             f"rank {rank}/{world_size}: cannot reach the rendezvous store at {init_method}: {exc}"
         ) from exc
-    store = dist.PrefixStore("deltakd-students", store)
+    store = dist.PrefixStore(f"{group_name}/", store)
     group = dist.ProcessGroup(store, rank, world_size)
-    # ProcessGroup + _register_backend is what init_process_group does inside; done by hand here so the
-    # group is not the default one (see module docstring).
+    ranks = list(range(world_size))
+    # ProcessGroup + _register_backend is what init_process_group / new_group do inside
+    # (torch.distributed.distributed_c10d._new_process_group_helper); done by hand here so the group is not
+    # the default one (see module docstring).
+    impl: Any
     if backend == "gloo":
         impl = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        impl.options.global_ranks_in_group = ranks
+        impl.options.group_name = group_name
         group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
         group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, impl)
     elif backend == "nccl":
-        impl = dist.ProcessGroupNCCL(store, rank, world_size)
+        if not dist.is_nccl_available():
+            raise DistributedError(f"rank {rank}: backend 'nccl' requested but this torch has no NCCL "
+                                   f"(torch {torch.__version__}); GPU training needs a CUDA build")
+        options = dist.ProcessGroupNCCL.Options()  # untested here: no GPU on the CI machine
+        options.is_high_priority_stream = False
+        options._timeout = timeout
+        options.global_ranks_in_group = ranks
+        options.group_name = group_name
+        impl = dist.ProcessGroupNCCL(store, rank, world_size, options)
         group._set_default_backend(dist.ProcessGroup.BackendType.NCCL)
         group._register_backend(torch.device("cuda"), dist.ProcessGroup.BackendType.NCCL, impl)
     else:
         raise DistributedError(f"rank {rank}: unknown backend {backend!r}; expected 'gloo' or 'nccl'")
+    impl._set_sequence_number_for_group()
+    group._set_group_name(group_name)
+    group._set_group_desc(group_name)
     return group
+
+
+class AllReduceTimer:
+    """Times the part of DDP's gradient all-reduce that backward does not hide.
+
+    A DDP communication hook (`wrap_ddp`) calls `bucket_ready` as each gradient bucket is handed to the
+    all-reduce, in backward order; the last bucket is ready when backward's computation is done. So for one
+    backward call, `exposed_s(end)` = `end` (when `loss.backward()` returned, DDP having waited for every
+    bucket's all-reduce) minus the last bucket's hand-over: the communication (and the wait for the slowest
+    rank) that was not overlapped with computation. `reset()` before each backward.
+    """
+
+    def __init__(self) -> None:
+        self.last_ready: float | None = None
+
+    def reset(self) -> None:
+        self.last_ready = None
+
+    def bucket_ready(self) -> None:
+        self.last_ready = time.perf_counter()
+
+    def split(self, start: float, end: float) -> tuple[float, float]:
+        """(backward compute s, exposed all-reduce s) of a backward that ran from `start` to `end`."""
+        if self.last_ready is None or not start <= self.last_ready <= end:
+            return end - start, 0.0  # no bucket (e.g. world size 1 without a hook call): all compute
+        return self.last_ready - start, end - self.last_ready
+
+
+def _allreduce_mean(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's default reduction on our private group: scale by 1 / world size (DDP multiplies by the same
+    fp32 scalar when it copies gradients into a hook-less bucket), then sum over ranks."""
+    tensor = bucket.buffer()
+    tensor.mul_(1.0 / group.size())
+    return group.allreduce([tensor]).get_future().then(lambda fut: fut.value()[0])
 
 
 def bf16_allreduce_hook(group, bucket):  # type: ignore[no-untyped-def]
@@ -94,19 +152,38 @@ def bf16_allreduce_hook(group, bucket):  # type: ignore[no-untyped-def]
     return fut.then(decompress)
 
 
+def compression_hook(grad_compression: str) -> Callable[..., Any] | None:
+    """The DDP communication hook of `training.grad_compression`: "bf16" -> `bf16_allreduce_hook` (each
+    gradient bucket travels as bfloat16: half the all-reduce's bytes for fp32 gradients, ~1 GB instead of
+    ~2 GB a step for Qwen2-0.5B; each element rounded to bf16's 8-bit mantissa before the sum); "none" ->
+    None (DDP's own fp32 reduction)."""
+    if grad_compression == "bf16":
+        return bf16_allreduce_hook
+    if grad_compression != "none":
+        raise DistributedError(f"training.grad_compression={grad_compression!r}: expected 'none' or 'bf16'")
+    return None
+
+
 def wrap_ddp(model: torch.nn.Module, group: dist.ProcessGroup, device: torch.device,
-             grad_compression: str = "none") -> torch.nn.Module:
+             comm_hook: Callable[..., Any] | None = None,
+             timer: AllReduceTimer | None = None) -> torch.nn.Module:
     """DDP over `group`: broadcasts rank 0's weights at construction, averages gradients on backward.
 
-    grad_compression "bf16" registers `bf16_allreduce_hook`: each gradient bucket travels as bfloat16,
-    halving the all-reduce's bytes for fp32 gradients (~1 GB instead of ~2 GB a step for Qwen2-0.5B's
-    494M parameters); each gradient element is rounded to bf16 (8 bits of mantissa) before the sum.
-    "none": DDP's own fp32 all-reduce.
+    comm_hook: `hook(group, bucket) -> Future` that reduces one gradient bucket (DDP's communication hook
+    protocol with the group as state), e.g. `compression_hook("bf16")`; None: divide by the world size and
+    sum (what DDP does without a hook). DDP takes one hook only, so pass it here rather than registering it.
+    timer: told when each bucket is handed over (`AllReduceTimer`), to split backward from the all-reduce.
     """
     device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=group)
-    if grad_compression == "bf16":
-        ddp.register_comm_hook(group, bf16_allreduce_hook)
-    elif grad_compression != "none":
-        raise DistributedError(f"training.grad_compression={grad_compression!r}: expected 'none' or 'bf16'")
+    reduce = comm_hook or _allreduce_mean
+    if timer is not None:
+        # No annotations: DDP compares them with dist.GradBucket, and this module's are postponed (strings).
+        def timed(state, bucket):  # type: ignore[no-untyped-def]
+            timer.bucket_ready()
+            return reduce(state, bucket)
+
+        ddp.register_comm_hook(group, timed)
+    elif comm_hook is not None:
+        ddp.register_comm_hook(group, comm_hook)
     return ddp

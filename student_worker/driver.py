@@ -1,10 +1,22 @@
 """The driver: one process orchestrates teachers and student workers (DESIGN.md section 3).
 
-Per step s (0-based) with W workers, rank r trains batch id `s * W + r`. The driver keeps `prefetch`
-batches beyond the current one submitted to the teacher pool; each record ref goes straight to the worker
-of its rank (nested in a list for the object store, as direct arguments for RDT); the driver never reads a
-record. Checkpoints are taken after every `checkpoint_every` completed steps and at the end; a checkpoint
-named `ckpt-N` holds the state after N completed steps (N is also the data cursor: the next step index).
+Per step s (0-based) with W workers, rank r trains batch id `s * W + r`. The driver keeps the teacher work of
+steps s .. s + prefetch submitted to the teacher pool and every worker's calls for steps s .. s + min(prefetch,
+2) queued: the next call waits in the actor's queue, so a worker goes from one step straight into the next
+while the driver does its bookkeeping or waits on the pool. Each loop turn dispatches first, then
+tops up the teacher window, then waits. Each record ref goes straight to the worker of its rank (nested in a
+list for the object store, as direct arguments for RDT); the driver never reads a record.
+
+Checkpoints are taken after every `checkpoint_every` completed steps and at the end; a checkpoint named
+`ckpt-N` holds the state after N completed steps (N is also the data cursor: the next step index). Its save
+is queued between the calls of steps N-1 and N, so it sees exactly N completed steps (the workers check).
+
+Failures (`step_calls.wait_step`, `Driver._loop`): a worker process that dies, or a rank that raises after the step's
+input agreement (the other ranks may then sit in a collective), makes the driver kill the whole worker group
+at once, start a new one from the last checkpoint and replay (at most MAX_WORKER_RESTARTS times). A step
+every rank rejected at the input agreement (a teacher unavailable, a bad record) and a deterministic input
+error of the loss stop the run with TrainingRunError naming the culprit, after a checkpoint of the completed
+steps when the workers are intact.
 """
 
 from __future__ import annotations
@@ -12,32 +24,34 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 
 from common.config import RunConfig, config_hash, dump_config
 from student_worker import checkpoint as ckpt
-from student_worker.data import BatchPlan, collate, load_examples, tokenize_examples
+from student_worker.data import BatchPlan, load_examples, tokenize_examples
 from student_worker.evaluate import evaluate_spec
 from student_worker.recovery import (
     ACTOR_GONE,
     MAX_WORKER_RESTARTS,
     WorkerCrash,
+    check_resources,
     find_cause,
+    is_fatal_rank_error,
     maybe_crash_in_checkpoint,
     new_run_uid,
-    step_delay_s,
+    teacher_inflight_cap,
     worker_actor_name,
 )
 from student_worker.report import run_summary, step_row, write_report
 from student_worker.shared_output import check_shared_output
+from student_worker.step_calls import StepInFlight, dispatch_step, queue_save, submit_step, wait_step
 from student_worker.worker import StudentWorker
 
 __all__ = ["TrainingRunError", "InputError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS"]
+
 
 class TrainingRunError(RuntimeError):
     """The run cannot continue (teacher unavailable, workers keep dying). The message names the culprit."""
@@ -54,11 +68,7 @@ class InputError(ValueError):
 evaluate_spec_task = ray.remote(num_cpus=1)(evaluate_spec)
 
 
-@dataclass
-class _InFlight:
-    step: int
-    arrays: list[dict[str, np.ndarray]]  # per rank
-    records: list[Any] = field(default_factory=list)  # per rank: ObjectRef, or (meta, roles, refs) for RDT
+_QUEUED_STEPS = 3
 
 
 class Driver:
@@ -76,6 +86,7 @@ class Driver:
         self.rows: list[dict[str, Any]] = []
         self.rouge: dict[str, Any] = {}
         self.restarts = 0
+        self.recoveries: list[dict[str, Any]] = []  # one per worker-group restore: step, rank, cause, seconds
         self._group_name: str | None = None
         self.worker_names: list[str] = []
         self.resume_dir: Path | None = None
@@ -119,28 +130,14 @@ class Driver:
         self.train_tok = tokenize_examples(train, tok, self.cfg.data)
         self.eval_examples = (load_examples(self.cfg.data, "eval", self.cfg.embedded)
                               if self.cfg.evaluation.enabled and self.cfg.data.eval else [])
+        d = self.cfg.data
         self.plan = BatchPlan(len(self.train_tok), self.cfg.training.batch_size, self.world, self.cfg.seed,
-                              self.cfg.data.shuffle)
+                              d.shuffle, length_buckets=d.length_buckets,
+                              lengths=tuple(len(e.input_ids) for e in self.train_tok) if d.length_buckets else None)
 
     def _check_resources(self) -> None:
-        """Warn (loudly) when teachers + workers ask for more CPUs/GPUs than the cluster has right now:
-        Ray would wait forever for the missing slots (an autoscaling cluster may still add them)."""
-        t, tc = self.cfg.training, self.cfg.teachers
-        n_teachers = 0 if self.cfg.loss.method == "sft" or tc.attach else sum(
-            tc.replicas.get(r, 1) for r in self._teacher_roles())
-        need = {"CPU": self.world * t.num_cpus_per_worker + n_teachers * tc.num_cpus,
-                "GPU": self.world * t.num_gpus_per_worker + n_teachers * tc.num_gpus}
-        for per, count in ((tc.resources, n_teachers), (t.resources_per_worker, self.world)):
-            for name, amount in per.items():  # custom resources that pin actors to node types
-                need[name] = need.get(name, 0.0) + amount * count
-        have = ray.cluster_resources()
-        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-        if short:
-            print("WARNING: this run asks for more than the Ray cluster has now ("
-                  + ", ".join(f"{k}: {v:g} needed, {h:g} available" for k, (v, h) in short.items())
-                  + "); it will wait for resources. Lower training.num_cpus_per_worker / teachers.num_cpus "
-                  "(fractions are fine), check teachers.resources / training.resources_per_worker against the "
-                  "nodes' custom resources, or add nodes.", flush=True)
+        """Warn (loudly) when teachers + workers ask for more CPUs/GPUs than the cluster has right now."""
+        check_resources(self.cfg, self._teacher_roles())
 
     def _teacher_roles(self) -> list[str]:
         from teacher_service.roles import teacher_role_specs
@@ -152,21 +149,26 @@ class Driver:
             return  # no teacher at all for plain SFT
         from teacher_service import TeacherPool
 
-        self.pool = TeacherPool.attach(self.cfg) if self.cfg.teachers.attach else TeacherPool.start(self.cfg)
+        # The pool's in-flight cap sized for the window (recovery.teacher_inflight_cap); the rest as configured.
+        tc = self.cfg.teachers
+        cap = max(tc.max_inflight_per_replica, teacher_inflight_cap(self.cfg, self._teacher_roles()))
+        cfg = self.cfg.model_copy(update={"teachers": tc.model_copy(update={"max_inflight_per_replica": cap})})
+        self.pool = TeacherPool.attach(cfg) if tc.attach else TeacherPool.start(cfg)
         # Not waited for: the teachers' one-off first-call costs overlap with the workers' set-up, and any
         # remainder shows up as the first step's teacher wait. A real fault recurs on the first real batch.
         self.pool.warm_up(assemble=not self.rdt)
 
     def _create_workers(self) -> None:
-        """Create the actors (non-blocking: their processes start and import while teachers load)."""
+        """Create the actors (non-blocking: their processes start and import while teachers load). Their
+        generation (how many groups came before) gates the test-only `testing.rank_error`."""
         t = self.cfg.training
-        uid, delay = new_run_uid(), step_delay_s()
+        uid = new_run_uid()
         self.worker_names = [worker_actor_name(self.cfg.run_name, rank, uid) for rank in range(self.world)]
         self.workers = [
             StudentWorker.options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker, name=name,
                                   resources=dict(t.resources_per_worker) or None,
                                   namespace=self.cfg.teachers.namespace).remote(self.cfg_dict, rank, self.world,
-                                                                                delay)
+                                                                                self.restarts)
             for rank, name in enumerate(self.worker_names)
         ]
 
@@ -201,69 +203,39 @@ class Driver:
             ray.kill(w, no_restart=True)
         self.workers, self.worker_names = [], []
 
-    def _restore_workers(self, crash: WorkerCrash) -> int:
-        """Replace the whole worker group (the survivors may be stuck in a collective with the dead rank) and
-        load the newest complete checkpoint; returns the step to continue from. The metrics rows of the steps
-        after that checkpoint are dropped here and rewritten when those steps are replayed."""
+    def _restore_workers(self, crash: WorkerCrash, step: int) -> int:
+        """Replace the whole worker group at once (the survivors may be stuck in a collective with the failed
+        rank) and load the newest complete checkpoint; returns the step to continue from. The metrics rows of
+        the steps after that checkpoint are dropped here and rewritten when those steps are replayed."""
+        t0 = time.perf_counter()
         self.restarts += 1
         if self.restarts > MAX_WORKER_RESTARTS:
-            raise TrainingRunError(f"student workers died {self.restarts} times (last: {crash}); giving up; "
+            self._stop_workers()
+            raise TrainingRunError(f"student workers failed {self.restarts} times (last: {crash}); giving up; "
                                    f"resume later from {ckpt.latest_checkpoint(self.ckpt_root)}") from crash.cause
-        print(f"{crash}; restoring the worker group from the last checkpoint", flush=True)
+        print(f"step {step}: {crash}; restoring the worker group from the last checkpoint", flush=True)
         self._stop_workers()
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         self._create_workers()
         self._start_workers(latest)
-        step = 0 if latest is None else int(ckpt.read_state(latest)["step"])
-        self.rows = [r for r in self.rows if r["step"] < step]
+        restored = 0 if latest is None else int(ckpt.read_state(latest)["step"])
+        self.rows = [r for r in self.rows if r["step"] < restored]
         self._rewrite_metrics()
-        return step
+        seconds = time.perf_counter() - t0
+        self.recoveries.append({"step": step, "rank": crash.rank, "cause": str(crash), "restored_step": restored,
+                                "seconds": seconds})
+        print(f"worker group restored at step {restored} in {seconds:.1f} s", flush=True)
+        return restored
 
-    # ------------------------------------------------------------------ steps
-    def _submit(self, step: int) -> _InFlight:
-        arrays = [collate([self.train_tok[i] for i in idx], self.pad_id) for idx in self.plan.step_indices(step)]
-        item = _InFlight(step, arrays)
-        if self.pool is not None:
-            for rank, a in enumerate(arrays):
-                bid = step * self.world + rank
-                submit = self.pool.submit_parts if self.rdt else self.pool.submit
-                item.records.append(submit(bid, a["input_ids"], a["attention_mask"], a["loss_mask"]))
-        return item
+    # ------------------------------------------------------------------ steps (student_worker/step_calls.py)
+    def _submit(self, step: int) -> StepInFlight:
+        return submit_step(step, self.plan, self.train_tok, self.pad_id, self.pool, self.rdt)
 
-    def _run_step(self, item: _InFlight) -> list[dict[str, Any]]:
-        global_tokens = int(sum(a["loss_mask"].sum() for a in item.arrays))
-        refs = []
-        for rank, w in enumerate(self.workers):
-            batch = {k: item.arrays[rank][k] for k in ("input_ids", "attention_mask", "labels")}
-            if self.rdt:
-                meta, roles, parts = item.records[rank]
-                refs.append(w.train_step_rdt.remote(item.step, batch, global_tokens, meta, roles, *parts))
-            else:
-                box = [item.records[rank]] if item.records else None  # nested: the worker resolves it
-                refs.append(w.train_step.remote(item.step, batch, box, global_tokens))
-        rank_of = {r: i for i, r in enumerate(refs)}
-        results: list[dict[str, Any]] = [{} for _ in refs]
-        errors: list[BaseException] = []
-        remaining = list(refs)
-        while remaining:
-            ready, remaining = ray.wait(remaining, num_returns=1)
-            try:
-                results[rank_of[ready[0]]] = ray.get(ready[0])
-            except ACTOR_GONE as exc:
-                raise WorkerCrash(rank_of[ready[0]], exc) from exc
-            except ray.exceptions.RayTaskError as exc:
-                errors.append(exc)
-        if errors:
-            from common.topk import RecordError
-            from student_worker.worker import PeerInputError
-            from teacher_service.errors import TeacherError, TeacherUnavailableError
+    def _dispatch(self, item: StepInFlight) -> None:
+        dispatch_step(item, self.workers, self.rdt)
 
-            # The typed teacher error (dead role, NaN output, bad record) names role/model and batch.
-            typed = ([c for e in errors if (c := find_cause(e, TeacherUnavailableError))]
-                     + [c for e in errors if (c := find_cause(e, (TeacherError, RecordError)))])
-            first = next((e for e in errors if not find_cause(e, PeerInputError)), errors[0])
-            raise typed[0] if typed else first
-        return results
+    def _queue_save(self, item: StepInFlight) -> None:
+        queue_save(item, self.workers, self.ckpt_root)
 
     # ------------------------------------------------------------------ outputs
     def _rewrite_metrics(self) -> None:
@@ -273,12 +245,16 @@ class Driver:
 
     def _checkpoint(self, step: int) -> Path:
         tmp = ckpt.begin_checkpoint(self.ckpt_root, step)
-        for rank, ref in enumerate([w.save_checkpoint.remote(str(tmp)) for w in self.workers]):
+        return self._finish_checkpoint(step, tmp, [w.save_checkpoint.remote(str(tmp), step) for w in self.workers])
+
+    def _finish_checkpoint(self, step: int, tmp: Path, saves: list[Any]) -> Path:
+        """Wait for the workers' parts (queued saves), then write state.json and rename the directory."""
+        for rank, ref in enumerate(saves):
             try:
                 ray.get(ref)
             except ACTOR_GONE as exc:  # the .tmp directory is left behind and never read
                 raise WorkerCrash(rank, exc) from exc
-        maybe_crash_in_checkpoint(tmp, step)  # test-only fault hook (student_worker/recovery.py)
+        maybe_crash_in_checkpoint(tmp, step, self.cfg.testing.crash_in_checkpoint)  # test-only hook
         state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg), "config": self.cfg_dict,
                  "metrics": self.rows, "rouge": self.rouge}
         return ckpt.finalize_checkpoint(tmp, state, self.cfg.training.keep_checkpoints)
@@ -311,48 +287,11 @@ class Driver:
             e = self.cfg.evaluation
             if self.eval_examples and e.evaluate_before and "student_base" not in self.rouge:
                 self.rouge["student_base"] = self._evaluate_student()
-            step, last_ckpt = start_step, start_step if resume_dir is not None else -1
-            pending: deque[_InFlight] = deque()
-            next_submit = step
-            bar = tqdm(total=t.max_steps, initial=step, disable=not self.progress, desc=self.cfg.loss.method)
-            t_loop, t_prev = time.perf_counter(), time.perf_counter()
-            while step < end_step:
-                while next_submit < end_step and len(pending) < t.prefetch + 1:
-                    pending.append(self._submit(next_submit))
-                    next_submit += 1
-                item = pending.popleft()
-                try:
-                    per_rank = self._run_step(item)
-                except WorkerCrash as crash:
-                    pending.clear()
-                    step = next_submit = bar.n = self._restore_workers(crash)
-                    t_prev = time.perf_counter()
-                    continue
-                except Exception as exc:
-                    if step != last_ckpt:  # keep what is done: the model is still at `step` completed steps
-                        self._checkpoint(step)
-                    raise TrainingRunError(f"step {step} failed; checkpoint of {step} completed steps written "
-                                           f"under {self.ckpt_root}: {type(exc).__name__}: {exc}") from exc
-                now = time.perf_counter()
-                row = step_row(step, per_rank, item.arrays, now - t_prev)
-                t_prev = now
-                self.rows.append(row)
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                wait=f"{100 * row['teacher_wait_frac']:.0f}%")
-                bar.update(1)
-                step += 1
-                if step % t.checkpoint_every == 0 or step == end_step:
-                    try:
-                        self._checkpoint(step)
-                    except WorkerCrash as crash:  # died while saving: replay from the previous checkpoint
-                        pending.clear()
-                        step = next_submit = bar.n = self._restore_workers(crash)
-                        t_prev = time.perf_counter()
-                        continue
-                    last_ckpt = step
-            bar.close()
+            self._bar = tqdm(total=t.max_steps, initial=start_step, disable=not self.progress,
+                             desc=self.cfg.loss.method)
+            t_loop = time.perf_counter()
+            step = self._loop(start_step, end_step, start_step if resume_dir is not None else -1)
+            self._bar.close()
             loop_s = time.perf_counter() - t_loop
             if step < t.max_steps:  # stopped early on purpose (--stop-after): as if interrupted
                 return {"stopped_at": step, "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))}
@@ -370,6 +309,84 @@ class Driver:
         finally:
             self._release()
 
+    def _loop(self, step: int, end_step: int, last_ckpt: int) -> int:
+        """Train steps `step` .. end_step - 1; returns the number of completed steps (end_step)."""
+        t = self.cfg.training
+        # Steps with worker calls queued: those whose teacher work is submitted, at most _QUEUED_STEPS (slack for a
+        # driver turn slower than a step; after a failed step the rest refuse to run at once).
+        queued = min(t.prefetch + 1, _QUEUED_STEPS)
+        window: deque[StepInFlight] = deque()  # submitted steps, in order; window[0] is `step`
+        ray.get([w.begin.remote(step) for w in self.workers])
+        while step < end_step:
+            if not window:
+                window.append(self._submit(step))
+            # 1. dispatch: the current step, and the next one behind it (after the checkpoint save due between)
+            for i in range(min(queued, end_step - step)):
+                if i == len(window):
+                    window.append(self._submit(step + i))
+                item = window[i]
+                if item.calls is None:
+                    if i > 0 and (item.step % t.checkpoint_every == 0) and window[i - 1].save is None:
+                        self._queue_save(window[i - 1])
+                    self._dispatch(item)
+            # 2. top up the teacher window (may wait in the pool's back-pressure: the workers have calls queued)
+            t_submit = time.perf_counter()
+            while len(window) < t.prefetch + 1 and window[-1].step + 1 < end_step:
+                window.append(self._submit(window[-1].step + 1))
+            submit_s = time.perf_counter() - t_submit
+            # 3. wait for the current step
+            item = window[0]
+            try:
+                per_rank = wait_step(item)
+            except WorkerCrash as crash:
+                if crash.raised and is_fatal_rank_error(crash.cause):
+                    self._stop_workers()  # the other ranks may sit in a collective; no checkpoint can be taken
+                    raise TrainingRunError(f"step {step} failed on rank {crash.rank}; the workers were stopped; the "
+                                           f"last checkpoint is {ckpt.latest_checkpoint(self.ckpt_root)}: "
+                                           f"{crash}") from crash.cause
+                window.clear()
+                step = self._bar.n = self._restore_workers(crash, step)
+                ray.get([w.begin.remote(step) for w in self.workers])
+                continue
+            except Exception as exc:  # every rank rejected the step: the model is at `step` completed steps
+                if step != last_ckpt:
+                    self._checkpoint(step)  # queued behind the calls already sent, which refuse to run
+                raise TrainingRunError(f"step {step} failed; checkpoint of {step} completed steps written "
+                                       f"under {self.ckpt_root}: {type(exc).__name__}: {exc}") from exc
+            row = step_row(step, per_rank, item.arrays, driver_submit_s=submit_s)
+            self.rows.append(row)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self._log(row)
+            window.popleft()
+            step += 1
+            if step % t.checkpoint_every == 0 or step == end_step:
+                try:
+                    if item.save is not None:
+                        self._finish_checkpoint(step, *item.save)
+                    else:
+                        self._checkpoint(step)
+                except WorkerCrash as crash:  # died while saving: replay from the previous checkpoint
+                    window.clear()
+                    step = self._bar.n = self._restore_workers(crash, step)
+                    ray.get([w.begin.remote(step) for w in self.workers])
+                    continue
+                last_ckpt = step
+        return step
+
+    def _log(self, row: dict[str, Any]) -> None:
+        """Progress every `training.log_every` steps: the bar's figures, or one console line without a bar."""
+        self._bar.update(1)
+        if (row["step"] + 1) % self.cfg.training.log_every:
+            return
+        figures = dict(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                       wait=f"{100 * row['teacher_wait_frac']:.0f}%")
+        if self.progress:
+            self._bar.set_postfix(figures)
+        else:
+            print(f"step {row['step'] + 1}/{self.cfg.training.max_steps} "
+                  + " ".join(f"{k} {v}" for k, v in figures.items()), flush=True)
+
     def _release(self) -> None:
         """Kill the workers and the teachers this run started (attached teachers stay up)."""
         self._stop_workers()
@@ -380,7 +397,7 @@ class Driver:
     def _report(self, start_step: int, step: int, loop_s: float,
                 teacher_stats: dict[str, Any] | None) -> dict[str, Any]:
         report = run_summary(self.cfg, self.rows, start_step, step, loop_s, self.rouge, self.restarts,
-                             teacher_stats, paths={"output_dir": str(self.out),
+                             teacher_stats, recoveries=self.recoveries, paths={"output_dir": str(self.out),
                                                    "final_model": str(self.out / "final_model"),
                                                    "metrics": str(self.out / "metrics.jsonl"),
                                                    "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))})

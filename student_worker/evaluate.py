@@ -98,15 +98,16 @@ def evaluate_model(
 
 def evaluate_spec(spec: ModelSpec, examples: list[dict[str, str]], max_new_tokens: int,
                   batch_size: int) -> dict[str, Any]:
-    """Load a model by its spec (hub id or path, revision, trust_remote_code) and `evaluate_model` it:
-    bf16 on a GPU when this process has one, fp32 on the CPU. The driver runs it as a Ray task for the
-    SFT teacher's ceiling; the method comparison for its reference models."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a model by its spec (hub id or path, revision, trust_remote_code, dtype) straight onto this
+    process's device (`device_map`: no full host copy) and `evaluate_model` it. dtype "auto": bf16 on a GPU,
+    fp32 on the CPU. The driver runs it as a Ray task for the SFT teacher's ceiling; the method comparison
+    for its reference models."""
+    from transformers import AutoTokenizer
+
+    from student_worker.loading import load_causal_lm, resolve_dtype
 
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision,
-                                                 dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 trust_remote_code=spec.trust_remote_code)
-    model.to("cuda" if cuda else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    model = load_causal_lm(spec, device, resolve_dtype(spec.dtype, torch.bfloat16 if cuda else torch.float32))
     tok = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     return evaluate_model(model, tok, examples, max_new_tokens, batch_size)

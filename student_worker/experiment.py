@@ -59,9 +59,9 @@ __all__ = ["ExperimentError", "RUN_OVERRIDES", "run_key", "shared_key", "aggrega
 # Every run of an experiment gets these on top of the shared config (the experiment evaluates the two
 # fixed reference models once itself).
 RUN_OVERRIDES = ("evaluation.evaluate_before=false", "evaluation.evaluate_teacher=false")
-# Keys that say where a run writes and which actors it talks to, not what it computes.
+# Keys that say where a run writes and which actors it talks to, not what it computes; and the test-only hooks.
 _RUNTIME_KEYS = (("teachers", "namespace"), ("teachers", "name_prefix"), ("teachers", "attach"),
-                 ("output", "dir"), ("run_name",))
+                 ("output", "dir"), ("run_name",), ("testing",))
 
 
 def _digest(data: dict[str, Any]) -> str:

@@ -1,22 +1,29 @@
-"""Fault recovery helpers of the driver: worker-crash detection, named worker actors, test-only fault hooks.
+"""Fault recovery helpers of the driver: rank failures, named worker actors, test-only fault hooks.
 
-Operating promise (DESIGN.md section 4): a run survives the death of a student worker (the driver replaces
-the whole worker group and reloads the newest complete checkpoint, so the result on CPU is bit-for-bit the
-uninterrupted run's) and of a teacher actor (Ray restarts it and retries its calls; teacher calls are keyed
-by batch id). Everything else stops the run with a typed error after a checkpoint of the completed steps.
+Operating promise (DESIGN.md section 4): a run survives the death of a student worker, or a rank raising
+mid-step (the driver kills the whole worker group at once, starts a new one and reloads the newest complete
+checkpoint, so the result on CPU is bit-for-bit the uninterrupted run's), and of a teacher actor (Ray
+restarts it and retries its calls; teacher calls are keyed by batch id).
+
+Which rank errors are retried and which stop the run:
+- retried (group replaced, steps since the last checkpoint replayed; at most MAX_WORKER_RESTARTS times): a
+  worker process that died; a rank that raised after the step's input agreement with anything but the
+  errors below (a CUDA/NCCL error, a collective timeout, out of memory, a bug that may not recur, the
+  test-only `testing.rank_error`);
+- stop the run (TrainingRunError, exit 3): a step every rank rejected at the input agreement (the teacher
+  record is missing or invalid: TeacherUnavailableError, TeacherOutputError, RecordError, ... named by
+  `rejection_error`), after a checkpoint of the completed steps; and a rank that raised bad input after the
+  agreement (`is_fatal_rank_error`: what the loss found; a replay would fail the same way), with
+  the last checkpoint as it is (the other ranks may sit in a collective, so the group is killed first).
 
 Student worker actors are NAMED so an operator (or a test) can find them:
 `{run_name}-student-{rank}-{run_uid}` in the namespace `teachers.namespace`, where `run_uid` is 8 hex digits
 drawn once per worker group (a restored group gets new names; two runs never collide).
 
-Test-only fault hooks (environment variables of the DRIVER process; unset in production, where they cost
-nothing). They exist because a fault must be hit at a known point without sleeps or races in production code:
-
-- `DELTAKD_TEST_STEP_DELAY_S=<seconds>`: each student worker sleeps this long after every training step,
-  so a test can reliably kill something "mid-run". The driver reads it and passes it to its workers.
-- `DELTAKD_FAULT_CRASH_IN_CHECKPOINT=<step>`: when the driver writes the checkpoint of `<step>` completed
-  steps, it lets the workers write their parts into `ckpt-XXXXXX.tmp`, writes half of `state.json`, then
-  `os._exit(1)`s: a crash while a checkpoint is being written. The previous checkpoint must stay intact.
+Test-only hooks live in the config's `testing:` section (common.config.HooksConfig), never in environment
+variables: `step_delay_s` (workers sleep after each step, so a test can kill things "mid-run"),
+`teacher_delay_s` (teachers sleep per call), `crash_in_checkpoint` (below) and `rank_error` (one rank
+raises mid-step once, in the first worker group).
 """
 
 from __future__ import annotations
@@ -27,32 +34,67 @@ from pathlib import Path
 
 import ray
 
+from common.config import RunConfig
+
 __all__ = [
     "MAX_WORKER_RESTARTS",
-    "STEP_DELAY_ENV",
-    "CRASH_IN_CHECKPOINT_ENV",
+    "ACTOR_GONE",
     "WorkerCrash",
     "find_cause",
+    "is_fatal_rank_error",
+    "rejection_error",
     "new_run_uid",
     "worker_actor_name",
-    "step_delay_s",
     "maybe_crash_in_checkpoint",
+    "check_resources",
+    "teacher_inflight_cap",
 ]
 
 MAX_WORKER_RESTARTS = 3
-STEP_DELAY_ENV = "DELTAKD_TEST_STEP_DELAY_S"
-CRASH_IN_CHECKPOINT_ENV = "DELTAKD_FAULT_CRASH_IN_CHECKPOINT"
 
 # Errors that mean "the actor process is gone", as opposed to an exception raised by the method.
 ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 class WorkerCrash(Exception):
-    """A student worker actor died (its process is gone); the driver restores the group from a checkpoint."""
+    """A student worker died (its process is gone) or raised mid-step (`raised`); the driver replaces the
+    whole group and restores it from the last checkpoint."""
 
-    def __init__(self, rank: int, cause: BaseException):
-        super().__init__(f"student worker rank {rank} died: {str(cause).splitlines()[0] if str(cause) else cause!r}")
-        self.rank, self.cause = rank, cause
+    def __init__(self, rank: int, cause: BaseException, raised: bool = False):
+        root = find_cause(cause, Exception) if raised else cause
+        text = f"{type(root).__name__}: {root}" if raised else str(cause)
+        first = text.splitlines()[0] if text else repr(cause)
+        super().__init__(f"student worker rank {rank} {'raised mid-step' if raised else 'died'}: {first}")
+        self.rank, self.cause, self.raised = rank, cause, raised
+
+
+def is_fatal_rank_error(exc: BaseException) -> bool:
+    """True for errors raised after the input agreement that a replay would repeat (bad input the loss or
+    the step found: LossInputError, TrainStepError, RecordError, ConfigError): the run stops, no retry."""
+    from common.config import ConfigError
+    from common.losses.targets import LossInputError
+    from common.topk import RecordError
+    from student_worker.train_step import TrainStepError
+
+    return find_cause(exc, (LossInputError, TrainStepError, RecordError, ConfigError)) is not None
+
+
+def rejection_error(errors: list[BaseException]) -> BaseException:
+    """The error to report for a step every rank rejected at the input agreement (worker.StepRejected):
+    the typed teacher error (dead role, NaN output, bad record: it names role/model and batch) if any rank
+    had one, else the first rank's own error (not a peer's 'another rank failed')."""
+    from common.topk import RecordError
+    from student_worker.worker import PeerInputError, StepRejected
+    from teacher_service.errors import TeacherError, TeacherUnavailableError
+
+    for types in (TeacherUnavailableError, (TeacherError, RecordError)):
+        for e in errors:
+            typed = find_cause(e, types)
+            if typed is not None:
+                return typed
+    own = [e for e in errors if find_cause(e, PeerInputError) is None] or errors
+    rejected = find_cause(own[0], StepRejected)
+    return rejected if rejected is not None else own[0]
 
 
 def find_cause(exc: BaseException | None, cls: type | tuple[type, ...]) -> BaseException | None:
@@ -79,32 +121,50 @@ def worker_actor_name(run_name: str, rank: int, run_uid: str) -> str:
     return f"{run_name}-student-{rank}-{run_uid}"
 
 
-def step_delay_s() -> float:
-    """Seconds each worker sleeps after a step (test hook `DELTAKD_TEST_STEP_DELAY_S`; 0 when unset)."""
-    raw = os.environ.get(STEP_DELAY_ENV, "").strip()
-    if not raw:
-        return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{STEP_DELAY_ENV}={raw!r}: expected a number of seconds") from None
-    if value < 0:
-        raise ValueError(f"{STEP_DELAY_ENV}={raw!r}: must be >= 0")
-    return value
-
-
-def maybe_crash_in_checkpoint(tmp_dir: Path, step: int) -> None:
-    """Test hook: if `DELTAKD_FAULT_CRASH_IN_CHECKPOINT == step`, leave a half-written checkpoint and die.
+def maybe_crash_in_checkpoint(tmp_dir: Path, step: int, crash_at: int | None) -> None:
+    """Test hook `testing.crash_in_checkpoint`: when it equals `step`, leave a half-written checkpoint and die.
 
     Called by the driver after the workers wrote their parts into `tmp_dir` and before `state.json` is
     complete and the directory renamed. `os._exit` skips every cleanup, as a SIGKILL or a power cut would.
     """
-    raw = os.environ.get(CRASH_IN_CHECKPOINT_ENV, "").strip()
-    if not raw or int(raw) != step:
+    if crash_at is None or crash_at != step:
         return
     with open(tmp_dir / "state.json", "w") as f:
         f.write('{"step": ')  # half a JSON document: what an interrupted write leaves
         f.flush()
         os.fsync(f.fileno())
-    print(f"{CRASH_IN_CHECKPOINT_ENV}={raw}: crashing while writing {tmp_dir}", flush=True)
+    print(f"testing.crash_in_checkpoint={crash_at}: crashing while writing {tmp_dir}", flush=True)
     os._exit(1)
+
+
+def check_resources(cfg: RunConfig, teacher_roles: list[str]) -> None:
+    """Warn (loudly) when teachers + workers ask for more CPUs/GPUs than the cluster has right now:
+    Ray would wait forever for the missing slots (an autoscaling cluster may still add them)."""
+    t, tc = cfg.training, cfg.teachers
+    world = t.num_workers
+    n_teachers = 0 if cfg.loss.method == "sft" or tc.attach else sum(tc.replicas.get(r, 1) for r in teacher_roles)
+    need = {"CPU": world * t.num_cpus_per_worker + n_teachers * tc.num_cpus,
+            "GPU": world * t.num_gpus_per_worker + n_teachers * tc.num_gpus}
+    for per, count in ((tc.resources, n_teachers), (t.resources_per_worker, world)):
+        for name, amount in per.items():  # custom resources that pin actors to node types
+            need[name] = need.get(name, 0.0) + amount * count
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        print("WARNING: this run asks for more than the Ray cluster has now ("
+              + ", ".join(f"{k}: {v:g} needed, {h:g} available" for k, (v, h) in short.items())
+              + "); it will wait for resources. Lower training.num_cpus_per_worker / teachers.num_cpus "
+              "(fractions are fine), check teachers.resources / training.resources_per_worker against the "
+              "nodes' custom resources, or add nodes.", flush=True)
+
+
+def teacher_inflight_cap(cfg: RunConfig, teacher_roles: list[str]) -> int:
+    """Calls in flight per teacher replica that the driver's window needs: W x (prefetch + 1) batches (plus
+    the warm-up batch) over the fewest replicas of any role, so that topping up the window does not wait in
+    the pool's back-pressure in normal operation (`teachers.max_inflight_per_replica` is raised to it)."""
+    t = cfg.training
+    fewest = max(1, min([cfg.teachers.replicas.get(r, 1) for r in teacher_roles] or [1]))
+    batches = t.num_workers * (t.prefetch + 1) + 1
+    return -(-batches // fewest)
+
+

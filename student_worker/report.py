@@ -11,22 +11,35 @@ import numpy as np
 
 from common.config import RunConfig, config_hash
 
-__all__ = ["step_row", "run_summary", "write_report", "rouge_table", "plot_losses"]
+__all__ = ["TIMING_KEYS", "step_row", "run_summary", "write_report", "rouge_table", "plot_losses"]
 
 # Per-rank metrics that are NOT per-token means (everything else is combined weighted by tokens).
-_NON_TOKEN_KEYS = {"rank", "batch_id", "grad_norm", "lr", "teacher_wait_s", "compute_s", "loss_sum", "tokens"}
+_NON_TOKEN_KEYS = {"rank", "batch_id", "grad_norm", "lr", "teacher_wait_s", "compute_s", "loss_sum", "tokens",
+                   "step_s", "step_parts"}
+
+# Timing keys of a metrics row (wall-clock figures; everything else must match between equivalent runs).
+TIMING_KEYS = frozenset({"step_s", "step_parts", "tokens_per_s", "teacher_wait_s", "teacher_wait_frac", "compute_s",
+                         "critical_rank", "driver_submit_s"})
 
 _ROWS = (("student_base", "student base"), ("student_after", "student after {method}"),
          ("sft_teacher", "SFT teacher"))
 
 
 def step_row(step: int, per_rank: list[dict[str, Any]], arrays: list[dict[str, np.ndarray]],
-             step_s: float) -> dict[str, Any]:
+             driver_submit_s: float = 0.0) -> dict[str, Any]:
     """One metrics.jsonl row from the ranks' step results.
 
     loss = sum of the ranks' loss sums / their tokens; every other per-token metric is the token-weighted mean
-    over ranks; grad_norm and lr are rank 0's (identical after the all-reduce); teacher_wait_s is the ranks'
-    mean; compute_s their max; input_tokens counts every real (attention-masked) token of the global batch.
+    over ranks; grad_norm and lr are rank 0's (identical after the all-reduce); input_tokens counts every real
+    (attention-masked) token of the global batch.
+
+    Time: the ranks meet at the step's input agreement, so the step's critical path is the rank that reached
+    it LAST (the least `peer_wait_s`: the others waited for it there). The row's `step_s` and `step_parts`
+    (named intervals that sum to step_s: student_worker.worker.STEP_PARTS) are that rank's (`critical_rank`);
+    `teacher_wait_s` is its `record_wait_s`, the real stall on teachers; `compute_s` its own work (prepare,
+    forward, backward, exposed all-reduce, optimizer). `driver_submit_s`: the driver's time submitting
+    teacher work in that loop turn (waiting in the pool's back-pressure included), which overlaps the
+    workers' queued calls; not a part of the step.
     """
     tokens = sum(m["tokens"] for m in per_rank)
     input_tokens = int(sum(a["attention_mask"].sum() for a in arrays))
@@ -35,22 +48,30 @@ def step_row(step: int, per_rank: list[dict[str, Any]], arrays: list[dict[str, n
     for key in sorted(per_rank[0]):
         if key not in _NON_TOKEN_KEYS:
             row[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
-    wait = float(np.mean([m["teacher_wait_s"] for m in per_rank]))
+    critical = min(range(len(per_rank)), key=lambda r: (per_rank[r]["step_parts"]["peer_wait_s"], r))
+    crit = per_rank[critical]
+    step_s = crit["step_s"]
     row.update({"grad_norm": per_rank[0]["grad_norm"], "lr": per_rank[0]["lr"], "tokens": tokens,
-                "input_tokens": input_tokens, "step_s": step_s, "tokens_per_s": input_tokens / step_s,
-                "teacher_wait_s": wait, "teacher_wait_frac": min(1.0, wait / step_s),
-                "compute_s": max(m["compute_s"] for m in per_rank)})
+                "input_tokens": input_tokens, "step_s": step_s, "tokens_per_s": input_tokens / max(step_s, 1e-9),
+                "teacher_wait_s": crit["teacher_wait_s"],
+                "teacher_wait_frac": min(1.0, crit["teacher_wait_s"] / max(step_s, 1e-9)),
+                "compute_s": crit["compute_s"], "step_parts": dict(crit["step_parts"]),
+                "critical_rank": critical, "driver_submit_s": driver_submit_s})
     return row
 
 
 def run_summary(cfg: RunConfig, rows: list[dict[str, Any]], start_step: int, step: int, loop_s: float,
                 rouge: dict[str, Any], restarts: int, teacher_stats: dict[str, Any] | None,
-                paths: dict[str, str]) -> dict[str, Any]:
+                paths: dict[str, str], recoveries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """report.json's figures. Speeds count only this process's steps (rows from `start_step` on: a resumed
-    run's earlier rows were timed by another process); tokens and the final loss cover the whole run."""
+    run's earlier rows were timed by another process); tokens and the final loss cover the whole run.
+    `step_time_fractions`: each named step part's share of the summed step time (they add up to 1)."""
     run_rows = [r for r in rows if r["step"] >= start_step]
     wait = sum(r["teacher_wait_s"] for r in run_rows)
     step_time = sum(r["step_s"] for r in run_rows)
+    part_names = list(dict.fromkeys(k for r in run_rows for k in r.get("step_parts", {})))
+    fractions = {k: sum(r.get("step_parts", {}).get(k, 0.0) for r in run_rows) / max(step_time, 1e-9)
+                 for k in part_names}
     report = {
         "method": cfg.loss.method, "config_hash": config_hash(cfg), "steps": step,
         "tokens": int(sum(r["tokens"] for r in rows)),
@@ -59,7 +80,8 @@ def run_summary(cfg: RunConfig, rows: list[dict[str, Any]], start_step: int, ste
         "teacher_wait_fraction": wait / max(step_time, 1e-9),
         "final_loss": rows[-1]["loss"] if rows else None,
         "rouge": rouge, "transport": cfg.transport.kind, "num_workers": cfg.training.num_workers,
-        "worker_restarts": restarts, "paths": dict(paths),
+        "worker_restarts": restarts, "recoveries": list(recoveries or []), "step_time_fractions": fractions,
+        "paths": dict(paths),
     }
     if teacher_stats is not None:
         report["teacher_stats"] = {k: v for k, v in teacher_stats.items() if k in ("tokens", "busy_s")}
@@ -117,6 +139,8 @@ def write_report(out_dir: Path, report: dict[str, Any], metrics: list[dict[str, 
         f"- steps: {report.get('steps')}, tokens: {report.get('tokens')}",
         f"- tokens/s: {report.get('tokens_per_s', 0):.1f}, steps/s: {report.get('steps_per_s', 0):.3f}",
         f"- teacher wait fraction: {report.get('teacher_wait_fraction', 0):.3f}",
+        "- step time: " + (", ".join(f"{k.removesuffix('_s')} {100 * v:.1f}%"
+                                      for k, v in report.get("step_time_fractions", {}).items() if v > 0) or "-"),
         "",
         "```",
         rouge_table(report),

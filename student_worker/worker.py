@@ -1,23 +1,34 @@
 """StudentWorker: the Ray actor that trains one rank of the DDP student.
 
-Each worker holds the student (fp32 master weights), optionally a frozen copy of its starting weights for
-lp_S0, AdamW with linear warmup + cosine decay to `min_lr_ratio`, gradient clipping, and bf16 autocast on
-GPU. Teacher records reach it in one of two ways:
+Each worker holds the student (master weights in `models.student.dtype`, fp32 when "auto"), optionally a
+frozen copy of its starting weights for lp_S0 (same dtype, so S0 = S exactly at step 0), AdamW with linear
+warmup + cosine decay to `min_lr_ratio`, gradient clipping, and bf16 autocast on GPU. Teacher records reach
+it in one of two ways:
 
 - object store: the driver passes `[record_ref]` NESTED in a list, so the ref is not resolved before the
-  call; the worker `ray.get`s it inside the step and times that wait (`teacher_wait_s`).
+  call; the worker `ray.get`s it inside the step and times that wait (`record_wait_s`).
 - Ray Direct Transport: the record's parts are DIRECT arguments (RDT refs must be), resolved by Ray before
-  the method runs; the wait is then the worker's idle time between the end of its previous step and the
-  start of this one (driver overhead included, so an upper bound).
+  the method runs; the wait is then the worker's idle gap before the call (counted as `record_wait_s`).
 
 Before touching the model, all ranks agree (one tiny all-reduce) that every rank has a valid record, so a
-failed teacher makes every rank raise instead of leaving the others blocked in DDP's gradient all-reduce.
+failed teacher makes every rank raise `StepRejected` instead of leaving the others blocked in DDP's gradient
+all-reduce. An error after that point leaves the other ranks in a collective: the driver kills the group.
+
+The driver queues a worker's next step call (and checkpoint saves) before the current call returns, so the
+worker never idles on the driver's bookkeeping. Calls must run in order: a step call whose step is not the
+worker's next one (an earlier step failed) raises `StepOrderError` at once, touching nothing; a checkpoint
+save checks the same, so a checkpoint always holds the state after exactly the steps it is named for.
+
+Timing (one metrics row per step, student_worker/report.py): each step call returns `step_s`, the time since
+the end of the previous step call of this worker (calls outside the loop, e.g. evaluation, excluded), and
+`step_parts`, named consecutive intervals that sum to it (STEP_PARTS).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,15 +40,59 @@ from common.losses import SparseTargets, targets_from_record
 from common.losses.targets import targets_from_parts
 from common.topk import ROLE_STUDENT_BASE, pair_roles
 from student_worker import checkpoint as ckpt
-from student_worker.distributed import free_port, make_process_group, node_ip, wrap_ddp
+from student_worker.distributed import (
+    AllReduceTimer,
+    compression_hook,
+    free_port,
+    make_process_group,
+    node_ip,
+    wrap_ddp,
+)
 from student_worker.evaluate import evaluate_model
+from student_worker.loading import load_causal_lm, student_dtype
 from student_worker.train_step import lr_factor, needs_student_base, train_step
 
-__all__ = ["StudentWorker", "StudentWorkerImpl", "PeerInputError", "required_roles"]
+__all__ = ["StudentWorker", "StudentWorkerImpl", "StepRejected", "PeerInputError", "StepOrderError",
+           "InjectedRankError", "STEP_PARTS", "TEACHER_WAIT_PARTS", "COMPUTE_PARTS", "required_roles"]
+
+# The named parts of a step, in time order; they sum to the step's `step_s` (within float rounding):
+#   dispatch_s     the worker had no call to run: waiting for the driver (bookkeeping, a blocked submit)
+#   checkpoint_s   writing this rank's checkpoint parts since the previous step
+#   record_wait_s  waiting for this rank's teacher record (object store: ray.get; RDT: the gap before the call)
+#   peer_wait_s    the input agreement all-reduce: waiting for the other ranks to have their records
+#   prepare_s      validating the record, building the loss targets, moving the batch to the device
+#   forward_s      the student's (and the frozen base's) forward and the loss
+#   backward_s     backward computation
+#   allreduce_s    the gradient all-reduce left exposed after backward's computation (DDP overlaps the rest)
+#   optimizer_s    gradient clipping, the optimizer and the scheduler step
+#   test_delay_s   testing.step_delay_s (test-only hook; 0 in production)
+STEP_PARTS = ("dispatch_s", "checkpoint_s", "record_wait_s", "peer_wait_s", "prepare_s", "forward_s",
+              "backward_s", "allreduce_s", "optimizer_s", "test_delay_s")
+TEACHER_WAIT_PARTS = ("record_wait_s",)
+COMPUTE_PARTS = ("prepare_s", "forward_s", "backward_s", "allreduce_s", "optimizer_s")
 
 
-class PeerInputError(RuntimeError):
+class StepRejected(RuntimeError):
+    """Raised by EVERY rank at a step's input agreement when some rank had no valid teacher record: no rank
+    touched the model, and none is left in a collective. `cause`: this rank's own error (None on a rank
+    whose input was fine; see PeerInputError)."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
+
+
+class PeerInputError(StepRejected):
     """Another rank failed to receive or validate its teacher record for this step; nobody stepped."""
+
+
+class StepOrderError(RuntimeError):
+    """A queued call for a step (or a checkpoint) that is not this worker's next one: an earlier step
+    failed. Raised before any collective, on every rank alike; nothing was touched."""
+
+
+class InjectedRankError(RuntimeError):
+    """The test-only fault `testing.rank_error`: this rank raises mid-step, after the input agreement."""
 
 
 def required_roles(cfg: RunConfig) -> list[str]:
@@ -60,13 +115,20 @@ def required_roles(cfg: RunConfig) -> list[str]:
 class StudentWorkerImpl:
     """The worker's logic, plain Python (the Ray actor below is a thin subclass)."""
 
-    def __init__(self, cfg_dict: dict[str, Any], rank: int, world_size: int, step_delay_s: float = 0.0):
-        """step_delay_s: test-only pause after each step (the driver's DELTAKD_TEST_STEP_DELAY_S hook, see
-        student_worker/recovery.py), so tests can kill things mid-run; 0 in production."""
+    def __init__(self, cfg_dict: dict[str, Any], rank: int, world_size: int, generation: int = 0):
+        """generation: how many times the driver has replaced its worker group before this one (0 first);
+        the test-only `testing.rank_error` fires in generation 0 only."""
         self.cfg = config_from_dict(cfg_dict, source="StudentWorker config")
-        self.rank, self.world_size = rank, world_size
-        self.step_delay_s = float(step_delay_s)
-        self._last_step_end: float | None = None
+        self.rank, self.world_size, self.generation = rank, world_size, generation
+        self.next_step = 0  # the step this worker trains next (= completed steps)
+        self._mark = time.perf_counter()  # end of the last call (see _end_call)
+        self._idle_s = 0.0  # idle time before calls that count into the next step (checkpoint saves)
+        self._checkpoint_s = 0.0
+
+    def _end_call(self) -> None:
+        """End of a call that is not part of any step (set-up, evaluation): the next step starts here."""
+        self._mark = time.perf_counter()
+        self._idle_s = self._checkpoint_s = 0.0
 
     # ------------------------------------------------------------------ set-up
     def rendezvous_address(self) -> str:
@@ -80,7 +142,7 @@ class StudentWorkerImpl:
         return read_probe(path)
 
     def setup(self, init_method: str, resume_dir: str | None = None) -> dict[str, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         cfg = self.cfg
         use_cuda = cfg.training.num_gpus_per_worker > 0 and torch.cuda.is_available()
@@ -88,26 +150,27 @@ class StudentWorkerImpl:
         self.autocast = use_cuda and cfg.training.bf16 in ("auto", "on")
         torch.manual_seed(cfg.seed)  # explicit: no randomness is consumed, but set it anyway (dropout is 0)
         spec = cfg.models.student
-        # fp32 master weights; autocast (GPU) computes in bf16.
-        self.model = AutoModelForCausalLM.from_pretrained(
-            spec.path, revision=spec.revision, dtype=torch.float32, trust_remote_code=spec.trust_remote_code
-        ).to(self.device)
+        self.dtype = student_dtype(spec)  # master weights; autocast (GPU) computes in bf16
+        self.model = load_causal_lm(spec, self.device, self.dtype)
         self.model.train()
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision,
                                                        trust_remote_code=spec.trust_remote_code)
         self.base_model: torch.nn.Module | None = None
         if (cfg.loss.method != "sft" and needs_student_base(cfg.loss)
                 and cfg.teachers.student_base_source == "worker"):
-            # Always the run's STARTING weights (also on resume: the checkpoint holds the trained student).
+            # Always the run's STARTING weights (also on resume: the checkpoint holds the trained student), in
+            # the student's own dtype and under the same autocast: S0 = S exactly at step 0 (a bf16 copy under
+            # an fp32 master would differ in the norms, embeddings and residual stream).
             base = cfg.models.student_base or spec
-            self.base_model = AutoModelForCausalLM.from_pretrained(
-                base.path, revision=base.revision, dtype=torch.float32 if not use_cuda else torch.bfloat16,
-                trust_remote_code=base.trust_remote_code,
-            ).to(self.device).eval()
+            self.base_model = load_causal_lm(base, self.device, self.dtype).eval()
             self.base_model.requires_grad_(False)
-        self.group = make_process_group(init_method, self.rank, self.world_size, "nccl" if use_cuda else "gloo")
-        self.ddp = wrap_ddp(self.model, self.group, self.device, cfg.training.grad_compression)
         t = cfg.training
+        self.group = make_process_group(init_method, self.rank, self.world_size, "nccl" if use_cuda else "gloo",
+                                        timeout_s=t.collective_timeout_s,
+                                        group_name=f"{cfg.run_name}-students-g{self.generation}")
+        self.allreduce_timer = AllReduceTimer()
+        self.ddp = wrap_ddp(self.model, self.group, self.device, comm_hook=compression_hook(t.grad_compression),
+                            timer=self.allreduce_timer)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
@@ -116,40 +179,46 @@ class StudentWorkerImpl:
         self.required_roles = required_roles(cfg)
         if resume_dir is not None:
             self.load_checkpoint(resume_dir)
-        return {"rank": self.rank, "device": str(self.device),
+        self._end_call()
+        return {"rank": self.rank, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "num_params": sum(p.numel() for p in self.model.parameters())}
 
     # ------------------------------------------------------------------ training
+    def begin(self, step: int) -> int:
+        """The driver's loop starts (or restarts after a restore) at `step`: the next step call must be for
+        it. Returns this rank. Step timing starts here (calls before, e.g. evaluation, are not a step's)."""
+        self.next_step = int(step)
+        self._end_call()
+        return self.rank
+
     def train_step(self, step: int, batch: dict[str, np.ndarray], record_box: list[Any] | None,
                    global_tokens: int) -> dict[str, Any]:
         """Object-store path. record_box: `[record_ref]` (nested, resolved here and timed) or None (sft)."""
-        t0 = time.perf_counter()
-        record, targets, error = None, None, None
+        clock = self._start_step(step, rdt=False)
+        record, error = None, None
         if record_box is not None:
             try:
                 record = ray.get(record_box[0])
             except Exception as exc:  # re-raised below, after every rank knows this one failed
                 error = exc
-        wait = time.perf_counter() - t0
-        if record is not None:
-            try:
-                targets = targets_from_record(record.validate(self.required_roles), self.device)
-            except Exception as exc:
-                error = exc
-        return self._step(step, batch, targets, error, global_tokens, wait)
+        clock.lap("record_wait_s")
+
+        def targets() -> SparseTargets | None:
+            return None if record is None else targets_from_record(record.validate(self.required_roles), self.device)
+
+        return self._step(step, batch, targets, error, global_tokens, clock)
 
     def train_step_rdt(self, step: int, batch: dict[str, np.ndarray], global_tokens: int,
                        meta: dict[str, Any], roles: list[str], *parts: dict[str, Any]) -> dict[str, Any]:
         """RDT path: the record's parts arrive as direct arguments (already fetched by Ray), as the teachers'
         tensors; the loss targets are built from them on this worker's device (no numpy, no host copy)."""
-        now = time.perf_counter()
-        wait = 0.0 if self._last_step_end is None else now - self._last_step_end
-        targets, error = None, None
-        try:
-            targets = targets_from_parts(meta, roles, list(parts), self.device, self.required_roles)
-        except Exception as exc:  # re-raised below, after the agreement
-            error = exc
-        return self._step(step, batch, targets, error, global_tokens, wait)
+        clock = self._start_step(step, rdt=True)
+        clock.lap("record_wait_s")
+
+        def targets() -> SparseTargets:
+            return targets_from_parts(meta, roles, list(parts), self.device, self.required_roles)
+
+        return self._step(step, batch, targets, None, global_tokens, clock)
 
     def placement(self) -> dict[str, Any]:
         """{"node_id", "gpu_ids"} of this worker: the teacher pool picks the RDT transport from it."""
@@ -157,66 +226,127 @@ class StudentWorkerImpl:
 
         return placement()
 
-    def _step(self, step: int, batch_np: dict[str, np.ndarray], targets: SparseTargets | None,
-              error: BaseException | None, global_tokens: int, wait: float) -> dict[str, Any]:
-        t_start = time.perf_counter()
+    def _start_step(self, step: int, rdt: bool) -> _StepClock:
+        """Check the call order and start the step's clock (the time since the previous call is its first
+        part: `dispatch_s`, or on RDT, where Ray fetches the record before the call, `record_wait_s`)."""
+        now = time.perf_counter()
+        if step != self.next_step:
+            self._mark = now  # this call's time is the next step's dispatch lag
+            raise StepOrderError(f"rank {self.rank}: step {step} called but the next step is {self.next_step} "
+                                 f"(an earlier step failed); nothing was done")
+        clock = _StepClock(self._mark, now, before=self._idle_s + self._checkpoint_s)
+        clock.add("dispatch_s", self._idle_s + (0.0 if rdt else now - self._mark))
+        clock.add("checkpoint_s", self._checkpoint_s)
+        clock.add("record_wait_s", now - self._mark if rdt else 0.0)
+        self._idle_s = self._checkpoint_s = 0.0
+        return clock
+
+    def _step(self, step: int, batch_np: dict[str, np.ndarray], make_targets: Callable[[], SparseTargets | None],
+              error: BaseException | None, global_tokens: int, clock: _StepClock) -> dict[str, Any]:
+        """make_targets: validates this rank's record and builds its loss targets (None for sft); run here,
+        before the input agreement, so a bad record is one more rank error that every rank learns of."""
         expected_id = step * self.world_size + self.rank
-        if error is None and targets is not None and targets.batch_id != expected_id:
-            error = ValueError(f"rank {self.rank} step {step} expected batch {expected_id}, "
-                               f"got the record of batch {targets.batch_id}")
-        self._agree_inputs_ok(error is None, step)
-        if error is not None:
-            raise error
+        targets = None
+        if error is None:
+            try:
+                targets = make_targets()
+                if targets is not None and targets.batch_id != expected_id:
+                    raise ValueError(f"rank {self.rank} step {step} expected batch {expected_id}, "
+                                     f"got the record of batch {targets.batch_id}")
+            except Exception as exc:
+                error = exc
+        clock.lap("prepare_s")
+        # Every check of this rank's inputs must come before this point: an error after it leaves the other
+        # ranks in a collective (the driver then kills the group).
+        self._agree_inputs_ok(error, step)
+        clock.lap("peer_wait_s")
         batch = {k: torch.as_tensor(np.array(batch_np[k]), device=self.device)
                  for k in ("input_ids", "attention_mask", "labels")}
         batch["input_ids"] = batch["input_ids"].long()
         batch["attention_mask"] = batch["attention_mask"].long()
         self.optimizer.zero_grad(set_to_none=True)
+        clock.lap("prepare_s")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, metrics = train_step(self.ddp, self.base_model, batch, targets, self.cfg.loss,
                                        self.pair_alphas, global_tokens, self.world_size)
+        self._maybe_injected_error(step)
+        clock.lap("forward_s")
+        self.allreduce_timer.reset()
         loss.backward()
+        if self.device.type == "cuda":  # host clocks see kernel launches: wait for backward and its all-reduce
+            torch.cuda.synchronize(self.device)
+        t_done = time.perf_counter()
+        compute, exposed = self.allreduce_timer.split(clock.last, t_done)
+        clock.add("backward_s", compute)
+        clock.add("allreduce_s", exposed)
+        clock.last = t_done
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        clock.lap("optimizer_s")
+        delay = self.cfg.testing.step_delay_s
+        if delay > 0:
+            time.sleep(delay)  # test-only hook (testing.step_delay_s)
+        clock.lap("test_delay_s")
+        self.next_step = step + 1
+        self._mark = clock.last
+        parts = clock.parts
         metrics.update({"rank": self.rank, "batch_id": expected_id, "grad_norm": float(grad_norm), "lr": lr,
-                        "teacher_wait_s": wait, "compute_s": time.perf_counter() - t_start})
-        if self.step_delay_s > 0:
-            time.sleep(self.step_delay_s)  # test hook only (see __init__); not part of compute_s
-        self._last_step_end = time.perf_counter()
+                        "step_s": clock.total(), "step_parts": parts,
+                        "teacher_wait_s": sum(parts[k] for k in TEACHER_WAIT_PARTS),
+                        "compute_s": sum(parts[k] for k in COMPUTE_PARTS)})
         return metrics
 
-    def _agree_inputs_ok(self, ok: bool, step: int) -> None:
-        """All-reduce (sum) of failure flags: if any rank lacks a valid record, every rank raises."""
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+    def _agree_inputs_ok(self, error: BaseException | None, step: int) -> None:
+        """All-reduce (sum) of failure flags: if any rank lacks a valid record, every rank raises StepRejected."""
+        flag = torch.tensor([0.0 if error is None else 1.0], device=self.device)
         self.group.allreduce(flag).wait()
-        if ok and flag.item() > 0:
-            raise PeerInputError(f"step {step}: {int(flag.item())} other rank(s) had no valid teacher record; "
+        failed = int(flag.item())
+        if error is not None:
+            raise StepRejected(f"rank {self.rank} step {step}: {type(error).__name__}: {error}", cause=error)
+        if failed:
+            raise PeerInputError(f"step {step}: {failed} other rank(s) had no valid teacher record; "
                                  f"rank {self.rank} did not step")
 
+    def _maybe_injected_error(self, step: int) -> None:
+        """Test-only `testing.rank_error`: raise after the agreement, so the other ranks go on into DDP's
+        gradient all-reduce and wait there (the fail-fast case); first worker group only."""
+        fault = self.cfg.testing.rank_error
+        if fault is not None and self.generation == 0 and fault.rank == self.rank and fault.step == step:
+            raise InjectedRankError(f"testing.rank_error: rank {self.rank} raises mid-step at step {step}")
+
     # ------------------------------------------------------------------ checkpoints and weights
-    def save_checkpoint(self, tmp_dir: str) -> None:
-        """Write this rank's part of a checkpoint into `tmp_dir` (rank 0: model, optimizer; all: RNG)."""
+    def save_checkpoint(self, tmp_dir: str, step: int) -> None:
+        """Write this rank's part of the checkpoint of `step` completed steps into `tmp_dir` (rank 0: model,
+        optimizer; all: RNG). Raises StepOrderError if this worker has not completed exactly `step` steps."""
+        t0 = time.perf_counter()
+        self._idle_s += t0 - self._mark
+        if step != self.next_step:
+            self._mark = time.perf_counter()
+            raise StepOrderError(f"rank {self.rank}: checkpoint of {step} steps asked for, but this worker has "
+                                 f"completed {self.next_step}; nothing written")
         if self.rank == 0:
             self.model.save_pretrained(f"{tmp_dir}/{ckpt.MODEL_DIR}", safe_serialization=True)
             self.tokenizer.save_pretrained(f"{tmp_dir}/{ckpt.MODEL_DIR}")
             ckpt.write_optimizer_state(tmp_dir, self.optimizer, self.scheduler)
         ckpt.write_rng_state(tmp_dir, self.rank)
+        self._mark = time.perf_counter()
+        self._checkpoint_s += self._mark - t0
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
         """Load weights, optimizer, scheduler and this rank's RNG states; returns the checkpoint's step."""
-        from transformers import AutoModelForCausalLM
-
         # Our own checkpoint: safetensors only, never remote code (whatever the config says for hub models).
-        src = AutoModelForCausalLM.from_pretrained(f"{ckpt_dir}/{ckpt.MODEL_DIR}", dtype=torch.float32,
-                                                   use_safetensors=True, trust_remote_code=False)
+        src = load_causal_lm(self.cfg.models.student.model_copy(update={"trust_remote_code": False}), self.device,
+                             self.dtype, path=f"{ckpt_dir}/{ckpt.MODEL_DIR}", use_safetensors=True)
         self.model.load_state_dict(src.state_dict())
+        del src
         ckpt.read_optimizer_state(ckpt_dir, self.optimizer, self.scheduler)
         ckpt.read_rng_state(ckpt_dir, self.rank)
-        return int(ckpt.read_state(ckpt_dir)["step"])
+        self.next_step = int(ckpt.read_state(ckpt_dir)["step"])
+        return self.next_step
 
     def save_model(self, path: str) -> None:
         """Save the student in HF format (safetensors + tokenizer) at `path` (rank 0's copy)."""
@@ -238,7 +368,10 @@ class StudentWorkerImpl:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, examples: list[dict[str, str]], max_new_tokens: int, batch_size: int) -> dict[str, Any]:
-        return evaluate_model(self.model, self.tokenizer, examples, max_new_tokens, batch_size)
+        try:
+            return evaluate_model(self.model, self.tokenizer, examples, max_new_tokens, batch_size)
+        finally:
+            self._end_call()
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         from student_worker.evaluate import greedy_generate
@@ -247,6 +380,30 @@ class StudentWorkerImpl:
 
     def ping(self) -> int:
         return self.rank
+
+
+class _StepClock:
+    """Consecutive named intervals of one step call, from `start` (the end of the worker's previous call).
+
+    `before`: seconds that belong to this step but lie before `start` (the idle gap before a checkpoint save
+    and the save itself, which ran between the previous step and this one). `lap(name)` closes the interval
+    since the last mark; `add` books seconds measured separately (the caller keeps them consecutive)."""
+
+    def __init__(self, start: float, now: float, before: float):
+        self.start, self.last, self.before = start, now, before
+        self.parts: dict[str, float] = dict.fromkeys(STEP_PARTS, 0.0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.parts[name] += seconds
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.parts[name] += now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        """The step's `step_s`: `before` plus the time from `start` to the last mark."""
+        return self.before + (self.last - self.start)
 
 
 # The receiving side of RDT needs enable_tensor_transport even without a transport method of its own.

@@ -78,8 +78,10 @@ class TeacherActor:
 
     def __init__(self, role: str, spec: dict[str, Any], engine: str = "hf", device: str = "auto",
                  dtype: str = "auto", chunk_tokens: int = 1024, wire_dtype: str = "float32",
-                 cache_size: int = 32, vllm_options: dict[str, Any] | None = None):
+                 cache_size: int = 32, vllm_options: dict[str, Any] | None = None, test_delay_s: float = 0.0):
+        """test_delay_s: the test-only `testing.teacher_delay_s`, a sleep in every top-k / gather call."""
         model_spec = ModelSpec.model_validate(spec)
+        self.test_delay_s = float(test_delay_s)
         self.role = role
         self.wire_dtype = wire_dtype
         self.torch_wire = TORCH_WIRE_DTYPES[wire_dtype]
@@ -127,6 +129,8 @@ class TeacherActor:
         if hit is not None:
             return hit
         t0 = time.perf_counter()
+        if self.test_delay_s:
+            time.sleep(self.test_delay_s)  # test-only (testing.teacher_delay_s)
         ids, lps, tail = self.engine.topk(input_ids, attention_mask, rows, k, tau, include=include,
                                           batch_id=batch_id)
         self._count(attention_mask, rows, t0)
@@ -142,6 +146,8 @@ class TeacherActor:
         if hit is not None:
             return hit
         t0 = time.perf_counter()
+        if self.test_delay_s:
+            time.sleep(self.test_delay_s)  # test-only (testing.teacher_delay_s)
         lps, tail = self.engine.gather(input_ids, attention_mask, rows, ids, tau, batch_id=batch_id)
         self._count(attention_mask, rows, t0)
         return self._remember(key, {"logprobs": torch.as_tensor(lps), "tail": torch.as_tensor(tail)})

@@ -25,10 +25,12 @@ SCRIPTS = {
                           "throughput.dense_bf16.tokens_per_s.median", "sparse_over_dense_tokens_per_s"]),
     "bench_loss": (False, ["per_vocab", "tokens", "k"]),
     "bench_transport": (True, ["sizes", "k"]),
-    "bench_overlap": (True, ["student_step_s.median", "cells.T1.0x_prefetch0.efficiency.median",
-                             "cells.T1.0x_prefetch2.efficiency.median", "serial_efficiency_T1x"]),
+    "bench_overlap": (True, ["student_step_s.median", "cells.pool_T1.0x_prefetch0.efficiency.median",
+                             "cells.pool_T1.0x_prefetch2.efficiency.median",
+                             "cells.pool_T1.0x_prefetch2.teacher_call_s.median",
+                             "cells.standin_T1.0x_prefetch2.efficiency.median", "serial_efficiency_T1x.pool"]),
     "bench_e2e": (True, ["runs.delta_kd", "runs.sft", "steps_per_s_ratio_kd_over_sft",
-                         "teacher_wait_fraction_kd"]),
+                         "teacher_wait_fraction_kd", "steady_step_parts_kd"]),
     "gpu_check": (False, ["teacher", "loss.time_ratio", "student.kd_over_sft_time", "scaled_down"]),
     "bench_vllm_convert": (False, ["cells.flat_topk_all.seconds.median", "cells.dicts_include_half.seconds.median"]),
 }
@@ -104,5 +106,6 @@ def test_benchmark_smoke_writes_json(script: str, tmp_path: Path, request: pytes
             run = doc["figures"]["runs"][method][0]
             assert run["steps"] == doc["figures"]["steps_per_run"]
             assert 0.0 <= run["teacher_wait_fraction"] <= 1.0
+            assert sum(run["steady_step_parts"].values()) == pytest.approx(1.0)  # the parts add up to the step
     if script == "gpu_check":
         assert "ray" not in doc["machine"], "gpu_check must not import ray"

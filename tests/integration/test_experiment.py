@@ -101,14 +101,14 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
     import ray
 
     from student_worker.experiment import main
-    from student_worker.recovery import STEP_DELAY_ENV
 
     steps = 10  # after the step-1 trigger, 8 delayed steps (~2 s) remain for the kill to land in
     paths = tiny_setup(tmp_path)
     cfg = make_cfg(paths, tmp_path / "unused", [
         "evaluation.enabled=true", "evaluation.max_new_tokens=4", f"training.max_steps={steps}",
         "training.num_workers=1", "training.batch_size=4", "training.checkpoint_every=2", "training.warmup_steps=1",
-        "training.prefetch=0"])  # no teacher work runs ahead: the steps after the kill do need the teacher
+        "training.prefetch=0",  # no teacher work runs ahead: the steps after the kill do need the teacher
+        "testing.step_delay_s=0.2"])  # each step pauses, so the kill lands mid-run
     cfg_path = tmp_path / "exp.yaml"
     dump_config(cfg, cfg_path)
     out = tmp_path / "exp"
@@ -117,7 +117,6 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
     ns, prefix = cfg.teachers.namespace, cfg.teachers.name_prefix
     failing = out / "runs" / "delta_kd-seed0"
 
-    monkeypatch.setenv(STEP_DELAY_ENV, "0.2")  # each step pauses, so the kill lands mid-run
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(rc=main(argv)))
     thread.start()
@@ -155,7 +154,7 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
     assert left == [], f"actors of the failed experiment left running: {left}"
 
     # A rerun that fails before training (no teacher service to attach to) still lists the finished run.
-    monkeypatch.delenv(STEP_DELAY_ENV)
+    argv += ["--set", "testing.step_delay_s=0"]  # test-only hooks are not part of a run's identity
     sft_mtime = sft_report.stat().st_mtime_ns
     assert main([*argv, "--set", "teachers.attach=true"]) == 3
     assert "the teacher pool (attach" in capsys.readouterr().err

@@ -8,13 +8,16 @@ metrics rows (loss, parts, grad norm, lr, batch ids) and the final weights must 
 - a student worker killed mid-run: the driver restores the group from the last checkpoint; same weights,
   the replayed steps' rows replaced, not duplicated;
 - the driver SIGKILLed mid-run (a CLI subprocess attached with --address): `--resume` gives the same weights;
-- a crash while a checkpoint is written (DELTAKD_FAULT_CRASH_IN_CHECKPOINT): the previous checkpoint is
+- one rank raising mid-step (after the input agreement: the other rank sits in DDP's all-reduce): the driver
+  kills the group at once and restores it from the last checkpoint; same weights, recovered in seconds;
+- a crash while a checkpoint is written (testing.crash_in_checkpoint): the previous checkpoint is
   intact, and resuming from it gives the same weights;
 - a teacher that stays dead (LAST: it kills the shared service): exit code 3, TeacherUnavailableError naming
   role and batch on stderr, a checkpoint of the completed steps; once teachers are back, resume completes.
 
-Kills are timed by polling metrics.jsonl; DELTAKD_TEST_STEP_DELAY_S (student_worker/recovery.py) slows each
-step a little so "mid-run" is reliable without sleeps in production code.
+Kills are timed by polling metrics.jsonl; the test-only `testing.step_delay_s` (common/config.py) slows each
+step a little so "mid-run" is reliable without sleeps in production code. Hooks are config, so the runs
+with them and the reference run without are the same run for resume and comparisons.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import ray
 
 from common.config import RunConfig, dump_config
 from student_worker import checkpoint as ckpt
-from student_worker.recovery import CRASH_IN_CHECKPOINT_ENV, STEP_DELAY_ENV
 from tests.integration.test_student_training import (
     comparable,
     load_weights,
@@ -49,7 +51,7 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 RUN_OVERRIDES = [f"training.max_steps={STEPS}", "training.checkpoint_every=2", "training.keep_checkpoints=8",
                  "training.batch_size=4", "output.plot=false"]
-STEP_DELAY_S = "0.25"
+DELAYED = ["testing.step_delay_s=0.25"]
 SUBPROCESS_TIMEOUT_S = 180
 
 pytestmark = pytest.mark.timeout(600)
@@ -67,9 +69,9 @@ def service(ray_cluster, tiny, tmp_path_factory):
                                ["teachers.max_restarts=2", "teachers.max_task_retries=-1"])
 
 
-def _cfg(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path) -> RunConfig:
+def _cfg(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, hooks: list[str] | None = None) -> RunConfig:
     tag, attach = service
-    return make_cfg(tiny, out, attach + RUN_OVERRIDES, tag=tag)
+    return make_cfg(tiny, out, attach + RUN_OVERRIDES + (hooks or []), tag=tag)
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +127,12 @@ def _in_thread(cfg: RunConfig, **kwargs: Any) -> tuple[threading.Thread, dict[st
     return thread, box
 
 
-def _train_cli(cfg: RunConfig, tmp: Path, ray_cluster: dict, *args: str, env_extra: dict[str, str] | None = None,
+def _train_cli(cfg: RunConfig, tmp: Path, ray_cluster: dict, *args: str,
                log_name: str = "driver.log") -> tuple[subprocess.Popen, Path]:
     """`python -m student_worker.train` on this config, attached to the session cluster with --address."""
     config_path = tmp / f"{log_name}.yaml"
     dump_config(cfg, config_path)
     env = dict(os.environ)
-    env.pop(STEP_DELAY_ENV, None)
-    env.pop(CRASH_IN_CHECKPOINT_ENV, None)
-    env.update(env_extra or {})
     log = tmp / log_name
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "student_worker.train", "--config", str(config_path),
@@ -149,12 +148,12 @@ def _student_worker_names(cfg: RunConfig) -> list[str]:
 
 
 def test_killed_teacher_is_restarted_and_the_run_equals_the_uninterrupted_one(
-        tiny, service, reference, tmp_path, monkeypatch) -> None:
+        tiny, service, reference, tmp_path) -> None:
+    from student_worker.worker import STEP_PARTS
     from teacher_service.roles import replica_name
 
-    monkeypatch.setenv(STEP_DELAY_ENV, STEP_DELAY_S)
     out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out)
+    cfg = _cfg(tiny, service, out, DELAYED)
     sft = ray.get_actor(replica_name(cfg.teachers.name_prefix, "sft", 0), namespace=cfg.teachers.namespace)
     pid_before = ray.get(sft.health.remote())["pid"]
     thread, box = _in_thread(cfg)
@@ -165,13 +164,39 @@ def test_killed_teacher_is_restarted_and_the_run_equals_the_uninterrupted_one(
     assert ray.get(sft.health.remote())["pid"] != pid_before, "the sft teacher was not restarted"
     assert box["report"]["worker_restarts"] == 0
     _assert_same_as_reference(out, reference)
+    # The time adds up: every row's named parts sum to its step time, and the restart shows up as teacher
+    # wait: in the slowest step (the one that waited for the restarted teacher) the wait is the largest part.
+    rows = read_rows(out)
+    for r in rows:
+        assert set(r["step_parts"]) == set(STEP_PARTS)
+        assert sum(r["step_parts"].values()) == pytest.approx(r["step_s"], rel=1e-9, abs=1e-9)
+        assert r["teacher_wait_s"] == r["step_parts"]["record_wait_s"]
+    slowest = max(rows, key=lambda r: r["step_s"])
+    parts = slowest["step_parts"]
+    assert max(parts, key=parts.get) == "record_wait_s", slowest
+
+
+def test_rank_raising_mid_step_kills_the_group_and_restores_it_at_once(tiny, service, reference, tmp_path) -> None:
+    """Rank 1 raises after the input agreement at step 5 (rank 0 goes on into DDP's all-reduce and would wait
+    there for the collective timeout): the driver kills both at once and replays from checkpoint 4."""
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, service, out, ["testing.rank_error={rank: 1, step: 5}", "training.collective_timeout_s=600"])
+    from student_worker.driver import run_training
+
+    report = run_training(cfg, progress=False)
+    assert report["worker_restarts"] == 1
+    (recovery,) = report["recoveries"]
+    assert recovery["step"] == 5 and recovery["rank"] == 1 and recovery["restored_step"] == 4
+    assert "InjectedRankError" in recovery["cause"] and "raised mid-step" in recovery["cause"]
+    print(f"\nrank error at step 5: worker group killed and restored in {recovery['seconds']:.1f} s")
+    assert _student_worker_names(cfg) == [], "workers of the run left behind"
+    _assert_same_as_reference(out, reference)
 
 
 def test_killed_student_worker_is_restored_from_the_last_checkpoint(
-        tiny, service, reference, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv(STEP_DELAY_ENV, STEP_DELAY_S)
+        tiny, service, reference, tmp_path) -> None:
     out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out)
+    cfg = _cfg(tiny, service, out, DELAYED)
     thread, box = _in_thread(cfg)
     _wait_for_step(out, 3, thread.is_alive, "the run")  # checkpoint 2 exists, step 3 is done
     names = _student_worker_names(cfg)
@@ -188,7 +213,7 @@ def test_killed_student_worker_is_restored_from_the_last_checkpoint(
 def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, reference, ray_cluster, tmp_path) -> None:
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out)
-    proc, _ = _train_cli(cfg, tmp_path, ray_cluster, env_extra={STEP_DELAY_ENV: STEP_DELAY_S}, log_name="a.log")
+    proc, _ = _train_cli(_cfg(tiny, service, out, DELAYED), tmp_path, ray_cluster, log_name="a.log")
     try:
         _wait_for_step(out, 3, lambda: proc.poll() is None, "the CLI driver")
         proc.send_signal(signal.SIGKILL)
@@ -210,8 +235,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     from student_worker.driver import run_training
 
     out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out)
-    proc, log = _train_cli(cfg, tmp_path, ray_cluster, env_extra={CRASH_IN_CHECKPOINT_ENV: "4"})
+    cfg = _cfg(tiny, service, out)  # the resume below runs without the hook
+    proc, log = _train_cli(_cfg(tiny, service, out, ["testing.crash_in_checkpoint=4"]), tmp_path, ray_cluster)
     _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 1, f"expected the hook's exit 1:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
     root = out / "checkpoints"
@@ -238,7 +263,7 @@ def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out)
     ns, prefix = cfg.teachers.namespace, cfg.teachers.name_prefix
-    proc, log = _train_cli(cfg, tmp_path, ray_cluster, env_extra={STEP_DELAY_ENV: STEP_DELAY_S})
+    proc, log = _train_cli(_cfg(tiny, service, out, DELAYED), tmp_path, ray_cluster)
     try:
         _wait_for_step(out, 2, lambda: proc.poll() is None, "the CLI driver")
         ray.kill(ray.get_actor(replica_name(prefix, "base", 0), namespace=ns), no_restart=True)

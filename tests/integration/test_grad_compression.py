@@ -29,11 +29,11 @@ def _rank(rank: int, ports: list[int], out: dict) -> None:
 
 
 def _train(rank: int, port: int, mode: str, out: dict) -> None:
-    from student_worker.distributed import make_process_group, wrap_ddp
+    from student_worker.distributed import compression_hook, make_process_group, wrap_ddp
 
     group = make_process_group(f"tcp://127.0.0.1:{port}", rank, 2, "gloo", timeout_s=60)
     model = _model()
-    ddp = wrap_ddp(model, group, torch.device("cpu"), mode)
+    ddp = wrap_ddp(model, group, torch.device("cpu"), compression_hook(mode))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     x, y = _data(rank)
     first_grads = None

@@ -58,23 +58,19 @@ def test_stop_and_resume_equals_an_uninterrupted_run(ray_cluster, tiny, teachers
         assert np.array_equal(w_full[name], w_split[name]), name
 
 
-def test_dead_teacher_checkpoints_completed_steps_and_names_role_and_batch(ray_cluster, tiny, teachers, tmp_path,
-                                                                         monkeypatch):
+def test_dead_teacher_checkpoints_completed_steps_and_names_role_and_batch(ray_cluster, tiny, teachers, tmp_path):
     """Runs LAST in this module: it kills the shared pool's base teacher (max_restarts=0)."""
     import ray
 
     from student_worker import checkpoint as ckpt
     from student_worker.driver import TrainingRunError, run_training
-    from student_worker.recovery import STEP_DELAY_ENV
     from teacher_service.roles import replica_name
-
-    # 40 undelayed tiny steps take ~2 s on a fast machine; 0.1 s per step keeps the kill well inside the run.
-    monkeypatch.setenv(STEP_DELAY_ENV, "0.1")
 
     tag, attach = teachers
     out = tmp_path / "dies"
+    # 40 undelayed tiny steps take ~2 s on a fast machine; 0.1 s per step keeps the kill well inside the run.
     cfg = make_cfg(tiny, out, attach + ["training.max_steps=40", "training.checkpoint_every=100",
-                                        "training.prefetch=1"], tag=tag)
+                                        "training.prefetch=1", "testing.step_delay_s=0.1"], tag=tag)
     errors: list[BaseException] = []
 
     def target() -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from common.config import RunConfig, config_from_dict
+from student_worker.report import TIMING_KEYS as REPORT_TIMING_KEYS
 from tests.tiny import make_model_set
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
@@ -59,8 +60,9 @@ def make_cfg(paths: dict[str, Path], out: Path, overrides: list[str] | None = No
     return config_from_dict(data, overrides or [])
 
 
-# Wall-clock figures; everything else in a metrics row must match exactly between equivalent runs.
-TIMING_KEYS = {"step_s", "tokens_per_s", "teacher_wait_s", "teacher_wait_frac", "compute_s"}
+# Wall-clock figures (student_worker.report.TIMING_KEYS); everything else in a metrics row must match exactly
+# between equivalent runs.
+TIMING_KEYS = REPORT_TIMING_KEYS
 
 
 def comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -161,17 +163,15 @@ def test_two_workers_make_the_same_update_as_one(ray_cluster, tiny, shared_teach
         np.testing.assert_allclose(weights[2][name], w1, rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path, monkeypatch):
+def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path):
     import ray
 
     from student_worker.driver import run_training
-    from student_worker.recovery import STEP_DELAY_ENV
 
     # Six undelayed sft steps can finish between two polls (CI once saw none); a 0.3 s pause per step keeps
     # the workers training for ~2 s, so the poll below sees the run mid-training several times.
-    monkeypatch.setenv(STEP_DELAY_ENV, "0.3")
     out = tmp_path / "sft"
-    cfg = make_cfg(tiny, out, ["loss.method=sft", "training.max_steps=6"])
+    cfg = make_cfg(tiny, out, ["loss.method=sft", "training.max_steps=6", "testing.step_delay_s=0.3"])
     seen: list[list[str]] = []
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(run_training(cfg, progress=False)))

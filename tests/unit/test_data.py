@@ -17,6 +17,7 @@ from student_worker.data import (
     collate,
     encode_prompt,
     load_examples,
+    padding_stats,
     tokenize_examples,
 )
 from tests.tiny import make_tokenizer
@@ -156,3 +157,59 @@ def test_batch_plan_is_deterministic_split_by_rank_and_reshuffles() -> None:
         BatchPlan(50, 8, num_workers=3)
     with pytest.raises(DataError, match="cannot fill"):
         BatchPlan(5, 8)
+
+
+def _bucket_plan(lengths: list[int], buckets: int, **kw) -> BatchPlan:
+    return BatchPlan(num_examples=len(lengths), global_batch_size=kw.pop("g", 8), num_workers=kw.pop("w", 2),
+                     seed=kw.pop("seed", 3), length_buckets=buckets, lengths=tuple(lengths), **kw)
+
+
+def test_length_buckets_are_deterministic_cover_each_epoch_and_group_lengths() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=203).tolist()
+    plan = _bucket_plan(lengths, 5)
+    steps = plan.steps_per_epoch
+    assert steps == 25
+    # A pure function of the step: a fresh plan (a resumed run) gives every step the same batches, in any
+    # order of asking (a resume starts mid-epoch).
+    again = _bucket_plan(lengths, 5)
+    asked = list(range(3 * steps))
+    assert [again.step_indices(s) for s in reversed(asked)][::-1] == [plan.step_indices(s) for s in asked]
+    for epoch in range(3):
+        used = [i for s in range(epoch * steps, (epoch + 1) * steps) for r in plan.step_indices(s) for i in r]
+        # every kept example exactly once, and the same examples as without buckets (the dropped tail too)
+        plain = BatchPlan(len(lengths), 8, 2, seed=3)
+        plain_used = [i for s in range(epoch * steps, (epoch + 1) * steps) for r in plain.step_indices(s)
+                      for i in r]
+        assert len(used) == len(set(used)) == steps * 8 and sorted(used) == sorted(plain_used)
+    # similar lengths together: the spread inside a batch is far below the plain shuffle's
+    def spread(p: BatchPlan) -> float:
+        return float(np.mean([np.ptp([lengths[i] for r in p.step_indices(s) for i in r]) for s in range(steps)]))
+
+    assert spread(plan) < 0.4 * spread(BatchPlan(len(lengths), 8, 2, seed=3))
+    assert spread(_bucket_plan(lengths, steps)) <= spread(plan)  # one bucket per batch: the whole epoch sorted
+    # batches in a seeded random order (not sorted by length), a new order each epoch and seed
+    first_len = [max(lengths[i] for r in plan.step_indices(s) for i in r) for s in range(steps)]
+    assert first_len != sorted(first_len)
+    assert plan.step_indices(0) != plan.step_indices(steps)
+    assert _bucket_plan(lengths, 5, seed=4).step_indices(0) != plan.step_indices(0)
+
+
+def test_length_buckets_padding_and_errors() -> None:
+    rng = np.random.default_rng(1)
+    examples = [TokenizedExample(input_ids=list(range(int(n))), prompt_len=int(p))
+                for n, p in zip(rng.integers(10, 120, size=64), rng.integers(2, 9, size=64))]
+    lengths = [len(e.input_ids) for e in examples]
+    plain = padding_stats(BatchPlan(64, 8, 2, seed=0), examples, 8)
+    bucketed = padding_stats(_bucket_plan(lengths, 4, seed=0), examples, 8)
+    assert plain["real_tokens"] == bucketed["real_tokens"] == sum(lengths)  # one whole epoch each
+    assert bucketed["padding_fraction"] < 0.5 * plain["padding_fraction"]
+    assert 0 < plain["counted_fraction"] < 1 - plain["padding_fraction"]
+    # shuffle off: no randomness at all, buckets in length order
+    ordered = _bucket_plan(lengths, 2, seed=0, shuffle=False)
+    maxes = [max(lengths[i] for r in ordered.step_indices(s) for i in r) for s in range(8)]
+    assert maxes == sorted(maxes)
+    with pytest.raises(DataError, match="needs one length per example"):
+        BatchPlan(64, 8, 2, length_buckets=3)
+    with pytest.raises(DataError, match="needs one length per example"):
+        BatchPlan(64, 8, 2, length_buckets=3, lengths=(1, 2))

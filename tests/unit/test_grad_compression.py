@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student_worker.distributed import DistributedError, free_port, make_process_group, wrap_ddp
+from student_worker.distributed import (
+    DistributedError,
+    compression_hook,
+    free_port,
+    make_process_group,
+    wrap_ddp,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,7 @@ def test_hook_rounds_gradients_to_bf16_exactly(group, mode: str) -> None:
     plain = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
     ddp_model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
     ddp_model.load_state_dict(plain.state_dict())
-    ddp = wrap_ddp(ddp_model, group, torch.device("cpu"), mode)
+    ddp = wrap_ddp(ddp_model, group, torch.device("cpu"), compression_hook(mode))
     x = torch.randn(5, 7)
     ref = _grads(plain, x)
     got = _grads(ddp, x)
@@ -42,4 +48,4 @@ def test_hook_rounds_gradients_to_bf16_exactly(group, mode: str) -> None:
 
 def test_unknown_mode_is_refused(group) -> None:
     with pytest.raises(DistributedError, match="grad_compression='fp8'"):
-        wrap_ddp(torch.nn.Linear(2, 2), group, torch.device("cpu"), "fp8")
+        compression_hook("fp8")
