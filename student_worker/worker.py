@@ -26,6 +26,7 @@ import torch
 
 from common.config import RunConfig, config_from_dict
 from common.losses import targets_from_record
+from common.reproducibility import apply_compute_settings
 from common.topk import ROLE_STUDENT_BASE, TopKRecord, pair_roles
 from student_worker import checkpoint as ckpt
 from student_worker.distributed import free_port, make_process_group, node_ip, wrap_ddp
@@ -63,6 +64,7 @@ class StudentWorkerImpl:
         """step_delay_s: test-only pause after each step (the driver's DELTAKD_TEST_STEP_DELAY_S hook, see
         student_worker/recovery.py), so tests can kill things mid-run; 0 in production."""
         self.cfg = config_from_dict(cfg_dict, source="StudentWorker config")
+        self.compute = apply_compute_settings(self.cfg.reproducibility, where=f"student worker rank {rank}")
         self.rank, self.world_size = rank, world_size
         self.step_delay_s = float(step_delay_s)
         self._last_step_end: float | None = None
@@ -115,7 +117,7 @@ class StudentWorkerImpl:
         self.required_roles = required_roles(cfg)
         if resume_dir is not None:
             self.load_checkpoint(resume_dir)
-        return {"rank": self.rank, "device": str(self.device),
+        return {"rank": self.rank, "device": str(self.device), "compute": self.compute,
                 "num_params": sum(p.numel() for p in self.model.parameters())}
 
     # ------------------------------------------------------------------ training

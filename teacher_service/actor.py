@@ -22,6 +22,7 @@ import ray
 import torch
 
 from common.config import ModelSpec
+from common.reproducibility import apply_compute_settings
 from common.topk import to_wire_dtype
 
 __all__ = ["TeacherActor", "TORCH_WIRE_DTYPES"]
@@ -53,7 +54,10 @@ class TeacherActor:
 
     def __init__(self, role: str, spec: dict[str, Any], engine: str = "hf", device: str = "auto",
                  dtype: str = "auto", chunk_tokens: int = 1024, wire_dtype: str = "float32",
-                 cache_size: int = 32, vllm_options: dict[str, Any] | None = None):
+                 cache_size: int = 32, vllm_options: dict[str, Any] | None = None,
+                 compute: dict[str, Any] | None = None):
+        # First, before any tensor op: threads and kernel set (reproducibility config; None: its defaults).
+        self.compute = apply_compute_settings(compute, where=f"teacher {role}")
         model_spec = ModelSpec.model_validate(spec)
         self.role = role
         self.wire_dtype = wire_dtype
