@@ -55,7 +55,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 # Keys that may differ between the run that wrote a checkpoint and the one resuming from it: the budget, where
 # outputs go, evaluation, and where the teachers run (their models, k, tau and wire are still compared).
 RESUME_IGNORED_KEYS = ("training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.",
-                       "teachers.namespace", "teachers.name_prefix", "teachers.attach")
+                       "teachers.namespace", "teachers.name_prefix", "teachers.attach", "logging.")
 
 
 class CheckpointError(RuntimeError):
