@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from student_worker.stats import DEFAULT_REPLICATES, bootstrap_mean, paired_difference, verdict
+from student_worker.stats import (
+    DEFAULT_REPLICATES,
+    Interval,
+    bootstrap_mean,
+    paired_difference,
+    sizes,
+    verdict,
+)
 
 __all__ = ["ROUGE", "aggregate", "score_matrix", "comparison", "comparison_lines", "experiment_table",
            "experiment_markdown", "plot_experiment", "plot_rouge_l_ci"]
@@ -96,7 +103,7 @@ def comparison_lines(comp: dict[str, Any]) -> list[str]:
               for n, iv in comp["references"].items()]
     for name, iv in names:
         lines.append(f"  {name:<22} {iv['mean']:.4f} [{iv['lo']:.4f}, {iv['hi']:.4f}]  "
-                     f"({iv['seeds']} seeds x {iv['examples']} examples)")
+                     f"({sizes(Interval(**iv))})")
     if comp["differences"]:
         lines.append(f"differences from {comp['baseline']}, paired by seed and example:")
         lines += [f"  {d['verdict']}" for d in comp["differences"].values()]
@@ -192,7 +199,8 @@ def plot_rouge_l_ci(exp: dict[str, Any], path: Path) -> None:
         if got is not None:
             ax.plot([i + 0.12] * len(got[0]), got[1].mean(axis=1), "k.", markersize=4)
     for j, (name, iv) in enumerate(comp["references"].items()):
-        ax.axhline(iv["mean"], ls="--", color=f"C{j + 1}", label=f"{name.replace('_', ' ')} {iv['mean']:.3f}")
+        label = {"student_base": "student base", "sft_teacher": "SFT teacher"}.get(name, name)
+        ax.axhline(iv["mean"], ls="--", color=f"C{j + 1}", label=f"{label} {iv['mean']:.3f}")
     ax.set_xticks(range(len(methods)), methods)
     ax.set_xlim(-0.5, len(methods) - 0.5)
     ax.set_ylabel(f"held-out {comp['key']} (F)")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap_mean", "paired_difference", "verdict", "DEFAULT_REPLICATES"]
+__all__ = ["Interval", "bootstrap_mean", "paired_difference", "verdict", "sizes", "DEFAULT_REPLICATES"]
 
 DEFAULT_REPLICATES = 10_000
 _CHUNK = 1_000  # replicates per matrix product: bounds memory at S*N*_CHUNK counts
@@ -101,4 +101,10 @@ def verdict(method: str, baseline: str, diff: Interval, metric: str = "ROUGE-L")
         word = f"{method} lower"
     pct = f"{100 * diff.level:g}%"
     return (f"{method} - {baseline} = {diff.mean:+.4f} [{diff.lo:+.4f}, {diff.hi:+.4f}]: {word} "
-            f"({metric}, {pct} CI, {diff.seeds} seeds x {diff.examples} examples)")
+            f"({metric}, {pct} CI, {sizes(diff)})")
+
+
+def sizes(iv: Interval) -> str:
+    """'5 seeds x 500 examples' (singular for one)."""
+    return (f"{iv.seeds} seed{'s' if iv.seeds != 1 else ''} x "
+            f"{iv.examples} example{'s' if iv.examples != 1 else ''}")

@@ -45,7 +45,7 @@ def test_experiment_writes_table_json_plot_and_reuses_finished_runs(ray_cluster,
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "student delta_kd" in printed and "SFT teacher" in printed
-    assert "delta_kd - sft = " in printed and "(ROUGE-L, 95% CI, 1 seeds x 4 examples)" in printed
+    assert "delta_kd - sft = " in printed and "(ROUGE-L, 95% CI, 1 seed x 4 examples)" in printed
     assert "fewer than --eval-examples 500" in printed  # the inline eval set has 4 rows
 
     exp = json.loads((out / "experiment.json").read_text())
