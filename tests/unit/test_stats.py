@@ -85,3 +85,30 @@ def test_verdict_wording() -> None:
     assert verdict("delta_kd", "kd", _iv(0.031, 0.012, 0.05)).split(": ")[1].startswith("delta_kd higher")
     assert verdict("sft", "kd", _iv(-0.031, -0.05, -0.012)).startswith("sft - kd = -0.0310 [-0.0500, -0.0120]: sft lower")
     assert "not distinguishable" in verdict("rkl", "kd", _iv(0.0, 0.0, 0.02))  # an end at exactly 0 covers 0
+
+
+def _run(method: str, seed: int, scores: list[float] | None) -> dict:
+    after = {"rougeL": float(np.mean(scores)) if scores else 0.0}
+    if scores is not None:
+        after["per_example"] = {"rougeL": scores}
+    return {"method": method, "seed": seed, "report": {"rouge": {"student_after": after}}}
+
+
+def test_comparison_pairs_common_seeds_and_lists_runs_without_per_example_scores() -> None:
+    from student_worker.experiment_outputs import comparison, comparison_lines
+
+    runs = [_run("kd", 0, [0.1, 0.2, 0.3]), _run("kd", 1, [0.2, 0.2, 0.2]),
+            _run("delta_kd", 1, [0.3, 0.3, 0.3]), _run("delta_kd", 0, [0.2, 0.3, 0.4]),  # seed order differs
+            _run("sft", 0, None)]
+    exp = {"runs": runs, "aggregates": {"kd": {}, "delta_kd": {}, "sft": {}},
+           "references": {"sft_teacher": {"per_example": {"rougeL": [0.9, 0.8, 1.0]}}}}
+    comp = comparison(exp, "kd", replicates=500)
+    assert comp["missing"] == ["sft"] and set(comp["methods"]) == {"kd", "delta_kd"}
+    diff = comp["differences"]["delta_kd"]
+    assert diff["mean"] == pytest.approx(0.1) and diff["lo"] == pytest.approx(0.1) and diff["hi"] == pytest.approx(0.1)
+    assert diff["verdict"].startswith("delta_kd - kd = +0.1000 [+0.1000, +0.1000]: delta_kd higher")
+    assert comp["references"]["sft_teacher"]["seeds"] == 1
+    lines = comparison_lines(comp)
+    assert any("SFT teacher" in line and "(1 seed x 3 examples)" in line for line in lines)
+    assert lines[-1] == "no per-example scores (runs made before they were kept): sft"
+    assert "no differences" in comparison_lines(comparison(exp, "rkl", replicates=10))[-2]
