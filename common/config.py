@@ -32,6 +32,9 @@ __all__ = [
     "EmbeddedConfig",
     "HooksConfig",
     "RankError",
+    "EMBEDDED_PRESET_DEFAULTS",
+    "ReproducibilityConfig",
+    "LoggingConfig",
     "RunConfig",
     "LOSS_METHODS",
     "load_config",
@@ -117,6 +120,10 @@ class DataConfig(_Strict):
     overlong: Literal["truncate", "reject"] = "truncate"
     max_train_examples: int | None = Field(default=None, gt=0)
     max_eval_examples: int | None = Field(default=64, gt=0)
+    # The validation set for best-checkpoint selection (evaluation.select_best); never the test set.
+    validation: str | None = None
+    validation_split: str = "validation"
+    max_validation_examples: int | None = Field(default=100, gt=0)
     shuffle: bool = True
     # Length-bucketed batching (student_worker.data.BatchPlan): 0 = off (each epoch a plain shuffle).
     # n >= 1: each epoch's examples are sorted by length into n buckets of whole global batches, shuffled
@@ -242,6 +249,11 @@ class EvaluationConfig(_Strict):
     batch_size: int = Field(default=16, gt=0)
     evaluate_before: bool = True
     evaluate_teacher: bool = True
+    # Best-checkpoint selection (MiniLLM's convention), off by default: every `select_every` steps (and at
+    # the end) rank 0 scores ROUGE-L on data.validation; the best weights are kept in best_model/ and the
+    # test score reported for the student is theirs. Each selection pass costs one greedy evaluation.
+    select_best: bool = False
+    select_every: int = Field(default=50, gt=0)
 
 
 class OutputConfig(_Strict):
@@ -259,14 +271,38 @@ class EmbeddedModelShape(_Strict):
     intermediate_size: int = Field(default=128, gt=0)
 
 
-class EmbeddedConfig(_Strict):
-    """How the embedded default builds its tiny models (only used by `embedded:` model paths)."""
+# Field defaults per embedded preset that differ from the schema's (which are format_shift's). A key absent
+# from the config takes its preset's default; a key given explicitly wins.
+EMBEDDED_PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "format_shift": {},
+    "style_shift": {"num_val": 200, "num_test": 1000, "pretrain_steps": 800, "sft_steps": 300},
+}
 
+
+class EmbeddedConfig(_Strict):
+    """How the embedded default builds its tiny models (only used by `embedded:` model paths).
+
+    `preset` picks the world the models are built in (docs/EXPERIMENT.md says why each exists):
+    - format_shift: bases pretrained on prose only; SFT teaches the prompt format and the tasks.
+    - style_shift: bases pretrained on prose mixed with instruction-formatted examples answered tersely
+      (`teacher_instruct_fraction` / `student_instruct_fraction` of their documents); SFT teaches a
+      sentence answer style; the student base reads its own draw of the prose.
+    Keys a preset does not use are ignored by its build (and left out of its cache key).
+    """
+
+    preset: Literal["format_shift", "style_shift"] = "format_shift"
     seed: int = 0
     vocab_size: int = Field(default=512, gt=16)
     num_train: int = Field(default=2000, gt=0)
     num_val: int = Field(default=100, gt=0)
     num_test: int = Field(default=100, gt=0)
+    # format_shift: more test examples drawn after the train split (the build does not change).
+    num_test_extra: int = Field(default=0, ge=0)
+    # style_shift: the pool of instruction examples the bases' pretraining draws from, and the fraction of
+    # each base's pretraining documents that are instruction-formatted (the rest is prose).
+    num_pretrain: int = Field(default=2000, ge=0)
+    teacher_instruct_fraction: float = Field(default=0.30, ge=0, lt=1)
+    student_instruct_fraction: float = Field(default=0.15, ge=0, lt=1)
     corpus_sentences: int = Field(default=4000, gt=0)
     teacher: EmbeddedModelShape = Field(
         default_factory=lambda: EmbeddedModelShape(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256)
@@ -282,6 +318,45 @@ class EmbeddedConfig(_Strict):
     cache_dir: str | None = None  # default: $DELTAKD_CACHE or ~/.cache/deltakd
     # torch intra-op threads during the build (restored after); None keeps the caller's. Not in the cache key.
     build_threads: int | None = Field(default=1, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            preset = data.get("preset", "format_shift")
+            defaults = EMBEDDED_PRESET_DEFAULTS.get(preset, {})
+            data = {**defaults, **data}
+        return data
+
+
+class ReproducibilityConfig(_Strict):
+    """What every process that computes (the embedded build, teachers, student workers, evaluation tasks)
+    sets before its first tensor operation (common/reproducibility.py).
+
+    torch_threads: intra-op threads (torch.set_num_threads); None leaves torch's own choice, which depends
+      on the machine (its cores, OMP_NUM_THREADS), and so can the results.
+    cpu_isa: "avx2" pins torch's CPU kernels (ATEN_CPU_CAPABILITY) and MKL (MKL_CBWR) to their AVX2 code
+      paths on x86-64 CPUs that have AVX2, so machines with and without AVX-512 compute the same bits;
+      "native" lets each library pick the widest path of the CPU. Ignored on other CPUs.
+    deterministic: torch.use_deterministic_algorithms(True, warn_only=True) (mostly matters on GPUs; sets
+      CUBLAS_WORKSPACE_CONFIG when unset).
+    """
+
+    torch_threads: int | None = Field(default=1, gt=0)
+    cpu_isa: Literal["avx2", "native"] = "avx2"
+    deterministic: bool = False
+
+
+class LoggingConfig(_Strict):
+    """Where the training metrics go besides metrics.jsonl (student_worker/tracking.py).
+
+    report_to: "tensorboard" writes event files under <output dir>/tensorboard (needs the `tensorboard`
+      package: pip install -e .[tracking]); "wandb" logs to Weights & Biases (needs `wandb`; mode below).
+    """
+
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    wandb_project: str = "deltakd"
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
 
 
 class RankError(_Strict):
@@ -324,6 +399,19 @@ class RunConfig(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
     testing: HooksConfig = Field(default_factory=HooksConfig)
+    reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _selection_needs_validation(self) -> RunConfig:
+        d = self.data
+        if self.evaluation.select_best:
+            if d.validation is None:
+                raise ValueError("evaluation.select_best needs data.validation (a validation set; never the test set)")
+            if d.validation == d.eval and d.validation_split == d.eval_split:
+                raise ValueError(f"data.validation ({d.validation!r}, split {d.validation_split!r}) is the test "
+                                 "set (data.eval, data.eval_split): best-checkpoint selection must not see it")
+        return self
 
     @property
     def output_dir(self) -> Path:

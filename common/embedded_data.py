@@ -10,23 +10,43 @@ types), so a 512-entry word-level tokenizer covers every word and a tiny model c
   instruction format: pretraining gives the base models the words and facts, and only SFT teaches the
   format and the tasks. That shift is what Delta-KD transfers to the student.
 
+Two presets use them (`embedded.preset`, docs/EXPERIMENT.md says why each exists):
+
+- `format_shift` (the first one, unchanged): the suite above; the bases see prose only.
+- `style_shift` (`generate_style_suite`): the same tasks, each with two answers: `terse` (the bare answer,
+  the bases' own style, mixed into their pretraining as instruction-formatted documents) and `response`
+  (`sentence_answer`: one full sentence restating the question, items separated by commas, ending with a
+  full stop; the style only SFT teaches). Splits are assigned by a hash of the question: test, validation,
+  train (SFT and distillation) and pretrain (the bases' instruction documents), disjoint by construction.
+
+`embedded_suite(ecfg)` returns the splits of whichever preset the config names.
+
 Words and punctuation are separated by single spaces so whitespace splitting tokenises them exactly.
 Pure stdlib: no numpy, torch or transformers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable
+from typing import Any
 
 __all__ = [
     "FAMILIES",
     "FACTS",
     "NUMBER_WORDS",
+    "PRESETS",
+    "STYLE_SPLIT_SHARES",
     "generate_instruction_suite",
+    "generate_style_suite",
     "generate_corpus",
+    "embedded_suite",
     "number_to_words",
+    "sentence_answer",
 ]
+
+PRESETS = ("format_shift", "style_shift")
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "brown", "pink", "grey", "orange"]
 PLACES = ["kitchen", "garden", "farm", "forest", "river", "school", "house", "field", "city", "sea"]
@@ -150,22 +170,29 @@ FAMILIES: dict[str, Maker] = {
 _MAX_RETRIES = 200  # draws of one family before it counts as exhausted (every distinct example used)
 
 
-def generate_instruction_suite(seed: int, num_train: int, num_val: int, num_test: int) -> dict[str, list[Example]]:
-    """Deterministic train / validation / test splits of the generated instruction suite.
+def generate_instruction_suite(seed: int, num_train: int, num_val: int, num_test: int,
+                               num_test_extra: int = 0) -> dict[str, list[Example]]:
+    """Deterministic train / validation / test splits of the generated instruction suite (`format_shift`).
 
     Families are drawn uniformly; a drawn (instruction, context) pair already used anywhere is redrawn,
     so the splits are disjoint. Test is drawn first, then validation, then train, so the held-out sets do
     not change when only `num_train` changes. A family whose distinct examples run out (the fact table
     is finite) drops out; if all do, a ValueError names the shortfall.
+
+    `num_test_extra` more test examples are drawn AFTER train and appended to test: a larger held-out set
+    that leaves train, validation and the first `num_test` test examples (so the models built from them)
+    exactly as they are. Families exhausted by then (fact_qa's 72 questions) are missing from the extra part.
     """
-    for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+    for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test),
+                    ("num_test_extra", num_test_extra)):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     rng = random.Random(f"deltakd-suite-{seed}")
     seen: set[tuple[str, str]] = set()
     live = list(FAMILIES)
     out: dict[str, list[Example]] = {}
-    for split, n in (("test", num_test), ("validation", num_val), ("train", num_train)):
+    for split, n in (("test", num_test), ("validation", num_val), ("train", num_train),
+                     ("test_extra", num_test_extra)):
         rows: list[Example] = []
         while len(rows) < n:
             if not live:
@@ -184,7 +211,108 @@ def generate_instruction_suite(seed: int, num_train: int, num_val: int, num_test
             else:
                 live.remove(family)
         out[split] = rows
-    return {"train": out["train"], "validation": out["validation"], "test": out["test"]}
+    return {"train": out["train"], "validation": out["validation"], "test": out["test"] + out["test_extra"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The style_shift preset: the same tasks, a terse answer (the bases' style) and a sentence answer (SFT's)
+
+
+def _items(text: str) -> str:
+    return " , ".join(text.split())
+
+
+def sentence_answer(family: str, instruction: str, context: str, terse: str) -> str:
+    """The SFT style of `style_shift`: one sentence that restates the question around the exact (terse)
+    answer, list items separated by " , ", ending with " .". Pure function of the example (no rng)."""
+    words = instruction.split()
+    if family == "reverse":
+        return f"the reversed list is {_items(terse)} ."
+    if family == "sort":
+        return f"the sorted numbers are {_items(terse)} ."
+    if family == "arithmetic":  # "what is {a} plus|minus {b} ?"
+        return f"{words[2]} {words[3]} {words[4]} is {terse} ."
+    if family == "kth_item":  # "what is the {ordinal} word in the list ?"
+        return f"the {words[3]} word is {terse} ."
+    if family == "count":
+        return f"the list has {terse} words ."
+    if family == "fact_qa":  # "what colour is the {obj} ?" / "where does the {obj} live ?" / "what size ..."
+        obj = words[-2] if words[0] == "what" else words[3]
+        return f"the {obj} lives {terse} ." if words[0] == "where" else f"the {obj} is {terse} ."
+    if family == "number_words":
+        return f"the numbers in words are {_items(terse)} ."
+    if family == "last_item":
+        return f"the last word is {terse} ."
+    raise ValueError(f"no sentence style for family {family!r}")
+
+
+# Shares of the question space (by hash) per split. Test and validation get more than their counts need,
+# so small families (fact_qa has 72 questions) still reach every split.
+STYLE_SPLIT_SHARES = (("test", 0.20), ("validation", 0.05), ("train", 0.40), ("pretrain", 0.35))
+_STYLE_PATIENCE = 50_000  # candidates in a row that add nothing before the pools count as exhausted
+
+
+def _split_of(seed: int, instruction: str, context: str) -> str:
+    """The split a question belongs to: a hash of (seed, instruction, context) mapped onto the shares."""
+    digest = hashlib.sha256(f"{seed}\x1f{instruction}\x1f{context}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    edge = 0.0
+    for split, share in STYLE_SPLIT_SHARES:
+        edge += share
+        if u < edge:
+            return split
+    return STYLE_SPLIT_SHARES[-1][0]
+
+
+def generate_style_suite(seed: int, num_train: int, num_val: int, num_test: int,
+                         num_pretrain: int) -> dict[str, list[Example]]:
+    """Deterministic splits of the `style_shift` suite: train / validation / test / pretrain.
+
+    Each example: {"instruction", "context", "response" (sentence style), "terse" (bare answer), "family"}.
+    One seeded stream of candidate questions (family uniform, then the family's maker) is read in order;
+    each new question goes to the split its hash names (`_split_of`), or is dropped when that split is
+    full. The stream does not depend on the sizes, so a split's first examples do not depend on the other
+    splits' sizes; the splits are disjoint by construction and each family reaches every split in
+    proportion to its pool. If `_STYLE_PATIENCE` candidates in a row add nothing before every split is
+    full (the question pools are exhausted), a ValueError names the shortfall.
+    """
+    want = {"train": num_train, "validation": num_val, "test": num_test, "pretrain": num_pretrain}
+    for name, n in want.items():
+        if n < 0:
+            raise ValueError(f"style suite: the {name} size must be >= 0, got {n}")
+    rng = random.Random(f"deltakd-style-suite-{seed}")
+    families = list(FAMILIES)
+    seen: set[tuple[str, str]] = set()
+    out: dict[str, list[Example]] = {name: [] for name in want}
+    idle = 0
+    while any(len(out[s]) < n for s, n in want.items()):
+        if idle >= _STYLE_PATIENCE:
+            short = {s: f"{len(out[s])} of {n}" for s, n in want.items() if len(out[s]) < n}
+            raise ValueError(f"style suite exhausted ({len(seen)} distinct questions drawn): {short}; ask for fewer")
+        family = rng.choice(families)
+        instruction, context, terse = FAMILIES[family](rng)
+        key = (instruction, context)
+        split = _split_of(seed, instruction, context)
+        if key in seen or len(out[split]) >= want[split]:
+            idle += 1
+            continue
+        seen.add(key)
+        idle = 0
+        out[split].append({"instruction": instruction, "context": context, "terse": terse, "family": family,
+                           "response": sentence_answer(family, instruction, context, terse)})
+    return out
+
+
+def embedded_suite(ecfg: Any) -> dict[str, list[Example]]:
+    """The splits (train, validation, test, and for style_shift pretrain) of the preset `ecfg.preset`
+    (an EmbeddedConfig), sized by its fields."""
+    preset = getattr(ecfg, "preset", "format_shift")
+    if preset == "format_shift":
+        return generate_instruction_suite(ecfg.seed, ecfg.num_train, ecfg.num_val, ecfg.num_test,
+                                          ecfg.num_test_extra)
+    if preset == "style_shift":
+        return generate_style_suite(ecfg.seed, ecfg.num_train, ecfg.num_val, ecfg.num_test, ecfg.num_pretrain)
+    raise ValueError(f"embedded.preset: unknown preset {preset!r}; expected one of {list(PRESETS)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,15 +359,16 @@ def _prose_list(rng: random.Random) -> str:
     ])
 
 
-def generate_corpus(seed: int, num_sentences: int) -> list[str]:
+def generate_corpus(seed: int, num_sentences: int, stream: str = "") -> list[str]:
     """`num_sentences` deterministic prose sentences (facts, numbers, lists) for pretraining.
 
     Roughly 40% facts, 30% numbers, 30% lists. Same words as the instruction suite, none of its
-    format tokens (`###`, `Instruction`, `Input`, `Response`).
+    format tokens (`###`, `Instruction`, `Input`, `Response`). `stream` names an independent draw for the
+    same seed (style_shift's student base reads its own); "" is the format_shift corpus.
     """
     if num_sentences < 0:
         raise ValueError(f"num_sentences must be >= 0, got {num_sentences}")
-    rng = random.Random(f"deltakd-corpus-{seed}")
+    rng = random.Random(f"deltakd-corpus-{seed}{stream}")
     makers = [_prose_fact, _prose_fact, _prose_numbers, _prose_list, _prose_fact, _prose_numbers,
               _prose_list, _prose_fact, _prose_numbers, _prose_list]
     return [rng.choice(makers)(rng) for _ in range(num_sentences)]

@@ -57,7 +57,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 # the console logs, the collective timeout, and the test-only hooks (`testing:`).
 RESUME_IGNORED_KEYS = ("training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.",
                        "teachers.namespace", "teachers.name_prefix", "teachers.attach", "training.log_every",
-                       "training.collective_timeout_s", "testing.")
+                       "training.collective_timeout_s", "testing.", "logging.")
 
 
 class CheckpointError(RuntimeError):

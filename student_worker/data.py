@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from common.config import DataConfig, EmbeddedConfig
-from common.embedded_data import generate_instruction_suite
+from common.embedded_data import embedded_suite
 
 __all__ = [
     "DataError",
@@ -155,9 +155,7 @@ def load_examples(
     if source == "embedded":
         if split not in _EMBEDDED_SPLITS:
             raise DataError(f"embedded data has no split {split!r}; use one of {sorted(_EMBEDDED_SPLITS)}")
-        suite = generate_instruction_suite(
-            embedded_cfg.seed, embedded_cfg.num_train, embedded_cfg.num_val, embedded_cfg.num_test
-        )
+        suite = embedded_suite(embedded_cfg)  # the splits of embedded_cfg.preset
         rows: list[dict[str, Any]] = suite[_EMBEDDED_SPLITS[split]]
         name = f"embedded[{split}]"
         # The generator's columns are fixed (Dolly-style), whatever data.columns says for files.

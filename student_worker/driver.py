@@ -46,8 +46,10 @@ from student_worker.recovery import (
     worker_actor_name,
 )
 from student_worker.report import run_summary, step_row, write_report
+from student_worker.selection import BestModelSelection
 from student_worker.shared_output import check_shared_output
 from student_worker.step_calls import StepInFlight, dispatch_step, queue_save, submit_step, wait_step
+from student_worker.tracking import MetricsTracker, check_trackers
 from student_worker.worker import StudentWorker
 
 __all__ = ["TrainingRunError", "InputError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS"]
@@ -91,6 +93,7 @@ class Driver:
         self.worker_names: list[str] = []
         self.resume_dir: Path | None = None
         self._preflight_done = False
+        self.tracker: MetricsTracker | None = None
 
     # ------------------------------------------------------------------ checks before anything is written
     def preflight(self) -> None:
@@ -109,6 +112,7 @@ class Driver:
                 ckpt.verify_checkpoint(self.resume_dir)
         try:
             self._load_data()
+            check_trackers(self.cfg)  # logging.report_to: its packages are installed
             if self.cfg.loss.method != "sft":
                 from teacher_service.tokenizer_check import check_tokenizers
 
@@ -134,6 +138,7 @@ class Driver:
         self.plan = BatchPlan(len(self.train_tok), self.cfg.training.batch_size, self.world, self.cfg.seed,
                               d.shuffle, length_buckets=d.length_buckets,
                               lengths=tuple(len(e.input_ids) for e in self.train_tok) if d.length_buckets else None)
+        self.selection = BestModelSelection.from_config(self.cfg, self.out)  # evaluation.select_best
 
     def _check_resources(self) -> None:
         """Warn (loudly) when teachers + workers ask for more CPUs/GPUs than the cluster has right now."""
@@ -221,6 +226,9 @@ class Driver:
         restored = 0 if latest is None else int(ckpt.read_state(latest)["step"])
         self.rows = [r for r in self.rows if r["step"] < restored]
         self._rewrite_metrics()
+        self.selection.restore(latest, None if latest is None else ckpt.read_state(latest))
+        if self.tracker is not None:
+            self.tracker.rewind(restored)
         seconds = time.perf_counter() - t0
         self.recoveries.append({"step": step, "rank": crash.rank, "cause": str(crash), "restored_step": restored,
                                 "seconds": seconds})
@@ -255,8 +263,9 @@ class Driver:
             except ACTOR_GONE as exc:  # the .tmp directory is left behind and never read
                 raise WorkerCrash(rank, exc) from exc
         maybe_crash_in_checkpoint(tmp, step, self.cfg.testing.crash_in_checkpoint)  # test-only hook
+        self.selection.save_into(tmp)  # the best model so far travels with the checkpoint
         state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg), "config": self.cfg_dict,
-                 "metrics": self.rows, "rouge": self.rouge}
+                 "metrics": self.rows, "rouge": self.rouge, "selection": self.selection.state()}
         return ckpt.finalize_checkpoint(tmp, state, self.cfg.training.keep_checkpoints)
 
     def _evaluate_student(self) -> dict[str, Any]:
@@ -274,9 +283,11 @@ class Driver:
         elif resume_dir is not None:
             state = ckpt.read_state(resume_dir)
             start_step, self.rows, self.rouge = int(state["step"]), list(state["metrics"]), state["rouge"]
+            self.selection.restore(resume_dir, state)
         self.out.mkdir(parents=True, exist_ok=True)
         dump_config(self.cfg, self.out / "config.yaml")
         self._rewrite_metrics()
+        self.tracker = MetricsTracker(self.cfg, self.out, start_step)  # logging.report_to
         t = self.cfg.training
         end_step = t.max_steps if self.stop_after is None else min(t.max_steps, self.stop_after)
         try:
@@ -296,18 +307,27 @@ class Driver:
             if step < t.max_steps:  # stopped early on purpose (--stop-after): as if interrupted
                 return {"stopped_at": step, "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))}
             ray.get(self.workers[0].save_model.remote(str(self.out / "final_model")))
-            if self.eval_examples:
+            best = self.selection.final_spec()  # None unless evaluation.select_best chose a step
+            if self.eval_examples and best is None:
                 self.rouge["student_after"] = self._evaluate_student()
             teacher_stats = self.pool.stats() if self.pool is not None else None
             self._release()  # frees the CPU/GPU slots the teacher's evaluation task needs on small machines
+            tc = self.cfg.teachers
+            task = evaluate_spec_task.options(num_cpus=min(1.0, tc.num_cpus), num_gpus=tc.num_gpus)
+            compute = self.cfg.reproducibility.model_dump()
+            if self.eval_examples and best is not None:  # the selected model's test score
+                self.rouge["student_after"] = ray.get(task.remote(best, self.eval_examples, e.max_new_tokens,
+                                                                  e.batch_size, compute))
             if self.eval_examples and e.evaluate_teacher:
-                spec, tc = self.cfg.models.sft_teacher, self.cfg.teachers
-                task = evaluate_spec_task.options(num_cpus=min(1.0, tc.num_cpus), num_gpus=tc.num_gpus)
-                self.rouge["sft_teacher"] = ray.get(task.remote(spec, self.eval_examples, e.max_new_tokens,
-                                                                e.batch_size))
+                self.rouge["sft_teacher"] = ray.get(task.remote(self.cfg.models.sft_teacher, self.eval_examples,
+                                                                e.max_new_tokens, e.batch_size, compute))
+            for name, scores in self.rouge.items():
+                self.tracker.log_scalars(f"eval/{name}", scores, step)
             return self._report(start_step, step, loop_s, teacher_stats)
         finally:
             self._release()
+            if self.tracker is not None:
+                self.tracker.close()
 
     def _loop(self, step: int, end_step: int, last_ckpt: int) -> int:
         """Train steps `step` .. end_step - 1; returns the number of completed steps (end_step)."""
@@ -325,6 +345,8 @@ class Driver:
                 if i == len(window):
                     window.append(self._submit(step + i))
                 item = window[i]
+                if i > 0 and self.selection.due(item.step):
+                    break  # validation scores the weights after item.step steps: nothing is queued past them
                 if item.calls is None:
                     if i > 0 and (item.step % t.checkpoint_every == 0) and window[i - 1].save is None:
                         self._queue_save(window[i - 1])
@@ -357,9 +379,12 @@ class Driver:
             self.rows.append(row)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.tracker.log_row(row)
             self._log(row)
             window.popleft()
             step += 1
+            if self.selection.due(step):  # validation ROUGE-L; the best weights are kept (no step queued past)
+                self.tracker.log_scalars("validation", self.selection.update(step, self.workers[0]), step)
             if step % t.checkpoint_every == 0 or step == end_step:
                 try:
                     if item.save is not None:
@@ -401,6 +426,7 @@ class Driver:
                                                    "final_model": str(self.out / "final_model"),
                                                    "metrics": str(self.out / "metrics.jsonl"),
                                                    "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))})
+        report["selection"] = self.selection.summary()
         write_report(self.out, report, self.rows, self.cfg.output.plot)  # adds its files to report["paths"]
         return report
 

@@ -1,7 +1,7 @@
 """The embedded default's tiny models: built once on the CPU, cached, and loaded like hub models.
 
 `build_embedded_models(ecfg)` returns local paths by role (`tokenizer`, `base_teacher`, `sft_teacher`,
-`student`). The build:
+`student`). The build of the `format_shift` preset (the first one; unchanged, bit for bit):
 
 1. trains a word-level tokenizer (`tokenizers`) on the corpus plus the formatted train split, so every
    word of the prompt format is in the vocabulary, and saves it as a PreTrainedTokenizerFast;
@@ -10,8 +10,15 @@
 3. fine-tunes the SFT teacher from the base teacher on the train split with the default prompt
    template (loss on response tokens only, batches from `student_worker.data`).
 
+The `style_shift` preset (docs/EXPERIMENT.md) differs in what the models read: each base's pretraining
+documents are its own prose draw mixed with instruction-formatted examples answered tersely (the bases'
+style; `teacher_instruct_fraction` / `student_instruct_fraction` of the documents, from the suite's
+pretrain split), and SFT teaches the sentence answer style. Its weights are initialised by this module
+from a seeded PCG64 stream (uniform, std 0.02; norms 1), not by transformers' `_init_weights`, so the
+initial weights do not depend on the transformers version or on the CPU's vector width.
+
 Cache: `<cache_root>/embedded-<hash>`, where the hash covers every EmbeddedConfig field that affects the
-build and BUILD_VERSION. A build goes into a temp dir beside it that is renamed into place only when
+build and BUILD_VERSION (format_shift's key is what it was before presets existed). A build goes into a temp dir beside it that is renamed into place only when
 complete, with a `COMPLETE` JSON marker written last. A missing marker or an unreadable weights file
 makes the directory invalid: it is removed and rebuilt. An fcntl lock serialises concurrent builders.
 """
@@ -35,6 +42,7 @@ import torch.nn.functional as F
 
 from common.config import ConfigError, DataConfig, EmbeddedConfig, EmbeddedModelShape, ModelSpec, RunConfig
 from common.embedded_data import generate_corpus, generate_instruction_suite
+from common.reproducibility import apply_compute_settings, compute_info
 from student_worker.data import collate, format_prompt, tokenize_examples
 
 __all__ = [
@@ -49,7 +57,12 @@ __all__ = [
 ]
 
 # Bump when the build code changes what it produces: old caches are then ignored, never reused.
-BUILD_VERSION = "1"
+BUILD_VERSION = "1"  # format_shift
+STYLE_BUILD_VERSION = "1"  # style_shift
+# EmbeddedConfig keys that never change a build, and the keys only style_shift reads (left out of
+# format_shift's key, so its cache directories keep the names they had before presets existed).
+_NOT_BUILD_KEYS = {"cache_dir", "build_threads", "num_test_extra"}
+_STYLE_ONLY_KEYS = {"preset", "num_pretrain", "teacher_instruct_fraction", "student_instruct_fraction"}
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_ROLES = ("base_teacher", "sft_teacher", "student")
 _MARKER = "COMPLETE"
@@ -61,10 +74,13 @@ class EmbeddedBuildError(RuntimeError):
 
 
 def build_key(ecfg: EmbeddedConfig) -> str:
-    """16 hex chars of sha256 over the build-relevant config (all of it but cache_dir) and BUILD_VERSION."""
-    fields = ecfg.model_dump(mode="json", exclude={"cache_dir", "build_threads"})
+    """16 hex chars of sha256 over the build-relevant config and the preset's build version."""
+    style = ecfg.preset == "style_shift"
+    fields = ecfg.model_dump(mode="json", exclude=_NOT_BUILD_KEYS | (set() if style else _STYLE_ONLY_KEYS))
     payload = {"version": BUILD_VERSION, "embedded": fields, "prompt": DataConfig().prompt_template,
                "context": DataConfig().context_template}
+    if style:
+        payload["style_version"] = STYLE_BUILD_VERSION
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -147,7 +163,13 @@ def build_embedded_models(ecfg: EmbeddedConfig, progress: bool = True) -> dict[s
         tmp = root / f".tmp-embedded-{key}-{os.getpid()}"
         try:
             with _torch_threads(ecfg.build_threads):
-                info = _build_into(ecfg, tmp, progress)
+                if ecfg.preset == "style_shift":
+                    from student_worker.embedded_style import build_style_into
+
+                    info = build_style_into(ecfg, tmp, progress)
+                else:
+                    info = _build_into(ecfg, tmp, progress)
+                info["compute"] = compute_info()
             (tmp / _MARKER).write_text(json.dumps({"key": key, "version": BUILD_VERSION,
                                                    "embedded": ecfg.model_dump(mode="json"), **info}, indent=2))
             os.replace(tmp, final)
@@ -177,6 +199,8 @@ def resolve_model_paths(cfg: RunConfig) -> RunConfig:
         if role not in EMBEDDED_ROLES:
             raise ConfigError(f"{where}.path: unknown embedded role {role!r}; expected one of {list(EMBEDDED_ROLES)}")
     if embedded:
+        # This process may build the models: it computes like every other process of the run.
+        apply_compute_settings(out.reproducibility, where="embedded build")
         paths = build_embedded_models(out.embedded)
         for _, spec in embedded:
             spec.path = str(paths[spec.path[len(EMBEDDED_PREFIX):]])

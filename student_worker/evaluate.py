@@ -15,7 +15,8 @@ import torch
 from common.config import ModelSpec
 from student_worker.data import encode_prompt
 
-__all__ = ["EvaluationError", "ROUGE_KEYS", "greedy_generate", "rouge", "evaluate_model", "evaluate_spec"]
+__all__ = ["EvaluationError", "ROUGE_KEYS", "greedy_generate", "rouge", "rouge_per_example", "evaluate_model",
+           "evaluate_spec"]
 
 ROUGE_KEYS = ("rougeL", "rouge1", "rouge2")
 
@@ -59,8 +60,8 @@ def greedy_generate(
     return [t.strip() for t in out]
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-L / ROUGE-1 / ROUGE-2 F-measure over examples (rouge_score, stemming off)."""
+def rouge_per_example(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-L / ROUGE-1 / ROUGE-2 F-measure of each example, in order (rouge_score, stemming off)."""
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
@@ -68,12 +69,18 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     if not references:
         raise EvaluationError("no evaluation examples")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=False)
-    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    out: dict[str, list[float]] = {key: [] for key in ROUGE_KEYS}
     for pred, ref in zip(predictions, references):
         scores = scorer.score(ref, pred)
         for key in ROUGE_KEYS:
-            totals[key] += scores[key].fmeasure
-    return {key: totals[key] / len(references) for key in ROUGE_KEYS}
+            out[key].append(scores[key].fmeasure)
+    return out
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-L / ROUGE-1 / ROUGE-2 F-measure over examples (rouge_score, stemming off)."""
+    per = rouge_per_example(predictions, references)
+    return {key: sum(per[key]) / len(references) for key in ROUGE_KEYS}
 
 
 def evaluate_model(
@@ -82,29 +89,37 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Generate for each example's `prompt` and score against its `response`.
 
-    Returns {"rougeL", "rouge1", "rouge2": float, "num_examples": int, "samples": first 3 (prompt, ref, pred)}.
+    Returns {"rougeL", "rouge1", "rouge2": float (means), "num_examples": int, "per_example": {key: [score
+    of each example, in order]} (the method comparison pairs runs by example), "samples": first 3
+    (prompt, ref, pred)}.
     """
     if not examples:
         raise EvaluationError("no evaluation examples (data.eval is empty or disabled)")
     prompts = [e["prompt"] for e in examples]
     refs = [e["response"] for e in examples]
     preds = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    result: dict[str, Any] = rouge(preds, refs)
+    per = rouge_per_example(preds, refs)
+    result: dict[str, Any] = {key: sum(per[key]) / len(refs) for key in ROUGE_KEYS}
     result["num_examples"] = len(examples)
+    result["per_example"] = per
     result["samples"] = [{"prompt": p, "reference": r, "prediction": g}
                          for p, r, g in list(zip(prompts, refs, preds))[:3]]
     return result
 
 
 def evaluate_spec(spec: ModelSpec, examples: list[dict[str, str]], max_new_tokens: int,
-                  batch_size: int) -> dict[str, Any]:
+                  batch_size: int, compute: Any = None) -> dict[str, Any]:
     """Load a model by its spec (hub id or path, revision, trust_remote_code, dtype) straight onto this
     process's device (`device_map`: no full host copy) and `evaluate_model` it. dtype "auto": bf16 on a GPU,
     fp32 on the CPU. The driver runs it as a Ray task for the SFT teacher's ceiling; the method comparison
-    for its reference models."""
+    for its reference models. `compute`: the run's reproducibility settings, applied first (None: their
+    defaults)."""
     from transformers import AutoTokenizer
 
+    from common.reproducibility import apply_compute_settings
     from student_worker.loading import load_causal_lm, resolve_dtype
+
+    apply_compute_settings(compute, where="evaluation task")
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

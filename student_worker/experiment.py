@@ -1,5 +1,5 @@
-"""`python -m student_worker.experiment --methods sft,kd,delta_kd --seeds 3 [--config X] [--set a.b=v ...]
-[--output-dir D] [--address A]`: the method comparison. This module plans and runs it (`run_experiment`,
+"""`python -m student_worker.experiment --methods sft,kd,delta_kd --seeds 5 [--eval-examples 500] [--baseline kd]
+[--config X] [--set a.b=v ...] [--output-dir D] [--address A]`: the method comparison. This module plans and runs it (`run_experiment`,
 `main`) and decides which finished runs a rerun reuses (`run_key`, `shared_key`). The measurements besides
 training are in student_worker/experiment_diagnostics.py; the aggregates, table, experiment.md and plot in
 student_worker/experiment_outputs.py (their public names are importable from here too).
@@ -11,13 +11,18 @@ config, to the running service). The student base and the SFT teacher are evalua
 `evaluation.evaluate_before/evaluate_teacher: false`.
 
 Outputs in D (default runs/experiment): `runs/<method>-seed<s>/` (each run's own outputs), `experiment.json`
-(rewritten after every run: every run's report, per-method aggregates, the hash of the shared config),
-`experiment.md`, `rouge_by_method.png`. A rerun reuses a finished run whose report.json exists and whose
+(rewritten after every run: every run's report with per-example scores, per-method aggregates, the hash of
+the shared config; at the end the confidence intervals and verdicts), `experiment.md`, `rouge_by_method.png`,
+`rougeL_ci_by_method.png`. A rerun reuses a finished run whose report.json exists and whose
 saved config hashes like the planned one (runtime-only keys aside: teacher names, output dir); an unfinished
 run resumes from its newest checkpoint when that checkpoint's config matches (student_worker.checkpoint's
 RESUME_IGNORED_KEYS aside), else it is trained again from step 0.
 
-Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Diagnostics per run come from
+Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Statistics: each method's
+ROUGE-L with a 95% CI, and its difference from the baseline method (kd), paired by seed and evaluation
+example, with a plain verdict ("delta_kd - kd = +x [lo, hi]: not distinguishable" when the interval covers
+0); two-way bootstrap over seeds and examples (student_worker/stats.py). `--eval-examples` (default 500,
+MiniLLM's convention) sets data.max_eval_examples. Diagnostics per run come from
 its metrics.jsonl; the size of the shift is measured by the experiment on a few training batches (see
 `shift_diagnostics` in student_worker/experiment_diagnostics.py).
 Exit codes: 0 done, 2 bad config / arguments, 3 a run failed (finished runs stay on disk). On a failure
@@ -48,9 +53,12 @@ from student_worker.experiment_diagnostics import (
 )
 from student_worker.experiment_outputs import (
     aggregate,
+    comparison,
+    comparison_lines,
     experiment_markdown,
     experiment_table,
     plot_experiment,
+    plot_rouge_l_ci,
 )
 
 __all__ = ["ExperimentError", "RUN_OVERRIDES", "run_key", "shared_key", "aggregate", "run_diagnostics",
@@ -61,7 +69,7 @@ __all__ = ["ExperimentError", "RUN_OVERRIDES", "run_key", "shared_key", "aggrega
 RUN_OVERRIDES = ("evaluation.evaluate_before=false", "evaluation.evaluate_teacher=false")
 # Keys that say where a run writes and which actors it talks to, not what it computes; and the test-only hooks.
 _RUNTIME_KEYS = (("teachers", "namespace"), ("teachers", "name_prefix"), ("teachers", "attach"),
-                 ("output", "dir"), ("run_name",), ("testing",))
+                 ("output", "dir"), ("run_name",), ("testing",), ("logging",))
 
 
 def _digest(data: dict[str, Any]) -> str:
@@ -140,7 +148,8 @@ def _git_sha() -> str | None:
 
 
 def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: Path, *,
-                   shift_batches: int = 4, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+                   shift_batches: int = 4, progress: bool = True, command: str | None = None,
+                   baseline: str = "kd") -> dict[str, Any]:
     """Train every (seed, method) run (seed-major order) on the initialised Ray cluster; returns the
     experiment dict also written to out_dir/experiment.json. `cfg` has resolved model paths."""
     from student_worker.driver import run_training
@@ -162,7 +171,7 @@ def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir
         "eval_examples": None, "status": "running", "runs": [], "aggregates": {},
     }
     paths = {"json": out_dir / "experiment.json", "md": out_dir / "experiment.md",
-             "plot": out_dir / "rouge_by_method.png"}
+             "plot": out_dir / "rouge_by_method.png", "ci_plot": out_dir / "rougeL_ci_by_method.png"}
 
     def save() -> None:
         exp["runs"].sort(key=lambda r: plan.index((r["method"], r["seed"])))
@@ -232,8 +241,10 @@ def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir
         if pool is not None:
             pool.shutdown()  # kills only the actors this experiment started
     exp["status"] = "complete"
+    exp["comparison"] = comparison(exp, baseline)
     save()
     plot_experiment(exp, paths["plot"])
+    plot_rouge_l_ci(exp, paths["ci_plot"])
     paths["md"].write_text(experiment_markdown(exp))
     exp["paths"] = {k: str(v) for k, v in paths.items()}
     return exp
@@ -246,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m student_worker.experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sft,kd,delta_kd", help="comma-separated loss methods")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds per method: seed, seed+1, ...")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds per method: seed, seed+1, ...")
+    p.add_argument("--eval-examples", type=int, default=500,
+                   help="held-out examples scored per run (sets data.max_eval_examples; 0: the whole eval set)")
+    p.add_argument("--baseline", default="kd", help="the method every other one is compared with")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--output-dir", default="runs/experiment")
@@ -260,8 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --methods needs distinct names from {LOSS_METHODS} (bad: {bad}) and --seeds >= 1",
               file=sys.stderr)
         return 2
+    if args.eval_examples < 0:
+        print("error: --eval-examples must be >= 0", file=sys.stderr)
+        return 2
+    cap = f"data.max_eval_examples={args.eval_examples or 'null'}"
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [cap, *args.overrides])
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -283,12 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m student_worker.experiment " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         exp = run_experiment(cfg, methods, [cfg.seed + i for i in range(args.seeds)], Path(args.output_dir),
-                             shift_batches=args.shift_batches, progress=not args.no_progress, command=command)
+                             shift_batches=args.shift_batches, progress=not args.no_progress, command=command,
+                             baseline=args.baseline)
     except ExperimentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     print()
     print(experiment_table(exp))
+    print()
+    print("\n".join(comparison_lines(exp["comparison"])))
+    if args.eval_examples and exp["eval_examples"] < args.eval_examples:
+        print(f"note: the eval set has {exp['eval_examples']} examples, fewer than --eval-examples "
+              f"{args.eval_examples} (embedded: raise embedded.num_test, or num_test_extra for format_shift)")
     print()
     for name, path in exp["paths"].items():
         print(f"{name:>5}: {path}")

@@ -69,7 +69,8 @@ def evaluate_references(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     examples = load_examples(cfg.data, "eval", cfg.embedded)
     task = evaluate_spec_task.options(num_cpus=min(1.0, cfg.teachers.num_cpus), num_gpus=cfg.teachers.num_gpus)
     specs = {"student_base": _student_base_spec(cfg), "sft_teacher": cfg.models.sft_teacher}
-    refs = {name: task.remote(spec, examples, e.max_new_tokens, e.batch_size) for name, spec in specs.items()}
+    compute = cfg.reproducibility.model_dump()
+    refs = {name: task.remote(spec, examples, e.max_new_tokens, e.batch_size, compute) for name, spec in specs.items()}
     return {name: ray.get(ref) for name, ref in refs.items()}
 
 

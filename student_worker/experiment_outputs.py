@@ -1,9 +1,12 @@
 """The summaries of a method comparison (student_worker/experiment.py), made from its experiment dict:
-per-method aggregates over seeds (`aggregate`, stored in experiment.json), the fixed-width table
-(`experiment_table`, printed), experiment.md (`experiment_markdown`) and rouge_by_method.png
-(`plot_experiment`).
+per-method aggregates over seeds (`aggregate`, stored in experiment.json), the confidence intervals and
+verdicts (`comparison`, stored as `exp["comparison"]`), the fixed-width tables (`experiment_table`,
+`comparison_lines`, printed), experiment.md (`experiment_markdown`), rouge_by_method.png
+(`plot_experiment`) and rougeL_ci_by_method.png (`plot_rouge_l_ci`).
 
-Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds.
+Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Intervals: 95 % two-way
+bootstrap over seeds and evaluation examples (student_worker/stats.py), differences paired by seed and
+example against the baseline method (kd by default).
 """
 
 from __future__ import annotations
@@ -13,7 +16,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ROUGE", "aggregate", "experiment_table", "experiment_markdown", "plot_experiment"]
+from student_worker.stats import (
+    DEFAULT_REPLICATES,
+    Interval,
+    bootstrap_mean,
+    paired_difference,
+    sizes,
+    verdict,
+)
+
+__all__ = ["ROUGE", "aggregate", "score_matrix", "comparison", "comparison_lines", "experiment_table",
+           "experiment_markdown", "plot_experiment", "plot_rouge_l_ci"]
 
 ROUGE = ("rougeL", "rouge1", "rouge2")
 
@@ -39,6 +52,68 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def score_matrix(runs: list[dict[str, Any]], method: str, key: str = "rougeL") -> tuple[list[int], np.ndarray] | None:
+    """(seeds, [S, N] per-example scores) of a method's runs, rows in seed order; None when a run's report
+    has no per-example scores (a run made before evaluation kept them) or the runs scored different counts."""
+    mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
+    rows = [r["report"]["rouge"]["student_after"].get("per_example", {}).get(key) for r in mine]
+    if not rows or any(row is None for row in rows) or len({len(row) for row in rows}) != 1:
+        return None
+    return [r["seed"] for r in mine], np.asarray(rows, dtype=np.float64)
+
+
+def comparison(exp: dict[str, Any], baseline: str = "kd", key: str = "rougeL",
+               replicates: int = DEFAULT_REPLICATES, seed: int = 0) -> dict[str, Any]:
+    """Per method: mean and 95% CI of `key` (bootstrap over seeds and examples); per method other than the
+    baseline: the paired difference from the baseline (on the seeds both ran) and its verdict; the two
+    reference models: mean and CI over examples. Methods without per-example scores are listed in `missing`."""
+    out: dict[str, Any] = {"baseline": baseline, "key": key, "level": 0.95, "replicates": replicates,
+                           "methods": {}, "differences": {}, "references": {}, "missing": []}
+    mats = {}
+    for method in exp["aggregates"]:
+        got = score_matrix(exp["runs"], method, key)
+        if got is None:
+            out["missing"].append(method)
+            continue
+        mats[method] = got
+        out["methods"][method] = bootstrap_mean(got[1], replicates, seed).as_dict()
+    for name, ref in exp.get("references", {}).items():
+        per = ref.get("per_example", {}).get(key)
+        if per is not None:
+            out["references"][name] = bootstrap_mean(per, replicates, seed).as_dict()
+    if baseline in mats:
+        b_seeds, b = mats[baseline]
+        for method, (seeds, m) in mats.items():
+            common = [s for s in seeds if s in b_seeds]
+            if method == baseline or not common or m.shape[1] != b.shape[1]:
+                continue
+            diff = paired_difference(m[[seeds.index(s) for s in common]], b[[b_seeds.index(s) for s in common]],
+                                     replicates, seed)
+            label = {"rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2"}.get(key, key)
+            out["differences"][method] = {**diff.as_dict(), "verdict": verdict(method, baseline, diff, label)}
+    return out
+
+
+def comparison_lines(comp: dict[str, Any]) -> list[str]:
+    """The printed block: each model's mean and 95% CI, then one verdict line per method."""
+    key = comp["key"]
+    lines = [f"{key}: mean [95% CI], bootstrap over seeds and examples ({comp['replicates']} replicates)"]
+    names = [(f"student {m}", iv) for m, iv in comp["methods"].items()]
+    names += [({"student_base": "student base", "sft_teacher": "SFT teacher"}.get(n, n), iv)
+              for n, iv in comp["references"].items()]
+    for name, iv in names:
+        lines.append(f"  {name:<22} {iv['mean']:.4f} [{iv['lo']:.4f}, {iv['hi']:.4f}]  "
+                     f"({sizes(Interval(**iv))})")
+    if comp["differences"]:
+        lines.append(f"differences from {comp['baseline']}, paired by seed and example:")
+        lines += [f"  {d['verdict']}" for d in comp["differences"].values()]
+    elif comp["baseline"] not in comp["methods"]:
+        lines.append(f"no differences: the baseline {comp['baseline']!r} is not among the compared methods")
+    if comp["missing"]:
+        lines.append(f"no per-example scores (runs made before they were kept): {', '.join(comp['missing'])}")
+    return lines
+
+
 def experiment_table(exp: dict[str, Any]) -> str:
     """Fixed-width table: references, then per method mean ± std [min, max] of ROUGE-L/1/2 over seeds."""
     lines = [f"{'model':<22} {'n':>2}  " + "  ".join(f"{k:<31}" for k in ("ROUGE-L", "ROUGE-1", "ROUGE-2"))]
@@ -59,6 +134,9 @@ def experiment_markdown(exp: dict[str, Any]) -> str:
           f"- loss: {exp['loss']}", f"- seeds: {exp['seeds']}, eval examples: {exp['eval_examples']}", "",
           "Held-out ROUGE (F-measure): mean ± sample std [min, max] over seeds.", "", "```",
           experiment_table(exp), "```", "", "![ROUGE by method](rouge_by_method.png)", ""]
+    if exp.get("comparison"):
+        md += ["## Confidence intervals and verdicts", "", "```", *comparison_lines(exp["comparison"]), "```", "",
+               "![ROUGE-L by method with 95% CIs](rougeL_ci_by_method.png)", ""]
     keys = sorted({k for a in exp["aggregates"].values() for k in a["diagnostics"]})
     md += ["## Training diagnostics (means over seeds)", "", "| method | " + " | ".join(keys) + " |",
            "|---" * (len(keys) + 1) + "|"]
@@ -96,6 +174,39 @@ def plot_experiment(exp: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("held-out ROUGE (F)")
     ax.set_title(f"seeds {exp['seeds']}, {exp['budget']['max_steps']} steps")
     ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_rouge_l_ci(exp: dict[str, Any], path: Path) -> None:
+    """ROUGE-L by method: the mean over seeds and examples with its 95% bootstrap CI as an error bar, the
+    per-seed means as dots, and the two reference models as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comp = exp["comparison"]
+    methods = list(comp["methods"])
+    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 3, 4))
+    for i, method in enumerate(methods):
+        iv = comp["methods"][method]
+        ax.errorbar([i], [iv["mean"]], yerr=[[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]], fmt="o",
+                    capsize=6, color="C0")
+        got = score_matrix(exp["runs"], method, comp["key"])
+        if got is not None:
+            ax.plot([i + 0.12] * len(got[0]), got[1].mean(axis=1), "k.", markersize=4)
+    for j, (name, iv) in enumerate(comp["references"].items()):
+        label = {"student_base": "student base", "sft_teacher": "SFT teacher"}.get(name, name)
+        ax.axhline(iv["mean"], ls="--", color=f"C{j + 1}", label=f"{label} {iv['mean']:.3f}")
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_xlim(-0.5, len(methods) - 0.5)
+    ax.set_ylabel(f"held-out {comp['key']} (F)")
+    n = next(iter(comp["methods"].values()), {})
+    ax.set_title(f"mean and 95% CI over {n.get('seeds', '?')} seeds x {n.get('examples', '?')} examples")
+    ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -38,6 +38,7 @@ import torch
 from common.config import RunConfig, config_from_dict
 from common.losses import SparseTargets, targets_from_record
 from common.losses.targets import targets_from_parts
+from common.reproducibility import apply_compute_settings
 from common.topk import ROLE_STUDENT_BASE, pair_roles
 from student_worker import checkpoint as ckpt
 from student_worker.distributed import (
@@ -119,6 +120,7 @@ class StudentWorkerImpl:
         """generation: how many times the driver has replaced its worker group before this one (0 first);
         the test-only `testing.rank_error` fires in generation 0 only."""
         self.cfg = config_from_dict(cfg_dict, source="StudentWorker config")
+        self.compute = apply_compute_settings(self.cfg.reproducibility, where=f"student worker rank {rank}")
         self.rank, self.world_size, self.generation = rank, world_size, generation
         self.next_step = 0  # the step this worker trains next (= completed steps)
         self._mark = time.perf_counter()  # end of the last call (see _end_call)
@@ -181,6 +183,7 @@ class StudentWorkerImpl:
             self.load_checkpoint(resume_dir)
         self._end_call()
         return {"rank": self.rank, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "compute": self.compute,
                 "num_params": sum(p.numel() for p in self.model.parameters())}
 
     # ------------------------------------------------------------------ training
@@ -350,8 +353,11 @@ class StudentWorkerImpl:
 
     def save_model(self, path: str) -> None:
         """Save the student in HF format (safetensors + tokenizer) at `path` (rank 0's copy)."""
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        try:
+            self.model.save_pretrained(path, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
+        finally:
+            self._end_call()  # not part of any step (e.g. the best model of a selection pass)
 
     def state_digest(self) -> str:
         """sha256 over every parameter and buffer (name, dtype, bytes), in name order."""

@@ -27,6 +27,7 @@ import ray
 import torch
 
 from common.config import ModelSpec
+from common.reproducibility import apply_compute_settings
 
 __all__ = ["TeacherActor", "TORCH_WIRE_DTYPES", "to_numpy_wire", "placement"]
 
@@ -78,8 +79,11 @@ class TeacherActor:
 
     def __init__(self, role: str, spec: dict[str, Any], engine: str = "hf", device: str = "auto",
                  dtype: str = "auto", chunk_tokens: int = 1024, wire_dtype: str = "float32",
-                 cache_size: int = 32, vllm_options: dict[str, Any] | None = None, test_delay_s: float = 0.0):
-        """test_delay_s: the test-only `testing.teacher_delay_s`, a sleep in every top-k / gather call."""
+                 cache_size: int = 32, vllm_options: dict[str, Any] | None = None, test_delay_s: float = 0.0,
+                 compute: dict[str, Any] | None = None):
+        """test_delay_s: the test-only `testing.teacher_delay_s`, a sleep in every top-k / gather call;
+        compute: the run's reproducibility settings (None: their defaults), applied before any tensor op."""
+        self.compute = apply_compute_settings(compute, where=f"teacher {role}")
         model_spec = ModelSpec.model_validate(spec)
         self.test_delay_s = float(test_delay_s)
         self.role = role

@@ -107,7 +107,7 @@ class TeacherPool:
             return TeacherActor.options(**opts).remote(
                 role, spec, engine, t.device, t.dtype, t.chunk_tokens, t.wire_dtype,
                 max(32, 4 * t.max_inflight_per_replica), vllm_options if engine == "vllm" else None,
-                test_delay_s=cfg.testing.teacher_delay_s)
+                test_delay_s=cfg.testing.teacher_delay_s, compute=cfg.reproducibility.model_dump())
         except ValueError as err:  # a named actor of that name already exists
             raise ValueError(f"cannot start teacher {name!r} in namespace {t.namespace!r}: {err} "
                              f"(attach to it with teachers.attach=true, or stop it first)") from err

@@ -124,3 +124,68 @@ def test_resolve_model_paths(built: tuple[EmbeddedConfig, dict[str, Path]]) -> N
     raw["models"]["student"] = {"path": "embedded:teacher"}
     with pytest.raises(ConfigError, match=r"models.student.path: unknown embedded role 'teacher'"):
         resolve_model_paths(config_from_dict(raw))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets
+
+
+def test_format_shift_cache_key_is_what_it_was_before_presets() -> None:
+    """The default format_shift build keeps its cache directory (and so its models) across this change."""
+    assert build_key(EmbeddedConfig()) == "1f70a96b61389ccc"
+    assert build_key(EmbeddedConfig(num_test_extra=400, teacher_instruct_fraction=0.5)) == "1f70a96b61389ccc"
+    assert build_key(EmbeddedConfig(preset="style_shift")) != build_key(EmbeddedConfig())
+
+
+def test_portable_init_does_not_depend_on_torch_rng_or_transformers_init() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from student_worker.embedded_style import INIT_STD, portable_init
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    models = []
+    for torch_seed in (0, 1):
+        torch.manual_seed(torch_seed)
+        m = LlamaForCausalLM(cfg)
+        portable_init(m, seed=7)
+        models.append(m.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    w = models[0]["model.layers.0.mlp.up_proj.weight"]
+    assert abs(float(w.std()) - INIT_STD) < 0.003 and float(w.abs().max()) <= INIT_STD * 3**0.5
+    assert torch.equal(models[0]["model.norm.weight"], torch.ones(16))
+
+
+def test_style_shift_reduced_build(tmp_path: Path) -> None:
+    """The style_shift build: loadable models, each base pretrained on its own mix of prose and terse
+    instruction documents (the marker says how many), the SFT teacher on sentence answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.config import DataConfig
+    from common.embedded_data import generate_style_suite
+    from student_worker.embedded_style import pretraining_documents
+
+    ecfg = _reduced(tmp_path, preset="style_shift", num_pretrain=60, teacher_instruct_fraction=0.2,
+                    student_instruct_fraction=0.1)
+    paths = build_embedded_models(ecfg, progress=False)
+    marker = json.loads((paths["student"].parent / "COMPLETE").read_text())
+    assert marker["preset"] == "style_shift" and marker["compute"]["torch_threads"] == 1
+    # 200 prose sentences each, plus f / (1 - f) * 200 instruction documents: 50 and 22.
+    assert marker["base_teacher_pretrain_documents"] == 250 and marker["student_pretrain_documents"] == 222
+    suite = generate_style_suite(ecfg.seed, ecfg.num_train, ecfg.num_val, ecfg.num_test, ecfg.num_pretrain)
+    data_cfg = DataConfig(max_length=ecfg.max_length, overlong="truncate")
+    docs = {r: pretraining_documents(ecfg, suite, r, data_cfg) for r in ("base_teacher", "student")}
+    instruct = {r: [d for d in docs[r] if d.startswith("### Instruction")] for r in docs}
+    assert len(instruct["base_teacher"]) == 50 and len(instruct["student"]) == 22
+    assert set(docs["base_teacher"]) - set(instruct["base_teacher"]) != set(docs["student"]) - set(instruct["student"])
+    # Every instruction document is a pretrain-split question with its terse answer (that split is disjoint
+    # from test and validation: tests/unit/test_embedded_data.py).
+    from student_worker.data import format_prompt
+
+    terse_docs = {format_prompt(e["instruction"], e["context"], data_cfg) + " " + e["terse"] for e in suite["pretrain"]}
+    assert set(instruct["base_teacher"]) <= terse_docs and set(instruct["student"]) <= terse_docs
+    tok = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
+    assert tok.unk_token_id not in tok(suite["test"][0]["response"])["input_ids"]
+    for role in ("base_teacher", "sft_teacher", "student"):
+        model = AutoModelForCausalLM.from_pretrained(str(paths[role]), dtype=torch.float32)
+        assert model.config.vocab_size == len(tok)

@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from common.config import dump_config
 from tests.integration.test_student_training import make_cfg, tiny_setup
 
@@ -39,10 +41,12 @@ def test_experiment_writes_table_json_plot_and_reuses_finished_runs(ray_cluster,
     dump_config(cfg, cfg_path)
     out = tmp_path / "exp"
     argv = ["--methods", "sft,delta_kd", "--seeds", "1", "--config", str(cfg_path), "--output-dir", str(out),
-            "--shift-batches", "2", "--no-progress"]
+            "--shift-batches", "2", "--no-progress", "--baseline", "sft"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "student delta_kd" in printed and "SFT teacher" in printed
+    assert "delta_kd - sft = " in printed and "(ROUGE-L, 95% CI, 1 seed x 4 examples)" in printed
+    assert "fewer than --eval-examples 500" in printed  # the inline eval set has 4 rows
 
     exp = json.loads((out / "experiment.json").read_text())
     assert exp["status"] == "complete" and exp["methods"] == ["sft", "delta_kd"] and exp["seeds"] == [0]
@@ -65,8 +69,18 @@ def test_experiment_writes_table_json_plot_and_reuses_finished_runs(ray_cluster,
     assert shift["tokens"] > 0 and 0.0 <= shift["tv_sft_base"] <= 1.0 and 0.0 <= shift["tv_target_sft"] <= 1.0
     assert 0.0 < shift["topk_mass_sft"] <= 1.0 + 1e-5
     md = (out / "experiment.md").read_text()
-    assert "student delta_kd" in md and "Shift diagnostics" in md
+    assert "student delta_kd" in md and "Shift diagnostics" in md and "delta_kd - sft = " in md
     assert (out / "rouge_by_method.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "rougeL_ci_by_method.png").read_bytes()[:4] == b"\x89PNG"
+    # Per-example scores are kept, and the statistics are made from them.
+    comp = exp["comparison"]
+    assert comp["baseline"] == "sft" and set(comp["methods"]) == {"sft", "delta_kd"} and not comp["missing"]
+    for run in exp["runs"]:
+        per = run["report"]["rouge"]["student_after"]["per_example"]["rougeL"]
+        assert len(per) == 4 and comp["methods"][run["method"]]["mean"] == pytest.approx(sum(per) / 4)
+    diff = comp["differences"]["delta_kd"]
+    assert diff["lo"] <= diff["mean"] <= diff["hi"] and diff["verdict"].startswith("delta_kd - sft = ")
+    assert set(comp["references"]) == {"student_base", "sft_teacher"}
     prefix = cfg.teachers.name_prefix
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert not [n for n in names if n.startswith(prefix)], names  # the experiment's teachers are gone
@@ -80,6 +94,7 @@ def test_experiment_writes_table_json_plot_and_reuses_finished_runs(ray_cluster,
     assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in exp["runs"]]  # kept beside each run
     assert [p.stat().st_mtime_ns for p in report_paths] == before
     assert again["aggregates"] == exp["aggregates"] and again["shift"] == exp["shift"]
+    assert again["comparison"] == exp["comparison"]  # the bootstrap is seeded
 
 
 def _rows(path: Path) -> list[dict]:

@@ -102,3 +102,84 @@ def test_bad_sizes_are_errors() -> None:
         generate_instruction_suite(0, 1, 1, -1)
     with pytest.raises(ValueError, match="num_sentences"):
         generate_corpus(0, -5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# format_shift stays bit for bit; the style_shift suite
+
+
+def test_format_shift_suite_is_what_it_was_before_presets() -> None:
+    """The first preset's splits, pinned: the models built from them (and the numbers measured on them)
+    must not move when the style_shift code changes."""
+    import hashlib
+    import json
+
+    default = generate_instruction_suite(0, num_train=2000, num_val=100, num_test=100)
+    assert hashlib.sha256(json.dumps(default).encode()).hexdigest()[:16] == "d8c8738bcd5fa5b9"
+
+
+def test_extra_test_examples_leave_the_rest_alone(suite: dict) -> None:
+    more = generate_instruction_suite(0, **SIZES, num_test_extra=50)
+    assert more["train"] == suite["train"] and more["validation"] == suite["validation"]
+    assert more["test"][:60] == suite["test"] and len(more["test"]) == 110
+    keys = {(r["instruction"], r["context"]) for r in more["train"] + more["validation"]}
+    assert not keys & {(r["instruction"], r["context"]) for r in more["test"]}
+
+
+STYLE = dict(num_train=400, num_val=40, num_test=200, num_pretrain=300)
+
+
+@pytest.fixture(scope="module")
+def style() -> dict[str, list[dict[str, str]]]:
+    from common.embedded_data import generate_style_suite
+
+    return generate_style_suite(0, **STYLE)
+
+
+def test_style_suite_sizes_disjoint_and_deterministic(style: dict) -> None:
+    from common.embedded_data import generate_style_suite
+
+    assert {s: len(rows) for s, rows in style.items()} == {"train": 400, "validation": 40, "test": 200,
+                                                          "pretrain": 300}
+    assert generate_style_suite(0, **STYLE) == style and generate_style_suite(1, **STYLE) != style
+    keys = [{(r["instruction"], r["context"]) for r in rows} for rows in style.values()]
+    assert sum(len(k) for k in keys) == 940  # no question twice, in or across splits
+    # A split's first examples do not depend on the other splits' sizes.
+    other = generate_style_suite(0, num_train=50, num_val=40, num_test=200, num_pretrain=10)
+    assert other["test"] == style["test"] and other["validation"] == style["validation"]
+    assert other["train"] == style["train"][:50]
+    assert {r["family"] for r in style["test"]} == set(FAMILIES)  # fact_qa's 72 questions reach test too
+
+
+def test_sentence_answers_restate_the_exact_terse_answer(style: dict) -> None:
+    for r in style["train"] + style["test"] + style["pretrain"]:
+        sentence, terse = r["response"].split(), r["terse"].split()
+        assert sentence[-1] == "." and 4 <= len(sentence) <= 16
+        words = [w for w in sentence if w != ","]  # the terse answer, items comma-separated, inside the sentence
+        assert any(words[i:i + len(terse)] == terse for i in range(len(words))), (r["response"], r["terse"])
+    # The style differs from the terse answer everywhere: that is the shift SFT teaches.
+    assert all(r["response"] != r["terse"] for r in style["test"])
+    examples = {r["family"]: r["response"] for r in style["test"]}
+    assert examples["fact_qa"].startswith("the ") and examples["arithmetic"].split()[1] in ("plus", "minus")
+
+
+def test_embedded_suite_dispatches_on_the_preset() -> None:
+    from common.config import EmbeddedConfig
+    from common.embedded_data import embedded_suite
+
+    fmt = embedded_suite(EmbeddedConfig(num_train=30, num_val=5, num_test=5))
+    assert fmt == generate_instruction_suite(0, 30, 5, 5)
+    sty = embedded_suite(EmbeddedConfig(preset="style_shift", num_train=30, num_val=5, num_test=5, num_pretrain=7))
+    assert set(sty) == {"train", "validation", "test", "pretrain"} and len(sty["pretrain"]) == 7
+
+
+def test_preset_defaults_fill_only_absent_keys() -> None:
+    from common.config import EMBEDDED_PRESET_DEFAULTS, EmbeddedConfig
+
+    style = EmbeddedConfig(preset="style_shift")
+    for key, value in EMBEDDED_PRESET_DEFAULTS["style_shift"].items():
+        assert getattr(style, key) == value
+    assert EmbeddedConfig(preset="style_shift", num_test=7).num_test == 7  # an explicit key wins
+    assert EmbeddedConfig().num_test == 100  # the schema's defaults are format_shift's
+    with pytest.raises(ValueError, match="preset"):
+        EmbeddedConfig(preset="bogus")
