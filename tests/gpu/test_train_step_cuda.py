@@ -51,7 +51,7 @@ def _step(student: torch.nn.Module, base: torch.nn.Module | None, batch: dict[st
                                       targets, cfg, None, n, 1)
     loss.backward()
     grads = {name: p.grad.detach().double().cpu() for name, p in student.named_parameters() if p.grad is not None}
-    return float(loss), metrics, grads
+    return float(loss.detach()), metrics, grads
 
 
 @pytest.mark.parametrize("method", ["sft", "kd", "delta_kd"])
