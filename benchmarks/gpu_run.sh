@@ -75,6 +75,29 @@ ray.init(address='local', include_dashboard=False, _temp_dir=tempfile.mkdtemp(pr
 print('ray', ray.__version__, 'cluster_resources', ray.cluster_resources())
 ray.shutdown()"
 grep -E "^ray |Error" "$OUT/env.txt" | tail -3 >> "$LOG"
+if [ "$DRY" != 1 ]; then  # RDT's cuda_ipc maps one process's CUDA memory in another: see that it works here
+  cat > /tmp/deltakd_ipc_probe.py <<'PY'
+import torch
+import torch.multiprocessing as mp
+
+
+def child(q, r):
+    r.put(float(q.get().sum()))  # a CUDA tensor received through CUDA IPC
+
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    q, r = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=child, args=(q, r))
+    p.start()
+    x = torch.arange(1000, device="cuda", dtype=torch.float32)
+    q.put(x)
+    print("cuda_ipc probe: the child read sum", r.get(timeout=60), "of", float(x.sum()))
+    p.join()
+PY
+  run "cuda_ipc probe" 60 "$OUT/env.txt" "$PY" /tmp/deltakd_ipc_probe.py
+  grep -E "cuda_ipc probe|Error" "$OUT/env.txt" | tail -3 >> "$LOG"
+fi
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=10)
 # pytest-timeout's per-test limit (inside the part's) prints the stacks of a hung test before the kill
