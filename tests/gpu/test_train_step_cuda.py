@@ -105,7 +105,10 @@ def test_frozen_base_in_the_master_dtype_gives_s0_equal_to_s_under_autocast(mode
     assert diff < BF16_COPY_LP_ATOL
 
 
-def test_optimizer_steps_on_device_lower_the_loss(models, device) -> None:  # noqa: F811
+@pytest.mark.parametrize("base_dtype", ["master", "bfloat16"])
+def test_optimizer_steps_on_device_lower_the_loss(models, device, base_dtype) -> None:  # noqa: F811
+    """Four AdamW steps under autocast with the frozen copy in the master's dtype (the worker's) or in bf16
+    (half its memory)."""
     ms, tok = models
     b = _batch(tok)
     n = int(b["loss_mask"].sum())
@@ -113,7 +116,8 @@ def test_optimizer_steps_on_device_lower_the_loss(models, device) -> None:  # no
     targets = targets_from_record(_record(models, b), device)
     batch = _on(_torch(b), device)
     student = copy.deepcopy(ms["student"]).to(device).train()
-    base = copy.deepcopy(ms["student"]).to(device).eval().requires_grad_(False)
+    base = copy.deepcopy(ms["student"]).to(device, torch.bfloat16 if base_dtype == "bfloat16" else None)
+    base = base.eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     losses = []
     for _ in range(4):
