@@ -28,8 +28,9 @@ from _common import ray_session, summarize
 __all__ = ["rdt_transfer", "save_random_checkpoint"]
 
 
-def save_random_checkpoint(root: Path, shape: dict[str, Any], dtype: Any) -> Path:
-    """A random Qwen2 of `shape` and a word-level tokenizer with exactly its vocabulary size, in HF format."""
+def save_random_checkpoint(root: Path, shape: dict[str, Any], dtype: Any, device: Any = "cpu") -> Path:
+    """A random Qwen2 of `shape` (initialised on `device`: fast on a GPU) and a word-level tokenizer with
+    exactly its vocabulary size, in HF format."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -47,7 +48,8 @@ def save_random_checkpoint(root: Path, shape: dict[str, Any], dtype: Any) -> Pat
     torch.set_default_dtype(dtype)
     try:
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(cfg)
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg)
     finally:
         torch.set_default_dtype(old)
     out = root / "teacher"
@@ -103,7 +105,7 @@ def rdt_transfer(shape: dict[str, Any], shape_name: str, device: Any, tokens: in
         from teacher_service import TeacherActor
 
         dtype = "bfloat16" if cuda else "float32"
-        path = save_random_checkpoint(Path(tmp), shape, getattr(torch, dtype))
+        path = save_random_checkpoint(Path(tmp), shape, getattr(torch, dtype), device)
         spec = ModelSpec(path=str(path), dtype=dtype)
         engine = TeacherEngine(spec, device=str(device))
         actor = TeacherActor.options(num_cpus=1, num_gpus=share).remote("sft", spec.model_dump(), "hf", "auto",
