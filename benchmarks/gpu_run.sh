@@ -14,6 +14,9 @@
 # targets and the tests' measured facts), env.txt, pytest_gpu.txt, gpu_facts.jsonl, gpu_check.json,
 # gpu_check.txt.
 #
+# DELTAKD_GPU_PARTS (default: all) picks parts for a rerun, comma-separated: tests, teacher, loss_student,
+# rdt, tests_ray (the numbered parts above); the environment report always runs.
+#
 # DELTAKD_GPU_DRYRUN=1 runs the same on a machine without CUDA (the tests on the CPU, gpu_check at --scale
 # toy, RDT over gloo) into $OUT or /tmp/deltakd-gpu-run-dry/: it checks the script and the tests,
 # not the GPU. PYTHON picks the interpreter (default: python3; .venv/bin/python on a dry run if present).
@@ -38,6 +41,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 DELTAKD_
 export DELTAKD_GPU_FACTS=$OUT/gpu_facts.jsonl
 : > "$LOG"; : > "$OUT/pytest_gpu.txt"; : > "$OUT/gpu_check.txt"; : > "$DELTAKD_GPU_FACTS"
 
+PARTS=${DELTAKD_GPU_PARTS:-tests,teacher,loss_student,rdt,tests_ray}
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
+
 log() { echo "[gpu_run +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
 
 # run NAME LIMIT_S OUTFILE CMD...: CMD under `timeout`, capped by what is left of the budget (15 s kept for
@@ -60,7 +66,7 @@ run() {
   return 0
 }
 
-log "deltakd gpu_run: dry_run=$DRY scale=$SCALE python=$PY out=$OUT budget=${BUDGET}s git=$(git rev-parse --short HEAD 2>/dev/null || echo none)"
+log "deltakd gpu_run: parts=$PARTS dry_run=$DRY scale=$SCALE python=$PY out=$OUT budget=${BUDGET}s git=$(git rev-parse --short HEAD 2>/dev/null || echo none)"
 {
   echo "== nvidia-smi"; nvidia-smi 2>&1 || echo "(no nvidia-smi)"
   echo "== versions"
@@ -101,13 +107,13 @@ fi
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=10)
 # pytest-timeout's per-test limit (inside the part's) prints the stacks of a hung test before the kill
-run "pytest tests/gpu (no Ray)" 150 "$OUT/pytest_gpu.txt" "${PYTEST[@]}" --timeout 60 tests/gpu \
+want tests && run "pytest tests/gpu (no Ray)" 150 "$OUT/pytest_gpu.txt" "${PYTEST[@]}" --timeout 60 tests/gpu \
   --ignore=tests/gpu/test_record_path_ray.py
 CHECK=("$PY" benchmarks/gpu_check.py --scale "$SCALE" --out-dir "$OUT" --merge --repeats 3)
-run "gpu_check teacher" 120 "$OUT/gpu_check.txt" "${CHECK[@]}" --parts teacher
-run "gpu_check loss,student" 100 "$OUT/gpu_check.txt" "${CHECK[@]}" --parts loss,student
-run "gpu_check rdt" 90 "$OUT/gpu_check.txt" "${CHECK[@]}" --parts rdt
-run "pytest tests/gpu/test_record_path_ray.py" 150 "$OUT/pytest_gpu.txt" "${PYTEST[@]}" --timeout 130 \
+want teacher && run "gpu_check teacher" 120 "$OUT/gpu_check.txt" "${CHECK[@]}" --parts teacher
+want loss_student && run "gpu_check loss,student" 100 "$OUT/gpu_check.txt" "${CHECK[@]}" --parts loss,student
+want rdt && run "gpu_check rdt" 90 "$OUT/gpu_check.txt" "${CHECK[@]}" --parts rdt
+want tests_ray && run "pytest tests/gpu/test_record_path_ray.py" 150 "$OUT/pytest_gpu.txt" "${PYTEST[@]}" --timeout 130 \
   tests/gpu/test_record_path_ray.py
 
 {
