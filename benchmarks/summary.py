@@ -63,9 +63,14 @@ _EXTRA: dict[str, list[tuple[str, Callable[[dict[str, Any]], Any]]]] = {
                   ("teacher wait fraction, delta_kd (steady state)",
                    lambda f: f["steady_teacher_wait_fraction_kd"])],
     "gpu_check": [("device", lambda f: f["device"] + (" (scaled down)" if f["scaled_down"] else "")),
-                  ("teacher top-k time / bare forward, per shape",
-                   lambda f: ", ".join(f"{s} {v['topk_over_bare_time']:.3g}" for s, v in f["teacher"].items())),
-                  ("student delta_kd step / sft step", lambda f: f["student"]["kd_over_sft_time"])],
+                  ("teacher top-k tokens/s / bare forward, per shape",
+                   lambda f: ", ".join(f"{s} {v['topk_tokens_per_s_over_bare']:.3g}"
+                                       for s, v in f["teacher"].items())),
+                  ("teacher gather time / top-k time, per shape",
+                   lambda f: ", ".join(f"{s} {v['gather_over_topk_time']:.3g}" for s, v in f["teacher"].items())),
+                  ("student delta_kd step with the frozen copy / sft step",
+                   lambda f: f["student"]["delta_kd_frozen_base_over_sft_time"]),
+                  ("RDT transport of the record part", lambda f: f["rdt"].get("backend") or f["rdt"]["error"])],
 }
 
 
