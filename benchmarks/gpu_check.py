@@ -165,7 +165,7 @@ def student_steps(shape: str, device: Any, batch: int, seq: int, repeats: int, s
 
     from common.config import LossConfig
     from common.losses import targets_from_record
-    from student_worker.train_step import train_step
+    from student_worker.train_step import loss_forward_module, train_step
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_qwen2(shape, device, dtype).train()
@@ -174,7 +174,8 @@ def student_steps(shape: str, device: Any, batch: int, seq: int, repeats: int, s
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen, device=device)
-    labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -100, device=device)], dim=1)
+    # every position counted (the record covers them all; the loss wants labels exactly at its rows)
+    labels = torch.roll(ids, -1, dims=1)
     batch_t = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     tokens = int((labels != -100).sum())
     wire = make_record(batch, seq, K, ["sft", "base", "student_base"], "bfloat16", vocab_size=vocab)
@@ -184,10 +185,12 @@ def student_steps(shape: str, device: Any, batch: int, seq: int, repeats: int, s
     variants = {"sft": (LossConfig(method="sft"), None),
                 "delta_kd_wire_base": (LossConfig(method="delta_kd", k=K), with_base),
                 "delta_kd_frozen_base": (LossConfig(method="delta_kd", k=K), without_base)}
+    # the fused loss (backbone only; the loss applies the head per chunk of counted rows), as the worker runs it
+    fused, fused_base = loss_forward_module(model, LossConfig(), shape), loss_forward_module(frozen, LossConfig(), shape)
     out: dict[str, Any] = {"shape": shape, "batch": batch, "seq": seq}
     for name, (cfg, targets) in variants.items():
         def step(cfg: LossConfig = cfg, targets: Any = targets) -> None:
-            loss, _ = train_step(model, frozen, batch_t, targets, cfg, [1.0], tokens, 1)
+            loss, _ = train_step(fused, fused_base, batch_t, targets, cfg, [1.0], tokens, 1)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -30,7 +30,13 @@ from common.topk import ROLE_STUDENT_BASE, TopKRecord, pair_roles
 from student_worker import checkpoint as ckpt
 from student_worker.distributed import free_port, make_process_group, node_ip, wrap_ddp
 from student_worker.evaluate import evaluate_model
-from student_worker.train_step import lr_factor, needs_student_base, train_step
+from student_worker.train_step import (
+    enable_gradient_checkpointing,
+    loss_forward_module,
+    lr_factor,
+    needs_student_base,
+    train_step,
+)
 
 __all__ = ["StudentWorker", "StudentWorkerImpl", "PeerInputError", "required_roles"]
 
@@ -92,6 +98,8 @@ class StudentWorkerImpl:
             spec.path, revision=spec.revision, dtype=torch.float32, trust_remote_code=spec.trust_remote_code
         ).to(self.device)
         self.model.train()
+        if cfg.training.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision,
                                                        trust_remote_code=spec.trust_remote_code)
         self.base_model: torch.nn.Module | None = None
@@ -99,13 +107,16 @@ class StudentWorkerImpl:
                 and cfg.teachers.student_base_source == "worker"):
             # Always the run's STARTING weights (also on resume: the checkpoint holds the trained student).
             base = cfg.models.student_base or spec
-            self.base_model = AutoModelForCausalLM.from_pretrained(
+            base_lm = AutoModelForCausalLM.from_pretrained(
                 base.path, revision=base.revision, dtype=torch.float32 if not use_cuda else torch.bfloat16,
                 trust_remote_code=base.trust_remote_code,
             ).to(self.device).eval()
-            self.base_model.requires_grad_(False)
+            base_lm.requires_grad_(False)
+            # backbone only when the fused loss applies (train_step.py): lp_S0 at the counted rows only
+            self.base_model = loss_forward_module(base_lm, cfg.loss, base.path)
         self.group = make_process_group(init_method, self.rank, self.world_size, "nccl" if use_cuda else "gloo")
-        self.ddp = wrap_ddp(self.model, self.group, self.device)
+        # DDP wraps what the step's forward runs: the backbone-only module on the fused path (train_step.py)
+        self.ddp = wrap_ddp(loss_forward_module(self.model, cfg.loss, spec.path), self.group, self.device)
         t = cfg.training
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
