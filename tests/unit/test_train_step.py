@@ -275,3 +275,27 @@ def test_models_the_fused_loss_cannot_reproduce_fall_back_or_fail(models, caplog
     assert "my/gemma" in caplog.text and "loss.fused" in caplog.text
     with pytest.raises(TrainStepError, match=r"model my/gemma: config.final_logit_softcapping.*loss.fused"):
         loss_forward_module(gemma, LossConfig(fused="on"), "my/gemma")
+
+
+def test_tied_embeddings_get_both_gradients_on_the_fused_path(models):
+    """Qwen2-0.5B ties its LM head to the input embeddings: the shared weight's gradient is the sum of the
+    embedding's and the head's, the same on both paths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ms, tok = models
+    torch.manual_seed(5)
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 3, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                        tie_word_embeddings=True)).train()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    b = _batch(tok)
+    targets = targets_from_record(_record(models, b))
+    n = int(b["loss_mask"].sum())
+    grads = {}
+    for path in PATHS:
+        student = copy.deepcopy(tied)
+        loss, _ = train_step(_module(student, path), None, _torch(b), targets, LossConfig(method="kd", k=8), None,
+                             n, 1)
+        grads[path] = _grads(student, loss)
+    for name, g in grads["logits"].items():
+        torch.testing.assert_close(grads["fused"][name], g, rtol=1e-4, atol=1e-6, msg=name)
