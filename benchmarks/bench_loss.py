@@ -25,8 +25,8 @@ Memory method: each (variant, V) runs in a fresh subprocess; the child reads the
 set size (VmHWM, reset through /proc/self/clear_refs). Timings are medians of `--repeats` passes in that
 child; on a shared machine only ratios in one run mean anything.
 
-    python benchmarks/bench_loss.py [--smoke] [--repeats N] [--tokens 512] [--vocabs 75968,151936]
-                                    [--chunks 256,128] [--batch 4] [--seq 128] [--layers 2]
+    python benchmarks/bench_loss.py [--smoke] [--repeats N] [--tokens 1024] [--vocabs 75968,151936]
+                                    [--chunks 256,128] [--batch 8] [--seq 128] [--layers 2]
 """
 
 from __future__ import annotations
@@ -229,10 +229,10 @@ def _child(variant: str, vocab: int, args: Any, repeats: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=512, help="positions of the loss-level variants")
+    p.add_argument("--tokens", type=int, default=1024, help="positions of the loss-level variants")
     p.add_argument("--vocabs", default="75968,151936", help="comma-separated vocabulary sizes")
     p.add_argument("--chunks", default="256,128", help="loss.chunk_tokens of the fused loss variants")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--variant", help="internal: run one variant in this process, print JSON")

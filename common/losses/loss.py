@@ -23,6 +23,7 @@ back-propagated once. With dL/ds from the method, dL/dz = (1 - lam) tau dL/ds + 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -90,8 +91,8 @@ def _check_inputs(student: StudentInput, targets: SparseTargets | None, labels: 
     if v_pad < targets.vocab_size:
         raise LossInputError(f"batch {bid}: the student's output has {v_pad} vocabulary rows < the "
                              f"tokenizer's vocab_size {targets.vocab_size}")
-    if not 0 < k <= targets.vocab_size + 1:
-        raise LossInputError(f"batch {bid}: support size K={k} out of range (1..{targets.vocab_size + 1})")
+    if not 0 < k <= targets.vocab_size:
+        raise LossInputError(f"batch {bid}: support size K={k} out of range (1..{targets.vocab_size})")
     if abs(targets.tau - cfg.tau) > 1e-6 * max(1.0, cfg.tau):
         raise LossInputError(f"batch {bid}: targets were made at tau={targets.tau}, loss.tau={cfg.tau}")
     if student_base is not None:
@@ -149,6 +150,58 @@ def _ce_softmax_into(out: Tensor, x: Tensor, tau: float, lse1: Tensor) -> Tensor
     if tau == 1.0:
         return torch.sub(x, lse1[:, None], out=out).exp_()
     return torch.mul(x, tau, out=out).sub_(lse1[:, None]).exp_()
+
+
+class _Chunk(NamedTuple):
+    """One chunk's distillation part: dist/entropy [c], advantage [c] | None, components name -> [c];
+    grad: the block holding dL/ds (None without gradients); free: a block the caller may overwrite."""
+
+    dist: Tensor
+    entropy: Tensor
+    advantage: Tensor | None
+    components: dict[str, Tensor]
+    grad: Tensor | None
+    free: Tensor
+
+
+def _atoms_chunk(x: Tensor, tmp: Tensor, lse1: Tensor, lse_s: Tensor, ids: Tensor, lp: dict[str, Tensor],
+                 tl: dict[str, Tensor], roles: list[str], cfg: LossConfig, alphas: list[float],
+                 label_atom: Tensor | None, need_grad: bool) -> _Chunk:
+    """The method on the atoms (tail bucket / drop): autograd on the [c, A] atoms only, then dL/ds in x.
+
+    x holds s = z / tau (overwritten by dL/ds when need_grad); with lam > 0, softmax(z) goes to tmp first.
+    """
+    s_atoms, saved = student_atoms(x, ids, cfg.tail, tmp, lse_s)
+    atoms = {role: teacher_atoms(lp[role], tl[role], cfg.tail) for role in roles}
+    a = s_atoms.detach().requires_grad_(need_grad)
+    with torch.enable_grad():
+        m = method_token_loss(a, atoms, cfg, alphas, ids.shape[1], label_atom)
+        (g,) = torch.autograd.grad(m.loss.sum(), a) if need_grad else (None,)
+    comps = {name: v.detach() for name, v in m.components.items()}
+    if g is None:
+        return _Chunk(m.loss.detach(), m.target_entropy, m.advantage, comps, None, tmp)
+    if cfg.lam > 0.0:
+        _ce_softmax_into(tmp, x, float(cfg.tau), lse1)  # before x is overwritten
+    atom_grad_into(x, ids, g, cfg.tail, saved)
+    return _Chunk(m.loss.detach(), m.target_entropy, m.advantage, comps, x, tmp)
+
+
+def _logit_grad_into(x: Tensor, part: _Chunk, lse1: Tensor, lab: Tensor, lam: float, tau: float) -> None:
+    """dL/dz = (1 - lam) tau dL/ds + lam (softmax(z) - onehot(label)), assembled in x.
+
+    part.grad is x itself (atoms path: softmax(z) already in part.free) or another block (x still s)."""
+    assert part.grad is not None
+    if part.grad is x:
+        x.mul_((1.0 - lam) * tau)
+        if lam > 0.0:
+            x.add_(part.free, alpha=lam)
+    elif lam > 0.0:
+        _ce_softmax_into(part.free, x, tau, lse1)
+        torch.mul(part.grad, (1.0 - lam) * tau, out=x).add_(part.free, alpha=lam)
+    else:
+        torch.mul(part.grad, (1.0 - lam) * tau, out=x)
+    if lam > 0.0:
+        x.scatter_add_(-1, lab[:, None], torch.full_like(lse1[:, None], -lam))
 
 
 def distillation_loss(
@@ -242,55 +295,27 @@ def distillation_loss(
                 if tau != 1.0:
                     x.div_(tau)
                 lse_s = lse1 if tau == 1.0 else logsumexp_rows(x, tmp)
-                grad_block, free = None, tmp
                 if tail_mode == "student_base":
                     assert bx is not None
                     pair = [r_ for j in range(len(alphas)) for r_ in pair_roles(j)]
                     delta = pair_shift({role: teacher_atoms(lp[role], tl[role], "bucket") for role in pair}, alphas)
                     res = student_base_tail_chunk(x, bx, tmp, lse_s, ids, delta, lab, cfg.method, cfg.objective,
                                                   need_grad)
-                    dist, ent, adv, comps = res.dist, res.entropy, res.advantage, {}
-                    grad_block, free = res.grad, res.free
+                    part = _Chunk(res.dist, res.entropy, res.advantage, {}, res.grad, res.free)
                 else:
-                    s_atoms, saved = student_atoms(x, ids, tail_mode, tmp, lse_s)
-                    atoms = {role: teacher_atoms(lp[role], tl[role], tail_mode) for role in roles}
-                    a = s_atoms.detach().requires_grad_(need_grad)
                     la = None if label_atom is None else label_atom[start:stop]
-                    with torch.enable_grad():
-                        m = method_token_loss(a, atoms, cfg, alphas, ids.shape[1], la)
-                        (g,) = torch.autograd.grad(m.loss.sum(), a) if need_grad else (None,)
-                    dist, ent, adv = m.loss.detach(), m.target_entropy, m.advantage
-                    comps = {name: v.detach() for name, v in m.components.items()}
-                    if need_grad:
-                        assert g is not None
-                        if lam > 0.0:
-                            _ce_softmax_into(tmp, x, tau, lse1)  # before x is overwritten
-                        atom_grad_into(x, ids, g, tail_mode, saved)
-                        grad_block, free = x, tmp
-                token_loss = lam * ce + (1.0 - lam) * tau * tau * dist
-                chunk_sums["distill"] = dist.sum()
-                chunk_sums["target_entropy"] = ent.sum()
-                for name, comp in comps.items():
+                    part = _atoms_chunk(x, tmp, lse1, lse_s, ids, lp, tl, roles, cfg, alphas, la, need_grad)
+                token_loss = lam * ce + (1.0 - lam) * tau * tau * part.dist
+                chunk_sums["distill"] = part.dist.sum()
+                chunk_sums["target_entropy"] = part.entropy.sum()
+                for name, comp in part.components.items():
                     chunk_sums[f"loss_{name}"] = comp.sum()
                 for role in mass_roles:
                     chunk_sums[f"topk_mass_{role}"] = lp[role].exp().sum()
-                if adv is not None:
-                    chunk_sums["advantage"] = adv.sum()
+                if part.advantage is not None:
+                    chunk_sums["advantage"] = part.advantage.sum()
                 if need_grad:
-                    assert grad_block is not None
-                    # dL/dz = (1 - lam) tau dL/ds + lam (softmax(z) - onehot(label)), assembled in x
-                    if grad_block is x:
-                        x.mul_((1.0 - lam) * tau)
-                        if lam > 0.0:
-                            x.add_(free, alpha=lam)
-                    else:
-                        if lam > 0.0:
-                            _ce_softmax_into(free, x, tau, lse1)
-                            torch.mul(grad_block, (1.0 - lam) * tau, out=x).add_(free, alpha=lam)
-                        else:
-                            torch.mul(grad_block, (1.0 - lam) * tau, out=x)
-                    if lam > 0.0:
-                        x.scatter_add_(-1, lab[:, None], torch.full_like(ce[:, None], -lam))
+                    _logit_grad_into(x, part, lse1, lab, lam, tau)
             total += token_loss.sum().double()
             sums += torch.stack([chunk_sums[key].double() for key in keys])
             if need_grad:
