@@ -13,9 +13,10 @@ accumulated so far (formed during the forward call; nothing `[chunk, V]` is kept
     logits:  dL/dlogits[rows] = g                                  (one buffer shaped like the logits)
     hidden:  dL/dhidden[rows] = g @ W,  dL/dW += g^T @ hidden[rows],  dL/dbias += sum_rows g
 
-The head's forward product runs in the autocast dtype when autocast is on (bf16 on GPU, as the model's
-own lm_head would), else in the wider of the hidden states' and the head's dtypes, and is upcast to fp32 for the log-softmax; the
-gradient products run in fp32 (g is fp32) and accumulate into fp32 buffers.
+The head's products run in the autocast dtype when autocast is on (bf16 on GPU, as the model's own
+lm_head and its backward would), else in the wider of the hidden states' and the head's dtypes (fp32
+on CPU: then with no temporaries beyond the chunk's block); logits are upcast to fp32 for the
+log-softmax, and the gradients accumulate in fp32 buffers.
 """
 
 from __future__ import annotations
@@ -116,7 +117,6 @@ class _HeadRows(RowSource):
         self.g_weight = torch.zeros(tuple(x.weight.shape), dtype=torch.float32, device=dev) if want[1] else None
         self.g_bias = (torch.zeros(tuple(x.bias.shape), dtype=torch.float32, device=dev)
                        if want[2] and x.bias is not None else None)
-        self.w32 = x.weight.detach()[:vocab].float() if self.g_hidden is not None else None
 
     def logits_into(self, rows: Tensor, out: Tensor) -> Tensor:
         h = self.flat.index_select(0, rows).to(self.mm_dtype)
@@ -126,11 +126,18 @@ class _HeadRows(RowSource):
         return out.copy_(torch.nn.functional.linear(h, self.w_mm, self.b_mm))
 
     def add_grad(self, rows: Tensor, g: Tensor) -> None:
-        if self.g_hidden is not None:
-            assert self.w32 is not None
-            self.g_hidden.index_copy_(0, rows, torch.mm(g, self.w32))
-        if self.g_weight is not None:
-            self.g_weight[: self.vocab].addmm_(g.t(), self.flat.index_select(0, rows).float())
+        h = self.flat.index_select(0, rows).to(self.mm_dtype)
+        if self.mm_dtype == torch.float32:  # no [V, H] or [n, V] temporaries: accumulate in place
+            if self.g_hidden is not None:
+                self.g_hidden.index_copy_(0, rows, torch.mm(g, self.w_mm))
+            if self.g_weight is not None:
+                self.g_weight[: self.vocab].addmm_(g.t(), h)
+        else:  # autocast: the products in its dtype (as the model's lm_head backward), accumulated in fp32
+            g_mm = g.to(self.mm_dtype)
+            if self.g_hidden is not None:
+                self.g_hidden.index_copy_(0, rows, torch.mm(g_mm, self.w_mm).float())
+            if self.g_weight is not None:
+                self.g_weight[: self.vocab].add_(torch.mm(g_mm.t(), h))
         if self.g_bias is not None:
             self.g_bias[: self.vocab].add_(g.sum(0))
 
