@@ -54,10 +54,11 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming from it: the budget, where
 # outputs go, evaluation, where the teachers run (their models, k, tau and wire are still compared), how often
-# the console logs, the collective timeout, and the test-only hooks (`testing:`).
+# the console logs, the collective timeout, gradient checkpointing (it recomputes the same activations: a run
+# that ran out of memory can resume with it on), tracking, and the test-only hooks (`testing:`).
 RESUME_IGNORED_KEYS = ("training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.",
                        "teachers.namespace", "teachers.name_prefix", "teachers.attach", "training.log_every",
-                       "training.collective_timeout_s", "testing.", "logging.")
+                       "training.collective_timeout_s", "training.gradient_checkpointing", "testing.", "logging.")
 
 
 class CheckpointError(RuntimeError):
