@@ -297,8 +297,6 @@ def _packed_blocks(corpus: list[str], tokenizer: Any, block: int) -> torch.Tenso
 
 
 def _build_into(ecfg: EmbeddedConfig, out: Path, progress: bool) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-
     t0 = time.monotonic()
     out.mkdir(parents=True)
     paths = _role_paths(out)
@@ -335,7 +333,20 @@ def _build_into(ecfg: EmbeddedConfig, out: Path, progress: bool) -> dict[str, An
         tokenizer.save_pretrained(str(paths[role]))
         info[f"{role}_params"] = sum(p.numel() for p in model.parameters())
 
-    # SFT: the teacher learns the format and tasks from the train split (loss on response tokens only).
+    info["sft_teacher_train_loss"] = _sft_teacher(paths, prompts, suite, tokenizer, data_cfg, ecfg, progress)
+    info["build_seconds"] = round(time.monotonic() - t0, 1)
+    return info
+
+
+def _sft_teacher(paths: dict, prompts: list[str], suite: dict, tokenizer: Any, data_cfg: Any, ecfg: Any,
+                 progress: bool) -> float:
+    """SFT: the base teacher learns the format and tasks from the train split (loss on response tokens only).
+
+    Loads `paths["base_teacher"]`, saves `paths["sft_teacher"]`; returns the last training loss. Shared by
+    both embedded presets (embedded_style.py).
+    """
+    from transformers import AutoModelForCausalLM
+
     examples = [{"prompt": p, "response": e["response"]} for p, e in zip(prompts, suite["train"])]
     tokenized = tokenize_examples(examples, tokenizer, data_cfg)
     teacher = AutoModelForCausalLM.from_pretrained(str(paths["base_teacher"]), dtype=torch.float32)
@@ -347,8 +358,7 @@ def _build_into(ecfg: EmbeddedConfig, out: Path, progress: bool) -> dict[str, An
         return (torch.from_numpy(b["input_ids"]).long(), torch.from_numpy(b["attention_mask"]).long(),
                 torch.from_numpy(b["labels"]))
 
-    info["sft_teacher_train_loss"] = _train(teacher, sft_batches, ecfg.sft_steps, ecfg.lr, "SFT teacher", progress)
+    loss = _train(teacher, sft_batches, ecfg.sft_steps, ecfg.lr, "SFT teacher", progress)
     teacher.save_pretrained(str(paths["sft_teacher"]))
     tokenizer.save_pretrained(str(paths["sft_teacher"]))
-    info["build_seconds"] = round(time.monotonic() - t0, 1)
-    return info
+    return loss

@@ -25,7 +25,7 @@ import torch
 
 from common.config import DataConfig, EmbeddedConfig
 from common.embedded_data import generate_corpus, generate_style_suite
-from student_worker.data import collate, format_prompt, tokenize_examples
+from student_worker.data import format_prompt
 
 __all__ = ["INIT_STD", "portable_init", "pretraining_documents", "build_style_into"]
 
@@ -70,8 +70,6 @@ def build_style_into(ecfg: EmbeddedConfig, out: Path, progress: bool) -> dict[st
     """Build the style_shift models into `out` (see the module docstring); returns the marker's info."""
     import time
 
-    from transformers import AutoModelForCausalLM
-
     from student_worker import embedded_models as em
 
     t0 = time.monotonic()
@@ -109,19 +107,6 @@ def build_style_into(ecfg: EmbeddedConfig, out: Path, progress: bool) -> dict[st
         tokenizer.save_pretrained(str(paths[role]))
         info[f"{role}_params"] = sum(p.numel() for p in model.parameters())
 
-    examples = [{"prompt": p, "response": e["response"]} for p, e in zip(prompts, suite["train"])]
-    tokenized = tokenize_examples(examples, tokenizer, data_cfg)
-    teacher = AutoModelForCausalLM.from_pretrained(str(paths["base_teacher"]), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(ecfg.seed * 1000 + 3)
-
-    def sft_batches(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = torch.randint(len(tokenized), (ecfg.batch_size,), generator=gen).tolist()
-        b = collate([tokenized[i] for i in idx], tokenizer.pad_token_id)
-        return (torch.from_numpy(b["input_ids"]).long(), torch.from_numpy(b["attention_mask"]).long(),
-                torch.from_numpy(b["labels"]))
-
-    info["sft_teacher_train_loss"] = em._train(teacher, sft_batches, ecfg.sft_steps, ecfg.lr, "SFT teacher", progress)
-    teacher.save_pretrained(str(paths["sft_teacher"]))
-    tokenizer.save_pretrained(str(paths["sft_teacher"]))
+    info["sft_teacher_train_loss"] = em._sft_teacher(paths, prompts, suite, tokenizer, data_cfg, ecfg, progress)
     info["build_seconds"] = round(time.monotonic() - t0, 1)
     return info
