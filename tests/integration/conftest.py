@@ -35,3 +35,30 @@ def ray_cluster() -> Iterator[dict]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# One private head WITH a dashboard (job API, state API) for the tests that need what `ray_cluster` lacks:
+# `ray job submit`, the README's service flow from other processes, and cluster.yaml's node types. It has
+# cluster.yaml's shape: a head with no CPUs and two more raylets on this host, one with the `teacher_gpu`
+# resource and one with `student_gpu` (CPUs on both, so runs that pin nothing fit too). Started once, on
+# first use, and ended at the end of the session by its own process groups (never `ray stop`). Tests that
+# use it run last (pytest_collection_modifyitems below), so it does not idle beside the other tests.
+DASHBOARD_NODES = {"teacher": (4, {"teacher_gpu": 2}), "student": (6, {"student_gpu": 2})}
+
+
+@pytest.fixture(scope="session")
+def dashboard_head() -> Iterator:
+    from contextlib import ExitStack
+
+    from tests.integration.ray_head import local_ray_head, local_ray_node
+
+    with ExitStack() as stack:
+        head = stack.enter_context(local_ray_head(num_cpus=0))
+        for name, (cpus, resources) in DASHBOARD_NODES.items():
+            stack.enter_context(local_ray_node(head, name, num_cpus=cpus, resources=resources))
+        yield head
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Tests on the dashboard head last (stable order otherwise), so the head starts once and late."""
+    items.sort(key=lambda item: "dashboard_head" in getattr(item, "fixturenames", ()))

@@ -180,12 +180,13 @@ def local_ray_head(num_cpus: int = 8, extra_env: dict[str, str] | None = None,
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@contextmanager
-def local_ray_node(head: LocalHead, name: str, num_cpus: int, resources: dict[str, float]) -> Iterator[int]:
-    """Join one more raylet ("node") to the head on this host: `ray start --address --block` with its own
-    ports, temp dir and custom resources; yields its pid; ends it by killing its own process group."""
-    node_dir = head.temp_dir / f"node-{name}"
-    node_dir.mkdir()
+NODE_START_ATTEMPTS = 3  # `ray start` gives a raylet a fixed 30 s to register with the GCS (ray/_private/node.py)
+_REGISTER_TIMEOUT = "The current node timed out during startup"
+
+
+def _start_node(head: LocalHead, node_dir: Path, name: str, num_cpus: int,
+                resources: dict[str, float]) -> subprocess.Popen:
+    """One `ray start --address --block`; returns the process once the head lists its resources."""
     node_mgr, obj_mgr, metrics, agent_http, agent_grpc, runtime_env = free_ports(6)
     cmd = [
         str(ray_cli()), "start", "--address", head.gcs_address, "--block",
@@ -199,30 +200,55 @@ def local_ray_node(head: LocalHead, name: str, num_cpus: int, resources: dict[st
     log_path = node_dir / "node.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=head.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:  # the node is up when the head's node list has its resources
-            if proc.poll() is not None:
-                raise RayHeadError(f"ray node {name} exited with {proc.returncode}:\n"
-                                   f"{log_path.read_text(errors='replace')[-4000:]}")
-            status, body = head.api_get("/api/v0/nodes", timeout=5.0)  # the state API: live nodes and resources
-            if status == 200 and all(f'"{k}"' in body for k in resources):
-                break
-            time.sleep(0.5)
-        else:
-            raise RayHeadError(f"ray node {name} not in the head's node list after {READY_TIMEOUT_S:.0f} s:\n"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:  # the node is up when the head's node list has its resources
+        if proc.poll() is not None:
+            raise RayHeadError(f"ray node {name} exited with {proc.returncode}:\n"
                                f"{log_path.read_text(errors='replace')[-4000:]}")
+        try:  # the state API: live nodes and resources (a busy dashboard may drop a request: ask again)
+            status, body = head.api_get("/api/v0/nodes", timeout=10.0)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            status, body = 0, ""
+        if status == 200 and all(f'"{k}"' in body for k in resources):
+            return proc
+        time.sleep(0.5)
+    _end_group(proc)
+    raise RayHeadError(f"ray node {name} not in the head's node list after {READY_TIMEOUT_S:.0f} s:\n"
+                       f"{log_path.read_text(errors='replace')[-4000:]}")
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def local_ray_node(head: LocalHead, name: str, num_cpus: int, resources: dict[str, float]) -> Iterator[int]:
+    """Join one more raylet ("node") to the head on this host: `ray start --address --block` with its own
+    ports, temp dir and custom resources; yields its pid; ends it by killing its own process group.
+
+    On a loaded host a raylet can miss `ray start`'s fixed 30 s registration window; that start (and only
+    that failure) is tried again, up to NODE_START_ATTEMPTS times."""
+    for attempt in range(1, NODE_START_ATTEMPTS + 1):
+        node_dir = head.temp_dir / f"node-{name}-{attempt}"
+        node_dir.mkdir()
+        try:
+            proc = _start_node(head, node_dir, name, num_cpus, resources)
+            break
+        except RayHeadError as err:
+            if _REGISTER_TIMEOUT not in str(err) or attempt == NODE_START_ATTEMPTS:
+                raise
+    try:
         yield proc.pid
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                continue
+        _end_group(proc)
 
 
 def job_status(head: LocalHead, job_id: str) -> dict:

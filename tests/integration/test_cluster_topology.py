@@ -2,9 +2,9 @@
 
 cluster.yaml gives the head no CPUs and declares the custom resources `teacher_gpu` and `student_gpu` on
 its two worker node types; the paper config pins teachers with `teachers.resources` and student ranks with
-`training.resources_per_worker`. Here a private head (CPU 0, as in cluster.yaml) gets two more raylets on
-this host (tests/integration/ray_head.py `local_ray_node`): a teacher node and a student node with those
-resources. The tiny job, pinned the same way, must finish with every teacher actor on the teacher node and
+`training.resources_per_worker`. The session's `dashboard_head` (tests/integration/conftest.py) has that
+shape on this host: a head with CPU 0 and two more raylets, a teacher node and a student node with those
+resources (other tests' runs use the same cluster; this one reads back only its own namespace's actors). The tiny job, pinned the same way, must finish with every teacher actor on the teacher node and
 every student worker on the student node (read back from Ray's state API), and the rank-0 rendezvous and the
 output.dir probe must work with no worker on the driver's node. Everything ends by its own process groups.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.ray_head import local_ray_head, local_ray_node
+from tests.integration.ray_head import LocalHead
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "deploy/configs/tiny.yaml"
@@ -29,7 +29,7 @@ RUN_TIMEOUT_S = 240
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 
-def test_teachers_and_students_land_on_their_node_types(tmp_path: Path) -> None:
+def test_teachers_and_students_land_on_their_node_types(dashboard_head: LocalHead, tmp_path: Path) -> None:
     from common.config import load_config
     from student_worker.embedded_models import resolve_model_paths
 
@@ -42,26 +42,24 @@ def test_teachers_and_students_land_on_their_node_types(tmp_path: Path) -> None:
         f"training.checkpoint_every={STEPS}", "training.batch_size=4", "training.warmup_steps=1",
         "evaluation.enabled=false", "output.plot=false",
     ]
-    with local_ray_head(num_cpus=0) as head, \
-            local_ray_node(head, "teacher", num_cpus=2, resources={"teacher_gpu": 2}), \
-            local_ray_node(head, "student", num_cpus=2, resources={"student_gpu": 2}):
-        proc = subprocess.run(
-            [sys.executable, "-m", "student_worker.train", "--config", TINY,
-             *[a for kv in overrides for a in ("--set", kv)], "--output-dir", str(out),
-             "--address", head.gcs_address, "--no-progress"],
-            cwd=REPO, env=head.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-        assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    head = dashboard_head
+    proc = subprocess.run(
+        [sys.executable, "-m", "student_worker.train", "--config", TINY,
+         *[a for kv in overrides for a in ("--set", kv)], "--output-dir", str(out),
+         "--address", head.gcs_address, "--no-progress"],
+        cwd=REPO, env=head.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
-        status, body = head.api_get("/api/v0/nodes?limit=100")
-        assert status == 200, body[:500]
-        nodes = json.loads(body)["data"]["result"]["result"]
-        node_of = {kind: {n["node_id"] for n in nodes if kind in n.get("resources_total", {})}
-                   for kind in ("teacher_gpu", "student_gpu")}
-        assert all(len(ids) == 1 for ids in node_of.values()), nodes
-        status, body = head.api_get(f"/api/v0/actors?limit=1000&detail=1&filter_keys=ray_namespace"
-                                    f"&filter_predicates=%3D&filter_values={namespace}")
-        assert status == 200, body[:500]
-        actors = json.loads(body)["data"]["result"]["result"]
+    status, body = head.api_get("/api/v0/nodes?limit=100")
+    assert status == 200, body[:500]
+    nodes = json.loads(body)["data"]["result"]["result"]
+    node_of = {kind: {n["node_id"] for n in nodes if kind in n.get("resources_total", {})}
+               for kind in ("teacher_gpu", "student_gpu")}
+    assert all(len(ids) == 1 for ids in node_of.values()), nodes
+    status, body = head.api_get(f"/api/v0/actors?limit=1000&detail=1&filter_keys=ray_namespace"
+                                f"&filter_predicates=%3D&filter_values={namespace}")
+    assert status == 200, body[:500]
+    actors = json.loads(body)["data"]["result"]["result"]
 
     placed = {(a["class_name"], a.get("name") or ""): a["node_id"] for a in actors}
     teachers = {k: v for k, v in placed.items() if k[0] == "TeacherActor"}

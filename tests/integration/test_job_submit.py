@@ -1,8 +1,8 @@
 """End to end: the tiny job submitted with the real `ray job submit` CLI (through deploy/submit.sh) to a
 private local head with a dashboard and token authentication on; it must succeed and write its report.
 
-The head is this test's own (tests/integration/ray_head.py), not the session `ray_cluster` fixture, which
-has no dashboard. It is ended by killing its process group, never by `ray stop`.
+The head is the session's `dashboard_head` (tests/integration/conftest.py: cluster.yaml's shape, started
+once for the tests that need a dashboard), not the `ray_cluster` fixture, which has no dashboard.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.ray_head import LocalHead, job_status, local_ray_head, ray_cli
+from tests.integration.ray_head import LocalHead, job_status, ray_cli
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "deploy/configs/tiny.yaml"
@@ -65,28 +65,28 @@ def _wait_terminal(head: LocalHead, job_id: str) -> dict:
     return info
 
 
-def test_tiny_job_via_ray_job_submit(tmp_path: Path) -> None:
+def test_tiny_job_via_ray_job_submit(dashboard_head: LocalHead, tmp_path: Path) -> None:
     _build_embedded_models()
     out_dir = tmp_path / "run"
     job_id = f"deltakd-test-{uuid.uuid4().hex[:8]}"
-    with local_ray_head(num_cpus=8) as head:
-        # Token authentication is on: the job API refuses a request that carries no token.
-        status, body = head.api_get("/api/jobs/", with_token=False)
-        assert status == 401, f"job API answered {status} without a token: {body[:200]}"
+    head = dashboard_head
+    # Token authentication is on: the job API refuses a request that carries no token.
+    status, body = head.api_get("/api/jobs/", with_token=False)
+    assert status == 401, f"job API answered {status} without a token: {body[:200]}"
 
-        submit = subprocess.run(
-            ["bash", "deploy/submit.sh", "--config", TINY, "--address", head.dashboard_url,
-             "--python", sys.executable, "--no-wait", "--submission-id", job_id, "--",
-             *[a for kv in REDUCED for a in ("--set", kv)], "--output-dir", str(out_dir), "--no-progress"],
-            cwd=REPO, env={**head.env, "RAY_BIN": str(ray_cli())}, capture_output=True, text=True, timeout=180,
-        )
-        assert submit.returncode == 0, f"ray job submit failed:\n{submit.stdout}\n{submit.stderr}"
-        assert job_id in submit.stdout + submit.stderr
+    submit = subprocess.run(
+        ["bash", "deploy/submit.sh", "--config", TINY, "--address", head.dashboard_url,
+         "--python", sys.executable, "--no-wait", "--submission-id", job_id, "--",
+         *[a for kv in REDUCED for a in ("--set", kv)], "--output-dir", str(out_dir), "--no-progress"],
+        cwd=REPO, env={**head.env, "RAY_BIN": str(ray_cli())}, capture_output=True, text=True, timeout=180,
+    )
+    assert submit.returncode == 0, f"ray job submit failed:\n{submit.stdout}\n{submit.stderr}"
+    assert job_id in submit.stdout + submit.stderr
 
-        info = _wait_terminal(head, job_id)
-        assert info["status"] == "SUCCEEDED", (
-            f"job {job_id} ended {info['status']}: {info.get('message')}\n{_job_logs(head, job_id)}")
-        assert info["entrypoint"].startswith(f"{sys.executable} -m student_worker.train --config {TINY}")
+    info = _wait_terminal(head, job_id)
+    assert info["status"] == "SUCCEEDED", (
+        f"job {job_id} ended {info['status']}: {info.get('message')}\n{_job_logs(head, job_id)}")
+    assert info["entrypoint"].startswith(f"{sys.executable} -m student_worker.train --config {TINY}")
 
     report_path = out_dir / "report.json"
     assert report_path.is_file(), f"no report.json in {out_dir}: {sorted(p.name for p in out_dir.iterdir())}"

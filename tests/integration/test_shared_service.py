@@ -1,8 +1,8 @@
 """End to end: the README's teacher-service flow as typed, and one service shared by two student jobs.
 
-On a private local head (tests/integration/ray_head.py, token auth on, its own token): the README's
-"teacher service, from Python" lines run as written (`.venv/bin/python` -> this interpreter; the lines
-that create the token, start and stop the head are what `local_ray_head` does for a private head, and
+On the session's private head (`dashboard_head`, tests/integration/conftest.py; token auth on, its own
+token): the README's "teacher service, from Python" lines run as written (`.venv/bin/python` -> this
+interpreter; the lines that create the token, start and stop the head are what `local_ray_head` does, and
 RAY_ADDRESS stands in for the address `ray start` records on the host). First, `serve` from a shell
 without RAY_AUTH_MODE=token must stop with exit 2 and the one message saying what to set. Then `serve`
 starts the tiny teachers as detached named actors; `status` answers; the README's Python client block
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.ray_head import local_ray_head
+from tests.integration.ray_head import LocalHead
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "deploy/configs/tiny.yaml"
@@ -64,7 +64,7 @@ def _run(argv: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProc
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, **kw)
 
 
-def test_readme_flow_and_two_students_share_one_teacher_service(tmp_path: Path) -> None:
+def test_readme_flow_and_two_students_share_one_teacher_service(dashboard_head: LocalHead, tmp_path: Path) -> None:
     from common.config import load_config
     from student_worker.embedded_models import resolve_model_paths
 
@@ -75,66 +75,66 @@ def test_readme_flow_and_two_students_share_one_teacher_service(tmp_path: Path) 
     assert serve[-3:] == ["serve", "--config", TINY] and stop[-3:] == ["stop", "--config", TINY]
     assert "teachers.attach=true" in train
     namespace = f"dkd-svc-{uuid.uuid4().hex[:8]}"
-    with local_ray_head(num_cpus=8) as head:
-        env = {**head.env, "RAY_ADDRESS": head.gcs_address}
-        # 1. A shell without RAY_AUTH_MODE=token: one clear message, exit 2 (Ray retries for ~20 s first).
-        no_auth = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-        refused = _run(_argv(serve, namespace), no_auth)
-        assert refused.returncode == 2, f"{refused.returncode}\n{refused.stdout}\n{refused.stderr[-3000:]}"
-        err = refused.stderr.strip().splitlines()
-        assert any(line.startswith(f"error: cannot connect to the Ray cluster at '{head.gcs_address}'") for line in err)
-        assert "export RAY_AUTH_MODE=token" in refused.stderr and "Traceback" not in refused.stderr
+    head = dashboard_head
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address}
+    # 1. A shell without RAY_AUTH_MODE=token: one clear message, exit 2 (Ray retries for ~20 s first).
+    no_auth = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    refused = _run(_argv(serve, namespace), no_auth)
+    assert refused.returncode == 2, f"{refused.returncode}\n{refused.stdout}\n{refused.stderr[-3000:]}"
+    err = refused.stderr.strip().splitlines()
+    assert any(line.startswith(f"error: cannot connect to the Ray cluster at '{head.gcs_address}'") for line in err)
+    assert "export RAY_AUTH_MODE=token" in refused.stderr and "Traceback" not in refused.stderr
 
-        # 2. The README's lines as typed.
-        served = _run(_argv(serve, namespace), env)
-        assert served.returncode == 0, f"serve failed:\n{served.stdout}\n{served.stderr}"
-        assert namespace in served.stdout
-        status = _run(_argv(status_cmd, namespace), env)
-        assert status.returncode == 0 and "sft: 1 replica(s)" in status.stdout, status.stdout + status.stderr
-        client = _run([sys.executable, "-c", python_block.replace('"deltakd-tiny"', repr(namespace))
-                       + "\nprint('shapes', ids.shape, base_logprobs.shape, record.batch_id is not None)"], env)
-        assert client.returncode == 0 and "shapes" in client.stdout, f"{client.stdout}\n{client.stderr[-3000:]}"
+    # 2. The README's lines as typed.
+    served = _run(_argv(serve, namespace), env)
+    assert served.returncode == 0, f"serve failed:\n{served.stdout}\n{served.stderr}"
+    assert namespace in served.stdout
+    status = _run(_argv(status_cmd, namespace), env)
+    assert status.returncode == 0 and "sft: 1 replica(s)" in status.stdout, status.stdout + status.stderr
+    client = _run([sys.executable, "-c", python_block.replace('"deltakd-tiny"', repr(namespace))
+                   + "\nprint('shapes', ids.shape, base_logprobs.shape, record.batch_id is not None)"], env)
+    assert client.returncode == 0 and "shapes" in client.stdout, f"{client.stdout}\n{client.stderr[-3000:]}"
 
-        # 3. The README's training command and a second job (another seed) at once, both attached.
-        out_dirs = [tmp_path / "student_a", tmp_path / "student_b"]
-        cmds = [[*_argv(train, namespace), *[a for kv in REDUCED for a in ("--set", kv)],
-                 "--output-dir", str(out_dirs[0]), "--no-progress"],
-                [*_argv(train, namespace), *[a for kv in [*REDUCED, "seed=1"] for a in ("--set", kv)],
-                 "--output-dir", str(out_dirs[1]), "--no-progress"]]
-        logs = [open(tmp_path / f"driver_{i}.log", "w") for i in range(2)]
-        procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-                 for cmd, log in zip(cmds, logs)]
-        try:
-            codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            for log in logs:
-                log.close()
-        for i, code in enumerate(codes):
-            text = (tmp_path / f"driver_{i}.log").read_text()[-4000:]
-            assert code == 0, f"driver {i} exited {code}:\n{text}"
-        reports = [json.loads((out / "report.json").read_text()) for out in out_dirs]
-        assert [r["steps"] for r in reports] == [MAX_STEPS, MAX_STEPS]
+    # 3. The README's training command and a second job (another seed) at once, both attached.
+    out_dirs = [tmp_path / "student_a", tmp_path / "student_b"]
+    cmds = [[*_argv(train, namespace), *[a for kv in REDUCED for a in ("--set", kv)],
+             "--output-dir", str(out_dirs[0]), "--no-progress"],
+            [*_argv(train, namespace), *[a for kv in [*REDUCED, "seed=1"] for a in ("--set", kv)],
+             "--output-dir", str(out_dirs[1]), "--no-progress"]]
+    logs = [open(tmp_path / f"driver_{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+             for cmd, log in zip(cmds, logs)]
+    try:
+        codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    for i, code in enumerate(codes):
+        text = (tmp_path / f"driver_{i}.log").read_text()[-4000:]
+        assert code == 0, f"driver {i} exited {code}:\n{text}"
+    reports = [json.loads((out / "report.json").read_text()) for out in out_dirs]
+    assert [r["steps"] for r in reports] == [MAX_STEPS, MAX_STEPS]
 
-        status = _run([*_argv(status_cmd, namespace), "--json"], env)
-        assert status.returncode == 0, f"status failed:\n{status.stdout}\n{status.stderr}"
-        per_role = json.loads(status.stdout.strip().splitlines()[-1])
-        assert set(per_role) >= {"sft", "base"}
-        batches_of_both_runs = 2 * MAX_STEPS * NUM_WORKERS
-        for role, replicas in per_role.items():
-            calls = sum(r["calls"] for r in replicas)
-            assert calls >= batches_of_both_runs, (
-                f"teacher role {role!r} served {calls} calls; both runs together sent {batches_of_both_runs}")
-            # Each report's teacher stats are the service's running totals when that run ended.
-            assert sum(r["tokens"] for r in replicas) >= max(rep["teacher_stats"]["tokens"][role] for rep in reports)
+    status = _run([*_argv(status_cmd, namespace), "--json"], env)
+    assert status.returncode == 0, f"status failed:\n{status.stdout}\n{status.stderr}"
+    per_role = json.loads(status.stdout.strip().splitlines()[-1])
+    assert set(per_role) >= {"sft", "base"}
+    batches_of_both_runs = 2 * MAX_STEPS * NUM_WORKERS
+    for role, replicas in per_role.items():
+        calls = sum(r["calls"] for r in replicas)
+        assert calls >= batches_of_both_runs, (
+            f"teacher role {role!r} served {calls} calls; both runs together sent {batches_of_both_runs}")
+        # Each report's teacher stats are the service's running totals when that run ended.
+        assert sum(r["tokens"] for r in replicas) >= max(rep["teacher_stats"]["tokens"][role] for rep in reports)
 
-        stopped = _run(_argv(stop, namespace), env)
-        assert stopped.returncode == 0, f"stop failed:\n{stopped.stdout}\n{stopped.stderr}"
-        after = _run(_argv(status_cmd, namespace), env)
-        assert after.returncode != 0 and namespace in after.stderr, (
-            f"status after stop should fail naming {namespace}:\n{after.stdout}\n{after.stderr}")
+    stopped = _run(_argv(stop, namespace), env)
+    assert stopped.returncode == 0, f"stop failed:\n{stopped.stdout}\n{stopped.stderr}"
+    after = _run(_argv(status_cmd, namespace), env)
+    assert after.returncode != 0 and namespace in after.stderr, (
+        f"status after stop should fail naming {namespace}:\n{after.stdout}\n{after.stderr}")
 
 
