@@ -54,7 +54,10 @@ class SleepPool:
     def __init__(self, teacher: Any, delay_s: float):
         self.teacher, self.delay_s, self.submitted = teacher, float(delay_s), 0
 
-    def submit(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray, loss_mask: np.ndarray) -> Any:
+    def submit(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray, loss_mask: np.ndarray,
+               include: np.ndarray | None = None) -> Any:
+        if include is not None:
+            raise ValueError("SleepPool has no forced ids (include): the overlap benchmark runs off-policy batches")
         self.submitted += 1
         return self.teacher.record.remote(batch_id, np.ascontiguousarray(loss_mask, dtype=bool), self.delay_s)
 

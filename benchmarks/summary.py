@@ -22,7 +22,8 @@ __all__ = ["performance_rows", "performance_markdown", "main"]
 
 DOC = REPO_ROOT / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
-ORDER = ["bench_wire", "bench_overlap", "bench_transport", "bench_loss", "bench_e2e", "gpu_check"]
+ORDER = ["bench_wire", "bench_overlap", "bench_transport", "bench_loss", "bench_e2e", "bench_on_policy",
+         "gpu_check"]
 
 
 def _fmt(x: Any) -> str:
@@ -63,6 +64,13 @@ _EXTRA: dict[str, list[tuple[str, Callable[[dict[str, Any]], Any]]]] = {
                   ("steps/s delta_kd / sft (steady state)", lambda f: f["steady_steps_per_s_ratio_kd_over_sft"]),
                   ("teacher wait fraction, delta_kd (steady state)",
                    lambda f: f["steady_teacher_wait_fraction_kd"])],
+    "bench_on_policy": [("steps/s on-policy lag 0 / off-policy (delta_kd, whole loop)",
+                         lambda f: f["steps_per_s_ratio_lag0_over_off"]),
+                        ("steps/s on-policy lag 1 / off-policy (delta_kd, whole loop)",
+                         lambda f: f["steps_per_s_ratio_lag1_over_off"]),
+                        ("teacher wait fraction, off / lag 0 / lag 1 (steady state)",
+                         lambda f: " / ".join(_fmt(f["steady_teacher_wait_fraction"][m])
+                                              for m in ("off_policy", "lag0", "lag1")))],
     "gpu_check": [("device", lambda f: f["device"] + (" (scaled down)" if f["scaled_down"] else "")),
                   ("teacher top-k tokens/s / bare forward, per shape",
                    lambda f: ", ".join(f"{s} {v['topk_tokens_per_s_over_bare']:.3g}"

@@ -26,6 +26,7 @@ __all__ = [
     "LossConfig",
     "TeachersConfig",
     "TransportConfig",
+    "OnPolicyConfig",
     "TrainingConfig",
     "EvaluationConfig",
     "OutputConfig",
@@ -222,6 +223,41 @@ class TransportConfig(_Strict):
     rdt_backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = "auto"
 
 
+class OnPolicyConfig(_Strict):
+    """GKD-style on-policy batches (student_worker/on_policy.py): the student samples responses to the
+    batch's prompts, both teachers score the sampled tokens (the SFT teacher's top-k plus the sampled token,
+    k + 1 ids, gathered from every role), and the step trains on the sampled positions.
+
+    fraction: share of steps that are on-policy. 0 = off (every batch as the data set has it, exactly the
+      run without this section), 1 = every step; in between, step s is on-policy when a uniform draw seeded
+      by (seed, s) is below `fraction` (deterministic, so a resume makes the same choice; one choice per
+      step, shared by its ranks, so no rank waits for another's sampling).
+    temperature, top_p: the sampling distribution, softmax(logits / temperature) cut to its top_p nucleus;
+      nothing else (the model's own generation defaults, e.g. top_k or a repetition penalty, are not used).
+    max_new_tokens: the sample's length cap; prompts longer than data.max_length - max_new_tokens are cut
+      to their last tokens (BOS kept) or refused, per data.overlong.
+    lag: 0 = sample with the current weights, then teacher scoring, then the step, in sequence; 1 = the
+      next step's sample is drawn with weights one step old while the teachers score the current one.
+    """
+
+    fraction: float = Field(default=0.0, ge=0, le=1)
+    temperature: float = 1.0
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=32, gt=0)
+    lag: Literal[0, 1] = 0
+
+    @model_validator(mode="after")
+    def _sampling(self) -> OnPolicyConfig:
+        if self.fraction > 0 and not self.temperature > 0:
+            raise ValueError(f"training.on_policy.temperature={self.temperature} with fraction={self.fraction}: "
+                             "sampling needs a temperature > 0 (greedy decoding is not the student's policy)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0
+
+
 class TrainingConfig(_Strict):
     num_workers: int = Field(default=1, gt=0)
     num_cpus_per_worker: float = Field(default=1.0, ge=0)
@@ -253,6 +289,8 @@ class TrainingConfig(_Strict):
     # Recompute each decoder layer's activations in backward (less memory, ~1/3 more compute), set in the
     # student worker's setup.
     gradient_checkpointing: bool = False
+    # On-policy batches (off by default: fraction 0).
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingConfig:
@@ -451,6 +489,19 @@ class RunConfig(_Strict):
             raise ValueError("loss.tail='student_base' needs the student base's full row, which only the "
                              "worker's frozen copy has: set teachers.student_base_source='worker' (got "
                              f"{self.teachers.student_base_source!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_fits(self) -> RunConfig:
+        op = self.training.on_policy
+        if not op.enabled:
+            return self
+        if self.loss.method == "sft":
+            raise ValueError("training.on_policy.fraction > 0 needs teachers to score the samples; loss.method "
+                             "'sft' has none (cross-entropy on the student's own samples teaches it nothing new)")
+        if op.max_new_tokens >= self.data.max_length:
+            raise ValueError(f"training.on_policy.max_new_tokens={op.max_new_tokens} leaves no room for a prompt "
+                             f"in data.max_length={self.data.max_length}")
         return self
 
     @property

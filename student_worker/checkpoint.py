@@ -229,13 +229,25 @@ def check_resume_config(ckpt_dir: str | Path, config: dict[str, Any]) -> None:
     saved = read_state(ckpt_dir).get("config")
     if saved is None:
         raise CheckpointError(f"{Path(ckpt_dir) / STATE_FILE}: no resolved config stored; cannot check it")
-    diffs = [d for d in config_diff(saved, config) if not _ignored(d.split(":", 1)[0])]
+    diffs = [d for d in config_diff(_with_defaults(saved), config) if not _ignored(d.split(":", 1)[0])]
     if diffs:
         lines = "\n  ".join(diffs)
         raise CheckpointError(
             f"cannot resume from {ckpt_dir}: it was written with a different config "
             f"(checkpoint != this run):\n  {lines}"
         )
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved config with the keys added to the schema since it was written at their defaults (a checkpoint
+    from before `training.on_policy` existed resumes a run that leaves it off); as saved if it no longer
+    validates (then every differing key is listed)."""
+    from common.config import ConfigError, config_from_dict
+
+    try:
+        return config_from_dict(saved).model_dump(mode="json")
+    except ConfigError:
+        return saved
 
 
 def _ignored(key: str) -> bool:

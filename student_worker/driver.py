@@ -11,6 +11,12 @@ Checkpoints are taken after every `checkpoint_every` completed steps and at the 
 `ckpt-N` holds the state after N completed steps (N is also the data cursor: the next step index). Its save
 is queued between the calls of steps N-1 and N, so it sees exactly N completed steps (the workers check).
 
+On-policy steps (`training.on_policy`, student_worker/on_policy.py): the workers draw the step's samples
+with a `sample` call queued between their train calls (lag 0: right after the previous step's; lag 1: one
+step earlier), the driver collects the (small) sampled id arrays, submits their teacher work with the sampled
+tokens forced into the support, and only then queues the step's train calls; nothing is queued past an
+on-policy step whose samples are not back, so the window runs ahead only as far as the weights allow.
+
 Failures (`step_calls.wait_step`, `Driver._loop`): a worker process that dies, or a rank that raises after the step's
 input agreement (the other ranks may then sit in a collective), makes the driver kill the whole worker group
 at once, start a new one from the last checkpoint and replay (at most MAX_WORKER_RESTARTS times). A step
@@ -48,7 +54,14 @@ from student_worker.recovery import (
 from student_worker.report import run_summary, step_row, write_report
 from student_worker.selection import BestModelSelection
 from student_worker.shared_output import check_shared_output
-from student_worker.step_calls import StepInFlight, dispatch_step, queue_save, submit_step, wait_step
+from student_worker.step_calls import (
+    OnPolicySteps,
+    StepInFlight,
+    dispatch_step,
+    queue_save,
+    submit_step,
+    wait_step,
+)
 from student_worker.tracking import MetricsTracker, check_trackers
 from student_worker.worker import StudentWorker
 
@@ -94,12 +107,17 @@ class Driver:
         self.resume_dir: Path | None = None
         self._preflight_done = False
         self.tracker: MetricsTracker | None = None
+        self.sampling: OnPolicySteps | None = None  # training.on_policy (set up with the data)
+        # every batch's labels forced into its support when the loss scores the label's atom
+        self.include_labels = cfg.loss.objective == "sampled_token"
 
     # ------------------------------------------------------------------ checks before anything is written
     def preflight(self) -> None:
         """Every check that needs no Ray and writes nothing: the resume checkpoint (config, files), that a
         fresh run does not overwrite a previous one, the data (rows, columns, lengths), one tokenizer for all
-        roles and k in 1..V. Raises CheckpointError or InputError naming the culprit."""
+        roles and k in 1..V; with on-policy steps, the prompts' lengths (data.overlong), an EOS in the student's
+        generation config and (lag 1) the sample the resume checkpoint carries. Raises CheckpointError or
+        InputError naming the culprit."""
         from student_worker.data import DataError
         from teacher_service.errors import TeacherError
 
@@ -117,8 +135,15 @@ class Driver:
                 from teacher_service.tokenizer_check import check_tokenizers
 
                 check_tokenizers(self.cfg)  # tokenizer files only: no weights are loaded yet
+            if self.sampling is not None:
+                from student_worker.on_policy import student_eos_ids
+
+                spec = self.cfg.models.student
+                student_eos_ids(spec.path, spec.revision, spec.trust_remote_code)  # a sample must be able to end
         except (DataError, TeacherError, ValueError) as exc:
             raise InputError(f"{type(exc).__name__}: {exc}") from exc
+        if self.resume_dir is not None and self.sampling is not None:  # lag 1: the sample it carries
+            self.sampling.stored(self.resume_dir, int(ckpt.read_state(self.resume_dir)["step"]))
         if not self.resume:  # last: a bad row or tokenizer is reported as such, wherever the output goes
             ckpt.check_no_previous_run(self.out)
         self._preflight_done = True
@@ -139,6 +164,12 @@ class Driver:
                               d.shuffle, length_buckets=d.length_buckets,
                               lengths=tuple(len(e.input_ids) for e in self.train_tok) if d.length_buckets else None)
         self.selection = BestModelSelection.from_config(self.cfg, self.out)  # evaluation.select_best
+        op = self.cfg.training.on_policy
+        if op.enabled:  # each example's prompt for on-policy steps, cut or refused (data.overlong)
+            from student_worker.on_policy import on_policy_prompts
+
+            prompts = on_policy_prompts(self.train_tok, d.max_length - op.max_new_tokens, d.overlong, tok.bos_token_id)
+            self.sampling = OnPolicySteps(self.cfg, self.plan, prompts)
 
     def _check_resources(self) -> None:
         """Warn (loudly) when teachers + workers ask for more CPUs/GPUs than the cluster has right now."""
@@ -227,7 +258,7 @@ class Driver:
         self._create_workers()
         self._start_workers(latest)
         restored = 0 if latest is None else int(ckpt.read_state(latest)["step"])
-        self.rows = [r for r in self.rows if r["step"] < restored]
+        self.rows = [r for r in self.rows if r["step"] < restored]  # (the loop restarts its samples: _begin)
         self._rewrite_metrics()
         self.selection.restore(latest, None if latest is None else ckpt.read_state(latest))
         if self.tracker is not None:
@@ -240,7 +271,17 @@ class Driver:
 
     # ------------------------------------------------------------------ steps (student_worker/step_calls.py)
     def _submit(self, step: int) -> StepInFlight:
-        return submit_step(step, self.plan, self.train_tok, self.pad_id, self.pool, self.rdt)
+        """The window's item for `step`: an off-policy step's teacher work is submitted now; an on-policy
+        step waits for its samples (`OnPolicySteps.samples_in`)."""
+        if self.sampling is not None and self.sampling.on_policy(step):
+            return StepInFlight(step, [], on_policy=True)
+        return submit_step(step, self.plan, self.train_tok, self.pad_id, self.pool, self.rdt, self.include_labels)
+
+    def _begin(self, step: int) -> None:
+        """The loop (re)starts at `step` (a fresh run, a resume, a restored worker group)."""
+        ray.get([w.begin.remote(step) for w in self.workers])
+        if self.sampling is not None:
+            self.sampling.restart(step, self.ckpt_root)
 
     def _dispatch(self, item: StepInFlight) -> None:
         dispatch_step(item, self.workers, self.rdt)
@@ -265,6 +306,8 @@ class Driver:
                 ray.get(ref)
             except ACTOR_GONE as exc:  # the .tmp directory is left behind and never read
                 raise WorkerCrash(rank, exc) from exc
+        if self.sampling is not None:  # lag 1: the sample of `step`, drawn with the weights before it
+            self.sampling.save_into(tmp, step)
         maybe_crash_in_checkpoint(tmp, step, self.cfg.testing.crash_in_checkpoint)  # test-only hook
         self.selection.save_into(tmp)  # the best model so far travels with the checkpoint
         state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg), "config": self.cfg_dict,
@@ -333,52 +376,31 @@ class Driver:
                 self.tracker.close()
 
     def _loop(self, step: int, end_step: int, last_ckpt: int) -> int:
-        """Train steps `step` .. end_step - 1; returns the number of completed steps (end_step)."""
+        """Train steps `step` .. end_step - 1; returns the number of completed steps (end_step).
+
+        Each turn: (1) dispatch the current step and the ones behind it, (2) top up the teacher window,
+        (3) wait for the current step, then log it, validate and checkpoint when due."""
         t = self.cfg.training
         # Steps with worker calls queued: those whose teacher work is submitted, at most _QUEUED_STEPS (slack for a
         # driver turn slower than a step; after a failed step the rest refuse to run at once).
         queued = min(t.prefetch + 1, _QUEUED_STEPS)
         window: deque[StepInFlight] = deque()  # submitted steps, in order; window[0] is `step`
-        ray.get([w.begin.remote(step) for w in self.workers])
+        self._begin(step)
         while step < end_step:
-            if not window:
-                window.append(self._submit(step))
-            # 1. dispatch: the current step, and the next one behind it (after the checkpoint save due between)
-            for i in range(min(queued, end_step - step)):
-                if i == len(window):
-                    window.append(self._submit(step + i))
-                item = window[i]
-                if i > 0 and self.selection.due(item.step):
-                    break  # validation scores the weights after item.step steps: nothing is queued past them
-                if item.calls is None:
-                    if i > 0 and (item.step % t.checkpoint_every == 0) and window[i - 1].save is None:
-                        self._queue_save(window[i - 1])
-                    self._dispatch(item)
-            # 2. top up the teacher window (may wait in the pool's back-pressure: the workers have calls queued)
-            t_submit = time.perf_counter()
-            while len(window) < t.prefetch + 1 and window[-1].step + 1 < end_step:
-                window.append(self._submit(window[-1].step + 1))
-            submit_s = time.perf_counter() - t_submit
-            # 3. wait for the current step
-            item = window[0]
             try:
-                per_rank = wait_step(item)
+                self._dispatch_ahead(window, step, end_step, queued)
+                t_submit = time.perf_counter()
+                while len(window) < t.prefetch + 1 and window[-1].step + 1 < end_step:  # may wait (back-pressure)
+                    window.append(self._submit(window[-1].step + 1))
+                submit_s = time.perf_counter() - t_submit
+                item = window[0]
+                per_rank = self._wait(item, last_ckpt)
             except WorkerCrash as crash:
-                if crash.raised and is_fatal_rank_error(crash.cause):
-                    self._stop_workers()  # the other ranks may sit in a collective; no checkpoint can be taken
-                    raise TrainingRunError(f"step {step} failed on rank {crash.rank}; the workers were stopped; the "
-                                           f"last checkpoint is {ckpt.latest_checkpoint(self.ckpt_root)}: "
-                                           f"{crash}") from crash.cause
-                window.clear()
-                step = self._bar.n = self._restore_workers(crash, step)
-                ray.get([w.begin.remote(step) for w in self.workers])
+                step = self._recover(crash, step, window)
                 continue
-            except Exception as exc:  # every rank rejected the step: the model is at `step` completed steps
-                if step != last_ckpt:
-                    self._checkpoint(step)  # queued behind the calls already sent, which refuse to run
-                raise TrainingRunError(f"step {step} failed; checkpoint of {step} completed steps written "
-                                       f"under {self.ckpt_root}: {type(exc).__name__}: {exc}") from exc
             row = step_row(step, per_rank, item.arrays, driver_submit_s=submit_s)
+            if self.sampling is not None:  # a run with on-policy steps: every row says what kind it was
+                row.update(self.sampling.finish(item))
             self.rows.append(row)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -395,11 +417,59 @@ class Driver:
                     else:
                         self._checkpoint(step)
                 except WorkerCrash as crash:  # died while saving: replay from the previous checkpoint
-                    window.clear()
-                    step = self._bar.n = self._restore_workers(crash, step)
-                    ray.get([w.begin.remote(step) for w in self.workers])
+                    step = self._recover(crash, step, window)
                     continue
                 last_ckpt = step
+        return step
+
+    def _dispatch_ahead(self, window: deque[StepInFlight], step: int, end_step: int, queued: int) -> None:
+        """Queue the workers' calls for the current step and up to `queued - 1` steps behind it (a checkpoint
+        save due between two steps goes between their calls). Stops before a step after which validation is
+        due, and before an on-policy step whose samples are not back: its sample calls are queued right before
+        the train call of step - lag, and waited for when nothing but finished steps and the sample itself
+        run before them on the workers (i <= lag); else only taken when already done. Raises WorkerCrash."""
+        t = self.cfg.training
+        lag = t.on_policy.lag
+        for i in range(min(queued, end_step - step)):
+            if i == len(window):
+                window.append(self._submit(step + i))
+            item = window[i]
+            if i > 0 and self.selection.due(item.step):
+                break  # validation scores the weights after item.step steps: nothing is queued past them
+            if item.calls is not None:
+                continue
+            if i > 0 and (item.step % t.checkpoint_every == 0) and window[i - 1].save is None:
+                self._queue_save(window[i - 1])
+            if self.sampling is not None:
+                self.sampling.request(item.step + lag, self.workers)
+                if not self.sampling.samples_in(item, i <= lag, self.pool, self.pad_id, self.rdt):
+                    break
+            self._dispatch(item)
+
+    def _wait(self, item: StepInFlight, last_ckpt: int) -> list[dict[str, Any]]:
+        """Every rank's result of the current step. WorkerCrash goes to `_recover`; a step every rank
+        rejected (the model is at `item.step` completed steps) is checkpointed and stops the run."""
+        try:
+            return wait_step(item)
+        except WorkerCrash:
+            raise
+        except Exception as exc:
+            if item.step != last_ckpt:
+                self._checkpoint(item.step)  # queued behind the calls already sent, which refuse to run
+            raise TrainingRunError(f"step {item.step} failed; checkpoint of {item.step} completed steps written "
+                                   f"under {self.ckpt_root}: {type(exc).__name__}: {exc}") from exc
+
+    def _recover(self, crash: WorkerCrash, step: int, window: deque[StepInFlight]) -> int:
+        """A rank died or raised: stop the run on bad input (a replay would fail the same way), else replace
+        the worker group from the last checkpoint. Returns the step the loop continues from."""
+        if crash.raised and is_fatal_rank_error(crash.cause):
+            self._stop_workers()  # the other ranks may sit in a collective; no checkpoint can be taken
+            raise TrainingRunError(f"step {step} failed on rank {crash.rank}; the workers were stopped; the "
+                                   f"last checkpoint is {ckpt.latest_checkpoint(self.ckpt_root)}: "
+                                   f"{crash}") from crash.cause
+        window.clear()
+        step = self._bar.n = self._restore_workers(crash, step)
+        self._begin(step)
         return step
 
     def _log(self, row: dict[str, Any]) -> None:

@@ -3,8 +3,10 @@
 `main`) and decides which finished runs a rerun reuses (`run_key`, `shared_key`).
 
 Variants: a --methods entry may be `method@key=value[,key=value...]`, a method with overrides of its own,
-e.g. `--methods sft,kd,delta_kd,delta_kd@alpha=0.5,delta_kd@tau=2,kd@tau=2,delta_kd@tail=student_base,parallelogram`.
-Keys are short aliases (alpha, tau, lam, k, tail, objective, jsd_beta, lr, steps), weights.<name>
+e.g. `--methods sft,kd,delta_kd,delta_kd@alpha=0.5,delta_kd@tau=2,kd@tau=2,delta_kd@tail=student_base,parallelogram`;
+on-policy ones: `--methods sft,kd,delta_kd,delta_kd@on_policy=0.5,delta_kd@on_policy=1,kd@on_policy=1`.
+Keys are short aliases (alpha, tau, lam, k, tail, objective, jsd_beta, lr, steps; on-policy batches: on_policy
+= training.on_policy.fraction, lag, temperature, top_p, max_new_tokens), weights.<name>
 (loss.weights.<name>) or dotted loss.* / training.* config keys; a piece with `=` and no `@` continues the
 variant before it (`delta_kd@alpha=0.5,tau=2` is one entry). The entry, spaces removed, is the variant's name
 in every table and in experiment.json (`methods`, `variants`: its overrides); its runs are in

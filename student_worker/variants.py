@@ -1,7 +1,8 @@
 """Method variants of a comparison: `method@key=value[,key=value...]` (student_worker.experiment --methods).
 
 A variant is a loss method plus config overrides that only its runs get, e.g. `delta_kd@alpha=0.5`,
-`kd@tau=2`, `delta_kd@tail=student_base`, `parallelogram@weights.kd=0.3,weights.delta_kd=0.7`. A plain name
+`kd@tau=2`, `delta_kd@tail=student_base`, `parallelogram@weights.kd=0.3,weights.delta_kd=0.7`, on-policy
+`delta_kd@on_policy=0.5`, `kd@on_policy=1,lag=1,objective=sampled_token`. A plain name
 (`kd`) is the method with the experiment's shared config. In a `--methods` list the commas separate both
 the entries and one variant's keys: a piece with `=` and no `@` continues the variant before it, so
 `kd,delta_kd@alpha=0.5,tau=2,sft` is three entries: kd, delta_kd@alpha=0.5,tau=2 and sft (values cannot
@@ -13,8 +14,7 @@ the data and the evaluation are shared by every run of an experiment (one pool, 
 `loss.method` / `seed` are set by the experiment itself. Values are read as YAML scalars, as with `--set`;
 the config itself validates them when the experiment builds each run's config.
 
-Pure Python (no Ray, torch or transformers). Other branches add aliases to KEY_ALIASES (e.g. on-policy's
-`on_policy` for its fraction key)."""
+Pure Python (no Ray, torch or transformers). Other branches add aliases to KEY_ALIASES."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ KEY_ALIASES: dict[str, str] = {
     "jsd_beta": "loss.jsd_beta",
     "lr": "training.lr",
     "steps": "training.max_steps",
+    # on-policy batches (common/config.py OnPolicyConfig): `delta_kd@on_policy=0.5,lag=1`
+    "on_policy": "training.on_policy.fraction",
+    "lag": "training.on_policy.lag",
+    "temperature": "training.on_policy.temperature",
+    "top_p": "training.on_policy.top_p",
+    "max_new_tokens": "training.on_policy.max_new_tokens",
 }
 # `<prefix>.<rest>` stands for `<target>.<rest>`.
 PREFIX_ALIASES: dict[str, str] = {"weights": "loss.weights"}

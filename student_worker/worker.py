@@ -18,6 +18,9 @@ The driver queues a worker's next step call (and checkpoint saves) before the cu
 worker never idles on the driver's bookkeeping. Calls must run in order: a step call whose step is not the
 worker's next one (an earlier step failed) raises `StepOrderError` at once, touching nothing; a checkpoint
 save checks the same, so a checkpoint always holds the state after exactly the steps it is named for.
+On-policy steps (`training.on_policy`) add a `sample` call per step, queued between the right train calls
+(student_worker/on_policy.py): it draws the rank's responses with the weights it holds and checks its place
+in the order the same way.
 
 Timing (one metrics row per step, student_worker/report.py): each step call returns `step_s`, the time since
 the end of the previous step call of this worker (calls outside the loop, e.g. evaluation, excluded), and
@@ -51,6 +54,7 @@ from student_worker.distributed import (
 )
 from student_worker.evaluate import evaluate_model
 from student_worker.loading import load_causal_lm, student_dtype
+from student_worker.on_policy import generate_samples, generation_eos_ids, sample_seed
 from student_worker.train_step import (
     enable_gradient_checkpointing,
     loss_forward_module,
@@ -65,6 +69,8 @@ __all__ = ["StudentWorker", "StudentWorkerImpl", "StepRejected", "PeerInputError
 # The named parts of a step, in time order; they sum to the step's `step_s` (within float rounding):
 #   dispatch_s     the worker had no call to run: waiting for the driver (bookkeeping, a blocked submit)
 #   checkpoint_s   writing this rank's checkpoint parts since the previous step
+#   sample_s       drawing on-policy samples since the previous step (this step's; with on_policy.lag 1,
+#                  the next step's, drawn before this one trains)
 #   record_wait_s  waiting for this rank's teacher record (object store: ray.get; RDT: the gap before the call)
 #   peer_wait_s    the input agreement all-reduce: waiting for the other ranks to have their records
 #   prepare_s      validating the record, building the loss targets, moving the batch to the device
@@ -73,7 +79,7 @@ __all__ = ["StudentWorker", "StudentWorkerImpl", "StepRejected", "PeerInputError
 #   allreduce_s    the gradient all-reduce left exposed after backward's computation (DDP overlaps the rest)
 #   optimizer_s    gradient clipping, the optimizer and the scheduler step
 #   test_delay_s   testing.step_delay_s (test-only hook; 0 in production)
-STEP_PARTS = ("dispatch_s", "checkpoint_s", "record_wait_s", "peer_wait_s", "prepare_s", "forward_s",
+STEP_PARTS = ("dispatch_s", "checkpoint_s", "sample_s", "record_wait_s", "peer_wait_s", "prepare_s", "forward_s",
               "backward_s", "allreduce_s", "optimizer_s", "test_delay_s")
 TEACHER_WAIT_PARTS = ("record_wait_s",)
 COMPUTE_PARTS = ("prepare_s", "forward_s", "backward_s", "allreduce_s", "optimizer_s")
@@ -130,13 +136,14 @@ class StudentWorkerImpl:
         self.rank, self.world_size, self.generation = rank, world_size, generation
         self.next_step = 0  # the step this worker trains next (= completed steps)
         self._mark = time.perf_counter()  # end of the last call (see _end_call)
-        self._idle_s = 0.0  # idle time before calls that count into the next step (checkpoint saves)
+        self._idle_s = 0.0  # idle time before calls that count into the next step (checkpoint saves, samples)
         self._checkpoint_s = 0.0
+        self._sample_s = 0.0
 
     def _end_call(self) -> None:
         """End of a call that is not part of any step (set-up, evaluation): the next step starts here."""
         self._mark = time.perf_counter()
-        self._idle_s = self._checkpoint_s = 0.0
+        self._idle_s = self._checkpoint_s = self._sample_s = 0.0
 
     # ------------------------------------------------------------------ set-up
     def rendezvous_address(self) -> str:
@@ -189,6 +196,10 @@ class StudentWorkerImpl:
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         )
         self.pair_alphas = [cfg.loss.alpha] + [p.alpha for p in cfg.models.extra_pairs]
+        if t.on_policy.enabled:  # the driver's preflight checked the student's generation config already
+            self.eos_ids = generation_eos_ids(self.model.generation_config, spec.path)
+            tok = self.tokenizer
+            self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0])
         self.required_roles = required_roles(cfg)
         if resume_dir is not None:
             self.load_checkpoint(resume_dir)
@@ -234,6 +245,26 @@ class StudentWorkerImpl:
 
         return self._step(step, batch, targets, None, global_tokens, clock)
 
+    def sample(self, step: int, batch_id: int, prompts: list[list[int]]) -> dict[str, Any]:
+        """Draw this rank's on-policy sample of step `step` (batch `batch_id`) from the current weights:
+        student_worker.on_policy.generate_samples, seeded by (seed, batch id). The call must come after
+        the train call of step `step - 1 - lag` and before that of `step - lag` (else StepOrderError,
+        nothing drawn). Its time is booked as the next step's `sample_s`."""
+        t0 = time.perf_counter()
+        self._idle_s += t0 - self._mark
+        op = self.cfg.training.on_policy
+        if self.next_step != max(step - op.lag, 0):
+            self._mark = time.perf_counter()
+            raise StepOrderError(f"rank {self.rank}: the sample of step {step} (on_policy.lag {op.lag}) asked for "
+                                 f"after {self.next_step} completed steps; nothing drawn")
+        out = generate_samples(self.model, prompts, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                               temperature=op.temperature, top_p=op.top_p, max_new_tokens=op.max_new_tokens,
+                               seed=sample_seed(self.cfg.seed, batch_id), autocast=self.autocast)
+        out["batch_id"] = batch_id
+        self._mark = time.perf_counter()
+        self._sample_s += self._mark - t0
+        return out
+
     def placement(self) -> dict[str, Any]:
         """{"node_id", "gpu_ids"} of this worker: the teacher pool picks the RDT transport from it."""
         from teacher_service.actor import placement
@@ -248,11 +279,12 @@ class StudentWorkerImpl:
             self._mark = now  # this call's time is the next step's dispatch lag
             raise StepOrderError(f"rank {self.rank}: step {step} called but the next step is {self.next_step} "
                                  f"(an earlier step failed); nothing was done")
-        clock = _StepClock(self._mark, now, before=self._idle_s + self._checkpoint_s)
+        clock = _StepClock(self._mark, now, before=self._idle_s + self._checkpoint_s + self._sample_s)
         clock.add("dispatch_s", self._idle_s + (0.0 if rdt else now - self._mark))
         clock.add("checkpoint_s", self._checkpoint_s)
+        clock.add("sample_s", self._sample_s)
         clock.add("record_wait_s", now - self._mark if rdt else 0.0)
-        self._idle_s = self._checkpoint_s = 0.0
+        self._idle_s = self._checkpoint_s = self._sample_s = 0.0
         return clock
 
     def _step(self, step: int, batch_np: dict[str, np.ndarray], make_targets: Callable[[], SparseTargets | None],

@@ -141,3 +141,38 @@ def test_outputs_name_variants_in_aligned_tables_and_plots(tmp_path):
     plot_experiment(exp, tmp_path / "a.png")
     plot_rouge_l_ci(exp, tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes()[:4] == (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_on_policy_variants_set_the_on_policy_keys():
+    text = "sft,kd,delta_kd,delta_kd@on_policy=0.5,delta_kd@on_policy=1,kd@on_policy=1,lag=1,objective=sampled_token"
+    got = parse_methods(text, LOSS_METHODS)
+    assert [v.label for v in got][3:] == ["delta_kd@on_policy=0.5", "delta_kd@on_policy=1",
+                                          "kd@on_policy=1,lag=1,objective=sampled_token"]
+    assert got[5].settings == ("training.on_policy.fraction=1", "training.on_policy.lag=1", "loss.objective=sampled_token")
+    assert got[5].slug == "kd+on_policy=1+lag=1+objective=sampled_token"
+    v = parse_variant("delta_kd@on_policy=1,temperature=0.7,top_p=0.9,max_new_tokens=16", LOSS_METHODS)
+    assert v.settings == ("training.on_policy.fraction=1", "training.on_policy.temperature=0.7",
+                          "training.on_policy.top_p=0.9", "training.on_policy.max_new_tokens=16")
+    with pytest.raises(VariantError, match="training.on_policy.fraction is set twice"):
+        parse_variant("kd@on_policy=1,training.on_policy.fraction=0.5", LOSS_METHODS)
+
+
+def test_on_policy_variant_configs_validate_their_values():
+    from student_worker.experiment import run_key, variant_configs
+
+    cfg = config_from_dict(MINIMAL)
+    got = variant_configs(cfg, parse_methods("delta_kd,delta_kd@on_policy=0.5,delta_kd@on_policy=1,lag=1,"
+                                             "kd@on_policy=1,objective=sampled_token"))
+    assert got["delta_kd"].training.on_policy.fraction == 0
+    assert got["delta_kd@on_policy=0.5"].training.on_policy.fraction == 0.5
+    lag1 = got["delta_kd@on_policy=1,lag=1"].training.on_policy
+    assert (lag1.fraction, lag1.lag) == (1.0, 1)
+    kd = got["kd@on_policy=1,objective=sampled_token"]
+    assert kd.loss.method == "kd" and kd.loss.objective == "sampled_token" and kd.training.on_policy.enabled
+    assert len({run_key(c) for c in got.values()}) == 4
+    for text, match in [("delta_kd@on_policy=1.5", "(?s)entry 'delta_kd@on_policy=1.5'.*training.on_policy.fraction"),
+                        ("kd@on_policy=1,temperature=0", "(?s)entry 'kd@on_policy=1,temperature=0'.*temperature > 0"),
+                        ("sft@on_policy=1", "(?s)entry 'sft@on_policy=1'.*loss.method 'sft'"),
+                        ("kd@on_policy=1,lag=2", "(?s)entry 'kd@on_policy=1,lag=2'.*training.on_policy.lag")]:
+        with pytest.raises(ConfigError, match=match):
+            variant_configs(cfg, parse_methods(text))
