@@ -14,10 +14,10 @@ import json
 import sys
 from typing import Any
 
+from .encoded import read_shard
 from .errors import CacheError, CacheIncompleteError, ShardError
 from .fs import CacheLocation
 from .manifest import load_build_head, load_manifest
-from .shard import read_shard, shard_specs
 from .writer import finished_shard
 
 __all__ = ["main", "cache_status"]
@@ -32,7 +32,7 @@ def cache_status(uri: str, verify: bool = False) -> dict[str, Any]:
         head = load_build_head(loc)
         if head is None:
             raise
-        specs = shard_specs(head.num_examples, head.shard_size)
+        specs = head.specs()
         done = [s.index for s in specs if finished_shard(loc, s, head.build_key, verify=verify) is not None]
         return {"cache": loc.display(), "complete": False, "encoding": head.encoding, "k": head.k,
                 "roles": head.roles, "num_examples": head.num_examples, "shards_total": len(specs),
@@ -41,13 +41,15 @@ def cache_status(uri: str, verify: bool = False) -> dict[str, Any]:
                 "problems": [str(exc)]}
     head = manifest.head
     problems = []
-    for info in manifest.shards:
-        spec = info.spec()
+    ordered = head.order is not None
+    for info in [*manifest.shards, *(s for a in manifest.added_roles for s in a.shards)]:
+        spec = info.spec(ordered)
         if loc.size(info.path) is None:
             problems.append(f"shard {spec.where(loc)} is missing")
         elif verify:
             try:
-                read_shard(loc, info, manifest.layout, verify=True)
+                read_shard(loc, info, manifest.layout, roles=[], verify=True, ordered=ordered,
+                           expected=head.shard_examples(spec))
             except ShardError as exc:
                 problems.append(str(exc))
     tokens = manifest.num_tokens
