@@ -31,7 +31,7 @@ import ray
 
 from common.config import RunConfig, config_hash, dump_config
 from student_worker import checkpoint as ckpt
-from student_worker.data import BatchPlan, load_examples, tokenize_examples
+from student_worker.data import load_examples, load_training_set
 from student_worker.evaluate import evaluate_spec
 from student_worker.recovery import (
     ACTOR_GONE,
@@ -125,19 +125,10 @@ class Driver:
 
     # ------------------------------------------------------------------ set-up
     def _load_data(self) -> None:
-        from transformers import AutoTokenizer
-
-        spec = self.cfg.models.student
-        tok = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        train = load_examples(self.cfg.data, "train", self.cfg.embedded)
-        self.train_tok = tokenize_examples(train, tok, self.cfg.data)
+        self.train_set = load_training_set(self.cfg)
+        self.pad_id, self.train_tok, self.plan = self.train_set.pad_id, self.train_set.examples, self.train_set.plan
         self.eval_examples = (load_examples(self.cfg.data, "eval", self.cfg.embedded)
                               if self.cfg.evaluation.enabled and self.cfg.data.eval else [])
-        d = self.cfg.data
-        self.plan = BatchPlan(len(self.train_tok), self.cfg.training.batch_size, self.world, self.cfg.seed,
-                              d.shuffle, length_buckets=d.length_buckets,
-                              lengths=tuple(len(e.input_ids) for e in self.train_tok) if d.length_buckets else None)
         self.selection = BestModelSelection.from_config(self.cfg, self.out)  # evaluation.select_best
 
     def _check_resources(self) -> None:
