@@ -142,7 +142,8 @@ def check_resources(cfg: RunConfig, teacher_roles: list[str]) -> None:
     Ray would wait forever for the missing slots (an autoscaling cluster may still add them)."""
     t, tc = cfg.training, cfg.teachers
     world = t.num_workers
-    n_teachers = 0 if cfg.loss.method == "sft" or tc.attach else sum(tc.replicas.get(r, 1) for r in teacher_roles)
+    started = not (cfg.loss.method == "sft" or tc.attach or tc.source == "cache")  # a cache run starts none
+    n_teachers = sum(tc.replicas.get(r, 1) for r in teacher_roles) if started else 0
     need = {"CPU": world * t.num_cpus_per_worker + n_teachers * tc.num_cpus,
             "GPU": world * t.num_gpus_per_worker + n_teachers * tc.num_gpus}
     for per, count in ((tc.resources, n_teachers), (t.resources_per_worker, world)):

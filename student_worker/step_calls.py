@@ -30,16 +30,16 @@ class StepInFlight:
     save: tuple[Path, list[Any]] | None = None  # the checkpoint after this step, queued behind its calls
 
 
-def submit_step(step: int, plan: BatchPlan, examples: list[TokenizedExample], pad_id: int, pool: Any,
-                rdt: bool) -> StepInFlight:
-    """Collate the step's per-rank batches and submit their teacher work (rank r: batch id step * W + r)."""
-    arrays = [collate([examples[i] for i in idx], pad_id) for idx in plan.step_indices(step)]
+def submit_step(step: int, plan: BatchPlan, examples: list[TokenizedExample], pad_id: int, source: Any,
+                ) -> StepInFlight:
+    """Collate the step's per-rank batches and submit them to the record source (student_worker/record_source.py:
+    live teachers or the teacher cache; None for sft). Rank r's batch id is step * W + r."""
+    indices = plan.step_indices(step)
+    arrays = [collate([examples[i] for i in idx], pad_id) for idx in indices]
     item = StepInFlight(step, arrays)
-    if pool is not None:
-        for rank, a in enumerate(arrays):
-            bid = step * len(arrays) + rank
-            submit = pool.submit_parts if rdt else pool.submit
-            item.records.append(submit(bid, a["input_ids"], a["attention_mask"], a["loss_mask"]))
+    if source is not None:
+        for rank, (a, idx) in enumerate(zip(arrays, indices)):
+            item.records.append(source.submit(step, rank, step * len(arrays) + rank, a, idx))
     return item
 
 
