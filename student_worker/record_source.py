@@ -144,12 +144,14 @@ class CacheSource:
         pass
 
     def stats(self) -> dict[str, Any] | None:
-        per_rank = ray.get([f.stats.remote() for f in self.feeders])
-        return {"feeders": per_rank, "tokens": {}, "busy_s": {}}
+        return None  # no teacher worked for this run (the feeders' figures are in describe())
 
     def describe(self) -> dict[str, Any]:
+        """The cache and how it was scored, and per rank what its feeder served (batches, rows, seconds,
+        shards read, batches recomputed live)."""
         head = self.plan.reader.manifest.head
-        return {"source": "cache", "cache": self.uri, "encoding": head.encoding, "scoring": head.scoring}
+        return {"source": "cache", "cache": self.uri, "encoding": head.encoding, "scoring": head.scoring,
+                "feeders": ray.get([f.stats.remote() for f in self.feeders])}
 
     def shutdown(self) -> None:
         for f in self.feeders:
@@ -245,7 +247,8 @@ class AutoSource:
     def describe(self) -> dict[str, Any]:
         return {"source": "auto", "cache": self.plan.uri, "encoding": self.head.encoding,
                 "last_live_step": self.last_live_step, "fill_batches": self.fill_batches,
-                "reading_cache": self.cache is not None, "note": self.note}
+                "reading_cache": self.cache is not None, "note": self.note,
+                "feeders": self.cache.describe()["feeders"] if self.cache is not None else []}
 
     def shutdown(self) -> None:
         """Let the filler write what it was given (the records of trained steps are all computed), then stop."""

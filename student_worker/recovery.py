@@ -81,13 +81,15 @@ def is_fatal_rank_error(exc: BaseException) -> bool:
 
 def rejection_error(errors: list[BaseException]) -> BaseException:
     """The error to report for a step every rank rejected at the input agreement (worker.StepRejected):
-    the typed teacher error (dead role, NaN output, bad record: it names role/model and batch) if any rank
-    had one, else the first rank's own error (not a peer's 'another rank failed')."""
+    the typed teacher error (dead role, NaN output, bad record, a teacher cache shard that failed its
+    checksum: it names role/model/shard and batch) if any rank had one, else the first rank's own error (not
+    a peer's 'another rank failed')."""
     from common.topk import RecordError
     from student_worker.worker import PeerInputError, StepRejected
+    from teacher_service.cache.errors import CacheError
     from teacher_service.errors import TeacherError, TeacherUnavailableError
 
-    for types in (TeacherUnavailableError, (TeacherError, RecordError)):
+    for types in (TeacherUnavailableError, (TeacherError, RecordError, CacheError)):
         for e in errors:
             typed = find_cause(e, types)
             if typed is not None:
