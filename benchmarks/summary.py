@@ -52,10 +52,11 @@ _EXTRA: dict[str, list[tuple[str, Callable[[dict[str, Any]], Any]]]] = {
     "bench_wire": [("sparse k=64 fp32 / dense tokens/s through the object store",
                     lambda f: f["sparse_over_dense_tokens_per_s"]["sparse_k64_fp32"])],
     "bench_overlap": [("serial (prefetch 0) efficiency at T = S", lambda f: f["serial_efficiency_T1x"])],
-    "bench_loss": [("with loss.chunk_tokens=256 at the largest V: peak memory ratio, time ratio",
-                    lambda f: "{:.3g}, {:.3g}".format(
-                        *(lambda a: (a["peak_total_ratio"], a["time_ratio"]))(
-                            f["per_vocab"][max(f["per_vocab"], key=int)]["alt_chunk"])))],
+    "bench_loss": [("step peak growth beyond the weights from the smaller to the larger V: logits, fused (MiB)",
+                    lambda f: "{:.0f}, {:.0f}".format(*(f["step_growth_beyond_weights_bytes"][v] / 2**20
+                                                       for v in ("step_logits", "step_fused")))),
+                   ("step peak at the largest V, fused / logits",
+                    lambda f: f["per_vocab"][max(f["per_vocab"], key=int)]["ratios"]["step_fused_over_logits_peak"])],
     "bench_transport": [("object store, driver ray.get / in-process (largest batch)",
                          lambda f: list(f["sizes"].values())[-1]["object_store_get"]["ratio_to_in_process"])],
     "bench_e2e": [("steps/s delta_kd / sft (whole loop)", lambda f: f["steps_per_s_ratio_kd_over_sft"]),
@@ -63,9 +64,14 @@ _EXTRA: dict[str, list[tuple[str, Callable[[dict[str, Any]], Any]]]] = {
                   ("teacher wait fraction, delta_kd (steady state)",
                    lambda f: f["steady_teacher_wait_fraction_kd"])],
     "gpu_check": [("device", lambda f: f["device"] + (" (scaled down)" if f["scaled_down"] else "")),
-                  ("teacher top-k time / bare forward, per shape",
-                   lambda f: ", ".join(f"{s} {v['topk_over_bare_time']:.3g}" for s, v in f["teacher"].items())),
-                  ("student delta_kd step / sft step", lambda f: f["student"]["kd_over_sft_time"])],
+                  ("teacher top-k tokens/s / bare forward, per shape",
+                   lambda f: ", ".join(f"{s} {v['topk_tokens_per_s_over_bare']:.3g}"
+                                       for s, v in f["teacher"].items())),
+                  ("teacher gather time / top-k time, per shape",
+                   lambda f: ", ".join(f"{s} {v['gather_over_topk_time']:.3g}" for s, v in f["teacher"].items())),
+                  ("student delta_kd step with the frozen copy / sft step",
+                   lambda f: f["student"]["delta_kd_frozen_base_over_sft_time"]),
+                  ("RDT transport of the record part", lambda f: f["rdt"].get("backend") or f["rdt"]["error"])],
 }
 
 

@@ -37,6 +37,8 @@ __all__ = [
     "LoggingConfig",
     "RunConfig",
     "LOSS_METHODS",
+    "OBJECTIVE_METHODS",
+    "STUDENT_BASE_TAIL_METHODS",
     "load_config",
     "config_from_dict",
     "apply_overrides",
@@ -60,6 +62,10 @@ LOSS_METHODS = (
 LossMethod = Literal[
     "sft", "kd", "rkl", "jsd", "delta_kd", "delta_anchor", "delta_inverse", "delta_match", "parallelogram"
 ]
+# loss.objective other than forward_kl: the methods with one target distribution to score samples against.
+OBJECTIVE_METHODS = ("kd", "delta_kd")
+# loss.tail: student_base: the methods whose target is the student base (moved by the shift, or as it is).
+STUDENT_BASE_TAIL_METHODS = ("delta_kd", "delta_inverse")
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 WireDType = Literal["float32", "bfloat16", "float16"]
 
@@ -139,12 +145,22 @@ class LossConfig(_Strict):
     alpha: float = 1.0  # weight of the teacher's shift delta = lp_T1 - lp_T0
     tau: float = Field(default=1.0, gt=0)  # distillation temperature; the KD part is scaled by tau^2
     lam: float = Field(default=0.0, ge=0, le=1)  # L = lam * CE + (1 - lam) * tau^2 * L_distill
+    # jsd: GKD / TRL's generalised JSD, M = beta*T + (1-beta)*S; beta = 0 is forward KL(T||S), 1 is reverse KL
     jsd_beta: float = Field(default=0.5, ge=0, le=1)
-    tail: Literal["bucket", "drop"] = "bucket"
+    # Off-support mass: one bucket per role, dropped (support renormalised), or (delta_kd, delta_inverse) the
+    # student base's own full row moved by the tail bucket's shift (needs teachers.student_base_source: worker)
+    tail: Literal["bucket", "drop", "student_base"] = "bucket"
+    # kd / delta_kd only: forward KL to the target, reverse KL, or the sampled-token policy-gradient form
+    # (the label must be in the support: records built with the label forced in, as on-policy batches are)
+    objective: Literal["forward_kl", "reverse_kl", "sampled_token"] = "forward_kl"
     k: int = Field(default=64, gt=0)  # support size chosen by the SFT teacher
     # parallelogram: weights of the component losses (names from LOSS_METHODS except sft/parallelogram)
     weights: dict[str, float] = Field(default_factory=lambda: {"delta_kd": 0.5, "kd": 0.5})
-    chunk_tokens: int = Field(default=256, gt=0)  # student log-softmax is computed this many tokens at a time
+    chunk_tokens: int = Field(default=256, gt=0)  # counted rows per loss chunk (fp32 [chunk, V] blocks)
+    # The student's loss from its last hidden states + LM head, chunk by chunk (no [B, T, V] logits): auto =
+    # on unless the model post-processes its logits (e.g. softcapping; then the logits path, logged), on =
+    # an error for such a model, off = always the logits path.
+    fused: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("weights")
     @classmethod
@@ -154,6 +170,19 @@ class LossConfig(_Strict):
             if name not in allowed:
                 raise ValueError(f"unknown parallelogram component {name!r}{_did_you_mean(name, allowed)}")
         return v
+
+    @model_validator(mode="after")
+    def _compatible(self) -> LossConfig:
+        if self.objective != "forward_kl" and self.method not in OBJECTIVE_METHODS:
+            raise ValueError(f"loss.objective={self.objective!r} applies to loss.method in {OBJECTIVE_METHODS}, "
+                             f"not {self.method!r}")
+        if self.tail == "student_base" and self.method not in STUDENT_BASE_TAIL_METHODS:
+            raise ValueError(f"loss.tail='student_base' applies to loss.method in {STUDENT_BASE_TAIL_METHODS} "
+                             f"(the methods whose target is built on the student base), not {self.method!r}")
+        if self.tail == "student_base" and self.method == "delta_inverse" and self.objective != "forward_kl":
+            raise ValueError("loss.tail='student_base' with loss.method='delta_inverse' has no loss.objective "
+                             f"other than 'forward_kl' (got {self.objective!r})")
+        return self
 
 
 class TeachersConfig(_Strict):
@@ -251,6 +280,9 @@ class TrainingConfig(_Strict):
     # wait in a collective for another: at each step's input agreement, a rank whose teacher record is late
     # (a teacher restarting, loading its model) keeps the others waiting.
     collective_timeout_s: float = Field(default=1800.0, gt=0)
+    # Recompute each decoder layer's activations in backward (less memory, ~1/3 more compute), set in the
+    # student worker's setup.
+    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingConfig:
@@ -441,6 +473,14 @@ class RunConfig(_Strict):
             if d.validation == d.eval and d.validation_split == d.eval_split:
                 raise ValueError(f"data.validation ({d.validation!r}, split {d.validation_split!r}) is the test "
                                  "set (data.eval, data.eval_split): best-checkpoint selection must not see it")
+        return self
+
+    @model_validator(mode="after")
+    def _student_base_tail_source(self) -> RunConfig:
+        if self.loss.tail == "student_base" and self.teachers.student_base_source != "worker":
+            raise ValueError("loss.tail='student_base' needs the student base's full row, which only the "
+                             "worker's frozen copy has: set teachers.student_base_source='worker' (got "
+                             f"{self.teachers.student_base_source!r})")
         return self
 
     @property

@@ -194,11 +194,14 @@ class Driver:
                 raise
             raise typed from exc
         if self.rdt:
-            from ray.experimental.collective import create_collective_group
+            # the workers' placements decide `auto` (and fix the run's transport); cuda_ipc is one-sided
+            # and needs no collective group (Ray refuses one with that backend)
+            backend = self.pool.rdt_backend(self.workers)
+            if backend != "cuda_ipc":
+                from ray.experimental.collective import create_collective_group
 
-            self._group_name = f"deltakd-rdt-{time.time_ns()}"
-            create_collective_group(self.pool.actors() + self.workers, backend=self.pool.rdt_backend(),
-                                    name=self._group_name)
+                self._group_name = f"deltakd-rdt-{time.time_ns()}"
+                create_collective_group(self.pool.actors() + self.workers, backend=backend, name=self._group_name)
 
     def _stop_workers(self) -> None:
         if self._group_name is not None:

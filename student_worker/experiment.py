@@ -1,16 +1,24 @@
 """`python -m student_worker.experiment --methods sft,kd,delta_kd --seeds 5 [--eval-examples 500] [--baseline kd]
 [--config X] [--set a.b=v ...] [--output-dir D] [--address A]`: the method comparison. This module plans and runs it (`run_experiment`,
-`main`) and decides which finished runs a rerun reuses (`run_key`, `shared_key`). The measurements besides
+`main`) and decides which finished runs a rerun reuses (`run_key`, `shared_key`).
+
+Variants: a --methods entry may be `method@key=value[,key=value...]`, a method with overrides of its own,
+e.g. `--methods sft,kd,delta_kd,delta_kd@alpha=0.5,delta_kd@tau=2,kd@tau=2,delta_kd@tail=student_base,parallelogram`.
+Keys are short aliases (alpha, tau, lam, k, tail, objective, jsd_beta, lr, steps), weights.<name>
+(loss.weights.<name>) or dotted loss.* / training.* config keys; a piece with `=` and no `@` continues the
+variant before it (`delta_kd@alpha=0.5,tau=2` is one entry). The entry, spaces removed, is the variant's name
+in every table and in experiment.json (`methods`, `variants`: its overrides); its runs are in
+`runs/<name with @ and commas as +>-seed<s>/`. See student_worker/variants.py. The measurements besides
 training are in student_worker/experiment_diagnostics.py; the aggregates, table, experiment.md and plot in
 student_worker/experiment_outputs.py (their public names are importable from here too).
 
-Every run uses the same config (same student base, data and budget) except `loss.method` and `seed`
-(seeds `seed, seed+1, ...`). Runs go one after another in this process through `run_training`, on one Ray
-cluster, attached to ONE teacher pool that the experiment starts (or, with `teachers.attach: true` in the
+Every run uses the same config (same student base, data and budget) except `loss.method`, `seed`
+(seeds `seed, seed+1, ...`) and a variant's own overrides. Runs go one after another in this process
+through `run_training`, on one Ray cluster, attached to ONE teacher pool that the experiment starts (or, with `teachers.attach: true` in the
 config, to the running service). The student base and the SFT teacher are evaluated once, here; runs set
 `evaluation.evaluate_before/evaluate_teacher: false`.
 
-Outputs in D (default runs/experiment): `runs/<method>-seed<s>/` (each run's own outputs), `experiment.json`
+Outputs in D (default runs/experiment): `runs/<method or variant>-seed<s>/` (each run's own outputs), `experiment.json`
 (rewritten after every run: every run's report with per-example scores, per-method aggregates, the hash of
 the shared config; at the end the confidence intervals and verdicts), `experiment.md`, `rouge_by_method.png`,
 `rougeL_ci_by_method.png`. A rerun reuses a finished run whose report.json exists and whose
@@ -44,7 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, config_from_dict
+from common.config import ConfigError, RunConfig, config_from_dict
 from student_worker.experiment_diagnostics import (
     ExperimentError,
     evaluate_references,
@@ -60,9 +68,11 @@ from student_worker.experiment_outputs import (
     plot_experiment,
     plot_rouge_l_ci,
 )
+from student_worker.variants import Variant, VariantError, parse_methods, parse_variant
 
 __all__ = ["ExperimentError", "RUN_OVERRIDES", "run_key", "shared_key", "aggregate", "run_diagnostics",
-           "shift_diagnostics", "evaluate_references", "run_experiment", "experiment_table", "main"]
+           "shift_diagnostics", "evaluate_references", "variant_configs", "run_experiment", "experiment_table",
+           "main"]
 
 # Every run of an experiment gets these on top of the shared config (the experiment evaluates the two
 # fixed reference models once itself).
@@ -97,6 +107,26 @@ def shared_key(cfg: RunConfig) -> str:
     d["loss"].pop("method")
     d.pop("seed")
     return _digest(d)
+
+def variant_configs(cfg: RunConfig, variants: list[Variant]) -> dict[str, RunConfig]:
+    """Each variant's config (the shared one plus its overrides; seed and output not set yet), by label.
+    Raises ConfigError naming the variant when its overrides do not validate, or when two variants make the
+    same run (e.g. `delta_kd@alpha=1` when alpha is 1 already)."""
+    base = cfg.model_dump(mode="json")
+    out: dict[str, RunConfig] = {}
+    keys: dict[str, str] = {}
+    for v in variants:
+        try:
+            vc = config_from_dict(base, list(v.overrides), source="the shared config and its overrides")
+        except ConfigError as exc:
+            raise ConfigError(f"--methods entry {v.label!r}: {exc}") from None
+        key = run_key(vc)
+        if key in keys:
+            raise ConfigError(f"--methods entries {keys[key]!r} and {v.label!r} make the same runs (same config)")
+        keys[key] = v.label
+        out[v.label] = vc
+    return out
+
 
 def _cached_json(path: Path, key: str, compute: Callable[[], Any]) -> Any:
     """`compute()` once per key: the result is kept in `path` as {"key", "value"}."""
@@ -147,11 +177,13 @@ def _git_sha() -> str | None:
         return None
 
 
-def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: Path, *,
+def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: list[int], out_dir: Path, *,
                    shift_batches: int = 4, progress: bool = True, command: str | None = None,
                    baseline: str = "kd") -> dict[str, Any]:
     """Train every (seed, method) run (seed-major order) on the initialised Ray cluster; returns the
-    experiment dict also written to out_dir/experiment.json. `cfg` has resolved model paths."""
+    experiment dict also written to out_dir/experiment.json. `cfg` has resolved model paths; `methods` are
+    method names or variants (strings are parsed as --methods entries). Raises ExperimentError, also for
+    a variant whose config does not validate."""
     from student_worker.driver import run_training
 
     if not cfg.evaluation.enabled or cfg.data.eval is None:
@@ -163,9 +195,17 @@ def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir
         cfg = config_from_dict(cfg.model_dump(mode="json"),
                                [f"teachers.name_prefix={cfg.teachers.name_prefix}-exp{uuid.uuid4().hex[:6]}"])
     shared = shared_key(cfg)
-    plan = [(m, s) for s in seeds for m in methods]
+    try:
+        variants = [m if isinstance(m, Variant) else parse_variant(m) for m in methods]
+        vcfgs = variant_configs(cfg, variants)
+    except (VariantError, ConfigError) as exc:
+        raise ExperimentError(str(exc)) from exc
+    by_label = {v.label: v for v in variants}
+    labels = list(by_label)
+    plan = [(m, s) for s in seeds for m in labels]
     exp: dict[str, Any] = {
-        "command": command, "git": _git_sha(), "shared_config_hash": shared, "methods": methods, "seeds": seeds,
+        "command": command, "git": _git_sha(), "shared_config_hash": shared, "methods": labels,
+        "variants": {v.label: list(v.settings) for v in variants if v.settings}, "seeds": seeds,
         "budget": {k: getattr(cfg.training, k) for k in ("max_steps", "batch_size", "lr", "num_workers")},
         "loss": {k: getattr(cfg.loss, k) for k in ("alpha", "tau", "lam", "k", "tail")},
         "eval_examples": None, "status": "running", "runs": [], "aggregates": {},
@@ -188,9 +228,9 @@ def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir
 
     exp["references"] = _cached_json(out_dir / "references.json", shared, lambda: evaluate_references(cfg))
     exp["eval_examples"] = exp["references"]["student_base"]["num_examples"]
-    run_cfgs = {(m, s): config_from_dict(cfg.model_dump(mode="json"), [
-        f"loss.method={m}", f"seed={s}", "teachers.attach=true", f"run_name={cfg.run_name}-{m}-seed{s}",
-        f"output.dir={out_dir / 'runs' / f'{m}-seed{s}'}"]) for m, s in plan}
+    run_cfgs = {(m, s): config_from_dict(vcfgs[m].model_dump(mode="json"), [
+        f"seed={s}", "teachers.attach=true", f"run_name={cfg.run_name}-{by_label[m].slug}-seed{s}",
+        f"output.dir={out_dir / 'runs' / f'{by_label[m].slug}-seed{s}'}"]) for m, s in plan}
     finished = {ms: r for ms in plan if (r := _reusable(run_cfgs[ms].output_dir, run_key(run_cfgs[ms]))) is not None}
     # Finished runs are in experiment.json from the start: a rerun that fails early does not drop them.
     exp["runs"] = [entry(m, s, report, True) for (m, s), report in finished.items()]
@@ -200,7 +240,7 @@ def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir
     need_shift = not (shift_path.is_file() and json.loads(shift_path.read_text()).get("key") == shared)
     pool = None
     try:
-        if need_shift or any(m != "sft" for m, _ in todo):  # a rerun of finished runs starts no teacher
+        if need_shift or any(by_label[m].method != "sft" for m, _ in todo):  # a rerun of finished runs starts no teacher
             from teacher_service import TeacherPool
 
             try:
@@ -251,16 +291,17 @@ def run_experiment(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.config import LOSS_METHODS, ConfigError, load_config
+    from common.config import LOSS_METHODS, load_config
     from student_worker.train import DEFAULT_CONFIG
 
     p = argparse.ArgumentParser(prog="python -m student_worker.experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="sft,kd,delta_kd", help="comma-separated loss methods")
+    p.add_argument("--methods", default="sft,kd,delta_kd",
+                   help="comma-separated loss methods and variants method@key=value[,key=value] (see above)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds per method: seed, seed+1, ...")
     p.add_argument("--eval-examples", type=int, default=500,
                    help="held-out examples scored per run (sets data.max_eval_examples; 0: the whole eval set)")
-    p.add_argument("--baseline", default="kd", help="the method every other one is compared with")
+    p.add_argument("--baseline", default="kd", help="the method (or variant) every other one is compared with")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--output-dir", default="runs/experiment")
@@ -268,11 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift-batches", type=int, default=4, help="training batches for the shift diagnostics")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in LOSS_METHODS]
-    if not methods or bad or len(set(methods)) != len(methods) or args.seeds < 1:
-        print(f"error: --methods needs distinct names from {LOSS_METHODS} (bad: {bad}) and --seeds >= 1",
-              file=sys.stderr)
+    try:
+        methods = parse_methods(args.methods, LOSS_METHODS)
+    except VariantError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.seeds < 1:
+        print("error: --seeds must be >= 1", file=sys.stderr)
         return 2
     if args.eval_examples < 0:
         print("error: --eval-examples must be >= 0", file=sys.stderr)
@@ -280,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = f"data.max_eval_examples={args.eval_examples or 'null'}"
     try:
         cfg = load_config(args.config, [cap, *args.overrides])
+        variant_configs(cfg, methods)  # a bad variant is an error before any cluster or teacher starts
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

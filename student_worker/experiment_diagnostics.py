@@ -114,9 +114,9 @@ def shift_diagnostics(cfg: RunConfig, pool: Any, num_batches: int) -> dict[str, 
             t = {k: torch.as_tensor(np.array(b[k])) for k in ("input_ids", "attention_mask")}
             targets = add_student_base(model, {**t, "input_ids": t["input_ids"].long()}, targets_from_record(record),
                                        cfg.loss.chunk_tokens)
-            m = targets.mask & torch.as_tensor(b["loss_mask"])
-            ids, label = targets.ids[m], torch.as_tensor(b["labels"])[m]
-            at = {r: teacher_atoms(targets.logprobs[r][m], targets.tail[r][m], "bucket")
+            # targets hold the counted positions only (rows = the batch's loss_mask, flat b * T + t)
+            ids, label = targets.ids, torch.as_tensor(b["labels"]).reshape(-1)[targets.rows]
+            at = {r: teacher_atoms(targets.logprobs[r], targets.tail[r], "bucket")
                   for r in (ROLE_SFT, ROLE_BASE, ROLE_STUDENT_BASE)}
             p = {r: a.exp() for r, a in at.items()}
             delta = cfg.loss.alpha * (at[ROLE_SFT] - at[ROLE_BASE])
@@ -138,10 +138,10 @@ def shift_diagnostics(cfg: RunConfig, pool: Any, num_batches: int) -> dict[str, 
                 "top1_label_target": (ids.gather(1, target[:, :k].argmax(-1, keepdim=True))[:, 0] == label).double(),
             }
             for r in at:
-                vals[f"topk_mass_{r}"] = targets.logprobs[r][m].exp().sum(-1)
+                vals[f"topk_mass_{r}"] = targets.logprobs[r].exp().sum(-1)
             for key, v in vals.items():
                 sums[key] = sums.get(key, 0.0) + float(v.double().sum())
-            count += int(m.sum())
+            count += int(targets.rows.numel())
     if count == 0:
         raise ExperimentError("shift diagnostics: the diagnostic batches have no counted tokens")
     return {key: s / count for key, s in sums.items()} | {"tokens": float(count), "batches": float(len(batches))}

@@ -101,8 +101,9 @@ def comparison_lines(comp: dict[str, Any]) -> list[str]:
     names = [(f"student {m}", iv) for m, iv in comp["methods"].items()]
     names += [({"student_base": "student base", "sft_teacher": "SFT teacher"}.get(n, n), iv)
               for n, iv in comp["references"].items()]
+    width = max([22, *(len(name) for name, _ in names)])
     for name, iv in names:
-        lines.append(f"  {name:<22} {iv['mean']:.4f} [{iv['lo']:.4f}, {iv['hi']:.4f}]  "
+        lines.append(f"  {name:<{width}} {iv['mean']:.4f} [{iv['lo']:.4f}, {iv['hi']:.4f}]  "
                      f"({sizes(Interval(**iv))})")
     if comp["differences"]:
         lines.append(f"differences from {comp['baseline']}, paired by seed and example:")
@@ -116,14 +117,15 @@ def comparison_lines(comp: dict[str, Any]) -> list[str]:
 
 def experiment_table(exp: dict[str, Any]) -> str:
     """Fixed-width table: references, then per method mean ± std [min, max] of ROUGE-L/1/2 over seeds."""
-    lines = [f"{'model':<22} {'n':>2}  " + "  ".join(f"{k:<31}" for k in ("ROUGE-L", "ROUGE-1", "ROUGE-2"))]
+    w = max([22, *(len("student " + m) for m in exp["aggregates"])])
+    lines = [f"{'model':<{w}} {'n':>2}  " + "  ".join(f"{k:<31}" for k in ("ROUGE-L", "ROUGE-1", "ROUGE-2"))]
     for name, label in (("student_base", "student base"), ("sft_teacher", "SFT teacher")):
         r = exp["references"][name]
-        lines.append(f"{label:<22} {'-':>2}  " + "  ".join(f"{r[k]:<31.4f}" for k in ROUGE))
+        lines.append(f"{label:<{w}} {'-':>2}  " + "  ".join(f"{r[k]:<31.4f}" for k in ROUGE))
     for method, agg in exp["aggregates"].items():
         cells = [f"{agg[k]['mean']:.4f} ± {agg[k]['std']:.4f} [{agg[k]['min']:.3f}, {agg[k]['max']:.3f}]"
                  for k in ROUGE]
-        lines.append(f"{'student ' + method:<22} {agg['rougeL']['n']:>2}  " + "  ".join(f"{c:<31}" for c in cells))
+        lines.append(f"{'student ' + method:<{w}} {agg['rougeL']['n']:>2}  " + "  ".join(f"{c:<31}" for c in cells))
     return "\n".join(lines)
 
 
@@ -150,6 +152,13 @@ def experiment_markdown(exp: dict[str, Any]) -> str:
     return "\n".join(md) + "\n"
 
 
+def _ticks(ax: Any, names: list[str]) -> None:
+    """Method names under the bars; long ones (variants) slanted so that they do not overlap."""
+    slant = max(len(n) for n in names) > 12
+    ax.set_xticks(np.arange(len(names)), names, rotation=30 if slant else 0, ha="right" if slant else "center",
+                  fontsize=8 if slant else None)
+
+
 def plot_experiment(exp: dict[str, Any], path: Path) -> None:
     """Grouped bars: ROUGE-L/1/2 per method (mean, error bar = sample std, dots = seeds) and the two
     reference models (student base, SFT teacher) as single bars."""
@@ -170,7 +179,7 @@ def plot_experiment(exp: dict[str, Any], path: Path) -> None:
         for i, method in enumerate(exp["aggregates"], start=1):
             vals = [r["report"]["rouge"]["student_after"][key] for r in exp["runs"] if r["method"] == method]
             ax.plot([x[i]] * len(vals), vals, "k.", markersize=3)
-    ax.set_xticks(np.arange(len(groups)), groups)
+    _ticks(ax, groups)
     ax.set_ylabel("held-out ROUGE (F)")
     ax.set_title(f"seeds {exp['seeds']}, {exp['budget']['max_steps']} steps")
     ax.legend()
@@ -201,10 +210,10 @@ def plot_rouge_l_ci(exp: dict[str, Any], path: Path) -> None:
     for j, (name, iv) in enumerate(comp["references"].items()):
         label = {"student_base": "student base", "sft_teacher": "SFT teacher"}.get(name, name)
         ax.axhline(iv["mean"], ls="--", color=f"C{j + 1}", label=f"{label} {iv['mean']:.3f}")
-    ax.set_xticks(range(len(methods)), methods)
+    _ticks(ax, methods)
     ax.set_xlim(-0.5, len(methods) - 0.5)
     ax.set_ylabel(f"held-out {comp['key']} (F)")
-    n = next(iter(comp["methods"].values()), {})
+    n: dict[str, Any] = next(iter(comp["methods"].values()), {})
     ax.set_title(f"mean and 95% CI over {n.get('seeds', '?')} seeds x {n.get('examples', '?')} examples")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

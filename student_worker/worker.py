@@ -51,7 +51,13 @@ from student_worker.distributed import (
 )
 from student_worker.evaluate import evaluate_model
 from student_worker.loading import load_causal_lm, student_dtype
-from student_worker.train_step import lr_factor, needs_student_base, train_step
+from student_worker.train_step import (
+    enable_gradient_checkpointing,
+    loss_forward_module,
+    lr_factor,
+    needs_student_base,
+    train_step,
+)
 
 __all__ = ["StudentWorker", "StudentWorkerImpl", "StepRejected", "PeerInputError", "StepOrderError",
            "InjectedRankError", "STEP_PARTS", "TEACHER_WAIT_PARTS", "COMPUTE_PARTS", "required_roles"]
@@ -155,6 +161,8 @@ class StudentWorkerImpl:
         self.dtype = student_dtype(spec)  # master weights; autocast (GPU) computes in bf16
         self.model = load_causal_lm(spec, self.device, self.dtype)
         self.model.train()
+        if cfg.training.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision,
                                                        trust_remote_code=spec.trust_remote_code)
         self.base_model: torch.nn.Module | None = None
@@ -164,15 +172,18 @@ class StudentWorkerImpl:
             # the student's own dtype and under the same autocast: S0 = S exactly at step 0 (a bf16 copy under
             # an fp32 master would differ in the norms, embeddings and residual stream).
             base = cfg.models.student_base or spec
-            self.base_model = load_causal_lm(base, self.device, self.dtype).eval()
-            self.base_model.requires_grad_(False)
+            base_lm = load_causal_lm(base, self.device, self.dtype).eval()
+            base_lm.requires_grad_(False)
+            # backbone only when the fused loss applies (train_step.py): lp_S0 at the counted rows only
+            self.base_model = loss_forward_module(base_lm, cfg.loss, base.path)
         t = cfg.training
         self.group = make_process_group(init_method, self.rank, self.world_size, "nccl" if use_cuda else "gloo",
                                         timeout_s=t.collective_timeout_s,
                                         group_name=f"{cfg.run_name}-students-g{self.generation}")
         self.allreduce_timer = AllReduceTimer()
-        self.ddp = wrap_ddp(self.model, self.group, self.device, comm_hook=compression_hook(t.grad_compression),
-                            timer=self.allreduce_timer)
+        # DDP wraps what the step's forward runs: the backbone-only module on the fused path (train_step.py)
+        self.ddp = wrap_ddp(loss_forward_module(self.model, cfg.loss, spec.path), self.group, self.device,
+                            comm_hook=compression_hook(t.grad_compression), timer=self.allreduce_timer)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)

@@ -1,12 +1,14 @@
 """Delta-KD losses on sparse teacher targets (DESIGN.md section 1, ARCHITECTURE.md "Loss entry point").
 
-    targets = targets_from_record(record, device)
-    out = distillation_loss(student_logits, targets, labels, loss_cfg, pair_alphas=[1.0])
+    targets = targets_from_record(record, device)          # SparseTargets at the counted rows
+    out = distillation_loss(student, targets, labels, loss_cfg, pair_alphas=[1.0], student_base=None)
     out.loss_sum / global_token_count  # the caller divides once
 
+`student` (and `student_base`) is logits [B, T, V'] or HiddenStates(hidden, head weight, bias).
 Pure torch: never imports Ray, transformers or vLLM (tests/unit/test_import_purity.py).
 """
 
+from common.losses.atoms import teacher_atoms
 from common.losses.divergences import (
     LOG_TAIL_FLOOR,
     LOGPROB_FLOOR,
@@ -18,16 +20,21 @@ from common.losses.divergences import (
     reverse_kl,
     safe_log,
 )
-from common.losses.loss import LossOutput, distillation_loss, teacher_atoms
+from common.losses.inputs import HiddenStates, StudentInput
+from common.losses.loss import LossOutput, distillation_loss
 from common.losses.methods import DISTILL_METHODS, method_token_loss, required_roles
+from common.losses.scoring import support_logprobs
 from common.losses.targets import LossInputError, SparseTargets, targets_from_record
 
 __all__ = [
     "SparseTargets",
+    "HiddenStates",
+    "StudentInput",
     "LossInputError",
     "LossOutput",
     "targets_from_record",
     "distillation_loss",
+    "support_logprobs",
     "teacher_atoms",
     "method_token_loss",
     "required_roles",

@@ -58,22 +58,22 @@ def reverse_kl(target_lp: Tensor, student_lp: Tensor) -> Tensor:
 
 
 def generalized_jsd(target_lp: Tensor, student_lp: Tensor, beta: float) -> Tensor:
-    """Generalised Jensen-Shannon divergence with mixing weight beta. [N, A] -> [N].
+    """Generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) as TRL parameterises it.
 
-        M = (1 - beta) * P + beta * Q
+        M = beta * P + (1 - beta) * Q                       P = the target (teacher), Q = the student
         L = beta * KL(P || M) + (1 - beta) * KL(Q || M)
 
-    Endpoints: beta = 1 gives M = Q and L = KL(P || Q), the forward KL (`kd`); beta = 0 gives M = P and
-    L = KL(Q || P), the reverse KL (`rkl`); beta = 0.5 is the usual symmetric JSD. The endpoints are
-    computed by their closed forms (log(0) would otherwise enter the mixture).
+    [N, A] -> [N]. Endpoints, as in TRL's `generalized_jsd_loss`: beta = 0 is the forward KL(P || Q) (`kd`),
+    beta = 1 is the reverse KL(Q || P) (`rkl`); beta = 0.5 is the usual symmetric JSD. The endpoints are
+    special cases, not limits: as beta -> 0 the mixture formula itself goes to 0 like beta * KL(P || Q).
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd beta={beta} must lie in [0, 1]")
-    if beta == 1.0:
-        return forward_kl(target_lp, student_lp)
     if beta == 0.0:
+        return forward_kl(target_lp, student_lp)
+    if beta == 1.0:
         return reverse_kl(target_lp, student_lp)
-    log_m = torch.logaddexp(target_lp + math.log(1.0 - beta), student_lp + math.log(beta))
+    log_m = torch.logaddexp(target_lp + math.log(beta), student_lp + math.log1p(-beta))
     return beta * forward_kl(target_lp, log_m) + (1.0 - beta) * forward_kl(student_lp, log_m)
 
 

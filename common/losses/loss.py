@@ -1,61 +1,55 @@
-"""`distillation_loss`: every method of DESIGN.md section 1 on the sparse targets + the student's logits.
+"""`distillation_loss`: every method of DESIGN.md section 1 on sparse targets + the student's output.
 
-Per counted token (labels != -100 and targets.mask):
+Per counted position (the rows of the targets; for `sft` the positions whose label is not -100):
 
-    L_token = lam * CE(softmax(z), label) + (1 - lam) * tau^2 * L_method(atoms)
+    L_token = lam * CE(softmax(z), label) + (1 - lam) * tau^2 * L_method
 
-where z are the student's logits at temperature 1 (CE) and the atoms are built from log_softmax(z / tau)
-(see `common.losses.methods` for L_method). `loss_sum` is the sum of L_token over counted tokens; the
-caller divides once by the global token count.
+where z are the student's logits at temperature 1 (CE) and L_method is computed from s = z / tau on the
+atoms (`common.losses.atoms`, `common.losses.methods`) or, with `tail: student_base`, on the whole
+vocabulary (`common.losses.student_base_tail`). `loss_sum` is the sum of L_token over counted positions;
+the caller divides once by the global token count.
 
-Atoms of the student, from lp_S = log_softmax(z / tau) over the full vocabulary (cut to vocab_size):
-- `tail: bucket`: [lp_S at the k ids, max(log sum_{v not in S} p_S(v), log 1e-30)]. The off-support
-  log-mass is the logsumexp of lp_S with the support filled by -1e30 (finite: k = |V| stays finite).
-- `tail: drop`: log_softmax of lp_S at the k ids (renormalised over the support).
-Atoms of a teacher role: [lp at ids, log max(tail, 1e-30)] (bucket) or its k values (drop), then
-renormalised over the atoms (wire rounding leaves them summing to 1 +- eps; a proper distribution keeps
-every KL >= 0). Teacher -inf log-probs become -1e4 (zero mass, finite arithmetic).
-
-Memory: the counted rows are processed `cfg.chunk_tokens` at a time in two fp32 `[chunk, V]` blocks,
-allocated once per call: one holds the chunk's logits and then their gradient, the other is scratch for the
-logsumexp and the CE softmax. The working set is fixed whatever the number of chunks. The gradient with
-respect to the logits is formed analytically from the gradient of the small `[chunk, A]` atom tensor
-(autograd on the atoms only) and written straight into one buffer shaped like `student_logits` (its dtype);
-nothing of size `[chunk, V]` is kept for backward.
-For the bucket atoms a_j = s_{id_j} - lse(s), a_tail = lse_off(s) - lse(s) with s = z / tau:
-
-    dL/ds_v = sum_{j: id_j = v} g_j + g_tail * p_off(v) - G * p(v),   G = sum_j g_j + g_tail
-
-with p = softmax(s), p_off(v) = exp(s_v - lse_off) off the support (0 on it), and g_tail = 0 where the
-tail log-mass sits at its floor (the clamp passes no gradient). For drop atoms a = log_softmax(s_S):
-dL/ds_S = g - (sum_j g_j) softmax(s_S), 0 elsewhere. Then dL/dz = dL/ds / tau, and CE adds
-lam * (softmax(z) - onehot(label)).
+The student comes as logits `[B, T, V']` or as `HiddenStates` (last hidden states + LM head); the frozen
+student base (lp_S0, when the targets lack the role) likewise. Either way the counted rows are processed
+`cfg.chunk_tokens` at a time in fp32 `[chunk, V]` blocks allocated once per call (`work`: the chunk's
+logits, then their gradient; `scratch`: logsumexp temporaries and the CE softmax; `base`: the student
+base's row, only when it is an input). Nothing `[B, T, V]` exists on the hidden-state path, and no fp32
+`[N, V]` on either. The gradient with respect to the logits is formed analytically from the gradient of
+the small `[chunk, A]` atom tensor (autograd on the atoms only), then pushed to the inputs per chunk
+(`common.losses.inputs`): nothing `[chunk, V]` is kept for backward, and `loss_sum` can be
+back-propagated once. With dL/ds from the method, dL/dz = (1 - lam) tau dL/ds + lam (softmax(z) - onehot).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from common.config import LossConfig
-from common.losses.divergences import LOG_TAIL_FLOOR, LOGPROB_FLOOR, safe_log
-from common.losses.methods import method_token_loss, required_roles
+from common.losses.atoms import (
+    atom_grad_into,
+    logsumexp_rows,
+    row_support,
+    student_atoms,
+    teacher_atoms,
+)
+from common.losses.inputs import HiddenStates, StudentInput, batch_shape_of, row_source
+from common.losses.methods import method_token_loss, pair_shift, required_roles
+from common.losses.student_base_tail import student_base_tail_chunk
 from common.losses.targets import LossInputError, SparseTargets
+from common.topk import ROLE_STUDENT_BASE, pair_roles
 
-__all__ = ["LossOutput", "distillation_loss", "teacher_atoms"]
+__all__ = ["LossOutput", "distillation_loss", "teacher_atoms", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
-# Fills the support before the off-support logsumexp: finite (unlike -inf), so when k = |V| the
-# logsumexp is a finite -1e30 + log|V| (then clamped to the tail floor) and no -inf enters the arithmetic.
-_SUPPORT_FILL = -1.0e30
 
 
 @dataclass
 class LossOutput:
-    """loss_sum: scalar fp32, sum over counted tokens (grad flows to student_logits);
+    """loss_sum: scalar fp32, sum over counted tokens (grad flows to the student's input);
     num_tokens: counted tokens; metrics: per-token means over counted tokens (0.0 when none)."""
 
     loss_sum: Tensor
@@ -63,219 +57,270 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def teacher_atoms(logprobs: Tensor, tail: Tensor, mode: str) -> Tensor:
-    """A teacher role's atom log-probs, renormalised over the atoms.
-
-    logprobs: [N, k] at the support, tail: [N] off-support mass. Returns [N, k+1] (bucket) or [N, k] (drop).
-    """
-    lp = logprobs.clamp(min=LOGPROB_FLOOR)
-    if mode == "bucket":
-        lp = torch.cat([lp, safe_log(tail)[:, None]], dim=-1)
-    return torch.log_softmax(lp, dim=-1)
-
-
-class _PrecomputedGrad(torch.autograd.Function):
-    """Connects `value` to `logits` with a gradient already computed in the forward pass."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, value: Tensor, grad: Tensor) -> Tensor:
-        ctx.grad = grad
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("distillation_loss: backward ran twice through one LossOutput.loss_sum; "
-                               "its gradient buffer is scaled in place, compute the loss again instead")
-        ctx.grad = None  # scaled in place (no second [B, T, V] buffer); a second backward would be wrong
-        return grad.mul_(grad_out.to(grad.dtype)), None, None
+def _vocab_rows(x: StudentInput, what: str) -> int:
+    if isinstance(x, HiddenStates):
+        if x.hidden.ndim != 3 or x.weight.ndim != 2 or x.hidden.shape[-1] != x.weight.shape[1]:
+            raise LossInputError(f"{what}: hidden states {tuple(x.hidden.shape)} [B, T, H] and head weight "
+                                 f"{tuple(x.weight.shape)} [V', H] do not fit")
+        if x.bias is not None and tuple(x.bias.shape) != (x.weight.shape[0],):
+            raise LossInputError(f"{what}: head bias {tuple(x.bias.shape)} != [V'] = {(x.weight.shape[0],)}")
+        return int(x.weight.shape[0])
+    if x.ndim != 3:
+        raise LossInputError(f"{what} logits must be [B, T, V], got shape {tuple(x.shape)}")
+    return int(x.shape[-1])
 
 
-def _logsumexp(x: Tensor, tmp: Tensor) -> Tensor:
-    """logsumexp over the last dim of x [n, V] (finite rows), using tmp [n, V] as its only temporary."""
-    m = x.amax(dim=-1, keepdim=True)
-    return torch.sub(x, m, out=tmp).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
-
-
-def _student_atoms(x: Tensor, ids: Tensor, mode: str, tmp: Tensor,
-                   lse: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """x: [n, V] fp32 scaled logits s = z / tau (restored on return); tmp: a [n, V] scratch block; lse:
-    logsumexp(s) when the caller has it (tau = 1: the CE's). Returns atoms and what the gradient needs."""
-    if lse is None:
-        lse = _logsumexp(x, tmp)
-    s_sup = x.gather(-1, ids)
-    if mode == "drop":
-        return torch.log_softmax(s_sup, dim=-1), {"lse": lse, "s_sup": s_sup}
-    x.scatter_(-1, ids, _SUPPORT_FILL)
-    lse_off = _logsumexp(x, tmp)
-    x.scatter_(-1, ids, s_sup)  # restore: exact, these are the values gathered above
-    raw_tail = lse_off - lse
-    unclamped = raw_tail > LOG_TAIL_FLOOR
-    atoms = torch.cat([s_sup - lse[:, None], raw_tail.clamp(min=LOG_TAIL_FLOOR)[:, None]], dim=-1)
-    return atoms, {"lse": lse, "s_sup": s_sup, "lse_off": lse_off, "unclamped": unclamped}
-
-
-def _distill_grad_into(x: Tensor, ids: Tensor, g: Tensor, mode: str, saved: dict[str, Tensor]) -> None:
-    """Overwrite x ([n, V] scaled logits s) with dL/ds given g = dL/d atoms ([n, A])."""
-    k = ids.shape[1]
-    if mode == "drop":
-        q = torch.softmax(saved["s_sup"], dim=-1)
-        x.zero_()
-        x.scatter_add_(-1, ids, g - g.sum(-1, keepdim=True) * q)
-        return
-    lse, lse_off, unclamped = saved["lse"], saved["lse_off"], saved["unclamped"]
-    g_sup = g[:, :k]
-    g_tail = torch.where(unclamped, g[:, k], torch.zeros_like(g[:, k]))
-    big_g = g_sup.sum(-1) + g_tail
-    # p_off(v) = p(v) * exp(lse - lse_off); where clamped g_tail = 0 and the exponent (huge) is not used.
-    c = g_tail * torch.exp(torch.where(unclamped, lse - lse_off, torch.zeros_like(lse)))
-    p_sup = torch.exp(saved["s_sup"] - lse[:, None])
-    x.sub_(lse[:, None]).exp_().mul_((c - big_g)[:, None])  # off-support: p * (g_tail*exp(..) - G)
-    x.scatter_(-1, ids, p_sup * (-big_g)[:, None])
-    x.scatter_add_(-1, ids, g_sup)
-
-
-def _rows_fp32(flat: Tensor, rows: Tensor, out: Tensor) -> Tensor:
-    """flat[rows] as fp32, written into `out` ([len(rows), V] fp32) and returned."""
-    if flat.dtype == torch.float32:
-        return torch.index_select(flat, 0, rows, out=out)
-    return out.copy_(flat.index_select(0, rows))
-
-
-def _check_inputs(student_logits: Tensor, targets: SparseTargets | None, labels: Tensor,
-                  cfg: LossConfig) -> int:
-    if student_logits.ndim != 3:
-        raise LossInputError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
-    b, t, v_pad = student_logits.shape
+def _check_inputs(student: StudentInput, targets: SparseTargets | None, labels: Tensor, cfg: LossConfig,
+                  student_base: StudentInput | None) -> int:
+    """Shapes, vocabulary, tau and the roles' sources. Returns the vocabulary size to cut to."""
+    b, t = batch_shape_of(student)
+    v_pad = _vocab_rows(student, "student")
     if tuple(labels.shape) != (b, t):
-        raise LossInputError(f"labels shape {tuple(labels.shape)} != student_logits [B, T] {(b, t)}")
+        raise LossInputError(f"labels shape {tuple(labels.shape)} != the student's [B, T] {(b, t)}")
     if targets is None:
         if cfg.method != "sft":
             raise LossInputError(f"loss method {cfg.method!r} needs teacher targets, got None")
-        return int(v_pad)
+        return v_pad
     bid = targets.batch_id
-    if tuple(targets.ids.shape[:2]) != (b, t):
-        raise LossInputError(f"batch {bid}: targets ids {tuple(targets.ids.shape)} and student_logits "
-                             f"{tuple(student_logits.shape)} disagree on [B, T]")
+    if tuple(targets.batch_shape) != (b, t):
+        raise LossInputError(f"batch {bid}: targets were made for [B, T] = {tuple(targets.batch_shape)}, the "
+                             f"student's output is {(b, t)}")
+    n, k = targets.shape
+    if tuple(targets.rows.shape) != (n,):
+        raise LossInputError(f"batch {bid}: targets rows {tuple(targets.rows.shape)} != [N] = {(n,)}")
     if v_pad < targets.vocab_size:
-        raise LossInputError(f"batch {bid}: student_logits have {v_pad} vocabulary rows < the "
+        raise LossInputError(f"batch {bid}: the student's output has {v_pad} vocabulary rows < the "
                              f"tokenizer's vocab_size {targets.vocab_size}")
-    if not 0 < targets.shape[2] <= targets.vocab_size:
-        raise LossInputError(f"batch {bid}: k={targets.shape[2]} out of range (1..{targets.vocab_size})")
+    if not 0 < k <= targets.vocab_size:
+        raise LossInputError(f"batch {bid}: support size K={k} out of range (1..{targets.vocab_size})")
     if abs(targets.tau - cfg.tau) > 1e-6 * max(1.0, cfg.tau):
         raise LossInputError(f"batch {bid}: targets were made at tau={targets.tau}, loss.tau={cfg.tau}")
+    if student_base is not None:
+        if batch_shape_of(student_base) != (b, t) or _vocab_rows(student_base, "student_base") < targets.vocab_size:
+            raise LossInputError(f"batch {bid}: student_base output does not match the student's [B, T] {(b, t)} "
+                                 f"and vocab_size {targets.vocab_size}")
+        if ROLE_STUDENT_BASE in targets.logprobs:
+            raise LossInputError(f"batch {bid}: lp_S0 given twice: the targets hold role {ROLE_STUDENT_BASE!r} "
+                                 "and a student_base output was passed")
+    if cfg.tail == "student_base" and student_base is None:
+        raise LossInputError(f"batch {bid}: loss.tail='student_base' needs the student base's full row: pass "
+                             "student_base (its hidden states + head, or logits; teachers.student_base_source: "
+                             "worker)")
     return int(targets.vocab_size)
 
 
+def _counted_rows(targets: SparseTargets | None, labels: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """(rows [N], labels at those rows [N]); checks that rows == positions with a label, labels in range."""
+    flat = labels.reshape(-1)
+    labelled = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    bid = None if targets is None else targets.batch_id
+    if targets is not None:
+        rows = targets.rows.to(labels.device)
+        if rows.numel() != labelled.numel() or not torch.equal(rows, labelled):
+            extra = rows[flat[rows.clamp(0, flat.numel() - 1)] == IGNORE_INDEX][:5].tolist() if rows.numel() else []
+            have = torch.zeros_like(flat, dtype=torch.bool)
+            have[rows] = True
+            missing = labelled[~have[labelled]][:5].tolist()
+            raise LossInputError(f"batch {bid}: the targets' rows and the positions with a label disagree "
+                                 f"({rows.numel()} rows, {labelled.numel()} labelled); rows without a label "
+                                 f"(first 5, flat b*T+t): {extra}; labelled positions without a row: {missing}")
+    else:
+        rows = labelled
+    lab = flat[rows]
+    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab):
+        raise LossInputError(f"batch {bid}: labels out of range [0, {vocab}): min {int(lab.min())}, "
+                             f"max {int(lab.max())}")
+    return rows, lab
+
+
+def _label_atoms(ids: Tensor, labels: Tensor, bid: object) -> Tensor:
+    """[N] index j with ids[n, j] == labels[n]; LossInputError when a label is not in its support."""
+    hit = ids == labels[:, None]
+    found = hit.any(-1)
+    if not bool(found.all()):
+        miss = (~found).nonzero().squeeze(1)[:5].tolist()
+        raise LossInputError(f"batch {bid}: loss.objective='sampled_token' needs each label in its support "
+                             f"(records built with the label forced in); {int((~found).sum())} counted "
+                             f"positions lack it, e.g. positions {miss} of the targets")
+    return hit.int().argmax(-1)
+
+
+def _ce_softmax_into(out: Tensor, x: Tensor, tau: float, lse1: Tensor) -> Tensor:
+    """softmax(z) = exp(tau * s - lse(z)) into `out`, from x = s = z / tau."""
+    if tau == 1.0:
+        return torch.sub(x, lse1[:, None], out=out).exp_()
+    return torch.mul(x, tau, out=out).sub_(lse1[:, None]).exp_()
+
+
+class _Chunk(NamedTuple):
+    """One chunk's distillation part: dist/entropy [c], advantage [c] | None, components name -> [c];
+    grad: the block holding dL/ds (None without gradients); free: a block the caller may overwrite."""
+
+    dist: Tensor
+    entropy: Tensor
+    advantage: Tensor | None
+    components: dict[str, Tensor]
+    grad: Tensor | None
+    free: Tensor
+
+
+def _atoms_chunk(x: Tensor, tmp: Tensor, lse1: Tensor, lse_s: Tensor, ids: Tensor, lp: dict[str, Tensor],
+                 tl: dict[str, Tensor], roles: list[str], cfg: LossConfig, alphas: list[float],
+                 label_atom: Tensor | None, need_grad: bool) -> _Chunk:
+    """The method on the atoms (tail bucket / drop): autograd on the [c, A] atoms only, then dL/ds in x.
+
+    x holds s = z / tau (overwritten by dL/ds when need_grad); with lam > 0, softmax(z) goes to tmp first.
+    """
+    s_atoms, saved = student_atoms(x, ids, cfg.tail, tmp, lse_s)
+    atoms = {role: teacher_atoms(lp[role], tl[role], cfg.tail) for role in roles}
+    a = s_atoms.detach().requires_grad_(need_grad)
+    with torch.enable_grad():
+        m = method_token_loss(a, atoms, cfg, alphas, ids.shape[1], label_atom)
+        (g,) = torch.autograd.grad(m.loss.sum(), a) if need_grad else (None,)
+    comps = {name: v.detach() for name, v in m.components.items()}
+    if g is None:
+        return _Chunk(m.loss.detach(), m.target_entropy, m.advantage, comps, None, tmp)
+    if cfg.lam > 0.0:
+        _ce_softmax_into(tmp, x, float(cfg.tau), lse1)  # before x is overwritten
+    atom_grad_into(x, ids, g, cfg.tail, saved)
+    return _Chunk(m.loss.detach(), m.target_entropy, m.advantage, comps, x, tmp)
+
+
+def _logit_grad_into(x: Tensor, part: _Chunk, lse1: Tensor, lab: Tensor, lam: float, tau: float) -> None:
+    """dL/dz = (1 - lam) tau dL/ds + lam (softmax(z) - onehot(label)), assembled in x.
+
+    part.grad is x itself (atoms path: softmax(z) already in part.free) or another block (x still s)."""
+    assert part.grad is not None
+    if part.grad is x:
+        x.mul_((1.0 - lam) * tau)
+        if lam > 0.0:
+            x.add_(part.free, alpha=lam)
+    elif lam > 0.0:
+        _ce_softmax_into(part.free, x, tau, lse1)
+        torch.mul(part.grad, (1.0 - lam) * tau, out=x).add_(part.free, alpha=lam)
+    else:
+        torch.mul(part.grad, (1.0 - lam) * tau, out=x)
+    if lam > 0.0:
+        x.scatter_add_(-1, lab[:, None], torch.full_like(lse1[:, None], -lam))
+
+
 def distillation_loss(
-    student_logits: Tensor,
+    student: StudentInput,
     targets: SparseTargets | None,
     labels: Tensor,
     cfg: LossConfig,
     pair_alphas: list[float] | None = None,
+    student_base: StudentInput | None = None,
 ) -> LossOutput:
-    """The configured loss for one batch (formulas in this module's and `methods`' docstrings).
+    """The configured loss for one batch (formulas in this module's, `methods`' and `student_base_tail`'s
+    docstrings; docs/LOSSES.md).
 
-    student_logits: [B, T, V'] any float dtype, V' >= vocab_size (rows beyond vocab_size are cut);
-    targets: SparseTargets ([B, T, k]) or None for method `sft`; labels: [B, T] long, -100 = ignored;
+    student: logits [B, T, V'] (any float dtype) or HiddenStates(hidden [B, T, H], weight [V', H], bias);
+        V' >= vocab_size, rows beyond vocab_size are cut.
+    targets: SparseTargets at the counted rows, or None for method `sft`; labels: [B, T] long, -100 =
+        ignored; the labelled positions must be exactly the targets' rows.
     pair_alphas: alpha_j per teacher pair (default [cfg.alpha]).
+    student_base: the frozen student base's logits or HiddenStates (no grad), when lp_S0 is not a role of
+        the targets; scored at the counted rows and the support (and its full row for tail student_base).
     Returns LossOutput(loss_sum scalar fp32, num_tokens, metrics per-token means).
     """
-    vocab = _check_inputs(student_logits, targets, labels, cfg)
-    b, t, v_pad = student_logits.shape
-    device = student_logits.device
+    vocab = _check_inputs(student, targets, labels, cfg, student_base)
+    device = labels.device
+    dev_type = device.type
+    # The head product's dtype: the autocast dtype when autocast is on (what the model's lm_head would use).
+    mm_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else None
     alphas = [float(cfg.alpha)] if pair_alphas is None else [float(a) for a in pair_alphas]
-    counted = labels != IGNORE_INDEX
     roles: list[str] = []
     if targets is not None and cfg.method != "sft":
         roles = required_roles(cfg, len(alphas))
-        targets.require(roles, cfg.method)
-        counted = counted & targets.mask.to(device)
-    rows = counted.reshape(-1).nonzero().squeeze(1)
-    flat_labels = labels.reshape(-1)[rows]
+        targets.require([r for r in roles if not (r == ROLE_STUDENT_BASE and student_base is not None)],
+                        cfg.method)
+    rows, flat_labels = _counted_rows(targets if cfg.method != "sft" else None, labels, vocab)
     n = int(rows.numel())
-    if n and (int(flat_labels.min()) < 0 or int(flat_labels.max()) >= vocab):
-        bid = None if targets is None else targets.batch_id
-        raise LossInputError(f"batch {bid}: labels out of range [0, {vocab}): min {int(flat_labels.min())}, "
-                             f"max {int(flat_labels.max())}")
+    bid = None if targets is None else targets.batch_id
+    tail_mode = cfg.tail
+    sampled_atoms = (cfg.objective == "sampled_token" and tail_mode != "student_base" and targets is not None
+                     and cfg.method != "sft")
+    label_atom = _label_atoms(targets.ids, flat_labels, bid) if sampled_atoms and targets is not None else None
 
     # metric keys are fixed up front so an all-masked batch reports the same keys (as 0.0)
-    keys = ["ce"]
+    keys = ["ce", "distill"]
     if cfg.method != "sft":
-        keys += ["distill", "target_entropy"]
+        keys += ["target_entropy"]
         keys += [f"loss_{c}" for c in sorted(cfg.weights)] if cfg.method == "parallelogram" else []
-        keys += [f"topk_mass_{r}" for r in (targets.roles if targets is not None else [])]
-    else:
-        keys += ["distill"]
+        mass_roles = list(targets.roles if targets is not None else [])
+        mass_roles += [ROLE_STUDENT_BASE] if student_base is not None else []
+        keys += [f"topk_mass_{r}" for r in mass_roles]
+        keys += ["advantage"] if cfg.objective == "sampled_token" else []
     sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
-
-    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    flat = student_logits.detach().reshape(b * t, v_pad)[:, :vocab]
-    grad_buf = torch.zeros((b * t, v_pad), dtype=student_logits.dtype, device=device) if need_grad else None
     lam, tau = float(cfg.lam), float(cfg.tau)
-    k = 0 if targets is None else targets.shape[2]
-    lp_flat = {} if targets is None else {r: targets.logprobs[r].reshape(b * t, k) for r in targets.roles}
-    tail_flat = {} if targets is None else {r: targets.tail[r].reshape(b * t) for r in targets.roles}
-    ids_flat = None if targets is None else targets.ids.reshape(b * t, k).to(device)
+    student_params = [student.hidden, student.weight, student.bias] if isinstance(student, HiddenStates) else [student]
+    need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in student_params)
 
-    # Two fp32 [chunk, V] blocks, allocated once and refilled per chunk: `work` holds the chunk's logits (then
-    # its gradient), `scratch` the logsumexp temporaries and the CE softmax. Fresh blocks per chunk (and
-    # torch.logsumexp's own temporaries) made the CPU allocator's peak drift by several blocks between runs.
-    width = min(cfg.chunk_tokens, n)
-    work = torch.empty((width, vocab), dtype=torch.float32, device=device) if n else None
-    scratch = torch.empty_like(work) if work is not None else None
-    for start in range(0, n, cfg.chunk_tokens):
-        r = rows[start : start + cfg.chunk_tokens]
-        lab = flat_labels[start : start + cfg.chunk_tokens][:, None]
-        assert work is not None and scratch is not None
-        x = _rows_fp32(flat, r, work[: r.numel()])  # the chunk's fp32 [n, V] block (a copy)
-        tmp = scratch[: r.numel()]
-        lse1 = _logsumexp(x, tmp)
-        ce = lse1 - x.gather(-1, lab).squeeze(1)
-        chunk_sums: dict[str, Tensor] = {"ce": ce.sum()}
-        if cfg.method == "sft":
-            token_loss = ce
-            chunk_sums["distill"] = torch.zeros((), device=device)
-            if grad_buf is not None:
-                x.sub_(lse1[:, None]).exp_().scatter_add_(-1, lab, torch.full_like(ce[:, None], -1.0))
-        else:
-            assert targets is not None and ids_flat is not None
-            ids = ids_flat.index_select(0, r.to(ids_flat.device))
-            if tau != 1.0:
-                x.div_(tau)
-            s_atoms, saved = _student_atoms(x, ids, cfg.tail, tmp, lse1 if tau == 1.0 else None)
-            atoms = {role: teacher_atoms(lp_flat[role][r], tail_flat[role][r], cfg.tail) for role in roles}
-            a = s_atoms.detach().requires_grad_(grad_buf is not None)
-            with torch.enable_grad():
-                dist, comps, ent = method_token_loss(a, atoms, cfg, alphas, k)
-                (g,) = torch.autograd.grad(dist.sum(), a) if grad_buf is not None else (None,)
-            dist = dist.detach()
-            token_loss = lam * ce + (1.0 - lam) * tau * tau * dist
-            chunk_sums["distill"] = dist.sum()
-            chunk_sums["target_entropy"] = ent.sum()
-            for name, comp in comps.items():
-                chunk_sums[f"loss_{name}"] = comp.detach().sum()
-            for role in targets.roles:
-                chunk_sums[f"topk_mass_{role}"] = lp_flat[role][r].exp().sum()
-            if grad_buf is not None and g is not None:
-                _distill_grad_into(x, ids, g, cfg.tail, saved)
-                x.mul_((1.0 - lam) * tau)  # (1 - lam) tau^2 * dL/ds * ds/dz, ds/dz = 1 / tau
-                if lam > 0.0:
-                    soft = _rows_fp32(flat, r, tmp)
-                    x.add_(soft.sub_(lse1[:, None]).exp_().mul_(lam))
-                    x.scatter_add_(-1, lab, torch.full_like(ce[:, None], -lam))
-        total += token_loss.sum().double()
-        sums += torch.stack([chunk_sums[key].double() for key in keys])
-        if grad_buf is not None:
-            grad_buf[:, :vocab].index_copy_(0, r, x.to(grad_buf.dtype))
-        del x
+    with torch.autocast(dev_type, enabled=False):
+        src = row_source(student, vocab, need_grad, mm_dtype)
+        base_src = None if student_base is None else row_source(student_base, vocab, False, mm_dtype)
+        width = min(cfg.chunk_tokens, n)
+        work = torch.empty((width, vocab), dtype=torch.float32, device=device)
+        scratch = torch.empty_like(work)
+        base_block = torch.empty_like(work) if base_src is not None and cfg.method != "sft" else None
+        for start in range(0, n, cfg.chunk_tokens):
+            stop = min(start + cfg.chunk_tokens, n)
+            r, c = rows[start:stop], stop - start
+            lab = flat_labels[start:stop]
+            x = src.logits_into(r, work[:c])  # the chunk's fp32 [c, V] logits z
+            tmp = scratch[:c]
+            lse1 = logsumexp_rows(x, tmp)
+            ce = lse1 - x.gather(-1, lab[:, None]).squeeze(1)
+            chunk_sums: dict[str, Tensor] = {"ce": ce.sum()}
+            if cfg.method == "sft" or targets is None:
+                token_loss = ce
+                chunk_sums["distill"] = torch.zeros((), device=device)
+                if need_grad:
+                    x.sub_(lse1[:, None]).exp_().scatter_add_(-1, lab[:, None], torch.full_like(ce[:, None], -1.0))
+            else:
+                ids = targets.ids[start:stop].to(device)
+                lp = {role: targets.logprobs[role][start:stop] for role in targets.roles}
+                tl = {role: targets.tail[role][start:stop] for role in targets.roles}
+                bx = None
+                if base_src is not None:
+                    assert base_block is not None
+                    bx = base_src.logits_into(r, base_block[:c])
+                    if tau != 1.0:
+                        bx.div_(tau)
+                    sup = row_support(bx, ids, tmp)
+                    lp[ROLE_STUDENT_BASE] = sup["s_sup"] - sup["lse"][:, None]
+                    tl[ROLE_STUDENT_BASE] = torch.exp(sup["lse_off"] - sup["lse"]).clamp_(0.0, 1.0)
+                if tau != 1.0:
+                    x.div_(tau)
+                lse_s = lse1 if tau == 1.0 else logsumexp_rows(x, tmp)
+                if tail_mode == "student_base":
+                    assert bx is not None
+                    pair = [r_ for j in range(len(alphas)) for r_ in pair_roles(j)]
+                    delta = pair_shift({role: teacher_atoms(lp[role], tl[role], "bucket") for role in pair}, alphas)
+                    res = student_base_tail_chunk(x, bx, tmp, lse_s, ids, delta, lab, cfg.method, cfg.objective,
+                                                  need_grad)
+                    part = _Chunk(res.dist, res.entropy, res.advantage, {}, res.grad, res.free)
+                else:
+                    la = None if label_atom is None else label_atom[start:stop]
+                    part = _atoms_chunk(x, tmp, lse1, lse_s, ids, lp, tl, roles, cfg, alphas, la, need_grad)
+                token_loss = lam * ce + (1.0 - lam) * tau * tau * part.dist
+                chunk_sums["distill"] = part.dist.sum()
+                chunk_sums["target_entropy"] = part.entropy.sum()
+                for name, comp in part.components.items():
+                    chunk_sums[f"loss_{name}"] = comp.sum()
+                for role in mass_roles:
+                    chunk_sums[f"topk_mass_{role}"] = lp[role].exp().sum()
+                if part.advantage is not None:
+                    chunk_sums["advantage"] = part.advantage.sum()
+                if need_grad:
+                    _logit_grad_into(x, part, lse1, lab, lam, tau)
+            total += token_loss.sum().double()
+            sums += torch.stack([chunk_sums[key].double() for key in keys])
+            if need_grad:
+                src.add_grad(r, x)
 
     means = (sums / max(n, 1)).tolist()
     metrics = {key: float(v) for key, v in zip(keys, means)}
-    value = total.float()
-    if grad_buf is None:
-        return LossOutput(value, n, metrics)
-    loss_sum = _PrecomputedGrad.apply(student_logits, value, grad_buf.view(b, t, v_pad))
-    return LossOutput(loss_sum, n, metrics)
+    return LossOutput(src.attach(total.float()), n, metrics)

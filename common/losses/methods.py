@@ -11,7 +11,7 @@ KL(P || Q) = sum_a p_a (log p_a - log q_a) over the atoms; every target is detac
 |-----------------|--------------------------------------------------------------------|
 | `kd`            | KL(T1 || S)                                                        |
 | `rkl`           | KL(S || T1)                                                        |
-| `jsd`           | beta KL(T1 || M) + (1 - beta) KL(S || M), M = (1-beta) T1 + beta S  |
+| `jsd`           | beta KL(T1 || M) + (1 - beta) KL(S || M), M = beta T1 + (1-beta) S  |
 | `delta_kd`      | KL(softmax(S0 + delta) || S)                                       |
 | `delta_anchor`  | KL(T1 || softmax(S - S0 + T0)), pair 0 only, no alpha               |
 | `delta_inverse` | KL(S0 || softmax(S - delta))                                       |
@@ -22,9 +22,22 @@ KL(P || Q) = sum_a p_a (log p_a - log q_a) over the atoms; every target is detac
 reproduce the SFT teacher; extra pairs have no single base teacher to anchor on, so they are ignored.
 `delta_match` always uses the k support atoms (DESIGN.md: "on the support"), in both tail modes: centring
 removes the per-token normalisers, and a tail bucket's log-mass is not a shift of one token.
+
+`loss.objective` (kd and delta_kd only; P = the method's target above, T1 or softmax(S0 + delta)):
+
+| objective       | per-token loss                                                      |
+|-----------------|---------------------------------------------------------------------|
+| `forward_kl`    | KL(P || S) (the table above)                                        |
+| `reverse_kl`    | KL(S || P)                                                          |
+| `sampled_token` | -A * log S(y), A = log P(y) - log S(y) detached, y = the label atom |
+
+The sampled-token form is the policy-gradient loss of on-policy distillation: its gradient is -A times the
+gradient of log S(y); y must be a support atom (records built with the label forced into the support).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,14 +53,14 @@ from common.losses.divergences import (
 )
 from common.topk import ROLE_BASE, ROLE_SFT, ROLE_STUDENT_BASE, pair_roles
 
-__all__ = ["DISTILL_METHODS", "required_roles", "method_token_loss"]
+__all__ = ["DISTILL_METHODS", "MethodLoss", "required_roles", "pair_shift", "method_token_loss"]
 
 DISTILL_METHODS = ("kd", "rkl", "jsd", "delta_kd", "delta_anchor", "delta_inverse", "delta_match")
 _SHIFT_METHODS = ("delta_kd", "delta_inverse", "delta_match")
 
 
 def _components(cfg: LossConfig) -> list[str]:
-    return sorted(cfg.weights) if cfg.method == "parallelogram" else [cfg.method]
+    return sorted(cfg.weights) if cfg.method == "parallelogram" else [str(cfg.method)]
 
 
 def required_roles(cfg: LossConfig, num_pairs: int) -> list[str]:
@@ -63,7 +76,17 @@ def required_roles(cfg: LossConfig, num_pairs: int) -> list[str]:
     return roles
 
 
-def _shift(atoms: dict[str, Tensor], pair_alphas: list[float]) -> Tensor:
+class MethodLoss(NamedTuple):
+    """loss [N] (differentiable in the student), components name -> [N] (parallelogram only),
+    target_entropy [N], advantage [N] (sampled_token only, else None)."""
+
+    loss: Tensor
+    components: dict[str, Tensor]
+    target_entropy: Tensor
+    advantage: Tensor | None
+
+
+def pair_shift(atoms: dict[str, Tensor], pair_alphas: list[float]) -> Tensor:
     """delta = sum_j alpha_j (T1_j - T0_j).  [N, A]"""
     total: Tensor | None = None
     for j, alpha in enumerate(pair_alphas):
@@ -97,26 +120,52 @@ def _component_loss(name: str, student: Tensor, atoms: dict[str, Tensor], cfg: L
     raise ValueError(f"unknown distillation method {name!r}; expected one of {DISTILL_METHODS}")
 
 
+def _objective(objective: str, target: Tensor, student: Tensor,
+               label_atom: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(per-token loss, advantage or None) of `objective` against the detached target."""
+    if objective == "forward_kl":
+        return forward_kl(target, student), None
+    if objective == "reverse_kl":
+        return reverse_kl(target, student), None
+    if objective == "sampled_token":
+        if label_atom is None:
+            raise ValueError("internal: loss.objective 'sampled_token' needs the label's atom index")
+        lp_y = student.gather(-1, label_atom[:, None]).squeeze(1)
+        advantage = (target.gather(-1, label_atom[:, None]).squeeze(1) - lp_y).detach()
+        return -advantage * lp_y, advantage
+    raise ValueError(f"unknown loss.objective {objective!r}")
+
+
 def method_token_loss(
-    student: Tensor, atoms: dict[str, Tensor], cfg: LossConfig, pair_alphas: list[float], k: int
-) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    student: Tensor, atoms: dict[str, Tensor], cfg: LossConfig, pair_alphas: list[float], k: int,
+    label_atom: Tensor | None = None,
+) -> MethodLoss:
     """The configured method's per-token loss L_method (before tau^2 and the CE mix).
 
     student: [N, A] the student's atom log-probs (differentiable); atoms: role -> [N, A] detached;
-    k: the support size (atoms beyond k are the tail bucket). Returns (loss [N], components
-    name -> [N] (parallelogram only), target entropy [N]). The target entropy is that of the
-    distribution the student is pulled towards: softmax(S0 + delta) when the method uses the shift,
-    S0 for delta_inverse, else T1.
+    k: the support size (atoms beyond k are the tail bucket); label_atom: [N] long, the atom of each row's
+    label (needed by objective sampled_token). The target entropy is that of the distribution the student
+    is pulled towards: softmax(S0 + delta) when the method uses the shift, S0 for delta_inverse, else T1.
     """
     names = _components(cfg)
     needs_shift = any(n in _SHIFT_METHODS for n in names)
-    delta = _shift(atoms, pair_alphas) if needs_shift else None
-    parts = {n: _component_loss(n, student, atoms, cfg, pair_alphas, k, delta) for n in names}
+    delta = pair_shift(atoms, pair_alphas) if needs_shift else None
+    advantage = None
+    if cfg.objective != "forward_kl":  # kd or delta_kd (config validation)
+        if cfg.method == "kd":
+            target = atoms[ROLE_SFT]
+        else:
+            assert delta is not None
+            target = delta_target(atoms[ROLE_STUDENT_BASE], delta)
+        loss, advantage = _objective(cfg.objective, target, student, label_atom)
+        parts: dict[str, Tensor] = {str(cfg.method): loss}
+    else:
+        parts = {n: _component_loss(n, student, atoms, cfg, pair_alphas, k, delta) for n in names}
     if cfg.method == "parallelogram":
         loss = sum((cfg.weights[n] * parts[n] for n in names), torch.zeros_like(student[:, 0]))
         components = parts
     else:
-        loss = parts[cfg.method]
+        loss = parts[str(cfg.method)]
         components = {}
     with torch.no_grad():
         if delta is not None and (cfg.method != "delta_inverse"):
@@ -126,4 +175,4 @@ def method_token_loss(
         else:
             target = atoms[ROLE_SFT]
         target_entropy = entropy(target)
-    return loss, components, target_entropy
+    return MethodLoss(loss, components, target_entropy, advantage)

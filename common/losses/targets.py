@@ -10,7 +10,6 @@ Both give bit-identical SparseTargets for the same teacher outputs.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,50 +31,63 @@ class LossInputError(ValueError):
 
 @dataclass
 class SparseTargets:
-    """Teacher-side inputs of the loss for one batch (all fp32 except ids and mask).
+    """Teacher-side inputs of the loss for one batch, at its counted positions only (INTERFACES.md 1).
 
-    ids:       [B, T, k] long, the support (the SFT teacher's top-k ids)
-    logprobs:  role -> [B, T, k] fp32, log_softmax(logits / tau) over the full vocabulary, at `ids`
-    tail:      role -> [B, T] fp32, the role's mass off the support, 1 - sum_S p
-    mask:      [B, T] bool, positions that carry a teacher distribution
-    tau:       the temperature the teachers used
+    ids:        [N, K] long, the support of each counted position (the SFT teacher's top-k ids; K = k + 1
+                when a forced id, e.g. the label of an on-policy sample, was added)
+    logprobs:   role -> [N, K] fp32, log_softmax(logits / tau) over the full vocabulary, at `ids`
+    tail:       role -> [N] fp32, the role's mass off the support, 1 - sum_S p
+    rows:       [N] long, flat index b * T + t of each counted position, strictly increasing
+    batch_shape: (B, T) of the batch the rows index
+    tau:        the temperature the teachers used
     vocab_size: the tokenizer's vocabulary size |V| (student logits beyond it are padding, cut)
-    batch_id:  for error messages
+    batch_id:   for error messages
     """
 
     ids: Tensor
     logprobs: dict[str, Tensor]
     tail: dict[str, Tensor]
-    mask: Tensor
+    rows: Tensor
+    batch_shape: tuple[int, int]
     tau: float
     vocab_size: int
     batch_id: Any = None
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        b, t, k = self.ids.shape
-        return int(b), int(t), int(k)
+    def shape(self) -> tuple[int, int]:
+        """(N, K): counted positions and support size."""
+        n, k = self.ids.shape
+        return int(n), int(k)
 
     @property
     def roles(self) -> list[str]:
         return list(self.logprobs)
 
+    @property
+    def mask(self) -> Tensor:
+        """[B, T] bool, True at the counted positions (derived from `rows`)."""
+        b, t = self.batch_shape
+        out = torch.zeros(b * t, dtype=torch.bool, device=self.rows.device)
+        out[self.rows] = True
+        return out.view(b, t)
+
     def with_role(self, role: str, logprobs: Tensor, tail: Tensor) -> SparseTargets:
         """A new SparseTargets with one more role (e.g. `student_base` from the worker's frozen copy).
 
-        logprobs: [B, T, k] log-probs at this object's `ids`; tail: [B, T]. Both are stored as fp32.
+        logprobs: [N, K] log-probs at this object's `ids`; tail: [N]. Both are stored as fp32.
         """
-        b, t, k = self.shape
-        if tuple(logprobs.shape) != (b, t, k):
+        n, k = self.shape
+        if tuple(logprobs.shape) != (n, k):
             raise LossInputError(f"batch {self.batch_id}, role {role!r}: logprobs shape "
-                                 f"{tuple(logprobs.shape)} != ids shape {(b, t, k)}")
-        if tuple(tail.shape) != (b, t):
-            raise LossInputError(f"batch {self.batch_id}, role {role!r}: tail shape {tuple(tail.shape)} != {(b, t)}")
+                                 f"{tuple(logprobs.shape)} != ids shape {(n, k)}")
+        if tuple(tail.shape) != (n,):
+            raise LossInputError(f"batch {self.batch_id}, role {role!r}: tail shape {tuple(tail.shape)} != {(n,)}")
         lp = dict(self.logprobs)
         tl = dict(self.tail)
         lp[role] = logprobs.detach().to(device=self.ids.device, dtype=torch.float32)
         tl[role] = tail.detach().to(device=self.ids.device, dtype=torch.float32)
-        return SparseTargets(self.ids, lp, tl, self.mask, self.tau, self.vocab_size, self.batch_id)
+        return SparseTargets(self.ids, lp, tl, self.rows, self.batch_shape, self.tau, self.vocab_size,
+                             self.batch_id)
 
     def require(self, roles: list[str], method: str) -> None:
         """Raise LossInputError naming the first role `method` needs that is missing."""
@@ -91,28 +103,9 @@ class SparseTargets:
 
 def _make_targets(ids: Tensor, logprobs: dict[str, Tensor], tail: dict[str, Tensor], rows: Tensor,
                   batch_shape: tuple[int, int], tau: float, vocab_size: int, batch_id: Any) -> SparseTargets:
-    """SparseTargets from rows-form tensors (ids [N, K] long, fp32 logprobs [N, K] / tail [N], rows [N] long).
-
-    Transitional: until the rows-form SparseTargets (fields `rows`, `batch_shape`) lands, the rows are
-    scattered into the [B, T, K] + mask form the loss reads today (uncounted positions hold zeros and are
-    masked out). Once `rows` is a field this is a plain constructor call.
-    """
-    fields = {f.name for f in dataclasses.fields(SparseTargets)}
-    if "rows" in fields:
-        return SparseTargets(ids=ids, logprobs=logprobs, tail=tail, rows=rows,  # type: ignore[call-arg]
-                             batch_shape=batch_shape, tau=tau, vocab_size=vocab_size, batch_id=batch_id)
-    b, t = batch_shape
-    k = ids.shape[1]
-
-    def dense(x: Tensor, *trailing: int) -> Tensor:
-        out = x.new_zeros((b * t, *trailing))
-        return out.index_copy_(0, rows, x).view(b, t, *trailing)
-
-    mask = dense(torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device))
-    return SparseTargets(ids=dense(ids, k), logprobs={r: dense(v, k) for r, v in logprobs.items()},  # type: ignore[call-arg]
-                         tail={r: dense(v) for r, v in tail.items()}, mask=mask, tau=tau, vocab_size=vocab_size,
-                         batch_id=batch_id)
-
+    """SparseTargets from rows-form tensors (ids [N, K] long, fp32 logprobs [N, K] / tail [N], rows [N] long)."""
+    return SparseTargets(ids=ids, logprobs=logprobs, tail=tail, rows=rows, batch_shape=batch_shape, tau=tau,
+                         vocab_size=vocab_size, batch_id=batch_id)
 
 _TORCH_WIRE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -31,7 +31,8 @@ SCRIPTS = {
                              "cells.standin_T1.0x_prefetch2.efficiency.median", "serial_efficiency_T1x.pool"]),
     "bench_e2e": (True, ["runs.delta_kd", "runs.sft", "steps_per_s_ratio_kd_over_sft",
                          "teacher_wait_fraction_kd", "steady_step_parts_kd"]),
-    "gpu_check": (False, ["teacher", "loss.time_ratio", "student.kd_over_sft_time", "scaled_down"]),
+    "gpu_check": (True, ["teacher", "loss.time_ratio", "student.kd_over_sft_time", "rdt.ratio_to_in_process",
+                         "scaled_down"]),
     "bench_vllm_convert": (False, ["cells.flat_topk_all.seconds.median", "cells.dicts_include_half.seconds.median"]),
 }
 
@@ -107,5 +108,6 @@ def test_benchmark_smoke_writes_json(script: str, tmp_path: Path, request: pytes
             assert run["steps"] == doc["figures"]["steps_per_run"]
             assert 0.0 <= run["teacher_wait_fraction"] <= 1.0
             assert sum(run["steady_step_parts"].values()) == pytest.approx(1.0)  # the parts add up to the step
-    if script == "gpu_check":
-        assert "ray" not in doc["machine"], "gpu_check must not import ray"
+    if script == "gpu_check":  # the toy scale on the CPU: the RDT part over gloo, the CPU twin of cuda_ipc
+        assert doc["figures"]["scale"] == "toy" and doc["figures"]["rdt"]["backend"] == "gloo"
+        assert doc["figures"]["rdt"]["receiver"]["rows"] == doc["figures"]["rdt"]["tokens"]

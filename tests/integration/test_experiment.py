@@ -1,6 +1,7 @@
 """The method comparison end to end on the shared local Ray cluster: tiny random Llamas, inline JSONL data,
-two methods, one seed, 3 steps; then a rerun that must reuse every finished run. And an experiment whose
-second run fails mid-training (its teacher killed for good): exit 3, the first run kept, a rerun completes."""
+two methods and a variant with overrides of its own (kd@tau=2,lam=0.5), one seed, 3 steps; then a rerun
+that must reuse every finished run. And an experiment whose second run fails mid-training (its teacher
+killed for good): exit 3, the first run kept, a rerun completes."""
 
 from __future__ import annotations
 
@@ -40,22 +41,33 @@ def test_experiment_writes_table_json_plot_and_reuses_finished_runs(ray_cluster,
     cfg_path = tmp_path / "exp.yaml"
     dump_config(cfg, cfg_path)
     out = tmp_path / "exp"
-    argv = ["--methods", "sft,delta_kd", "--seeds", "1", "--config", str(cfg_path), "--output-dir", str(out),
-            "--shift-batches", "2", "--no-progress", "--baseline", "sft"]
+    argv = ["--methods", "sft,delta_kd,kd@tau=2,lam=0.5", "--seeds", "1", "--config", str(cfg_path),
+            "--output-dir", str(out), "--shift-batches", "2", "--no-progress", "--baseline", "sft"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "student delta_kd" in printed and "SFT teacher" in printed
     assert "delta_kd - sft = " in printed and "(ROUGE-L, 95% CI, 1 seed x 4 examples)" in printed
+    assert "kd@tau=2,lam=0.5 - sft = " in printed
     assert "fewer than --eval-examples 500" in printed  # the inline eval set has 4 rows
 
     exp = json.loads((out / "experiment.json").read_text())
-    assert exp["status"] == "complete" and exp["methods"] == ["sft", "delta_kd"] and exp["seeds"] == [0]
-    assert [(r["method"], r["seed"], r["reused"]) for r in exp["runs"]] == [("sft", 0, False), ("delta_kd", 0, False)]
+    labels = ["sft", "delta_kd", "kd@tau=2,lam=0.5"]
+    assert exp["status"] == "complete" and exp["methods"] == labels and exp["seeds"] == [0]
+    assert exp["variants"] == {"kd@tau=2,lam=0.5": ["loss.tau=2", "loss.lam=0.5"]}
+    assert [(r["method"], r["seed"], r["reused"]) for r in exp["runs"]] == [(m, 0, False) for m in labels]
+    dirs = {"sft": "sft-seed0", "delta_kd": "delta_kd-seed0", "kd@tau=2,lam=0.5": "kd+tau=2+lam=0.5-seed0"}
     for run in exp["runs"]:
-        assert run["report"]["method"] == run["method"] and run["report"]["steps"] == 3
+        assert run["report"]["method"] == run["method"].partition("@")[0] and run["report"]["steps"] == 3
         assert set(run["report"]["rouge"]) == {"student_after"}  # references are evaluated once, by the experiment
-        assert (out / "runs" / f"{run['method']}-seed0" / "report.json").is_file()
-    assert set(exp["aggregates"]) == {"sft", "delta_kd"}
+        assert run["output_dir"] == str(out / "runs" / dirs[run["method"]])
+        assert (out / "runs" / dirs[run["method"]] / "report.json").is_file()
+    import yaml
+
+    saved = yaml.safe_load((out / "runs" / dirs["kd@tau=2,lam=0.5"] / "config.yaml").read_text())["loss"]
+    assert (saved["method"], saved["tau"], saved["lam"]) == ("kd", 2.0, 0.5)  # the variant's own overrides
+    assert yaml.safe_load((out / "runs" / "delta_kd-seed0" / "config.yaml").read_text())["loss"]["tau"] == 1.0
+    assert set(exp["aggregates"]) == set(labels)
+    assert "topk_mass_sft" in exp["aggregates"]["kd@tau=2,lam=0.5"]["diagnostics"]
     for agg in exp["aggregates"].values():
         for key in ("rougeL", "rouge1", "rouge2"):
             s = agg[key]
@@ -74,7 +86,7 @@ def test_experiment_writes_table_json_plot_and_reuses_finished_runs(ray_cluster,
     assert (out / "rougeL_ci_by_method.png").read_bytes()[:4] == b"\x89PNG"
     # Per-example scores are kept, and the statistics are made from them.
     comp = exp["comparison"]
-    assert comp["baseline"] == "sft" and set(comp["methods"]) == {"sft", "delta_kd"} and not comp["missing"]
+    assert comp["baseline"] == "sft" and set(comp["methods"]) == set(labels) and not comp["missing"]
     for run in exp["runs"]:
         per = run["report"]["rouge"]["student_after"]["per_example"]["rougeL"]
         assert len(per) == 4 and comp["methods"][run["method"]]["mean"] == pytest.approx(sum(per) / 4)
@@ -86,11 +98,11 @@ def test_experiment_writes_table_json_plot_and_reuses_finished_runs(ray_cluster,
     assert not [n for n in names if n.startswith(prefix)], names  # the experiment's teachers are gone
 
     # A rerun trains nothing: every run is reused, its outputs untouched.
-    report_paths = [out / "runs" / f"{m}-seed0" / "report.json" for m in ("sft", "delta_kd")]
+    report_paths = [out / "runs" / d / "report.json" for d in dirs.values()]
     before = [p.stat().st_mtime_ns for p in report_paths]
     assert main(argv) == 0
     again = json.loads((out / "experiment.json").read_text())
-    assert [r["reused"] for r in again["runs"]] == [True, True]
+    assert [r["reused"] for r in again["runs"]] == [True, True, True]
     assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in exp["runs"]]  # kept beside each run
     assert [p.stat().st_mtime_ns for p in report_paths] == before
     assert again["aggregates"] == exp["aggregates"] and again["shift"] == exp["shift"]

@@ -1,0 +1,143 @@
+"""The --methods variant syntax (student_worker/variants.py) and how the experiment turns variants into run
+configs (student_worker.experiment.variant_configs)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from common.config import LOSS_METHODS, ConfigError, config_from_dict
+from student_worker.variants import (
+    KEY_ALIASES,
+    Variant,
+    VariantError,
+    parse_methods,
+    parse_variant,
+    resolve_key,
+    split_entries,
+)
+from tests.unit.test_config import MINIMAL
+
+
+def test_plain_methods_are_variants_without_overrides():
+    got = parse_methods("sft, kd,delta_kd", LOSS_METHODS)
+    assert [v.label for v in got] == ["sft", "kd", "delta_kd"]
+    assert got[2] == Variant(label="delta_kd", method="delta_kd", overrides=("loss.method=delta_kd",))
+    assert got[2].settings == () and got[2].slug == "delta_kd"  # old run directories keep their names
+
+
+def test_a_variant_keeps_the_commas_of_its_own_keys():
+    text = "kd,delta_kd@alpha=0.5,tau=2,sft,delta_kd@tail=student_base,parallelogram@weights.kd=0.3,weights.delta_kd=0.7"
+    assert split_entries(text) == ["kd", "delta_kd@alpha=0.5,tau=2", "sft", "delta_kd@tail=student_base",
+                                   "parallelogram@weights.kd=0.3,weights.delta_kd=0.7"]
+    got = parse_methods(text, LOSS_METHODS)
+    assert [v.label for v in got] == ["kd", "delta_kd@alpha=0.5,tau=2", "sft", "delta_kd@tail=student_base",
+                                      "parallelogram@weights.kd=0.3,weights.delta_kd=0.7"]
+    assert got[1].overrides == ("loss.method=delta_kd", "loss.alpha=0.5", "loss.tau=2")
+    assert got[1].settings == ("loss.alpha=0.5", "loss.tau=2")
+    assert got[4].overrides == ("loss.method=parallelogram", "loss.weights.kd=0.3", "loss.weights.delta_kd=0.7")
+    assert got[1].slug == "delta_kd+alpha=0.5+tau=2"
+
+
+def test_spaces_are_dropped_from_the_label_and_full_keys_pass_through():
+    v = parse_variant(" delta_kd @ loss.alpha = 1.5 , training.lr=5e-4 ", LOSS_METHODS)
+    assert v.label == "delta_kd@loss.alpha=1.5,training.lr=5e-4"
+    assert v.overrides == ("loss.method=delta_kd", "loss.alpha=1.5", "training.lr=5e-4")
+
+
+def test_aliases_resolve_to_loss_and_training_keys():
+    assert resolve_key("alpha") == "loss.alpha" and resolve_key("steps") == "training.max_steps"
+    assert resolve_key("weights.kd") == "loss.weights.kd"
+    assert all(v.partition(".")[0] in ("loss", "training") for v in KEY_ALIASES.values())
+
+
+@pytest.mark.parametrize("text, match", [
+    ("delta_kdd", "unknown method 'delta_kdd' \\(did you mean 'delta_kd'\\?\\)"),
+    ("delta_kd@", "nothing after '@'"),
+    ("delta_kd@alpha", "'alpha' is not key=value"),
+    ("delta_kd@alpha=", "'alpha=' is not key=value"),
+    ("delta_kd@alpah=0.5", "unknown key 'alpah' \\(did you mean 'alpha'\\?\\)"),
+    ("delta_kd@alpha=0.5,loss.alpha=1", "loss.alpha is set twice \\('alpha' and 'loss.alpha'\\)"),
+    ("kd@seed=3", "'seed' is set by the experiment"),
+    ("kd@method=sft", "'method' is set by the experiment"),
+    ("kd@loss.method=sft", "loss.method is set by the experiment"),
+    ("kd@teachers.num_cpus=1", "a variant may change loss.\\*, training.\\* only"),
+    ("kd@data.max_eval_examples=10", "a variant may change"),
+    ("kd@a..b=1", "malformed key 'a..b'"),
+    ("1kd", "bad method name '1kd'"),
+])
+def test_bad_entries_are_named(text, match):
+    with pytest.raises(VariantError, match=match):
+        parse_methods(text, LOSS_METHODS)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "--methods is empty"),
+    ("kd,,sft", "an empty entry"),
+    ("alpha=0.5,kd", "'alpha=0.5' follows no method@ entry"),
+    ("kd,tau=2", "'tau=2' follows no method@ entry"),
+    ("kd,kd", "'kd' more than once"),
+    ("kd@tau=2, kd@ tau=2", "'kd@tau=2' more than once"),
+])
+def test_bad_lists_are_named(text, match):
+    with pytest.raises(VariantError, match=match):
+        parse_methods(text, LOSS_METHODS)
+
+
+def test_variant_configs_apply_overrides_and_refuse_bad_values_and_duplicate_runs():
+    from student_worker.experiment import run_key, variant_configs
+
+    cfg = config_from_dict({**MINIMAL, "loss": {"method": "delta_kd", "alpha": 1.0}})
+    got = variant_configs(cfg, parse_methods("kd,delta_kd@alpha=0.5,tau=2,kd@tau=2,delta_kd@tail=student_base"))
+    assert got["kd"].loss.method == "kd" and got["kd"].loss.tau == 1.0
+    assert (got["delta_kd@alpha=0.5,tau=2"].loss.alpha, got["delta_kd@alpha=0.5,tau=2"].loss.tau) == (0.5, 2.0)
+    assert got["kd@tau=2"].loss.method == "kd" and got["kd@tau=2"].loss.tau == 2.0
+    assert got["delta_kd@tail=student_base"].loss.tail == "student_base"
+    assert len({run_key(c) for c in got.values()}) == 4
+    with pytest.raises(ConfigError, match="'delta_kd' and 'delta_kd@alpha=1' make the same runs"):
+        variant_configs(cfg, parse_methods("delta_kd,delta_kd@alpha=1"))
+    with pytest.raises(ConfigError, match="(?s)entry 'delta_kd@tau=-1'.*loss.tau"):
+        variant_configs(cfg, parse_methods("delta_kd@tau=-1"))
+    with pytest.raises(ConfigError, match="(?s)entry 'kd@tail=student_base'.*student_base"):
+        variant_configs(cfg, parse_methods("kd@tail=student_base"))
+    with pytest.raises(ConfigError, match="(?s)entry 'kd@training.nope=1'.*unknown key 'training.nope'"):
+        variant_configs(cfg, parse_methods("kd@training.nope=1"))
+
+
+def test_outputs_name_variants_in_aligned_tables_and_plots(tmp_path):
+    from student_worker.experiment_outputs import (
+        aggregate,
+        comparison,
+        comparison_lines,
+        experiment_markdown,
+        experiment_table,
+        plot_experiment,
+        plot_rouge_l_ci,
+    )
+
+    def run(method: str, seed: int, shift: float) -> dict:
+        per = [min(1.0, x + shift) for x in (0.2, 0.5, 0.8, 0.4)]
+        after = {k: sum(per) / 4 for k in ("rougeL", "rouge1", "rouge2")}
+        after["per_example"] = {"rougeL": per}
+        return {"method": method, "seed": seed, "report": {"rouge": {"student_after": after}}, "diagnostics": {}}
+
+    labels = ["kd", "delta_kd", "delta_kd@tail=student_base", "delta_kd@alpha=0.5,tau=2"]
+    runs = [run(m, s, 0.01 * i + 0.003 * s) for s in (0, 1) for i, m in enumerate(labels)]
+    ref = {"rougeL": 0.1, "rouge1": 0.1, "rouge2": 0.0, "per_example": {"rougeL": [0.1, 0.1, 0.1, 0.1]}}
+    exp = {"runs": runs, "aggregates": aggregate(runs), "references": {"student_base": ref, "sft_teacher": ref},
+           "seeds": [0, 1], "budget": {"max_steps": 3}, "command": "c", "git": None, "shared_config_hash": "h",
+           "loss": {}, "eval_examples": 4}
+    exp["comparison"] = comparison(exp, "kd", replicates=200)
+    table = experiment_table(exp).splitlines()
+    assert table[-1].startswith("student delta_kd@alpha=0.5,tau=2 ")
+    assert len({line.index("±") for line in table[3:]}) == 1  # the columns line up however long the names
+    assert len({re.search(r" \d\.\d{4}", line).start() for line in table[1:]}) == 1
+    lines = comparison_lines(exp["comparison"])
+    assert any(line.startswith("  delta_kd@alpha=0.5,tau=2 - kd = +0.0300") for line in lines)
+    starts = {line.index(" 0.") for line in lines[1:7]}
+    assert len(starts) == 1, lines  # the means line up however long the names
+    assert "delta_kd@tail=student_base" in experiment_markdown(exp)
+    plot_experiment(exp, tmp_path / "a.png")
+    plot_rouge_l_ci(exp, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes()[:4] == (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
