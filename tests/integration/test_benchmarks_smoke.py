@@ -33,6 +33,10 @@ SCRIPTS = {
                          "teacher_wait_fraction_kd", "steady_step_parts_kd"]),
     "gpu_check": (True, ["teacher", "loss.time_ratio", "student.kd_over_sft_time", "rdt.ratio_to_in_process",
                          "scaled_down"]),
+    "bench_cache": (True, ["encodings", "read", "batch_invariance", "pipeline.live_pool.tokens_per_s",
+                           "pipeline.build.fp32.tokens_per_s", "pipeline.build.q8d10.file_bytes_per_token",
+                           "pipeline.steps_per_s_over_sft.delta_kd_cache_s0",
+                           "pipeline.steady_steps_per_s_over_sft.delta_kd_cache_s0", "pipeline.read_per_rank"]),
     "bench_vllm_convert": (False, ["cells.flat_topk_all.seconds.median", "cells.dicts_include_half.seconds.median"]),
 }
 
@@ -108,6 +112,11 @@ def test_benchmark_smoke_writes_json(script: str, tmp_path: Path, request: pytes
             assert run["steps"] == doc["figures"]["steps_per_run"]
             assert 0.0 <= run["teacher_wait_fraction"] <= 1.0
             assert sum(run["steady_step_parts"].values()) == pytest.approx(1.0)  # the parts add up to the step
+    if script == "bench_cache":  # the build scores exactly the batches the live pool scored; compact is smaller
+        pipe = doc["figures"]["pipeline"]
+        assert {b["num_tokens"] for b in pipe["build"].values()} == {pipe["live_pool"]["tokens"]}
+        assert pipe["build"]["q8d10"]["file_bytes_per_token"] < pipe["build"]["fp32"]["file_bytes_per_token"]
+        assert pipe["train"]["delta_kd_cache_s0"]["source"] == "cache" and pipe["read_per_rank"][0]["batches"] == 4
     if script == "gpu_check":  # the toy scale on the CPU: the RDT part over gloo, the CPU twin of cuda_ipc
         assert doc["figures"]["scale"] == "toy" and doc["figures"]["rdt"]["backend"] == "gloo"
         assert doc["figures"]["rdt"]["receiver"]["rows"] == doc["figures"]["rdt"]["tokens"]
