@@ -118,7 +118,10 @@ class CacheSource:
         self.on_error = t.cache_on_error
         live = {"namespace": t.namespace, "name_prefix": t.name_prefix, "k": cfg.loss.k, "tau": cfg.loss.tau,
                 "wire_dtype": t.wire_dtype}
-        where = ray.get([w.placement.remote() for w in workers]) if workers else []
+        # next to each rank's worker on a multi-node cluster (waits for the workers' processes); on one node the
+        # feeders start at once, while the workers start
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        where = ray.get([w.placement.remote() for w in workers]) if workers and len(nodes) > 1 else []
         self.feeders = []
         for rank in range(cfg.training.num_workers):
             opts: dict[str, Any] = {}
@@ -137,8 +140,10 @@ class CacheSource:
         return self.feeders[rank].batch.remote(batch_id, examples, int(arrays["input_ids"].shape[1]), upcoming,
                                                inputs)
 
-    def warm_up(self) -> None:
-        pass
+    def warm_up(self, start_step: int = 0) -> None:
+        """Each feeder starts reading the shards of its rank's first two steps (not waited for)."""
+        for rank, f in enumerate(self.feeders):
+            f.warm_up.remote([self.batch_plan.step_indices(s)[rank] for s in (start_step, start_step + 1)])
 
     def step_done(self, step: int) -> None:
         pass

@@ -85,6 +85,12 @@ class FeederImpl:
                                    tail={r: v for r, v in rec.tail.items() if r in keep},
                                    meta={**rec.meta, "source": "live (cache shard failed)", "cause": str(cause)})
 
+    def warm_up(self, upcoming: Sequence[Sequence[int]]) -> bool:
+        """Start reading the shards of the rank's first batches (and pay the process's first-read costs) while
+        the workers load their models."""
+        self.reader.prefetch(upcoming)
+        return True
+
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "shards_read": self.reader.shards_read,
                 "bytes_in_memory": self.reader.bytes_in_memory}
