@@ -9,8 +9,9 @@ pipeline, and ONE live reference run of 12 steps (2 epochs of 6 steps, 2 ranks x
 - a compact (q8d10) cache with a student base added serves two students of different sizes; its rows are
   within the stated tolerance of the live run's;
 - bad caches are refused before training (mismatch, missing role, missing shard, no cache, another unfinished
-  build); a corrupted shard stops the run at the step that needs it, naming it, after a checkpoint; with
-  `teachers.cache_on_error: live` the batch is recomputed by the running service;
+  build); a corrupted shard stops the run at the step that needs it, naming it, after a checkpoint; resumed
+  from it with `teachers.cache_on_error: live` (the batch recomputed by the running service), the run ends
+  with the live run's rows (epoch 0 bit for bit: the cache cursor resumes exactly);
 - the build survives its Ray Data worker killed mid-build and its driver (a CLI subprocess) SIGKILLed:
   the rerun resumes and the contents equal the uninterrupted build's.
 """
@@ -201,10 +202,13 @@ def test_bad_caches_are_refused_before_any_training_step(tiny, service, referenc
         run_training(cfg_for(tiny, service, tmp_path / "corrupt", FP32 + cached(broken)), progress=False)
     assert [r["step"] for r in read_rows(tmp_path / "corrupt")] == [0, 1, 2]
     assert (tmp_path / "corrupt" / "checkpoints" / "ckpt-000003").is_dir()
-    # recomputed live by the running teacher service instead: the run completes with the live run's rows
-    report = run_training(cfg_for(tiny, service, tmp_path / "fallback", FP32 + cached(broken) +
-                                  ["teachers.cache_on_error=live"]), progress=False)
-    assert comparable(read_rows(tmp_path / "fallback"))[:STEPS_PER_EPOCH] == reference["rows"][:STEPS_PER_EPOCH]
+    # resumed from that checkpoint with the batches of the bad shard recomputed live by the running teacher
+    # service: the cache cursor follows the batch plan, so the run ends with the live run's rows
+    report = run_training(cfg_for(tiny, service, tmp_path / "corrupt", FP32 + cached(broken) +
+                                  ["teachers.cache_on_error=live"]), resume=True, progress=False)
+    rows = read_rows(tmp_path / "corrupt")
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    assert_rows(comparable(rows), reference["rows"], rel=1e-5)
     assert sum(f["recomputed_live"] for f in report["record_source"]["feeders"]) >= 2
 
 
