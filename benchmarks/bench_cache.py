@@ -14,12 +14,20 @@ Issue 14, first part. Figures:
    whose logits are the SFT teacher's plus N(0, 1) noise (a pair closer to a real SFT/base pair).
 3. `codec`: encode / decode tokens per second per preset (one process, 2 roles, k = 64, V = 152,064).
 4. `read`: a local Parquet cache of synthetic examples: file bytes per token; tokens per second per reader
-   streaming every shard (read + sha256 + decode) and assembling shuffled batches of 8 examples.
+   streaming every shard (read + sha256 + decode) and assembling shuffled batches of 8 examples (shards
+   kept encoded in memory, each batch decodes its own examples).
 5. `batch_invariance`: a random-initialised Llama (tests/tiny.py sizes and the embedded teacher's shape),
    fp32 on this CPU: are an example's log-probs bitwise equal when scored alone vs inside a right-padded
    batch, and is the LM head over a set of rows equal to the LM head over each row alone?
 
-    python benchmarks/bench_cache.py [--smoke] [--repeats N]
+Issue 14, second part (Ray; benchmarks/_cache_runs.py, on the tiny default's embedded models):
+
+6. `pipeline.build` vs `pipeline.live_pool`: cache build tokens/s (the Ray Data pipeline) vs the live teacher
+   pool's tokens/s over the same batches and teachers; bytes per counted token on disk per encoding.
+7. `pipeline.train`: delta_kd steps/s from the cache (with and without student_base cached) over sft steps/s
+   of the same budget (goal >= 0.9 with student_base cached); `pipeline.read_per_rank`: feeder rows/s.
+
+    python benchmarks/bench_cache.py [--smoke] [--repeats N] [--steps N] [--ray-address ADDR] [--no-pipeline]
 """
 
 from __future__ import annotations
@@ -31,7 +39,16 @@ import time
 from typing import Any
 
 import numpy as np
-from _common import Target, base_parser, print_table, summarize, time_repeats, write_result
+from _common import (
+    Target,
+    add_ray_args,
+    base_parser,
+    print_table,
+    ray_session,
+    summarize,
+    time_repeats,
+    write_result,
+)
 
 from common.codec import DEFAULT_ENCODING, ENCODINGS, decode_rows, encode_rows
 
@@ -182,7 +199,7 @@ def read_throughput(num_examples: int, shard_size: int, encoding: str, repeats: 
         batches = [order[i: i + 8].tolist() for i in range(0, num_examples - 7, 8)]
 
         def batched() -> None:
-            reader = CacheReader(root, max_shards_in_memory=len(manifest.shards))
+            reader = CacheReader(root, max_bytes_in_memory=2 * manifest.num_bytes)  # every shard, kept encoded
             for i, b in enumerate(batches):
                 reader.batch(b, int(lengths[b].max()), i)
 
@@ -245,6 +262,9 @@ def batch_invariance(shapes: dict[str, dict[str, int]], seq_lens: list[int]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
+    add_ray_args(p)
+    p.add_argument("--steps", type=int, default=40, help="training.max_steps of each training run (part 7)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the Ray part (6, 7)")
     args = p.parse_args(argv)
     smoke = args.smoke
     repeats = 1 if smoke else args.repeats
@@ -316,8 +336,39 @@ def main(argv: list[str] | None = None) -> int:
         "logits; 'dkd corr. pair' uses base logits = sft logits + N(0, 1) noise.",
         "throughputs are single-process and noisy on a shared machine; compare encodings within one run.",
     ]
+    if not args.no_pipeline:
+        pipe = pipeline(smoke, 4 if smoke else args.steps, args.ray_address)
+        figures["pipeline"] = pipe
+        targets.append(Target("delta_kd_from_cache_s0_steady_steps_per_s_over_sft", pipe["steady_steps_per_s_over_sft"]
+                              ["delta_kd_cache_s0"], ">=", 0.9,
+                              "delta_kd from the cache with student_base cached / sft, steady-state steps/s"))
+        notes.append("pipeline: tiny default's embedded models (smoke: miniature ones, 1 worker); each training run's "
+                     "steps/s covers its whole loop (report.json); build and pool times include model load.")
     write_result("bench_cache", args, figures, targets, notes)
     return 0
+
+
+def pipeline(smoke: bool, steps: int, address: str | None) -> dict[str, Any]:
+    """Parts 6 and 7 (benchmarks/_cache_runs.py) on the cluster at `address` or a private one."""
+    from _cache_runs import cache_runs
+
+    with ray_session(address, num_cpus=8):
+        pipe = cache_runs(smoke, steps)
+    pool = pipe["live_pool"]
+    print_table(["what", "tokens", "seconds", "tokens/s", "vs live pool", "file B/tok"],
+                [["live pool", pool["tokens"], pool["seconds"], pool["tokens_per_s"], 1.0, "-"]]
+                + [[f"build {e}", b["tokens"], b["seconds"], b["tokens_per_s"],
+                    pipe["build_over_live_pool_tokens_per_s"].get(e), b["file_bytes_per_token"]]
+                   for e, b in pipe["build"].items()],
+                title="scoring the build order's batches once: live pool vs cache build (model load included)")
+    print_table(["run", "steps", "steps/s", "over sft", "steady over sft", "teacher wait", "steady wait"],
+                [[m, r["steps"], r["steps_per_s"], pipe["steps_per_s_over_sft"][m],
+                  pipe["steady_steps_per_s_over_sft"][m], r["teacher_wait_fraction"], r["steady_teacher_wait_fraction"]]
+                 for m, r in pipe["train"].items()], title=f"training, {steps} steps per run")
+    print_table(["rank", "batches", "rows", "rows/s", "shards read"],
+                [[r["rank"], r["batches"], r["rows"], r["rows_per_s"], r["shards_read"]] for r in pipe["read_per_rank"]],
+                title="cache feeders (delta_kd, student_base cached)")
+    return pipe
 
 
 if __name__ == "__main__":

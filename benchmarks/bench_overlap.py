@@ -64,6 +64,9 @@ class SleepPool:
     def stats(self) -> dict[str, Any]:
         return {"submitted": self.submitted, "tokens": 0, "busy_s": 0.0}
 
+    def warm_up(self, assemble: bool = True) -> list[Any]:
+        return []  # a sleeping teacher has no first-call costs
+
     def actors(self) -> list[Any]:
         return [self.teacher]
 
@@ -107,8 +110,9 @@ def _driver_class() -> type:
         shared_workers: list[Any] = []
         sleep_pool: Any = None  # the cell's pool: a SleepPool or a real TeacherPool, kept across runs
 
-        def _start_pool(self) -> None:
+        def _start_pool(self) -> Any:
             self.pool = _BenchDriver.sleep_pool
+            return self.pool
 
         def _release(self) -> None:
             self._stop_workers()  # the pool outlives the run; main() shuts it down

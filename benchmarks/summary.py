@@ -23,7 +23,7 @@ __all__ = ["performance_rows", "performance_markdown", "main"]
 DOC = REPO_ROOT / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
 ORDER = ["bench_wire", "bench_overlap", "bench_transport", "bench_loss", "bench_e2e", "bench_on_policy",
-         "gpu_check"]
+         "bench_cache", "gpu_check"]
 
 
 def _fmt(x: Any) -> str:
@@ -46,6 +46,11 @@ def _value_text(t: dict[str, Any]) -> str:
     if v is not None and t["name"].endswith("ratio_to_dense"):
         return f"1/{1 / v:.0f}"
     return _fmt(v)
+
+
+def _pair(d: dict[str, Any] | None, keys: tuple[str, ...]) -> str | None:
+    """Several figures of one dict in one cell (None: not measured by that results file)."""
+    return None if not d else ", ".join(_fmt(d.get(k)) for k in keys)
 
 
 # Figures shown beside the targets: script -> list of (label, getter over the JSON's "figures").
@@ -71,6 +76,11 @@ _EXTRA: dict[str, list[tuple[str, Callable[[dict[str, Any]], Any]]]] = {
                         ("teacher wait fraction, off / lag 0 / lag 1 (steady state)",
                          lambda f: " / ".join(_fmt(f["steady_teacher_wait_fraction"][m])
                                               for m in ("off_policy", "lag0", "lag1")))],
+    "bench_cache": [("cache build tokens/s / live pool tokens/s, same batches and teachers (fp32, q8d10)",
+                     lambda f: _pair(f.get("pipeline", {}).get("build_over_live_pool_tokens_per_s"), ("fp32", "q8d10"))),
+                    ("steps/s over sft (whole loop): delta_kd live, from the cache, from the cache with "
+                     "student_base cached", lambda f: _pair(f.get("pipeline", {}).get("steps_per_s_over_sft"),
+                                                            ("delta_kd_live", "delta_kd_cache", "delta_kd_cache_s0")))],
     "gpu_check": [("device", lambda f: f["device"] + (" (scaled down)" if f["scaled_down"] else "")),
                   ("teacher top-k tokens/s / bare forward, per shape",
                    lambda f: ", ".join(f"{s} {v['topk_tokens_per_s_over_bare']:.3g}"

@@ -196,8 +196,28 @@ class TeachersConfig(_Strict):
     dtype: DType = "auto"
     wire_dtype: WireDType = "float32"
     device: str = "auto"  # "auto": cuda when the actor has a GPU, else cpu
-    # Where lp_S0 comes from: a frozen copy inside each student worker, or a `student_base` teacher role.
-    student_base_source: Literal["worker", "teacher"] = "worker"
+    # Where lp_S0 comes from: a frozen copy inside each student worker, a `student_base` teacher role, or
+    # the teacher cache (a role scored once with `python -m teacher_service.cache add-role student_base`;
+    # needs source: cache).
+    student_base_source: Literal["worker", "teacher", "cache"] = "worker"
+    # Where the teacher records come from (issue 14, docs/ARCHITECTURE.md "Teach once, distil many"):
+    # live: the teacher actors score every batch; cache: the teacher cache at `cache` (built with
+    # `python -m teacher_service.cache build`), no teacher actor is started; auto: read `cache` when it is
+    # complete for this run, else run live for the first epoch and write every record through to it, then
+    # read it from the second epoch on (and in later runs).
+    source: Literal["live", "cache", "auto"] = "live"
+    cache: str | None = None  # a folder or a pyarrow file system URI (file://, s3://, gs://)
+    # How a build (and auto's write-through) stores records: a common.codec preset (fp32 is lossless; the
+    # default q8d10 is 304 B per token at k = 64, V = 152,064; docs/PERFORMANCE.md has the table).
+    cache_encoding: str = "q8d10"
+    # Examples per cache shard; a build rounds it up to a multiple of the per-rank batch so that each shard
+    # holds whole batches of the plan it replays.
+    cache_shard_size: int = Field(default=512, gt=0)
+    # A shard whose checksum fails while training: stop the run (after a checkpoint of the completed steps),
+    # or recompute that batch live through a running teacher service (teachers.namespace / name_prefix).
+    cache_on_error: Literal["stop", "live"] = "stop"
+    # Encoded shards each rank's reader keeps in memory (about the shard files' size).
+    cache_memory_mb: int = Field(default=1024, gt=0)
     namespace: str = "deltakd"
     name_prefix: str = "teacher"
     attach: bool = False  # attach to a running `python -m teacher_service serve` instead of starting teachers
@@ -215,6 +235,16 @@ class TeachersConfig(_Strict):
     vllm_max_model_len: int | None = None
     # vLLM's cap on log-probs per position (its LLM(max_logprobs=...)); None: loss.k + 1 (top-k + the label).
     vllm_max_logprobs: int | None = Field(default=None, gt=0)
+
+
+    @field_validator("cache_encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        from common.codec import ENCODINGS
+
+        if v not in ENCODINGS:
+            raise ValueError(f"unknown cache encoding {v!r}{_did_you_mean(v, list(ENCODINGS))}; one of {sorted(ENCODINGS)}")
+        return v
 
 
 class TransportConfig(_Strict):
@@ -507,6 +537,23 @@ class RunConfig(_Strict):
     @property
     def output_dir(self) -> Path:
         return Path(self.output.dir.format(run_name=self.run_name))
+
+    @model_validator(mode="after")
+    def _cache_source(self) -> RunConfig:
+        t = self.teachers
+        if t.source != "live" and not t.cache:
+            raise ValueError(f"teachers.source={t.source} needs teachers.cache (a folder or URI of the teacher cache)")
+        if t.student_base_source == "cache" and t.source != "cache":
+            raise ValueError("teachers.student_base_source=cache needs teachers.source=cache (lp_S0 is a role scored "
+                             f"once into a finished cache with `cache add-role`), got teachers.source={t.source}")
+        if t.source != "live" and self.training.on_policy.fraction > 0:
+            raise ValueError(f"training.on_policy.fraction={self.training.on_policy.fraction} needs teachers.source="
+                             f"live (the teachers score the student's own samples; a cache holds the training set's "
+                             f"records), got teachers.source={t.source}")
+        if t.source != "live" and self.loss.objective == "sampled_token":
+            raise ValueError("loss.objective=sampled_token needs teachers.source=live (each label is forced into its "
+                             f"position's support; the cache holds the top-k alone), got teachers.source={t.source}")
+        return self
 
     @model_validator(mode="after")
     def _vllm_limits(self) -> RunConfig:

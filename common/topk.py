@@ -193,7 +193,11 @@ class TopKRecord:
 
     # ------------------------------------------------------------------ validation
     def validate(self, required_roles: list[str] | tuple[str, ...] = (), check_mass: bool = True) -> TopKRecord:
-        """Check shapes, dtypes, rows, finiteness, id range and mass <= 1 + eps. Raises RecordError."""
+        """Check shapes, dtypes, rows, finiteness, id range and mass <= 1 + eps. Raises RecordError.
+
+        eps is the wire dtype's (MASS_EPS); a record decoded from a lossy storage encoding (the teacher cache)
+        states its own bound in meta["mass_eps"] (teacher_service.cache.records.encoding_mass_eps), used when
+        larger: its values were checked at fp32 before they were encoded."""
         bid = self.batch_id
         if self.wire_dtype not in WIRE_DTYPES:
             raise RecordError(bid, None, f"unknown wire dtype {self.wire_dtype!r}")
@@ -217,6 +221,7 @@ class TopKRecord:
             raise RecordError(bid, None, f"roles with log-probs {sorted(self.logprobs)} != "
                                          f"roles with tail {sorted(self.tail)}")
         eps = MASS_EPS[self.wire_dtype]
+        mass_eps = max(eps, float(self.meta.get("mass_eps", eps)))
         for role in self.logprobs:
             lp = self.role_logprobs(role)
             tail = np.asarray(self.tail[role])
@@ -237,8 +242,8 @@ class TopKRecord:
             if check_mass and lp.size:
                 mass = np.exp(lp.astype(np.float64)).sum(-1) + tail
                 worst = float(mass.max())
-                if worst > 1 + eps:
-                    raise RecordError(bid, role, f"probability mass {worst:.6f} > 1 + {eps} (support + tail)")
+                if worst > 1 + mass_eps:
+                    raise RecordError(bid, role, f"probability mass {worst:.6f} > 1 + {mass_eps:.4g} (support + tail)")
         return self
 
     def _validate_rows(self, n: int) -> None:

@@ -53,11 +53,14 @@ MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming from it: the budget, where
-# outputs go, evaluation, where the teachers run (their models, k, tau and wire are still compared), how often
-# the console logs, the collective timeout, gradient checkpointing (it recomputes the same activations: a run
-# that ran out of memory can resume with it on), tracking, and the test-only hooks (`testing:`).
+# outputs go, evaluation, where the teachers run (their models, k, tau and wire are still compared), where the
+# records come from (live or a teacher cache, which is checked against the run's models, k, tau and data when
+# opened), how often the console logs, the collective timeout, gradient checkpointing (it recomputes the same
+# activations: a run that ran out of memory can resume with it on), tracking, and the test-only hooks (`testing:`).
 RESUME_IGNORED_KEYS = ("training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.",
-                       "teachers.namespace", "teachers.name_prefix", "teachers.attach", "training.log_every",
+                       "teachers.namespace", "teachers.name_prefix", "teachers.attach", "teachers.source",
+                       "teachers.cache", "teachers.cache_encoding", "teachers.cache_shard_size",
+                       "teachers.cache_on_error", "teachers.cache_memory_mb", "training.log_every",
                        "training.collective_timeout_s", "training.gradient_checkpointing", "testing.", "logging.")
 
 

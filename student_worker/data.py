@@ -34,6 +34,8 @@ __all__ = [
     "tokenize_examples",
     "collate",
     "padding_stats",
+    "TrainingSet",
+    "load_training_set",
     "IGNORE_INDEX",
 ]
 
@@ -322,6 +324,21 @@ class BatchPlan:
         self._epochs[epoch] = out
         return out
 
+    @property
+    def per_rank_batch(self) -> int:
+        return self.global_batch_size // self.num_workers
+
+    def build_order(self) -> list[int]:
+        """Every example once, in the order a teacher cache build scores them (teacher_service/cache/plan.py):
+        epoch 0's per-rank batches in step then rank order (batch (s, r) is positions
+        (s * W + r) * b .. + b - 1, b = per_rank_batch), then the examples epoch 0 drops (the tail of its
+        permutation, in that order). Cut into batches of b, its first steps_per_epoch * W batches are exactly
+        the batches epoch 0 trains on."""
+        g, steps = self.global_batch_size, self.steps_per_epoch
+        kept = (self._bucketed_order(0) if self.length_buckets else self.epoch_order(0))[: steps * g]
+        dropped = self.epoch_order(0)[steps * g:]
+        return [int(e) for e in np.concatenate([kept, dropped])]
+
     def step_indices(self, step: int) -> list[list[int]]:
         """Example indices of `step`, one list of global_batch_size / num_workers per rank."""
         if step < 0:
@@ -332,6 +349,37 @@ class BatchPlan:
         batch = order[start : start + self.global_batch_size]
         per_rank = self.global_batch_size // self.num_workers
         return [batch[r * per_rank : (r + 1) * per_rank].tolist() for r in range(self.num_workers)]
+
+
+@dataclass
+class TrainingSet:
+    """What the driver (and a teacher cache build) batches: the tokenized training examples, the pad id of
+    the student's tokenizer, the batch plan, and the tokenizer's fingerprint and size."""
+
+    examples: list[TokenizedExample]
+    pad_id: int
+    plan: BatchPlan
+    tokenizer_fingerprint: str
+    vocab_size: int
+    bos_id: int | None = None  # the student tokenizer's BOS (on-policy prompts keep it when cut)
+
+
+def load_training_set(cfg: Any) -> TrainingSet:
+    """The run's training set as the driver batches it (`cfg`: common.config.RunConfig, model paths resolved):
+    the student's tokenizer, data.* and the plan of training.batch_size over training.num_workers."""
+    from transformers import AutoTokenizer
+
+    from teacher_service.tokenizer_check import tokenizer_fingerprint
+
+    spec = cfg.models.student
+    tok = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train = tokenize_examples(load_examples(cfg.data, "train", cfg.embedded), tok, cfg.data)
+    d = cfg.data
+    plan = BatchPlan(len(train), cfg.training.batch_size, cfg.training.num_workers, cfg.seed, d.shuffle,
+                     length_buckets=d.length_buckets,
+                     lengths=tuple(len(e.input_ids) for e in train) if d.length_buckets else None)
+    return TrainingSet(train, int(pad_id), plan, tokenizer_fingerprint(tok), len(tok), tok.bos_token_id)
 
 
 def padding_stats(plan: BatchPlan, examples: Sequence[TokenizedExample], steps: int) -> dict[str, float]:

@@ -37,8 +37,9 @@ import ray
 
 from common.config import RunConfig, config_hash, dump_config
 from student_worker import checkpoint as ckpt
-from student_worker.data import BatchPlan, load_examples, tokenize_examples
+from student_worker.data import load_examples, load_training_set
 from student_worker.evaluate import evaluate_spec
+from student_worker.record_source import check_cache, open_record_source
 from student_worker.recovery import (
     ACTOR_GONE,
     MAX_WORKER_RESTARTS,
@@ -95,8 +96,11 @@ class Driver:
         self.ckpt_root = self.out / "checkpoints"
         self.cfg_dict = cfg.model_dump(mode="json")
         self.world = cfg.training.num_workers
-        self.rdt = cfg.transport.kind == "rdt" and cfg.loss.method != "sft"
+        # RDT carries live teachers' tensors; cache and auto records go through the object store
+        self.rdt = cfg.transport.kind == "rdt" and cfg.loss.method != "sft" and cfg.teachers.source == "live"
         self.pool: Any = None
+        self.source: Any = None  # student_worker/record_source.py: live pool, teacher cache, or auto
+        self.cache_plan: Any = None
         self.workers: list[Any] = []
         self.rows: list[dict[str, Any]] = []
         self.rouge: dict[str, Any] = {}
@@ -131,7 +135,7 @@ class Driver:
         try:
             self._load_data()
             check_trackers(self.cfg)  # logging.report_to: its packages are installed
-            if self.cfg.loss.method != "sft":
+            if self.cfg.loss.method != "sft" and self.cfg.teachers.source != "cache":
                 from teacher_service.tokenizer_check import check_tokenizers
 
                 check_tokenizers(self.cfg)  # tokenizer files only: no weights are loaded yet
@@ -140,6 +144,8 @@ class Driver:
 
                 spec = self.cfg.models.student
                 student_eos_ids(spec.path, spec.revision, spec.trust_remote_code)  # a sample must be able to end
+            # the teacher cache (teachers.source cache / auto): settings, models, roles and shards checked now
+            self.cache_plan = check_cache(self.cfg, self.train_set)
         except (DataError, TeacherError, ValueError) as exc:
             raise InputError(f"{type(exc).__name__}: {exc}") from exc
         if self.resume_dir is not None and self.sampling is not None:  # lag 1: the sample it carries
@@ -150,25 +156,18 @@ class Driver:
 
     # ------------------------------------------------------------------ set-up
     def _load_data(self) -> None:
-        from transformers import AutoTokenizer
-
-        spec = self.cfg.models.student
-        tok = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        train = load_examples(self.cfg.data, "train", self.cfg.embedded)
-        self.train_tok = tokenize_examples(train, tok, self.cfg.data)
+        self.train_set = load_training_set(self.cfg)
+        self.pad_id, self.train_tok, self.plan = self.train_set.pad_id, self.train_set.examples, self.train_set.plan
         self.eval_examples = (load_examples(self.cfg.data, "eval", self.cfg.embedded)
                               if self.cfg.evaluation.enabled and self.cfg.data.eval else [])
-        d = self.cfg.data
-        self.plan = BatchPlan(len(self.train_tok), self.cfg.training.batch_size, self.world, self.cfg.seed,
-                              d.shuffle, length_buckets=d.length_buckets,
-                              lengths=tuple(len(e.input_ids) for e in self.train_tok) if d.length_buckets else None)
         self.selection = BestModelSelection.from_config(self.cfg, self.out)  # evaluation.select_best
         op = self.cfg.training.on_policy
         if op.enabled:  # each example's prompt for on-policy steps, cut or refused (data.overlong)
             from student_worker.on_policy import on_policy_prompts
 
-            prompts = on_policy_prompts(self.train_tok, d.max_length - op.max_new_tokens, d.overlong, tok.bos_token_id)
+            d = self.cfg.data
+            prompts = on_policy_prompts(self.train_tok, d.max_length - op.max_new_tokens, d.overlong,
+                                        self.train_set.bos_id)
             self.sampling = OnPolicySteps(self.cfg, self.plan, prompts)
 
     def _check_resources(self) -> None:
@@ -180,9 +179,16 @@ class Driver:
 
         return list(teacher_role_specs(self.cfg))
 
-    def _start_pool(self) -> None:
-        if self.cfg.loss.method == "sft":
-            return  # no teacher at all for plain SFT
+    def _start_source(self) -> None:
+        """The record source (None for sft: no teacher at all); a cache that serves the run starts no teacher."""
+        self.source = open_record_source(self.cfg, self.cache_plan, self.train_set, self.workers, self._start_pool,
+                                         self.rdt)
+        if self.source is not None:
+            # Not waited for: the teachers' one-off first-call costs overlap with the workers' set-up, and any
+            # remainder shows up as the first step's teacher wait. A real fault recurs on the first real batch.
+            self.source.warm_up()
+
+    def _start_pool(self) -> Any:
         from teacher_service import TeacherPool
 
         # The pool's in-flight cap sized for the window (recovery.teacher_inflight_cap); the rest as configured.
@@ -190,9 +196,7 @@ class Driver:
         cap = max(tc.max_inflight_per_replica, teacher_inflight_cap(self.cfg, self._teacher_roles()))
         cfg = self.cfg.model_copy(update={"teachers": tc.model_copy(update={"max_inflight_per_replica": cap})})
         self.pool = TeacherPool.attach(cfg) if tc.attach else TeacherPool.start(cfg)
-        # Not waited for: the teachers' one-off first-call costs overlap with the workers' set-up, and any
-        # remainder shows up as the first step's teacher wait. A real fault recurs on the first real batch.
-        self.pool.warm_up(assemble=not self.rdt)
+        return self.pool
 
     def _create_workers(self) -> None:
         """Create the actors (non-blocking: their processes start and import while teachers load). Their
@@ -271,11 +275,11 @@ class Driver:
 
     # ------------------------------------------------------------------ steps (student_worker/step_calls.py)
     def _submit(self, step: int) -> StepInFlight:
-        """The window's item for `step`: an off-policy step's teacher work is submitted now; an on-policy
+        """The window's item for `step`: an off-policy step's records are submitted now; an on-policy
         step waits for its samples (`OnPolicySteps.samples_in`)."""
         if self.sampling is not None and self.sampling.on_policy(step):
             return StepInFlight(step, [], on_policy=True)
-        return submit_step(step, self.plan, self.train_tok, self.pad_id, self.pool, self.rdt, self.include_labels)
+        return submit_step(step, self.plan, self.train_tok, self.pad_id, self.source, self.include_labels)
 
     def _begin(self, step: int) -> None:
         """The loop (re)starts at `step` (a fresh run, a resume, a restored worker group)."""
@@ -339,7 +343,7 @@ class Driver:
         try:
             self._check_resources()
             self._create_workers()
-            self._start_pool()
+            self._start_source()
             self._start_workers(resume_dir)
             e = self.cfg.evaluation
             if self.eval_examples and e.evaluate_before and "student_base" not in self.rouge:
@@ -356,7 +360,8 @@ class Driver:
             best = self.selection.final_spec()  # None unless evaluation.select_best chose a step
             if self.eval_examples and best is None:
                 self.rouge["student_after"] = self._evaluate_student()
-            teacher_stats = self.pool.stats() if self.pool is not None else None
+            teacher_stats = self.source.stats() if self.source is not None else None
+            self.source_info = self.source.describe() if self.source is not None else None
             self._release()  # frees the CPU/GPU slots the teacher's evaluation task needs on small machines
             tc = self.cfg.teachers
             task = evaluate_spec_task.options(num_cpus=min(1.0, tc.num_cpus), num_gpus=tc.num_gpus)
@@ -407,6 +412,8 @@ class Driver:
             self.tracker.log_row(row)
             self._log(row)
             window.popleft()
+            if self.source is not None:
+                self.source.step_done(step)
             step += 1
             if self.selection.due(step):  # validation ROUGE-L; the best weights are kept (no step queued past)
                 self.tracker.log_scalars("validation", self.selection.update(step, self.workers[0]), step)
@@ -442,7 +449,7 @@ class Driver:
                 self._queue_save(window[i - 1])
             if self.sampling is not None:
                 self.sampling.request(item.step + lag, self.workers)
-                if not self.sampling.samples_in(item, i <= lag, self.pool, self.pad_id, self.rdt):
+                if not self.sampling.samples_in(item, i <= lag, self.source, self.pad_id):
                     break
             self._dispatch(item)
 
@@ -488,9 +495,10 @@ class Driver:
     def _release(self) -> None:
         """Kill the workers and the teachers this run started (attached teachers stay up)."""
         self._stop_workers()
-        if self.pool is not None:
-            self.pool.shutdown()  # kills only the actors it started (not attached ones)
-            self.pool = None
+        if self.source is not None:
+            self.source.shutdown()  # kills only the actors it started (not attached teachers)
+            self.source = None
+        self.pool = None
 
     def _report(self, start_step: int, step: int, loop_s: float,
                 teacher_stats: dict[str, Any] | None) -> dict[str, Any]:
@@ -500,6 +508,8 @@ class Driver:
                                                    "metrics": str(self.out / "metrics.jsonl"),
                                                    "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))})
         report["selection"] = self.selection.summary()
+        if getattr(self, "source_info", None) is not None:
+            report["record_source"] = self.source_info
         write_report(self.out, report, self.rows, self.cfg.output.plot)  # adds its files to report["paths"]
         return report
 

@@ -81,13 +81,15 @@ def is_fatal_rank_error(exc: BaseException) -> bool:
 
 def rejection_error(errors: list[BaseException]) -> BaseException:
     """The error to report for a step every rank rejected at the input agreement (worker.StepRejected):
-    the typed teacher error (dead role, NaN output, bad record: it names role/model and batch) if any rank
-    had one, else the first rank's own error (not a peer's 'another rank failed')."""
+    the typed teacher error (dead role, NaN output, bad record, a teacher cache shard that failed its
+    checksum: it names role/model/shard and batch) if any rank had one, else the first rank's own error (not
+    a peer's 'another rank failed')."""
     from common.topk import RecordError
     from student_worker.worker import PeerInputError, StepRejected
+    from teacher_service.cache.errors import CacheError
     from teacher_service.errors import TeacherError, TeacherUnavailableError
 
-    for types in (TeacherUnavailableError, (TeacherError, RecordError)):
+    for types in (TeacherUnavailableError, (TeacherError, RecordError, CacheError)):
         for e in errors:
             typed = find_cause(e, types)
             if typed is not None:
@@ -142,7 +144,8 @@ def check_resources(cfg: RunConfig, teacher_roles: list[str]) -> None:
     Ray would wait forever for the missing slots (an autoscaling cluster may still add them)."""
     t, tc = cfg.training, cfg.teachers
     world = t.num_workers
-    n_teachers = 0 if cfg.loss.method == "sft" or tc.attach else sum(tc.replicas.get(r, 1) for r in teacher_roles)
+    started = not (cfg.loss.method == "sft" or tc.attach or tc.source == "cache")  # a cache run starts none
+    n_teachers = sum(tc.replicas.get(r, 1) for r in teacher_roles) if started else 0
     need = {"CPU": world * t.num_cpus_per_worker + n_teachers * tc.num_cpus,
             "GPU": world * t.num_gpus_per_worker + n_teachers * tc.num_gpus}
     for per, count in ((tc.resources, n_teachers), (t.resources_per_worker, world)):

@@ -37,32 +37,36 @@ class StepInFlight:
     samples: list[dict[str, Any]] | None = None  # per rank: the samples (on-policy steps, once collected)
 
 
-def submit_step(step: int, plan: BatchPlan, examples: list[TokenizedExample], pad_id: int, pool: Any,
-                rdt: bool, include_labels: bool = False) -> StepInFlight:
-    """Collate the step's per-rank batches and submit their teacher work (rank r: batch id step * W + r).
+def submit_step(step: int, plan: BatchPlan, examples: list[TokenizedExample], pad_id: int, source: Any,
+                include_labels: bool = False) -> StepInFlight:
+    """Collate the step's per-rank batches and submit them to the record source (student_worker/record_source.py:
+    live teachers or the teacher cache; None for sft). Rank r's batch id is step * W + r.
     include_labels: force each label into its position's support (K = k + 1; loss.objective sampled_token)."""
-    item = StepInFlight(step, [collate([examples[i] for i in idx], pad_id) for idx in plan.step_indices(step)])
-    _submit_teachers(item, pool, rdt, include_labels)
+    indices = plan.step_indices(step)
+    item = StepInFlight(step, [collate([examples[i] for i in idx], pad_id) for idx in indices])
+    _submit_records(item, source, indices, include_labels)
     return item
 
 
 def submit_sampled(item: StepInFlight, samples: list[dict[str, Any]], prompts: list[list[list[int]]], pad_id: int,
-                   pool: Any, rdt: bool) -> None:
+                   source: Any) -> None:
     """An on-policy step's samples are in: its arrays become prompt + sample per row, and its teacher work is
     submitted with the sampled tokens (the labels) forced into the support (K = k + 1)."""
     item.samples = samples
     item.arrays = [sampled_batch(p, s, pad_id) for p, s in zip(prompts, samples)]
-    _submit_teachers(item, pool, rdt, include_labels=True)
+    _submit_records(item, source, None, include_labels=True)
 
 
-def _submit_teachers(item: StepInFlight, pool: Any, rdt: bool, include_labels: bool) -> None:
-    if pool is None:
+def _submit_records(item: StepInFlight, source: Any, indices: list[list[int]] | None, include_labels: bool) -> None:
+    """Each rank's batch to the record source. indices: the training examples per rank (None for sampled
+    batches, which only live teachers can score)."""
+    if source is None:
         return
     for rank, a in enumerate(item.arrays):
         bid = item.step * len(item.arrays) + rank
-        submit = pool.submit_parts if rdt else pool.submit
         include = a["labels"] if include_labels else None
-        item.records.append(submit(bid, a["input_ids"], a["attention_mask"], a["loss_mask"], include=include))
+        item.records.append(source.submit(item.step, rank, bid, a, None if indices is None else indices[rank],
+                                          include=include))
 
 
 def queue_samples(step: int, workers: list[Any], prompts: list[list[list[int]]]) -> list[Any]:
@@ -174,7 +178,7 @@ class OnPolicySteps:
                 self.schedule.results[step] = got
         return got
 
-    def samples_in(self, item: StepInFlight, block: bool, pool: Any, pad_id: int, rdt: bool) -> bool:
+    def samples_in(self, item: StepInFlight, block: bool, source: Any, pad_id: int) -> bool:
         """True when `item` can be dispatched: an off-policy step, or an on-policy one whose samples are in
         (its arrays are then built and its teacher work submitted here)."""
         if not item.on_policy or item.samples is not None:
@@ -182,7 +186,7 @@ class OnPolicySteps:
         got = self.results(item.step, block)
         if got is None:
             return False
-        submit_sampled(item, got, self.step_prompts(item.step), pad_id, pool, rdt)
+        submit_sampled(item, got, self.step_prompts(item.step), pad_id, source)
         return True
 
     def stored(self, ckpt_dir: Path, step: int) -> list[dict[str, Any]] | None:

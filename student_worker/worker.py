@@ -109,7 +109,7 @@ class InjectedRankError(RuntimeError):
 
 
 def required_roles(cfg: RunConfig) -> list[str]:
-    """Roles the loss needs in the record (lp_S0 only when a teacher role supplies it)."""
+    """Roles the loss needs in the record (lp_S0 only when a teacher role or the teacher cache supplies it)."""
     method = cfg.loss.method
     if method == "sft":
         return []
@@ -120,7 +120,7 @@ def required_roles(cfg: RunConfig) -> list[str]:
     if uses_shift:
         for j in range(1 + len(cfg.models.extra_pairs)):
             roles.extend(pair_roles(j))
-    if needs_student_base(cfg.loss) and cfg.teachers.student_base_source == "teacher":
+    if needs_student_base(cfg.loss) and cfg.teachers.student_base_source in ("teacher", "cache"):
         roles.append(ROLE_STUDENT_BASE)
     return list(dict.fromkeys(roles))
 

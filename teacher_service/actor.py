@@ -29,7 +29,7 @@ import torch
 from common.config import ModelSpec
 from common.reproducibility import apply_compute_settings
 
-__all__ = ["TeacherActor", "TORCH_WIRE_DTYPES", "to_numpy_wire", "placement"]
+__all__ = ["TeacherActor", "TORCH_WIRE_DTYPES", "to_numpy_wire", "placement", "make_engine"]
 
 TORCH_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,6 +68,20 @@ def to_numpy_wire(x: torch.Tensor) -> np.ndarray:
     return x.numpy()
 
 
+def make_engine(role: str, spec: ModelSpec, engine: str = "hf", device: str = "auto", dtype: str = "auto",
+                chunk_tokens: int = 1024, vllm_options: dict[str, Any] | None = None) -> Any:
+    """The engine of one teacher role: TeacherEngine ("hf") or VLLMEngine ("vllm", top-k only)."""
+    if engine == "vllm":
+        from .engine_vllm import VLLMEngine
+
+        return VLLMEngine(spec, **(vllm_options or {}))
+    if engine == "hf":
+        from .engine_hf import TeacherEngine
+
+        return TeacherEngine(spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens)
+    raise ValueError(f"teacher role {role!r}: unknown engine {engine!r} (expected 'hf' or 'vllm')")
+
+
 def placement() -> dict[str, Any]:
     """Where the calling Ray worker runs: {"node_id", "gpu_ids"} (used to pick the RDT transport)."""
     return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [int(g) for g in ray.get_gpu_ids()]}
@@ -90,16 +104,7 @@ class TeacherActor:
         self.wire_dtype = wire_dtype
         self.torch_wire = TORCH_WIRE_DTYPES[wire_dtype]
         self.engine_kind = engine
-        if engine == "vllm":
-            from .engine_vllm import VLLMEngine
-
-            self.engine: Any = VLLMEngine(model_spec, **(vllm_options or {}))
-        elif engine == "hf":
-            from .engine_hf import TeacherEngine
-
-            self.engine = TeacherEngine(model_spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens)
-        else:
-            raise ValueError(f"teacher role {role!r}: unknown engine {engine!r} (expected 'hf' or 'vllm')")
+        self.engine: Any = make_engine(role, model_spec, engine, device, dtype, chunk_tokens, vllm_options)
         self.cache: OrderedDict[tuple, Part] = OrderedDict()
         self.cache_size = int(cache_size)
         self.started = time.time()

@@ -28,7 +28,16 @@ from .roles import replica_name, teacher_role_specs
 from .tokenizer_check import check_tokenizers
 from .transport import choose_rdt_transport
 
-__all__ = ["TeacherPool"]
+__all__ = ["TeacherPool", "vllm_options"]
+
+
+def vllm_options(cfg: RunConfig) -> dict[str, Any]:
+    """The VLLMEngine options of the sft role (teachers.engine: vllm) from the run config."""
+    t = cfg.teachers
+    return {"max_logprobs": t.vllm_max_logprobs or cfg.loss.k + 1,  # + 1: the label (include)
+            "gpu_memory_utilization": t.vllm_gpu_memory_utilization,
+            "max_num_batched_tokens": t.vllm_max_num_batched_tokens,
+            "max_model_len": t.vllm_max_model_len, "dtype": t.dtype}
 
 
 class TeacherPool:
@@ -92,10 +101,7 @@ class TeacherPool:
         """Replica i of a role as a named actor with the configured resources and restart policy."""
         t = cfg.teachers
         engine = t.engine if role == ROLE_SFT else "hf"  # vLLM cannot gather: only the sft role may use it
-        vllm_options = {"max_logprobs": t.vllm_max_logprobs or cfg.loss.k + 1,  # + 1: the label (include)
-                        "gpu_memory_utilization": t.vllm_gpu_memory_utilization,
-                        "max_num_batched_tokens": t.vllm_max_num_batched_tokens,
-                        "max_model_len": t.vllm_max_model_len, "dtype": t.dtype}
+        options = vllm_options(cfg)
         name = replica_name(t.name_prefix, role, i)
         opts: dict[str, Any] = dict(name=name, namespace=t.namespace, num_cpus=t.num_cpus, num_gpus=t.num_gpus,
                                     max_restarts=t.max_restarts, max_task_retries=t.max_task_retries)
@@ -106,7 +112,7 @@ class TeacherPool:
         try:
             return TeacherActor.options(**opts).remote(
                 role, spec, engine, t.device, t.dtype, t.chunk_tokens, t.wire_dtype,
-                max(32, 4 * t.max_inflight_per_replica), vllm_options if engine == "vllm" else None,
+                max(32, 4 * t.max_inflight_per_replica), options if engine == "vllm" else None,
                 test_delay_s=cfg.testing.teacher_delay_s, compute=cfg.reproducibility.model_dump())
         except ValueError as err:  # a named actor of that name already exists
             raise ValueError(f"cannot start teacher {name!r} in namespace {t.namespace!r}: {err} "

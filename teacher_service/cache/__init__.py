@@ -13,10 +13,11 @@ Modules: `records` (ExampleRecord, split_batch, assemble_batch), `shard` (Parque
 The compact encoding is `common.codec`.
 """
 
+from .encoded import EncodedShard, read_shard
 from .errors import CacheError, CacheIncompleteError, CacheMismatchError, CacheRoleError, ShardError
-from .manifest import BuildHead, Manifest, load_manifest
+from .manifest import AddedRole, BuildHead, Manifest, load_manifest
 from .reader import CacheReader, check_roles, open_for_run
-from .records import ExampleRecord, RowsRecord, assemble_batch, split_batch
+from .records import ExampleRecord, assemble_batch, encoding_mass_eps, split_batch
 from .shard import ShardInfo, ShardLayout, ShardSpec, write_shard
 from .writer import CacheWriter
 
@@ -26,6 +27,7 @@ __all__ = [
     "CacheMismatchError",
     "CacheRoleError",
     "ShardError",
+    "AddedRole",
     "BuildHead",
     "Manifest",
     "load_manifest",
@@ -33,9 +35,11 @@ __all__ = [
     "check_roles",
     "open_for_run",
     "ExampleRecord",
-    "RowsRecord",
     "assemble_batch",
+    "encoding_mass_eps",
     "split_batch",
+    "EncodedShard",
+    "read_shard",
     "ShardInfo",
     "ShardLayout",
     "ShardSpec",

@@ -1,10 +1,17 @@
-"""`python -m teacher_service.cache status|verify --cache DIR_OR_URI [--json]`.
+"""`python -m teacher_service.cache build|add-role|status|verify ...`: the teacher cache's command line.
 
-status: what the cache is valid for, its roles and storage, shards present and missing, sizes; for an
-        unfinished build, how many shards are written. Exit 0 when complete and every shard file exists.
-verify: status, then re-reads every shard and checks its sha256 and contents. Exit 0 only when all pass.
-Exit codes: 0 good, 1 problems found (each named with path and example range), 2 no cache there.
-(`build` comes with the Ray Data pipeline.)
+build:    python -m teacher_service.cache build --config X --out DIR_OR_URI [--set a.b=v] [--encoding E]
+          scores the config's training set with its teachers (a Ray Data pipeline on the Ray cluster: the
+          same address rules as the trainer) in the batches of its plan's first epoch, and writes the cache;
+          an interrupted build resumes when rerun (finished shards are kept, the manifest is written last).
+add-role: python -m teacher_service.cache add-role student_base --cache DIR_OR_URI --student PATH [--config X]
+          scores a student base at the cached ids once (teachers.student_base_source: cache); the config
+          gives the data (default: the embedded tiny run's), --student the model (default its student).
+status:   what the cache is valid for, its roles and storage, shards present and missing, sizes; for an
+          unfinished build, how many shards are written. Exit 0 when complete and every shard file exists.
+verify:   status, then re-reads every shard and checks its sha256 and contents. Exit 0 only when all pass.
+Exit codes: 0 good, 1 problems found (each named with path and range), 2 no cache there / bad input,
+3 the build failed.
 """
 
 from __future__ import annotations
@@ -14,10 +21,10 @@ import json
 import sys
 from typing import Any
 
+from .encoded import read_shard
 from .errors import CacheError, CacheIncompleteError, ShardError
 from .fs import CacheLocation
 from .manifest import load_build_head, load_manifest
-from .shard import read_shard, shard_specs
 from .writer import finished_shard
 
 __all__ = ["main", "cache_status"]
@@ -32,7 +39,7 @@ def cache_status(uri: str, verify: bool = False) -> dict[str, Any]:
         head = load_build_head(loc)
         if head is None:
             raise
-        specs = shard_specs(head.num_examples, head.shard_size)
+        specs = head.specs()
         done = [s.index for s in specs if finished_shard(loc, s, head.build_key, verify=verify) is not None]
         return {"cache": loc.display(), "complete": False, "encoding": head.encoding, "k": head.k,
                 "roles": head.roles, "num_examples": head.num_examples, "shards_total": len(specs),
@@ -41,13 +48,15 @@ def cache_status(uri: str, verify: bool = False) -> dict[str, Any]:
                 "problems": [str(exc)]}
     head = manifest.head
     problems = []
-    for info in manifest.shards:
-        spec = info.spec()
+    ordered = head.order is not None
+    for info in [*manifest.shards, *(s for a in manifest.added_roles for s in a.shards)]:
+        spec = info.spec(ordered)
         if loc.size(info.path) is None:
             problems.append(f"shard {spec.where(loc)} is missing")
         elif verify:
             try:
-                read_shard(loc, info, manifest.layout, verify=True)
+                read_shard(loc, info, manifest.layout, roles=[], verify=True, ordered=ordered,
+                           expected=head.shard_examples(spec))
             except ShardError as exc:
                 problems.append(str(exc))
     tokens = manifest.num_tokens
@@ -57,7 +66,8 @@ def cache_status(uri: str, verify: bool = False) -> dict[str, Any]:
         "vocab_size": head.vocab_size, "num_examples": head.num_examples, "num_tokens": tokens,
         "shards_total": len(manifest.shards), "bytes": manifest.num_bytes,
         "file_bytes_per_token": manifest.num_bytes / tokens if tokens else None,
-        "verified": verify, "problems": problems, "build": head.build,
+        "verified": verify, "problems": problems, "build": head.build, "scoring": head.scoring,
+        "added_roles": [{"role": a.role, "key": a.key, **a.identity} for a in manifest.added_roles],
     }
 
 
@@ -77,6 +87,13 @@ def _print(status: dict[str, Any]) -> None:
             print(f"  role {role:13s} {status['storage'].get(role, '?'):20s} {ident.get('path')}"
                   + (f"@{ident['revision']}" if ident.get("revision") else "")
                   + (f"  weights {fp[:12]}..." if fp else "  weights unknown"))
+        for a in status["added_roles"]:
+            fp = a.get("fingerprint")
+            print(f"  role {a['role']:13s} {'added (' + a['key'] + ')':20s} {a.get('path')}"
+                  + (f"  weights {fp[:12]}..." if fp else "  weights unknown"))
+        plan = (status.get("scoring") or {}).get("plan")
+        if plan:
+            print(f"  scored in the batches of plan {plan} (per-rank batch {status['scoring'].get('batch')})")
     else:
         print(f"  {status['shards_finished']} of {status['shards_total']} shards finished; encoding "
               f"{status['encoding']}, roles {sorted(status['roles'])}")
@@ -89,12 +106,69 @@ def _print(status: dict[str, Any]) -> None:
             print(f"  PROBLEM: {p}")
 
 
+def _load(config: str | None, overrides: list[str]) -> Any:
+    from common.config import load_config
+    from student_worker.train import DEFAULT_CONFIG
+    from teacher_service.cli import resolve_paths
+
+    return resolve_paths(load_config(config or str(DEFAULT_CONFIG), overrides))
+
+
+def _build(args: argparse.Namespace) -> int:
+    from teacher_service.ray_connect import connect_ray
+
+    from .build import add_role, build_cache
+
+    cfg = _load(args.config, args.set)
+    connect_ray(args.address or None, logging_level="ERROR")
+    if args.command == "build":
+        manifest, stats = build_cache(cfg, args.out, encoding=args.encoding, progress=not args.no_progress)
+    else:
+        from common.config import ModelSpec
+
+        student = ModelSpec(path=args.student) if args.student else None
+        manifest, stats = add_role(cfg, args.cache, args.role, student, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps({"stats": stats, "totals": manifest.to_json()["totals"]}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m teacher_service.cache", description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["status", "verify"])
-    p.add_argument("--cache", required=True, help="cache folder or pyarrow file system URI (file://, s3://, ...)")
-    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p = argparse.ArgumentParser(prog="python -m teacher_service.cache", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("status", "verify"):
+        q = sub.add_parser(name)
+        q.add_argument("--cache", required=True, help="cache folder or pyarrow file system URI (file://, s3://, ...)")
+        q.add_argument("--json", action="store_true", help="print the status as JSON")
+    for name in ("build", "add-role"):
+        q = sub.add_parser(name)
+        if name == "build":
+            q.add_argument("--out", required=True, help="where to write the cache: a folder or pyarrow URI")
+            q.add_argument("--encoding", help="storage encoding (default: the config's teachers.cache_encoding)")
+        else:
+            q.add_argument("role", choices=["student_base"])
+            q.add_argument("--cache", required=True, help="the finished cache: a folder or pyarrow URI")
+            q.add_argument("--student", help="the student base to score (default: the config's student base)")
+        q.add_argument("--config", help="run config YAML (default: the embedded tiny run)")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+        q.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS / the last `ray start`, else local)")
+        q.add_argument("--no-progress", action="store_true", help="no progress bars")
+        q.add_argument("--json", action="store_true", help="print the build's figures as JSON at the end")
     args = p.parse_args(argv)
+    if args.command in ("build", "add-role"):
+        from common.config import ConfigError
+        from teacher_service.errors import RayConnectionError
+
+        try:
+            return _build(args)
+        except (ConfigError, RayConnectionError, CacheError, ValueError) as exc:  # bad input: nothing scored
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2 if not isinstance(exc, ShardError) else 3
+        except Exception as exc:  # the pipeline failed (a teacher error, a lost node): rerun to resume
+            print(f"error: the build failed ({type(exc).__name__}: {exc}); finished shards are kept, rerun the "
+                  "same command to resume", file=sys.stderr)
+            return 3
     try:
         status = cache_status(args.cache, verify=args.command == "verify")
     except CacheIncompleteError as exc:

@@ -16,6 +16,15 @@
 `layout.k` is the number of support ids stored per row (the loss's k, or k + 1 with a forced id).
 `build.json` holds the same head (no shards) from the start of a build: a rerun resumes only a build of
 the same settings. `build_key` = sha256 of that head, and ties every shard sidecar to its build.
+
+The build order (`order`, optional): the examples in the order the build scored them, a permutation of
+0 .. num_examples - 1; shard i holds the examples at positions [i * shard_size, (i + 1) * shard_size) of it.
+A build that replays a run's batch plan (teacher_service/cache/plan.py) stores the plan's first epoch
+there, so each shard holds whole batches of it; None means the identity (shard i: examples i * shard_size ..).
+`scoring` records how the teachers scored (the plan, the per-batch size, wire dtype, LM head chunking,
+engine dtype and device): it defines the contents (a resume must agree) but not what a run may use them for.
+`added_roles` (manifest only): roles scored later at the cached ids (`cache add-role`), each in its own shard
+files under `roles/<key>/`, e.g. a student base's lp_S0; the manifest is rewritten (atomically) with each.
 """
 
 from __future__ import annotations
@@ -25,13 +34,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from common.codec import get_encoding
 
 from .errors import CacheError, CacheIncompleteError, CacheMismatchError
 from .fs import CacheLocation
-from .shard import SHARD_META_DIR, ShardInfo, ShardLayout
+from .shard import SHARD_META_DIR, ShardInfo, ShardLayout, ShardSpec, shard_specs
 
-__all__ = ["Manifest", "BuildHead", "MANIFEST_NAME", "BUILD_NAME", "FORMAT", "VERSION", "load_manifest",
+__all__ = ["Manifest", "BuildHead", "AddedRole", "MANIFEST_NAME", "BUILD_NAME", "FORMAT", "VERSION", "load_manifest",
            "load_build_head", "role_differences", "valid_for_differences", "check_run"]
 
 FORMAT = "deltakd-teacher-cache"
@@ -56,11 +67,34 @@ class BuildHead:
     num_examples: int
     shard_size: int
     build: dict[str, Any] = field(default_factory=dict)
+    order: list[int] | None = None
+    scoring: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.order is not None:
+            self.order = [int(e) for e in self.order]
+            if sorted(self.order) != list(range(self.num_examples)):
+                raise CacheError(f"build order must be a permutation of 0..{self.num_examples - 1} "
+                                 f"({len(self.order)} entries given)")
 
     def defining(self) -> dict[str, Any]:
         """The fields a resume must agree on (not `build`, which is informational)."""
         return {"valid_for": self.valid_for, "roles": self.roles, "encoding": self.encoding, "k": self.k,
-                "vocab_size": self.vocab_size, "num_examples": self.num_examples, "shard_size": self.shard_size}
+                "vocab_size": self.vocab_size, "num_examples": self.num_examples, "shard_size": self.shard_size,
+                "order": self.order, "scoring": self.scoring}
+
+    def order_array(self) -> np.ndarray | None:
+        """The build order as int64 [num_examples], or None for the identity."""
+        return None if self.order is None else np.asarray(self.order, dtype=np.int64)
+
+    def specs(self) -> list[ShardSpec]:
+        return shard_specs(self.num_examples, self.shard_size, ordered=self.order is not None)
+
+    def shard_examples(self, spec: ShardSpec) -> list[int]:
+        """The example indices shard `spec` holds, in stored order."""
+        if self.order is None:
+            return list(range(spec.start, spec.end))
+        return self.order[spec.start: spec.end]
 
     @property
     def build_key(self) -> str:
@@ -83,15 +117,40 @@ class BuildHead:
                              f"(format {d.get('format')!r}, version {d.get('version')!r})")
         try:
             return cls(d["valid_for"], d["roles"], d["encoding"], int(d["k"]), int(d["vocab_size"]),
-                       int(d["num_examples"]), int(d["shard_size"]), dict(d.get("build", {})))
+                       int(d["num_examples"]), int(d["shard_size"]), dict(d.get("build", {})), d.get("order"),
+                       dict(d.get("scoring") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheError(f"{where}: malformed ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass
+class AddedRole:
+    """A role scored after the build at the cached ids (`cache add-role`), stored in its own shard files
+    (`roles/<key>/shard-NNNNN.parquet`, one per main shard, same examples). identity: the model that
+    produced it ({path, revision, fingerprint}); build_key ties its shard sidecars to it."""
+
+    role: str
+    key: str
+    identity: dict[str, Any]
+    shards: list[ShardInfo]
+    build: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": self.role, "key": self.key, "identity": self.identity,
+                "shards": [s.to_json() for s in self.shards], "build": self.build}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AddedRole:
+        return cls(str(d["role"]), str(d["key"]), dict(d["identity"]), [ShardInfo.from_json(s) for s in d["shards"]],
+                   dict(d.get("build", {})))
 
 
 @dataclass
 class Manifest:
     head: BuildHead
     shards: list[ShardInfo]
+    added_roles: list[AddedRole] = field(default_factory=list)
+    _positions: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def layout(self) -> ShardLayout:
@@ -113,6 +172,7 @@ class Manifest:
                   "storage": get_encoding(self.head.encoding).describe(self.head.role_names)}
         tokens = self.num_tokens
         return {**head, "layout": layout, "shards": [s.to_json() for s in self.shards],
+                "added_roles": [a.to_json() for a in self.added_roles],
                 "totals": {"examples": self.head.num_examples, "tokens": tokens, "bytes": self.num_bytes,
                            "bytes_per_token": self.num_bytes / tokens if tokens else None},
                 "build": build}
@@ -120,11 +180,25 @@ class Manifest:
     def write(self, loc: CacheLocation) -> None:
         loc.write_atomic(MANIFEST_NAME, json.dumps(self.to_json(), indent=1, ensure_ascii=False).encode("utf-8"))
 
-    def shard_of(self, example: int) -> ShardInfo:
+    def position(self, example: int) -> int:
+        """Where an example sits in the build order."""
         if not 0 <= example < self.head.num_examples:
             raise CacheError(f"example {example} is out of range: the cache holds examples "
                              f"0..{self.head.num_examples - 1}")
-        return self.shards[example // self.head.shard_size]
+        order = self.head.order_array()
+        if order is None:
+            return int(example)
+        if self._positions is None:
+            pos = np.empty_like(order)
+            pos[order] = np.arange(order.size)
+            self._positions = pos
+        return int(self._positions[example])
+
+    def shard_of(self, example: int) -> ShardInfo:
+        return self.shards[self.position(example) // self.head.shard_size]
+
+    def roles_with_added(self) -> list[str]:
+        return sorted(set(self.head.roles) | {a.role for a in self.added_roles})
 
 
 def _load_json(loc: CacheLocation, rel: str) -> dict[str, Any]:
@@ -161,12 +235,14 @@ def load_manifest(loc: CacheLocation) -> Manifest:
     head = BuildHead.from_json(doc, where)
     try:
         shards = [ShardInfo.from_json(s) for s in doc["shards"]]
+        added = [AddedRole.from_json(a) for a in doc.get("added_roles", [])]
     except (KeyError, TypeError) as exc:
         raise CacheError(f"{where}: malformed shard list ({exc})") from None
     expected = -(-head.num_examples // head.shard_size)
-    if [s.index for s in shards] != list(range(expected)):
-        raise CacheError(f"{where}: lists shards {[s.index for s in shards][:5]}..., expected 0..{expected - 1}")
-    return Manifest(head, shards)
+    for what, listed in [("shards", shards), *((f"added role {a.key} shards", a.shards) for a in added)]:
+        if [s.index for s in listed] != list(range(expected)):
+            raise CacheError(f"{where}: lists {what} {[s.index for s in listed][:5]}..., expected 0..{expected - 1}")
+    return Manifest(head, shards, added)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,24 +3,25 @@
 A cache stores one `ExampleRecord` per training example: the example's counted positions `t` in its own
 coordinates (position t holds the distribution over token t + 1, see docs/ARCHITECTURE.md) and their
 support ids, log-probs and tails. Any batching can be assembled from them: a batch of examples padded to
-length T is the concatenation of the examples' rows with `rows = b * T + t` (INTERFACES.md section 1).
-
-`assemble_batch` returns `common.topk.TopKRecord` once that class carries `rows` (the records branch);
-until then it returns `RowsRecord`, a stand-in with the same fields. Pure numpy.
+length T is the concatenation of the examples' rows with `rows = b * T + t` (INTERFACES.md section 1),
+a `common.topk.TopKRecord`. Pure numpy.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from common.codec import SPAN_CAP, get_encoding
+from common.topk import MASS_EPS, TopKRecord
+
 from .errors import CacheError
 
-__all__ = ["ExampleRecord", "RowsRecord", "split_batch", "assemble_batch", "rows_record_class"]
+__all__ = ["ExampleRecord", "split_batch", "assemble_batch", "encoding_mass_eps"]
 
 
 @dataclass
@@ -43,8 +44,9 @@ class ExampleRecord:
     def num_rows(self) -> int:
         return int(self.t.shape[0])
 
-    def check(self) -> ExampleRecord:
-        """Raise CacheError naming the example if the arrays disagree."""
+    def check(self, mass_eps: float | None = None) -> ExampleRecord:
+        """Raise CacheError naming the example if the arrays disagree; with mass_eps, also if a role's
+        support mass plus tail exceeds 1 + mass_eps (what TopKRecord.validate checks)."""
         n = self.num_rows
         where = f"example {self.example}"
         if self.t.ndim != 1 or self.ids.ndim != 2 or self.ids.shape[0] != n:
@@ -58,44 +60,38 @@ class ExampleRecord:
                                  f"ids {tuple(self.ids.shape)}")
             if np.isnan(lp).any() or np.isposinf(lp).any() or not np.isfinite(self.tail[role]).all():
                 raise CacheError(f"{where}, role {role!r}: NaN or +inf teacher values")
+            if mass_eps is not None and n:
+                mass = float((np.exp(lp.astype(np.float64)).sum(-1) + self.tail[role]).max())
+                if mass > 1 + mass_eps:
+                    raise CacheError(f"{where}, role {role!r}: probability mass {mass:.6f} > 1 + {mass_eps}")
         return self
 
 
-@dataclass
-class RowsRecord:
-    """Stand-in for the rows-form `TopKRecord` of INTERFACES.md section 1 (same fields, numpy, fp32 values).
+def encoding_mass_eps(encoding: str, roles: Iterable[str]) -> float:
+    """How far above 1 a role's support mass plus tail may decode from `encoding` (for TopKRecord.validate).
 
-    ids [N, K] int32; logprobs role -> [N, K]; tail role -> [N] fp32; rows [N] int32 = b * T + t, strictly
-    increasing; batch_shape (B, T).
+    Per role, the decoded log-probs err by at most e (nats): 0 for f32; for f16 / bf16 a relative rounding
+    u = 2^-11 / 2^-8 of |lp|, whose effect on the mass, sum p (e^(u |lp|) - 1), is about u * sum p |lp| <=
+    u * (log K + 1) (taken for K up to 2^20); for uq<b> half its row's grid step, at most
+    SPAN_CAP / (2^b - 2) / 2 (times fp16's rounding up of the step); a shift role adds its reference's
+    error. The mass then grows by at most exp(e) - 1, plus the fp32 check's 1e-3. The bound is loose (a
+    row spanning 80 nats is rare); every build checks the mass at fp32 before encoding.
     """
+    layout = get_encoding(encoding).layout(roles)
+    k_log = math.log(1 << 20)
 
-    batch_id: int | str
-    ids: np.ndarray
-    logprobs: dict[str, np.ndarray]
-    tail: dict[str, np.ndarray]
-    rows: np.ndarray
-    batch_shape: tuple[int, int]
-    tau: float
-    vocab_size: int
-    tokenizer_fingerprint: str = ""
-    wire_dtype: str = "float32"
-    meta: dict[str, Any] = field(default_factory=dict)
+    def err(role: str) -> float:
+        codec, ref = layout[role]
+        if codec.kind == "f32":
+            own = 0.0
+        elif codec.kind in ("f16", "bf16"):
+            own = (k_log + 1.0) * (2.0**-11 if codec.kind == "f16" else 2.0**-8)
+        else:
+            own = SPAN_CAP / ((1 << codec.bits) - 2) / 2 * (1 + 2.0**-10)
+        return own + (err(ref) if ref is not None else 0.0)
 
-    @property
-    def mask(self) -> np.ndarray:
-        """[B, T] bool: True at the counted positions."""
-        b, t = self.batch_shape
-        out = np.zeros(b * t, dtype=bool)
-        out[self.rows] = True
-        return out.reshape(b, t)
-
-
-def rows_record_class() -> type:
-    """`common.topk.TopKRecord` when it is the rows form (has a `rows` field), else `RowsRecord`."""
-    from common.topk import TopKRecord
-
-    names = {f.name for f in dataclasses.fields(TopKRecord)}
-    return TopKRecord if "rows" in names else RowsRecord
+    worst = max((err(r) for r in layout), default=0.0)
+    return float(math.expm1(worst) + MASS_EPS["float32"])
 
 
 def split_batch(example_indices: Sequence[int], lengths: Sequence[int], rows: np.ndarray, batch_shape: tuple[int, int],
@@ -127,7 +123,7 @@ def split_batch(example_indices: Sequence[int], lengths: Sequence[int], rows: np
 
 def assemble_batch(examples: Sequence[ExampleRecord], seq_len: int, batch_id: int | str, tau: float,
                    vocab_size: int, roles: Sequence[str] | None = None, tokenizer_fingerprint: str = "",
-                   meta: dict[str, Any] | None = None) -> Any:
+                   meta: dict[str, Any] | None = None) -> TopKRecord:
     """The rows-form batch record of `examples` (in batch order) padded to length `seq_len`.
 
     rows = b * seq_len + t; roles: the roles to keep (default: all the first example has). Every position
@@ -149,8 +145,7 @@ def assemble_batch(examples: Sequence[ExampleRecord], seq_len: int, batch_id: in
                              f">= the batch length {seq_len}")
         parts_rows.append(b * seq_len + ex.t.astype(np.int64))
     rows = np.concatenate(parts_rows).astype(np.int32)
-    cls = rows_record_class()
-    return cls(
+    return TopKRecord(
         batch_id=batch_id,
         ids=np.concatenate([ex.ids for ex in examples]).astype(np.int32, copy=False),
         logprobs={r: np.concatenate([ex.logprobs[r] for ex in examples]) for r in keep},

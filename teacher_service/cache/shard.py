@@ -30,19 +30,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.codec import CodecError, Segments, decode_rows, encode_rows, get_encoding
+from common.codec import CodecError, encode_rows, get_encoding
 
 from .errors import ShardError
 from .fs import CacheLocation
 from .records import ExampleRecord
 
 __all__ = ["ShardLayout", "ShardSpec", "ShardInfo", "DecodedShard", "shard_specs", "examples_table",
-           "write_shard", "read_shard", "decode_table", "SHARD_DIR", "SHARD_META_DIR"]
+           "write_shard", "read_shard_table", "SHARD_DIR", "SHARD_META_DIR"]
 
 SHARD_DIR = "shards"
 SHARD_META_DIR = "shard_meta"
 _COMPRESSION = "zstd"
-_DECODE_ROWS = 16_384  # rows decoded per vectorised call
 
 
 @dataclass(frozen=True)
@@ -58,22 +57,29 @@ class ShardLayout:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """Shard `index` holds examples [start, end)."""
+    """Shard `index` holds the examples at positions [start, end) of the build order (manifest.py): the
+    examples start .. end - 1 themselves when the build has no order of its own (`ordered` False).
+    `folder`: where its files live ("" for the main shards, "roles/<key>" for an added role)."""
 
     index: int
     start: int
     end: int
+    ordered: bool = False
+    folder: str = ""
 
     @property
     def path(self) -> str:
-        return f"{SHARD_DIR}/shard-{self.index:05d}.parquet"
+        return f"{self.folder}/{SHARD_DIR}/shard-{self.index:05d}.parquet" if self.folder else \
+            f"{SHARD_DIR}/shard-{self.index:05d}.parquet"
 
     @property
     def meta_path(self) -> str:
-        return f"{SHARD_META_DIR}/shard-{self.index:05d}.json"
+        return f"{self.folder}/{SHARD_META_DIR}/shard-{self.index:05d}.json" if self.folder else \
+            f"{SHARD_META_DIR}/shard-{self.index:05d}.json"
 
     def where(self, loc: CacheLocation) -> str:
-        return f"{loc.display(self.path)} (examples {self.start}..{self.end - 1})"
+        what = "build order positions" if self.ordered else "examples"
+        return f"{loc.display(self.path)} ({what} {self.start}..{self.end - 1})"
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,9 @@ class ShardInfo:
     num_tokens: int
     build_key: str
 
-    def spec(self) -> ShardSpec:
-        return ShardSpec(self.index, self.start, self.end)
+    def spec(self, ordered: bool = False) -> ShardSpec:
+        folder = self.path.rsplit(f"/{SHARD_DIR}/", 1)[0] if f"/{SHARD_DIR}/" in self.path else ""
+        return ShardSpec(self.index, self.start, self.end, ordered, folder)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,11 +107,11 @@ class ShardInfo:
         return cls(**{f: d[f] for f in cls.__dataclass_fields__})
 
 
-def shard_specs(num_examples: int, shard_size: int) -> list[ShardSpec]:
-    """The shards of a build: contiguous ranges of `shard_size` examples (the last may be shorter)."""
+def shard_specs(num_examples: int, shard_size: int, ordered: bool = False, folder: str = "") -> list[ShardSpec]:
+    """The shards of a build: contiguous ranges of `shard_size` positions (the last may be shorter)."""
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    return [ShardSpec(i, s, min(s + shard_size, num_examples))
+    return [ShardSpec(i, s, min(s + shard_size, num_examples), ordered, folder)
             for i, s in enumerate(range(0, num_examples, shard_size))]
 
 
@@ -155,16 +162,23 @@ def examples_table(examples: Sequence[ExampleRecord], layout: ShardLayout) -> pa
 
 
 def write_shard(loc: CacheLocation, spec: ShardSpec, examples: Sequence[ExampleRecord],
-                layout: ShardLayout) -> ShardInfo:
+                layout: ShardLayout, expected: Sequence[int] | None = None,
+                components: Sequence[str] | None = None) -> ShardInfo:
     """Encode and write one shard (data file, then its sidecar), each atomically. Returns its ShardInfo.
 
-    `examples` must be exactly the examples spec.start .. spec.end - 1, in order.
+    `examples` must be exactly the shard's examples in stored order: `expected` (the build order's slice,
+    BuildHead.shard_examples), default spec.start .. spec.end - 1. components: the codec components to
+    store (default all; an added role's shards leave out "ids", which the main shards hold).
     """
+    want = list(range(spec.start, spec.end)) if expected is None else [int(e) for e in expected]
     got = [ex.example for ex in examples]
-    if got != list(range(spec.start, spec.end)):
-        raise ShardError(f"shard {spec.index} holds examples {spec.start}..{spec.end - 1}; got "
+    if got != want:
+        raise ShardError(f"shard {spec.index} holds examples {want[:3]}... ({len(want)}); got "
                          f"{len(got)} records starting {got[:3]}")
     table = examples_table(examples, layout)
+    if components is not None:
+        keep = {"example", "length", "num_rows", "t_start", "t_len", *components}
+        table = table.select([c for c in table.column_names if c in keep])
     meta = {"format": "deltakd-teacher-cache-shard", "version": 1, **asdict(layout), "index": spec.index,
             "start": spec.start, "end": spec.end}
     table = table.replace_schema_metadata({"deltakd": json.dumps(meta)})
@@ -173,8 +187,8 @@ def write_shard(loc: CacheLocation, spec: ShardSpec, examples: Sequence[ExampleR
     data = sink.getvalue()
     info = ShardInfo(spec.index, spec.start, spec.end, spec.path, hashlib.sha256(memoryview(data)).hexdigest(),
                      data.size, int(sum(ex.num_rows for ex in examples)), layout.build_key)
-    loc.makedirs(SHARD_DIR)
-    loc.makedirs(SHARD_META_DIR)
+    loc.makedirs(spec.path.rsplit("/", 1)[0])
+    loc.makedirs(spec.meta_path.rsplit("/", 1)[0])
     loc.write_atomic(spec.path, data)
     loc.write_atomic(spec.meta_path, json.dumps(info.to_json(), indent=1).encode())
     return info
@@ -182,7 +196,8 @@ def write_shard(loc: CacheLocation, spec: ShardSpec, examples: Sequence[ExampleR
 
 @dataclass
 class DecodedShard:
-    """All examples of one shard, decoded. Example e's rows are row_offsets[e] .. row_offsets[e+1] - 1."""
+    """All examples of one shard, decoded. The i-th stored example's rows are row_offsets[i] ..
+    row_offsets[i+1] - 1; `start` is the shard's first position in the build order."""
 
     start: int
     examples: np.ndarray
@@ -193,96 +208,26 @@ class DecodedShard:
     logprobs: dict[str, np.ndarray]
     tail: dict[str, np.ndarray]
 
+    def index_of(self, example: int) -> int:
+        hits = np.flatnonzero(self.examples == example)
+        if not hits.size:
+            raise KeyError(f"example {example} is not in this shard (it holds {self.examples[:4].tolist()}...)")
+        return int(hits[0])
+
     def record(self, example: int, roles: Sequence[str] | None = None) -> ExampleRecord:
-        i = example - self.start
-        if not 0 <= i < self.examples.size:
-            raise KeyError(f"example {example} is not in this shard ({self.start}..{self.start + self.examples.size - 1})")
+        i = self.index_of(example)
         s = slice(int(self.row_offsets[i]), int(self.row_offsets[i + 1]))
         keep = list(roles) if roles is not None else list(self.logprobs)
         return ExampleRecord(int(self.examples[i]), int(self.lengths[i]), self.t[s], self.ids[s],
                              {r: self.logprobs[r][s] for r in keep}, {r: self.tail[r][s] for r in keep})
 
 
-def _segments(col: pa.ChunkedArray | pa.Array) -> Segments:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    _, offsets_buf, data_buf = arr.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1].astype(np.int64)
-    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    return Segments(data, offsets)
-
-
-def _groups(counts: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
-    """Consecutive example ranges [a, b) of at most max_rows rows each (an example is never split)."""
-    out, a, rows = [], 0, 0
-    for i, c in enumerate(counts.tolist()):
-        if rows and rows + c > max_rows:
-            out.append((a, i))
-            a, rows = i, 0
-        rows += c
-    if a < counts.size:
-        out.append((a, int(counts.size)))
-    return out
-
-
-def _check_values(ids: np.ndarray, lps: dict[str, np.ndarray], tails: dict[str, np.ndarray], vocab_size: int,
-                  where: str) -> None:
-    """What the sha256 cannot vouch for (a shard written from bad teacher output): ids in range, log-probs
-    <= 0 and not NaN, tails in [0, 1]. The mass check of TopKRecord.validate is left to the receiver: a
-    lossy encoding moves the support's mass by up to a few percent (the loss renormalises the atoms)."""
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ShardError(f"{where}: support ids out of range [0, {vocab_size}): [{int(ids.min())}, {int(ids.max())}]")
-    for r, lp in lps.items():
-        if np.isnan(lp).any() or (lp.size and float(lp.max()) > 1e-3):
-            raise ShardError(f"{where}, role {r!r}: log-probs NaN or above 0")
-        t = tails[r]
-        if t.size and not (np.isfinite(t).all() and float(t.min()) >= -1e-3 and float(t.max()) <= 1 + 1e-3):
-            raise ShardError(f"{where}, role {r!r}: tail mass outside [0, 1]")
-
-
-def decode_table(table: pa.Table, layout: ShardLayout, roles: Sequence[str] | None = None,
-                 where: str = "shard") -> DecodedShard:
-    """Decode a shard table (all its examples in one vectorised call per component)."""
-    keep = list(layout.roles) if roles is None else list(roles)
-    examples = table.column("example").to_numpy()
-    counts = table.column("num_rows").to_numpy().astype(np.int64)
-    starts = table.column("t_start").combine_chunks()
-    lens = table.column("t_len").combine_chunks()
-    run_start = starts.values.to_numpy().astype(np.int64)
-    run_len = lens.values.to_numpy().astype(np.int64)
-    if run_len.sum() != counts.sum():
-        raise ShardError(f"{where}: positions cover {int(run_len.sum())} rows, num_rows says {int(counts.sum())}")
-    first = np.cumsum(run_len) - run_len
-    t = (np.repeat(run_start - first, run_len) + np.arange(int(run_len.sum()))).astype(np.int32)
-    # decode reads only the roles asked for, and the references of those stored as a shift
-    enc = get_encoding(layout.encoding)
-    stored = enc.layout(layout.roles)
-    unknown = [r for r in keep if r not in stored]
-    if unknown:
-        raise ShardError(f"{where}: roles {unknown} not stored (roles: {list(layout.roles)})")
-    needed = set(keep) | {stored[r][1] for r in keep if stored[r][1] is not None}
-    comps = ["ids", *(f"{p}.{r}" for r in sorted(needed) for p in ("lp", "tail"))]
-    blobs = {c: _segments(table.column(c)) for c in comps}
-    parts = []
-    for a, b in _groups(counts, _DECODE_ROWS):  # bounded temporaries: ~ rows * K * 8 bytes per array
-        sub = {c: Segments(seg.data, seg.offsets[a: b + 1]) for c, seg in blobs.items()}
-        try:
-            parts.append(decode_rows(sub, counts[a:b], layout.k, layout.roles, layout.vocab_size, enc, select=keep))
-        except CodecError as exc:
-            raise ShardError(f"{where}: {exc}") from None
-    ids = np.concatenate([p.ids for p in parts]) if parts else np.zeros((0, layout.k), np.int32)
-    lps = {r: np.concatenate([p.logprobs[r] for p in parts]) if parts else np.zeros((0, layout.k), np.float32)
-           for r in keep}
-    tails = {r: np.concatenate([p.tail[r] for p in parts]) if parts else np.zeros(0, np.float32) for r in keep}
-    _check_values(ids, lps, tails, layout.vocab_size, where)
-    return DecodedShard(int(examples[0]) if examples.size else 0, examples,
-                        table.column("length").to_numpy(), np.concatenate([[0], np.cumsum(counts)]), t, ids,
-                        lps, tails)
-
-
-def read_shard(loc: CacheLocation, info: ShardInfo, layout: ShardLayout, roles: Sequence[str] | None = None,
-               verify: bool = True) -> DecodedShard:
-    """Read, check (sha256, range, layout) and decode one shard. Raises ShardError naming path and examples."""
-    spec = info.spec()
+def read_shard_table(loc: CacheLocation, info: ShardInfo, layout: ShardLayout, expected: Sequence[int] | None = None,
+                     ordered: bool = False, verify: bool = True) -> tuple[pa.Table, str]:
+    """Read and check one shard file (sha256 and size against the manifest, Parquet, its layout metadata,
+    the examples it holds: `expected`, default spec.start .. spec.end - 1). Returns (table, where) with
+    `where` naming its path and range for messages. Raises ShardError naming them."""
+    spec = info.spec(ordered)
     where = spec.where(loc)
     try:
         data = loc.read_bytes(info.path)
@@ -303,6 +248,7 @@ def read_shard(loc: CacheLocation, info: ShardInfo, layout: ShardLayout, roles: 
         if meta.get(key) != want:
             raise ShardError(f"shard {where}: its {key} is {meta.get(key)!r}, the manifest says {want!r}")
     examples = table.column("example").to_numpy()
-    if not np.array_equal(examples, np.arange(spec.start, spec.end)):
-        raise ShardError(f"shard {where}: holds examples {examples[:3].tolist()}..., not the range it should")
-    return decode_table(table, layout, roles, where)
+    want_examples = np.arange(spec.start, spec.end) if expected is None else np.asarray(expected, dtype=np.int64)
+    if not np.array_equal(examples, want_examples):
+        raise ShardError(f"shard {where}: holds examples {examples[:3].tolist()}..., not the ones it should")
+    return table, where

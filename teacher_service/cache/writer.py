@@ -2,8 +2,8 @@
 
     writer = CacheWriter.open(uri, head)          # new build, or resume one with the same settings
     for spec in writer.pending():                 # finished shards (sidecar + matching sha256) are kept
-        writer.write(spec, example_records)       # or `write_shard(loc, spec, records, head.layout())` in
-    manifest = writer.finalize()                  #   a Ray Data stage; the manifest only lists sidecars
+        writer.write(spec, example_records)       # or `write_shard(loc, spec, records, head.layout(), ...)`
+    manifest = writer.finalize()                  #   in a Ray Data stage; the manifest only lists sidecars
 
 A location that already holds a finished cache or a build for other settings is refused with an error
 listing the differences: nothing written is ever overwritten by another build.
@@ -27,7 +27,7 @@ from .manifest import (
     valid_for_differences,
 )
 from .records import ExampleRecord
-from .shard import SHARD_DIR, SHARD_META_DIR, ShardInfo, ShardSpec, shard_specs, write_shard
+from .shard import SHARD_DIR, SHARD_META_DIR, ShardInfo, ShardSpec, write_shard
 
 __all__ = ["CacheWriter", "finished_shard"]
 
@@ -57,7 +57,7 @@ class CacheWriter:
     def __init__(self, loc: CacheLocation, head: BuildHead):
         self.loc = loc
         self.head = head
-        self.specs = shard_specs(head.num_examples, head.shard_size)
+        self.specs = head.specs()
 
     @classmethod
     def open(cls, uri: str, head: BuildHead) -> CacheWriter:
@@ -90,7 +90,8 @@ class CacheWriter:
         return [s for s in self.specs if finished_shard(self.loc, s, key, verify) is None]
 
     def write(self, spec: ShardSpec, examples: Sequence[ExampleRecord]) -> ShardInfo:
-        return write_shard(self.loc, spec, examples, self.head.layout())
+        """Write shard `spec`; `examples`: its examples in stored order (head.shard_examples(spec))."""
+        return write_shard(self.loc, spec, examples, self.head.layout(), self.head.shard_examples(spec))
 
     def finalize(self) -> Manifest:
         """Write manifest.json (atomically) once every shard is finished. Raises ShardError naming the

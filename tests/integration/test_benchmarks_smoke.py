@@ -36,8 +36,17 @@ SCRIPTS = {
                                "steady_sample_fraction.lag0"]),
     "gpu_check": (True, ["teacher", "loss.time_ratio", "student.kd_over_sft_time", "rdt.ratio_to_in_process",
                          "scaled_down"]),
+    "bench_cache": (True, ["encodings", "read", "batch_invariance", "pipeline.live_pool.tokens_per_s",
+                           "pipeline.build.fp32.tokens_per_s", "pipeline.build.q8d10.file_bytes_per_token",
+                           "pipeline.steps_per_s_over_sft.delta_kd_cache_s0",
+                           "pipeline.steady_steps_per_s_over_sft.delta_kd_cache_s0", "pipeline.read_per_rank"]),
     "bench_vllm_convert": (False, ["cells.flat_topk_all.seconds.median", "cells.dicts_include_half.seconds.median"]),
 }
+
+
+# the subprocess limit per script (default 400 s): bench_cache's smoke builds caches and trains 4 short runs
+# (233 to 382 s on the shared 2-core VM at load 20 to 35)
+TIMEOUT_S = {"bench_cache": 540}  # under the per-test 600 s of pyproject.toml
 
 
 def _dig(doc: dict, dotted: str):
@@ -60,7 +69,7 @@ def _run(script: str, out_dir: Path, ray_address: str | None) -> dict:
     cmd = [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--smoke", "--out-dir", str(out_dir)]
     if ray_address:
         cmd += ["--ray-address", ray_address]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S.get(script, 400))
     assert proc.returncode == 0, f"{script} failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     path = out_dir / f"{script}.json"
     assert path.is_file(), f"{script} wrote no {path}; stdout:\n{proc.stdout[-2000:]}"
@@ -111,6 +120,11 @@ def test_benchmark_smoke_writes_json(script: str, tmp_path: Path, request: pytes
             assert run["steps"] == doc["figures"]["steps_per_run"]
             assert 0.0 <= run["teacher_wait_fraction"] <= 1.0
             assert sum(run["steady_step_parts"].values()) == pytest.approx(1.0)  # the parts add up to the step
+    if script == "bench_cache":  # the build scores exactly the batches the live pool scored; compact is smaller
+        pipe = doc["figures"]["pipeline"]
+        assert {b["num_tokens"] for b in pipe["build"].values()} == {pipe["live_pool"]["tokens"]}
+        assert pipe["build"]["q8d10"]["file_bytes_per_token"] < pipe["build"]["fp32"]["file_bytes_per_token"]
+        assert pipe["train"]["delta_kd_cache_s0"]["source"] == "cache" and pipe["read_per_rank"][0]["batches"] == 4
     if script == "gpu_check":  # the toy scale on the CPU: the RDT part over gloo, the CPU twin of cuda_ipc
         assert doc["figures"]["scale"] == "toy" and doc["figures"]["rdt"]["backend"] == "gloo"
         assert doc["figures"]["rdt"]["receiver"]["rows"] == doc["figures"]["rdt"]["tokens"]

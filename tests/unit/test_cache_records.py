@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from teacher_service.cache import CacheError, ExampleRecord, RowsRecord, assemble_batch, split_batch
-from teacher_service.cache.records import rows_record_class
+from common.topk import TopKRecord
+from teacher_service.cache import CacheError, ExampleRecord, assemble_batch, encoding_mass_eps, split_batch
 
 
 def batch_output(lengths, prompt_lens, vocab=40, k=6, roles=("sft", "base"), seed=0, pad_to=None):
@@ -54,7 +54,8 @@ def test_split_then_assemble_is_the_identity(pad_to):
     rows, shape, ids, lp, tail = batch_output(lengths, prompts, pad_to=pad_to)
     exs = split_batch([4, 5, 6, 7], lengths, rows, shape, ids, lp, tail)
     rec = assemble_batch(exs, shape[1], batch_id="b1", tau=1.0, vocab_size=40)
-    assert isinstance(rec, rows_record_class())
+    assert isinstance(rec, TopKRecord)
+    rec.validate(["sft", "base"])
     np.testing.assert_array_equal(rec.rows, rows)
     assert rec.batch_shape == shape and rec.rows.dtype == np.int32
     np.testing.assert_array_equal(rec.ids, ids)
@@ -72,8 +73,7 @@ def test_assemble_in_another_batching_and_order():
     expect = np.concatenate([b * seq + e.t for b, e in enumerate(chosen)])
     np.testing.assert_array_equal(rec.rows, expect)
     np.testing.assert_array_equal(rec.ids, np.concatenate([e.ids for e in chosen]))
-    if isinstance(rec, RowsRecord):  # the derived [B, T] mask of INTERFACES.md
-        assert rec.mask.sum() == rec.rows.size and rec.mask.shape == (3, seq)
+    assert rec.mask.sum() == rec.rows.size and rec.mask.shape == (3, seq)  # the derived [B, T] mask
 
 
 def test_assemble_errors_name_the_example():
@@ -95,3 +95,14 @@ def test_bad_records_are_refused():
     rows, shape, ids, lp, tail = batch_output([6, 6], [2, 2])
     with pytest.raises(CacheError, match="2 example indices"):
         split_batch([1, 2], [6, 6, 6], rows, shape, ids, lp, tail)
+
+
+def test_mass_check_at_write_and_the_encodings_tolerance():
+    ex = make_examples(1)[0]
+    ex.check(mass_eps=1e-3)
+    lp = dict(ex.logprobs, base=ex.logprobs["base"] + np.float32(0.3))  # mass e^0.3 ~ 1.35
+    with pytest.raises(CacheError, match="role 'base': probability mass"):
+        ExampleRecord(ex.example, ex.length, ex.t, ex.ids, lp, ex.tail).check(mass_eps=1e-3)
+    # the decode tolerance grows with the rounding: lossless < 16-bit < 10-bit < 8-bit (+ a shift on top)
+    eps = {e: encoding_mass_eps(e, ["sft", "base"]) for e in ("fp32", "fp16", "q8", "q8d10")}
+    assert eps["fp32"] == pytest.approx(1e-3) and eps["fp32"] < eps["fp16"] < 2e-2 < eps["q8"] < eps["q8d10"] < 0.25

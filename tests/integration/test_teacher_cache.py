@@ -1,0 +1,278 @@
+"""Teach once, distil many (issue 14 part two) on tiny models in the session's Ray cluster.
+
+One module: a shared teacher service (the live runs attach to it), ONE fp32 cache built by the Ray Data
+pipeline, and ONE live reference run of 12 steps (2 epochs of 6 steps, 2 ranks x 4 examples) to compare with:
+- a run from the fp32 cache gives the live run's metrics rows bit for bit over epoch 0 (the batches the build
+  replayed) and starts no teacher; epoch 1 is checked within 1e-5 (measured equal here);
+- `auto` writes epoch 0 through (the same shard bytes as the build), then reads the cache; a later auto run
+  starts no teacher;
+- a compact (q8d10) cache with a student base added serves two students of different sizes; its rows are
+  within the stated tolerance of the live run's;
+- bad caches are refused before training (mismatch, missing role, missing shard, no cache, another unfinished
+  build); a corrupted shard stops the run at the step that needs it, naming it, after a checkpoint; resumed
+  from it with `teachers.cache_on_error: live` (the batch recomputed by the running service), the run ends
+  with the live run's rows (epoch 0 bit for bit: the cache cursor resumes exactly);
+- the build survives its Ray Data worker killed mid-build and its driver (a CLI subprocess) SIGKILLed:
+  the rerun resumes and the contents equal the uninterrupted build's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from common.config import RunConfig, dump_config
+from tests.integration.test_student_training import (
+    comparable,
+    make_cfg,
+    read_rows,
+    teacher_service,
+    tiny_setup,
+)
+from tests.tiny import make_llama
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS, STEPS_PER_EPOCH = 12, 6  # 48 examples, global batch 8
+RUN = [f"training.max_steps={STEPS}", "training.checkpoint_every=3", "teachers.cache_shard_size=8",
+       "output.plot=false"]
+FP32 = ["teachers.cache_encoding=fp32"]
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    paths = tiny_setup(root)
+    # a second student of another size with the same tokenizer
+    paths["student_big"] = make_llama(root / "models" / "student_big", paths["tokenizer"], seed=4, hidden_size=24,
+                                      num_layers=3, num_heads=2, intermediate_size=48)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tiny, tmp_path_factory):
+    yield from teacher_service(tiny, tmp_path_factory.mktemp("svc"))
+
+
+def cfg_for(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, extra: list[str] | None = None,
+            attach: bool = True) -> RunConfig:
+    tag, attach_overrides = service
+    return make_cfg(tiny, out, RUN + (attach_overrides if attach else []) + (extra or []), tag=tag)
+
+
+def shard_bytes(root: Path) -> dict[str, bytes]:
+    return {n: (root / "shards" / n).read_bytes() for n in sorted(os.listdir(root / "shards"))}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tiny, service, tmp_path_factory) -> dict[str, Any]:
+    """The live run's rows and the fp32 cache built by the pipeline (its build is also what `auto` must write)."""
+    from student_worker.driver import run_training
+    from teacher_service.cache.build import build_cache
+
+    root = tmp_path_factory.mktemp("ref")
+    run_training(cfg_for(tiny, service, root / "live", FP32), progress=False)
+    manifest, stats = build_cache(cfg_for(tiny, service, root / "build", FP32), str(root / "cache"), progress=False,
+                                  say=lambda _: None)
+    assert stats["shards_written"] == 6 and manifest.head.scoring["batch"] == 4
+    return {"rows": comparable(read_rows(root / "live")), "cache": root / "cache", "root": root}
+
+
+@pytest.fixture
+def no_teachers(monkeypatch):
+    """Fail the test if the run starts or attaches to any teacher."""
+    from teacher_service import TeacherPool
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run served by the cache started or attached to teachers")
+
+    monkeypatch.setattr(TeacherPool, "start", classmethod(refuse))
+    monkeypatch.setattr(TeacherPool, "attach", classmethod(refuse))
+
+
+def cached(uri: Path) -> list[str]:
+    return ["teachers.source=cache", f"teachers.cache={uri}"]
+
+
+def assert_rows(got: list[dict[str, Any]], want: list[dict[str, Any]], rel: float) -> None:
+    """Epoch 0 bit for bit; later epochs (batched differently from the build) within `rel` on the loss."""
+    assert got[:STEPS_PER_EPOCH] == want[:STEPS_PER_EPOCH]
+    for g, w in zip(got[STEPS_PER_EPOCH:], want[STEPS_PER_EPOCH:]):
+        assert g["batch_ids"] == w["batch_ids"] and g["loss"] == pytest.approx(w["loss"], rel=rel)
+
+
+def test_run_from_the_cache_reproduces_the_live_run_without_teachers(tiny, service, reference, no_teachers, tmp_path):
+    from student_worker.driver import run_training
+
+    report = run_training(cfg_for(tiny, service, tmp_path / "run", FP32 + cached(reference["cache"])), progress=False)
+    assert_rows(comparable(read_rows(tmp_path / "run")), reference["rows"], rel=1e-5)
+    src = report["record_source"]
+    assert src["source"] == "cache" and src["encoding"] == "fp32"
+    assert sum(f["batches"] for f in src["feeders"]) == 2 * STEPS and all(f["shards_read"] for f in src["feeders"])
+
+
+def test_auto_writes_epoch_zero_through_then_reads_the_cache(tiny, service, reference, tmp_path, monkeypatch):
+    from student_worker.driver import run_training
+
+    uri = tmp_path / "auto_cache"
+    report = run_training(cfg_for(tiny, service, tmp_path / "a", FP32 + ["teachers.source=auto",
+                                                                        f"teachers.cache={uri}"]), progress=False)
+    src = report["record_source"]
+    assert src["reading_cache"] and src["last_live_step"] == STEPS_PER_EPOCH - 1, src
+    assert_rows(comparable(read_rows(tmp_path / "a")), reference["rows"], rel=1e-5)
+    assert shard_bytes(uri) == shard_bytes(reference["cache"])  # what `cache build` writes, byte for byte
+    # a later run: the cache is complete, so no teacher is needed at all
+    from teacher_service import TeacherPool
+
+    monkeypatch.setattr(TeacherPool, "attach", classmethod(lambda *a, **k: pytest.fail("attached to teachers")))
+    report = run_training(cfg_for(tiny, service, tmp_path / "b", FP32 + ["teachers.source=auto", f"teachers.cache={uri}",
+                                                                        "training.max_steps=2"]), progress=False)
+    assert report["record_source"]["source"] == "cache"
+
+
+def test_a_compact_cache_serves_two_students_of_different_sizes(tiny, service, reference, tmp_path):
+    """q8d10 (the default encoding) with the small student's base added: its delta_kd run reads lp_S0 from the
+    cache (no frozen copy) and stays within the stated tolerance of the live fp32 run; the bigger student
+    trains from the same cache with its own frozen base."""
+    from student_worker.driver import Driver, InputError, run_training
+    from teacher_service.cache.build import add_role, build_cache
+
+    uri = tmp_path / "q8"
+    build_cache(cfg_for(tiny, service, tmp_path / "build"), str(uri), progress=False, say=lambda _: None)
+    manifest, stats = add_role(cfg_for(tiny, service, tmp_path / "build"), str(uri), progress=False,
+                               say=lambda _: None)
+    assert [a.role for a in manifest.added_roles] == ["student_base"] and stats["shards_written"] == 6
+    small = cfg_for(tiny, service, tmp_path / "small", cached(uri) + ["teachers.student_base_source=cache"])
+    run_training(small, progress=False)
+    got, want = comparable(read_rows(tmp_path / "small")), reference["rows"]
+    for g, w in zip(got, want):  # q8d10 teachers and lp_S0 against live fp32 teachers and the frozen copy
+        assert g["batch_ids"] == w["batch_ids"] and g["loss"] == pytest.approx(w["loss"], rel=2e-3)
+    big = [f"models.student.path={tiny['student_big']}", "training.max_steps=3"]
+    report = run_training(cfg_for(tiny, service, tmp_path / "big", cached(uri) + big), progress=False)
+    rows = read_rows(tmp_path / "big")
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows) and report["record_source"]["source"] == "cache"
+    with pytest.raises(InputError, match=r"lacks role\(s\) \['student_base'\].*other models"):
+        Driver(cfg_for(tiny, service, tmp_path / "big2", cached(uri) + big + ["teachers.student_base_source=cache"]),
+               progress=False).preflight()
+
+
+def test_bad_caches_are_refused_before_any_training_step(tiny, service, reference, tmp_path):
+    from student_worker.driver import Driver, InputError, TrainingRunError, run_training
+
+    def preflight(out: str, extra: list[str]) -> str:
+        with pytest.raises(InputError) as err:
+            Driver(cfg_for(tiny, service, tmp_path / out, extra), progress=False).preflight()
+        assert not (tmp_path / out).exists()  # nothing written
+        return str(err.value)
+
+    uri = reference["cache"]
+    assert "k: cache 16, run 8" in preflight("k", cached(uri) + ["loss.k=8"])
+    msg = preflight("data", cached(uri) + ["data.max_train_examples=40"])
+    assert "data.examples_sha256" in msg and "data.num_examples: cache 48, run 40" in msg
+    assert "roles.sft.path" in preflight("models", cached(uri) + [f"models.sft_teacher.path={tiny['base_teacher']}"])
+    assert "no teacher cache" in preflight("none", cached(tmp_path / "nothing"))
+    assert "lacks role(s) ['student_base']" in preflight("s0", cached(uri) + ["teachers.student_base_source=cache"])
+    other = tmp_path / "other"  # an unfinished build for other settings: auto would not continue it
+    shutil.copytree(uri, other)
+    (other / "manifest.json").unlink()
+    msg = preflight("auto", ["teachers.source=auto", f"teachers.cache={other}", "teachers.cache_encoding=q8"])
+    assert "encoding: cache 'fp32', build 'q8'" in msg and "would continue this unfinished build" in msg
+    broken = tmp_path / "broken"
+    shutil.copytree(uri, broken)
+    (broken / "shards" / "shard-00004.parquet").unlink()
+    assert "shard-00004.parquet (build order positions 32..39)" in preflight("missing", cached(broken))
+    # a corrupted shard: the run trains the steps before it, then stops at the step that needs it
+    shutil.copytree(uri, broken, dirs_exist_ok=True)
+    path = broken / "shards" / "shard-00003.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(TrainingRunError, match=r"step 3 failed.*shard-00003.parquet \(build order positions 24..31\)"
+                                               r" is corrupted"):
+        run_training(cfg_for(tiny, service, tmp_path / "corrupt", FP32 + cached(broken)), progress=False)
+    assert [r["step"] for r in read_rows(tmp_path / "corrupt")] == [0, 1, 2]
+    assert (tmp_path / "corrupt" / "checkpoints" / "ckpt-000003").is_dir()
+    # resumed from that checkpoint with the batches of the bad shard recomputed live by the running teacher
+    # service: the cache cursor follows the batch plan, so the run ends with the live run's rows
+    report = run_training(cfg_for(tiny, service, tmp_path / "corrupt", FP32 + cached(broken) +
+                                  ["teachers.cache_on_error=live"]), resume=True, progress=False)
+    rows = read_rows(tmp_path / "corrupt")
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    assert_rows(comparable(rows), reference["rows"], rel=1e-5)
+    assert sum(f["recomputed_live"] for f in report["record_source"]["feeders"]) >= 2
+
+
+def _sidecars(root: Path) -> int:
+    folder = root / "shard_meta"
+    return len([n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(".")]) if folder.is_dir() else 0
+
+
+def _wait(cond: Any, what: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_a_build_survives_a_killed_worker_and_a_killed_driver(tiny, service, reference, ray_cluster, tmp_path):
+    import ray._private.state as ray_state  # the GCS actor table (pids); the state API needs the dashboard
+
+    from teacher_service.cache import CacheReader
+    from teacher_service.cache.build import build_cache
+
+    cfg = cfg_for(tiny, service, tmp_path / "b", FP32 + ["testing.teacher_delay_s=0.4"])
+    uri = tmp_path / "c"
+    config_path = tmp_path / "build.yaml"
+    dump_config(cfg, config_path)
+    proc = subprocess.Popen([sys.executable, "-m", "teacher_service.cache", "build", "--config", str(config_path),
+                             "--out", str(uri), "--address", ray_cluster["gcs_address"], "--no-progress"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: _sidecars(uri) >= 2 or proc.poll() is not None, "two shards of the CLI build")
+        proc.send_signal(signal.SIGKILL)  # the build's driver dies: its Ray Data actors go with it
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (uri / "manifest.json").exists()
+    done = _sidecars(uri)
+    assert 2 <= done < 6
+
+    box: dict[str, Any] = {}
+
+    def resume() -> None:
+        try:
+            box["result"] = build_cache(cfg, str(uri), progress=False, say=lambda _: None)
+        except BaseException as exc:  # reported by the assertion below
+            box["error"] = exc
+
+    thread = threading.Thread(target=resume)
+    thread.start()
+    try:
+        def topk_actor() -> Any:
+            alive = [a for a in ray_state.actors().values()
+                     if a["State"] == "ALIVE" and "TopKStage" in a["ActorClassName"]]
+            return alive[0] if alive else None
+
+        _wait(lambda: topk_actor() is not None, "the resumed build's top-k actor")
+        victim = topk_actor()
+        time.sleep(1.0)  # into its first shards (4 to go, 0.8 s of test delay each)
+        os.kill(victim["Pid"], signal.SIGKILL)  # a Ray Data worker dies mid-build: restarted, its shard retried
+    finally:
+        thread.join(timeout=600)
+    assert "error" not in box, box.get("error")
+    assert ray_state.actors()[victim["ActorID"]]["NumRestarts"] >= 1
+    manifest, stats = box["result"]
+    assert stats["shards_written"] == 6 - done
+    assert shard_bytes(uri) == shard_bytes(reference["cache"])
+    assert [s.sha256 for s in manifest.shards] == [s.sha256 for s in CacheReader(str(reference["cache"])).manifest.shards]
