@@ -179,3 +179,24 @@ def test_cache_keys_defaults_and_resume():
     assert cfg.teachers.cache == "s3://b/c"
     # a run may switch between live teachers and the cache on resume (the cache is checked when opened)
     assert _ignored("teachers.source") and _ignored("teachers.cache") and not _ignored("teachers.student_base_source")
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"training": {"on_policy": {"fraction": 0.5}}}, "training.on_policy.fraction=0.5 needs teachers.source=live"),
+    ({"loss": {"objective": "sampled_token"}}, "loss.objective=sampled_token needs teachers.source=live"),
+])
+@pytest.mark.parametrize("source", ["cache", "auto"])
+def test_forced_ids_need_live_teachers(extra, match, source):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({**BASE, **extra, "teachers": {"source": source, "cache": "/c"}})
+
+
+def test_cache_sources_refuse_forced_ids_or_sampled_batches():
+    import numpy as np
+
+    from student_worker.record_source import _no_forced_ids
+
+    _no_forced_ids(None, [0, 1])
+    for include, examples in ((np.zeros((1, 2), np.int64), [0]), (None, None)):
+        with pytest.raises(ValueError, match="training-set batches only"):
+            _no_forced_ids(include, examples)
