@@ -156,9 +156,9 @@ def test_teachers_score_the_students_own_samples(tiny, service, tmp_path) -> Non
     class RecordingDriver(Driver):
         """Keeps what the pool was asked to score (test-only subclass: production code is unchanged)."""
 
-        def _start_pool(self) -> None:
-            super()._start_pool()
-            submit = self.pool.submit
+        def _start_pool(self) -> Any:
+            pool = super()._start_pool()
+            submit = pool.submit
             self.submitted: list[dict[str, Any]] = []
 
             def recording(batch_id, input_ids, attention_mask, loss_mask, include=None):
@@ -167,7 +167,8 @@ def test_teachers_score_the_students_own_samples(tiny, service, tmp_path) -> Non
                                        "loss_mask": loss_mask, "include": include, "ref": ref})
                 return ref
 
-            self.pool.submit = recording
+            pool.submit = recording
+            return pool
 
     out = tmp_path / "mixed"
     cfg = _cfg(tiny, service, out, "seed=2", "training.max_steps=4", "training.on_policy.fraction=0.5",
