@@ -59,9 +59,14 @@ class LiveSource:
         return {"source": "live"}
 
     def shutdown(self) -> None:
+        """Keep the pool's last stats and kill the actors it started (not attached ones). A teacher that died
+        (the run is stopping because of it) has no stats to give: the error being raised stays the run's."""
         if self.pool is not None:
-            self._stats = self.pool.stats()
-            self.pool.shutdown()  # kills only the actors it started (not attached ones)
+            try:
+                self._stats = self.pool.stats()
+            except ray.exceptions.RayError:
+                self._stats = None
+            self.pool.shutdown()
             self.pool = None
 
 
