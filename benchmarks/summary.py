@@ -23,7 +23,7 @@ __all__ = ["performance_rows", "performance_markdown", "main"]
 DOC = REPO_ROOT / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
 ORDER = ["bench_wire", "bench_overlap", "bench_transport", "bench_loss", "bench_e2e", "bench_on_policy",
-         "bench_cache", "gpu_check"]
+         "bench_cache", "bench_vllm_convert", "gpu_check"]
 
 
 def _fmt(x: Any) -> str:
