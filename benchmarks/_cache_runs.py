@@ -35,7 +35,7 @@ RUN_SETS = ["evaluation.enabled=false", "output.plot=false", "training.checkpoin
 def _live_pool(cfg: Any, ts: Any) -> dict[str, Any]:
     import ray
 
-    from student_worker.data import collate
+    from common.data.batching import collate
     from teacher_service import TeacherPool
 
     order = ts.plan.build_order()
@@ -78,7 +78,7 @@ def cache_runs(smoke: bool, steps: int) -> dict[str, Any]:
     """The figures of the module docstring (the caller holds the Ray connection)."""
     from common.codec import DEFAULT_ENCODING
     from common.config import load_config
-    from student_worker.data import load_training_set
+    from common.data.batching import load_training_set
     from teacher_service.cache.build import add_role, build_cache
     from teacher_service.cli import resolve_paths
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             sets += SMOKE_SETS + [f"embedded.cache_dir={root / 'cache'}"]
         from common.config import load_config
-        from student_worker.embedded_models import build_embedded_models
+        from common.tiny_world.build import build_embedded_models
 
         cfg = load_config(TINY, sets)
         t0 = time.perf_counter()

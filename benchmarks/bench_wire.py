@@ -97,9 +97,10 @@ def _embedded_tokenizer(cfg: Any, out: Path) -> Any:
     from transformers import AutoTokenizer
 
     from common.config import DataConfig
-    from common.embedded_data import generate_corpus, generate_instruction_suite
-    from student_worker.data import format_prompt
-    from student_worker.embedded_models import _is_complete, _train_tokenizer, build_key, cache_root
+    from common.data.examples import format_prompt
+    from common.tiny_world.build import _is_complete, build_key, cache_root
+    from common.tiny_world.suite import generate_corpus, generate_instruction_suite
+    from common.tiny_world.training import train_tokenizer
 
     ecfg = cfg.embedded
     built = cache_root(ecfg) / f"embedded-{build_key(ecfg)}"
@@ -110,7 +111,7 @@ def _embedded_tokenizer(cfg: Any, out: Path) -> Any:
     prompts = [format_prompt(e["instruction"], e["context"], data_cfg) for e in suite["train"]]
     texts = generate_corpus(ecfg.seed, ecfg.corpus_sentences) + [p + " " + e["response"]
                                                                  for p, e in zip(prompts, suite["train"])]
-    return _train_tokenizer(texts, ecfg.vocab_size, out)
+    return train_tokenizer(texts, ecfg.vocab_size, out)
 
 
 def counted_fraction(k: int = 64, roles: int = 2, wire_dtype: str = "float32") -> dict[str, Any]:
@@ -119,7 +120,8 @@ def counted_fraction(k: int = 64, roles: int = 2, wire_dtype: str = "float32") -
     import tempfile
 
     from common.config import load_config
-    from student_worker.data import BatchPlan, collate, load_examples, tokenize_examples
+    from common.data.batching import BatchPlan, collate, tokenize_examples
+    from common.data.examples import load_examples
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "deploy" / "configs" / "tiny.yaml")
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# The embedded default run (tiny models built on the spot): what the CLIs run without --config.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy/configs/tiny.yaml"
+
 __all__ = [
+    "DEFAULT_CONFIG",
     "ConfigError",
     "ModelSpec",
     "TeacherPair",
@@ -132,7 +136,7 @@ class DataConfig(_Strict):
     validation_split: str = "validation"
     max_validation_examples: int | None = Field(default=100, gt=0)
     shuffle: bool = True
-    # Length-bucketed batching (student_worker.data.BatchPlan): 0 = off (each epoch a plain shuffle).
+    # Length-bucketed batching (common.data.batching.BatchPlan): 0 = off (each epoch a plain shuffle).
     # n >= 1: each epoch's examples are sorted by length into n buckets of whole global batches, shuffled
     # within each bucket and batched there, and the batches run in a seeded random order. More buckets,
     # less padding; n >= steps per epoch sorts the whole epoch. Deterministic by step (resume-safe).

@@ -1,5 +1,5 @@
 """Where a method comparison's ROUGE-L comes from, per task family of the embedded suite, and in which style
-the students answer. Reads a finished `student_worker.experiment` output dir (experiment.json, each run's
+the students answer. Reads a finished `student_worker.research.experiment` output dir (experiment.json, each run's
 config.yaml and final_model); writes a markdown report (stdout, or --out).
 
     .venv/bin/python scripts/experiment_by_family.py runs/exp-style [--styles] [--out by_family.md]
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common.config import config_from_dict  # noqa: E402
-from common.embedded_data import embedded_suite  # noqa: E402
-from student_worker.data import load_examples  # noqa: E402
+from common.data.examples import load_examples  # noqa: E402
+from common.tiny_world.suite import embedded_suite  # noqa: E402
 
 
 def _family_means(scores: np.ndarray, families: list[str]) -> dict[str, float]:

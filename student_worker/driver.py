@@ -36,8 +36,9 @@ from typing import Any
 import ray
 
 from common.config import RunConfig, config_hash, dump_config
+from common.data.batching import load_training_set
+from common.data.examples import load_examples
 from student_worker import checkpoint as ckpt
-from student_worker.data import load_examples, load_training_set
 from student_worker.evaluate import evaluate_spec
 from student_worker.record_source import check_cache, open_record_source
 from student_worker.recovery import (
@@ -122,7 +123,7 @@ class Driver:
         roles and k in 1..V; with on-policy steps, the prompts' lengths (data.overlong), an EOS in the student's
         generation config and (lag 1) the sample the resume checkpoint carries. Raises CheckpointError or
         InputError naming the culprit."""
-        from student_worker.data import DataError
+        from common.data.examples import DataError
         from teacher_service.errors import TeacherError
 
         if self._preflight_done:
@@ -136,7 +137,7 @@ class Driver:
             self._load_data()
             check_trackers(self.cfg)  # logging.report_to: its packages are installed
             if self.cfg.loss.method != "sft" and self.cfg.teachers.source != "cache":
-                from teacher_service.tokenizer_check import check_tokenizers
+                from common.data.tokenizer_check import check_tokenizers
 
                 check_tokenizers(self.cfg)  # tokenizer files only: no weights are loaded yet
             if self.sampling is not None:
@@ -175,7 +176,7 @@ class Driver:
         check_resources(self.cfg, self._teacher_roles())
 
     def _teacher_roles(self) -> list[str]:
-        from teacher_service.roles import teacher_role_specs
+        from common.roles import teacher_role_specs
 
         return list(teacher_role_specs(self.cfg))
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from common.config import ModelSpec
-from student_worker.data import encode_prompt
+from common.data.batching import encode_prompt
 
 __all__ = ["EvaluationError", "ROUGE_KEYS", "greedy_generate", "rouge", "rouge_per_example", "evaluate_model",
            "evaluate_spec"]
@@ -116,8 +116,8 @@ def evaluate_spec(spec: ModelSpec, examples: list[dict[str, str]], max_new_token
     defaults)."""
     from transformers import AutoTokenizer
 
+    from common.data.model_loading import load_causal_lm, resolve_dtype
     from common.reproducibility import apply_compute_settings
-    from student_worker.loading import load_causal_lm, resolve_dtype
 
     apply_compute_settings(compute, where="evaluation task")
 

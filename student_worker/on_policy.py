@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from common.config import OnPolicyConfig
-from student_worker.data import DataError, TokenizedExample, collate
+from common.data.batching import TokenizedExample, collate
+from common.data.examples import DataError
 
 __all__ = ["OnPolicyError", "SAMPLES_FILE", "STAT_KEYS", "is_on_policy_step", "sample_seed", "on_policy_prompts",
            "generation_eos_ids", "student_eos_ids", "generate_samples", "samples_from_generated", "sampled_batch", "sample_stats",

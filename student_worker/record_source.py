@@ -222,7 +222,7 @@ class AutoSource:
     def _complete(self) -> None:
         """Score the build batches that hold examples no live batch brought, then write the manifest (queued
         behind the filler's adds)."""
-        from student_worker.data import collate
+        from common.data.batching import collate
 
         missing = self.pending_examples - self.forwarded
         order = self.head.order or list(range(self.head.num_examples))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ModelSpec, RunConfig
+from common.data.examples import load_examples
 
 __all__ = ["BEST_DIR", "SELECTION_FILE", "BestModelSelection", "load_validation_examples"]
 
@@ -36,8 +37,6 @@ SELECTION_FILE = "selection.json"
 def load_validation_examples(cfg: RunConfig) -> list[dict[str, str]]:
     """The validation examples (`data.validation`, split `data.validation_split`, capped by
     `data.max_validation_examples`), loaded like the eval set."""
-    from student_worker.data import load_examples
-
     d = cfg.data
     as_eval = d.model_copy(update={"eval": d.validation, "eval_split": d.validation_split,
                                    "max_eval_examples": d.max_validation_examples})

@@ -17,8 +17,8 @@ import numpy as np
 import ray
 
 from common.config import RunConfig
+from common.data.batching import BatchPlan, TokenizedExample, collate
 from student_worker import checkpoint as ckpt
-from student_worker.data import BatchPlan, TokenizedExample, collate
 from student_worker.on_policy import SampleSchedule, load_samples, sample_stats, sampled_batch, save_samples
 from student_worker.recovery import ACTOR_GONE, WorkerCrash, find_cause, rejection_error
 

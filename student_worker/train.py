@@ -17,9 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common.config import DEFAULT_CONFIG
+
 __all__ = ["DEFAULT_CONFIG", "main", "parse_args", "check_output_dir", "init_ray"]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy/configs/tiny.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from common.tiny_world.build import resolve_model_paths
     from student_worker.checkpoint import CheckpointError
     from student_worker.driver import Driver, InputError, TrainingRunError
-    from student_worker.embedded_models import resolve_model_paths
     from student_worker.report import rouge_table
     from student_worker.shared_output import OutputDirNotSharedError
 

@@ -39,6 +39,7 @@ import ray
 import torch
 
 from common.config import RunConfig, config_from_dict
+from common.data.model_loading import load_causal_lm, student_dtype
 from common.losses import SparseTargets, targets_from_record
 from common.losses.targets import targets_from_parts
 from common.reproducibility import apply_compute_settings
@@ -53,7 +54,6 @@ from student_worker.distributed import (
     wrap_ddp,
 )
 from student_worker.evaluate import evaluate_model
-from student_worker.loading import load_causal_lm, student_dtype
 from student_worker.on_policy import generate_samples, generation_eos_ids, sample_seed
 from student_worker.train_step import (
     enable_gradient_checkpointing,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.data.tokenizer_check import check_tokenizers, tokenizer_fingerprint
+
 from .engine_hf import TeacherEngine
 from .errors import TeacherError, TeacherOutputError, TeacherUnavailableError, TokenizerMismatchError
-from .tokenizer_check import check_tokenizers, tokenizer_fingerprint
 
 __all__ = [
     "TeacherEngine",

@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import ray
 
+from common.roles import gather_roles
 from common.topk import ROLE_SFT
-
-from .roles import gather_roles
 
 __all__ = ["call_chain", "warmup_inputs"]
 

@@ -28,7 +28,7 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
              *[s for p in cfg.models.extra_pairs for s in (p.base, p.sft)]]
     if not any(s is not None and s.path.startswith("embedded:") for s in specs):
         return cfg
-    from student_worker.embedded_models import resolve_model_paths  # lazy: only for embedded models
+    from common.tiny_world.build import resolve_model_paths  # lazy: only for embedded models
 
     return resolve_model_paths(cfg)
 

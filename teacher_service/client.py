@@ -28,7 +28,7 @@ from common.topk import (
 
 from .assemble import assemble_task, record_meta
 from .chain import call_chain
-from .roles import replica_name
+from .naming import replica_name
 
 __all__ = ["TeacherClient"]
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from common.config import ModelSpec
+from common.data.tokenizer_check import load_tokenizer, tokenizer_fingerprint
 from common.sparse import head_gather, head_topk, sparse_gather, sparse_topk
 
 from .errors import TeacherOutputError
-from .tokenizer_check import load_tokenizer, tokenizer_fingerprint
 
 __all__ = ["TeacherEngine", "resolve_device", "resolve_dtype", "load_causal_lm", "ArrayLike"]
 

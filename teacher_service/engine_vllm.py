@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from common.config import ModelSpec
-
-from .tokenizer_check import load_tokenizer, tokenizer_fingerprint
+from common.data.tokenizer_check import load_tokenizer, tokenizer_fingerprint
 
 __all__ = ["VLLMEngine", "prompt_logprobs_block", "rows_topk", "rows_gather", "sampling_params_fields",
            "as_numpy_rows"]

@@ -19,13 +19,14 @@ import numpy as np
 import ray
 
 from common.config import RunConfig
+from common.data.tokenizer_check import check_tokenizers
+from common.roles import teacher_role_specs
 from common.topk import ROLE_SFT, rows_from_mask
 
 from .actor import TeacherActor
 from .assemble import RecordAssembler, record_meta
 from .chain import call_chain, warmup_inputs
-from .roles import replica_name, teacher_role_specs
-from .tokenizer_check import check_tokenizers
+from .naming import replica_name
 from .transport import choose_rdt_transport
 
 __all__ = ["TeacherPool", "vllm_options"]

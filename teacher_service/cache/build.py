@@ -95,10 +95,10 @@ def build_cache(cfg: RunConfig, uri: str, *, encoding: str | None = None, progre
     Returns (manifest, stats: shards written, tokens, seconds, tokens_per_s). A location holding a finished
     cache or a build of other settings is refused (CacheError); model paths must be resolved
     (`embedded:` paths built) before."""
-    from student_worker.data import load_training_set
+    from common.data.batching import load_training_set
+    from common.data.tokenizer_check import check_tokenizers
+    from common.roles import teacher_role_specs
     from teacher_service.pool import vllm_options
-    from teacher_service.roles import teacher_role_specs
-    from teacher_service.tokenizer_check import check_tokenizers
 
     check_tokenizers(cfg)  # tokenizer files only: no weights loaded yet
     ts = load_training_set(cfg)
@@ -153,9 +153,9 @@ def add_role(cfg: RunConfig, uri: str, role: str = ROLE_STUDENT_BASE, student: M
     """Score `role` (the student base: `student`, default models.student_base or models.student) at the ids of
     the finished cache at `uri`, write its shards and list it in the manifest. A cache may hold the role
     for several models (students of different sizes); adding one it holds already is a no-op."""
-    from student_worker.data import load_training_set
-    from student_worker.loading import student_dtype
-    from teacher_service.tokenizer_check import tokenizer_fingerprint
+    from common.data.batching import load_training_set
+    from common.data.model_loading import student_dtype
+    from common.data.tokenizer_check import tokenizer_fingerprint
 
     if role not in ADDABLE_ROLES:
         raise CacheError(f"cannot add role {role!r}: only {list(ADDABLE_ROLES)} can be added to a cache")

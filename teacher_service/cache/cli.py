@@ -107,8 +107,7 @@ def _print(status: dict[str, Any]) -> None:
 
 
 def _load(config: str | None, overrides: list[str]) -> Any:
-    from common.config import load_config
-    from student_worker.train import DEFAULT_CONFIG
+    from common.config import DEFAULT_CONFIG, load_config
     from teacher_service.cli import resolve_paths
 
     return resolve_paths(load_config(config or str(DEFAULT_CONFIG), overrides))

@@ -97,7 +97,7 @@ def model_identity(spec: ModelSpec) -> dict[str, Any]:
 def examples_fingerprint(examples: Iterable[Any]) -> str:
     """sha256 over the tokenized examples: each one's length, prompt length and token ids (int32 LE).
 
-    Accepts objects with `input_ids` and `prompt_len` (student_worker.data.TokenizedExample) or
+    Accepts objects with `input_ids` and `prompt_len` (common.data.batching.TokenizedExample) or
     (input_ids, prompt_len) pairs.
     """
     import numpy as np

@@ -41,7 +41,7 @@ __all__ = ["build_roles", "build_head", "shard_batches", "ShardInput", "batch_in
 def build_roles(cfg: RunConfig) -> list[str]:
     """The roles a build stores: every teacher role of the config (sft first, base, extra pairs), never
     `student_base` (student-specific: `cache add-role` adds it)."""
-    from teacher_service.roles import teacher_role_specs
+    from common.roles import teacher_role_specs
 
     return [r for r in teacher_role_specs(cfg) if r != ROLE_STUDENT_BASE]
 
@@ -56,7 +56,7 @@ def git_sha() -> str | None:
 
 
 def build_head(cfg: RunConfig, train_set: Any, encoding: str | None = None) -> BuildHead:
-    """The head of the build of this run's cache (`train_set`: student_worker.data.TrainingSet).
+    """The head of the build of this run's cache (`train_set`: common.data.batching.TrainingSet).
 
     valid_for: the run's settings and data (identity.run_valid_for, k = loss.k); roles: each stored role's
     model identity; order: the plan's build order; scoring: the plan and how the teachers score (resume and
@@ -132,7 +132,7 @@ def batch_inputs(inp: ShardInput, pad_id: int) -> list[dict[str, Any]]:
     """The shard's build batches as the live pool sends them: input_ids int32, attention_mask int32 [B, T]
     (`collate`, T = the batch's longest), rows int32 [N] (rows_from_mask of the loss mask), plus examples,
     lengths and the batch shape."""
-    from student_worker.data import TokenizedExample, collate
+    from common.data.batching import TokenizedExample, collate
 
     ends = np.cumsum(inp.lengths)
     starts = ends - inp.lengths

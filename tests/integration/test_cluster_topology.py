@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 def test_teachers_and_students_land_on_their_node_types(dashboard_head: LocalHead, tmp_path: Path) -> None:
     from common.config import load_config
-    from student_worker.embedded_models import resolve_model_paths
+    from common.tiny_world.build import resolve_model_paths
 
     resolve_model_paths(load_config(REPO / TINY))  # build (or find) the tiny models in the shared cache
     namespace = f"dkd-topo-{uuid.uuid4().hex[:8]}"

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from common.config import ConfigError, EmbeddedConfig, EmbeddedModelShape, config_from_dict
-from student_worker.data import encode_prompt
-from student_worker.embedded_models import build_embedded_models, build_key, resolve_model_paths
+from common.data.batching import encode_prompt
+from common.data.examples import format_prompt
+from common.tiny_world.build import build_embedded_models, build_key, resolve_model_paths
 
 TINY_SHAPE = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
 REDUCED = dict(num_train=40, num_val=5, num_test=5, corpus_sentences=200, pretrain_steps=8, sft_steps=8,
@@ -71,7 +72,7 @@ def test_second_call_uses_the_cache(built: tuple[EmbeddedConfig, dict[str, Path]
 def test_truncated_weights_make_the_cache_invalid(built: tuple[EmbeddedConfig, dict[str, Path]], tmp_path: Path) -> None:
     import shutil
 
-    from student_worker.embedded_models import _is_complete
+    from common.tiny_world.build import _is_complete
 
     ecfg, paths = built
     copy = tmp_path / paths["student"].parent.name
@@ -140,7 +141,7 @@ def test_format_shift_cache_key_is_what_it_was_before_presets() -> None:
 def test_portable_init_does_not_depend_on_torch_rng_or_transformers_init() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from student_worker.embedded_style import INIT_STD, portable_init
+    from common.tiny_world.style import INIT_STD, portable_init
 
     cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
@@ -162,8 +163,8 @@ def test_style_shift_reduced_build(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.config import DataConfig
-    from common.embedded_data import generate_style_suite
-    from student_worker.embedded_style import pretraining_documents
+    from common.tiny_world.style import pretraining_documents
+    from common.tiny_world.suite import generate_style_suite
 
     ecfg = _reduced(tmp_path, preset="style_shift", num_pretrain=60, teacher_instruct_fraction=0.2,
                     student_instruct_fraction=0.1)
@@ -180,7 +181,6 @@ def test_style_shift_reduced_build(tmp_path: Path) -> None:
     assert set(docs["base_teacher"]) - set(instruct["base_teacher"]) != set(docs["student"]) - set(instruct["student"])
     # Every instruction document is a pretrain-split question with its terse answer (that split is disjoint
     # from test and validation: tests/unit/test_embedded_data.py).
-    from student_worker.data import format_prompt
 
     terse_docs = {format_prompt(e["instruction"], e["context"], data_cfg) + " " + e["terse"] for e in suite["pretrain"]}
     assert set(instruct["base_teacher"]) <= terse_docs and set(instruct["student"]) <= terse_docs

@@ -17,7 +17,7 @@ from tests.integration.test_student_training import make_cfg, tiny_setup
 
 
 def test_run_key_ignores_where_a_run_writes_but_not_what_it_computes(tmp_path):
-    from student_worker.experiment import run_key, shared_key
+    from student_worker.research.experiment import run_key, shared_key
 
     paths = {k: tmp_path / k for k in ("base_teacher", "sft_teacher", "student", "train", "eval")}
     a = make_cfg(paths, tmp_path / "a", tag="one")
@@ -32,7 +32,7 @@ def test_run_key_ignores_where_a_run_writes_but_not_what_it_computes(tmp_path):
 def test_experiment_writes_table_json_plot_and_reuses_finished_runs(ray_cluster, tmp_path, capsys):
     import ray
 
-    from student_worker.experiment import main
+    from student_worker.research.experiment import main
 
     paths = tiny_setup(tmp_path)
     cfg = make_cfg(paths, tmp_path / "unused", [
@@ -127,7 +127,7 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
     reuses the first run and resumes the failed one from the checkpoint its failure left."""
     import ray
 
-    from student_worker.experiment import main
+    from student_worker.research.experiment import main
 
     steps = 10  # after the step-1 trigger, 8 delayed steps (~2 s) remain for the kill to land in
     paths = tiny_setup(tmp_path)

@@ -150,7 +150,7 @@ def _student_worker_names(cfg: RunConfig) -> list[str]:
 def test_killed_teacher_is_restarted_and_the_run_equals_the_uninterrupted_one(
         tiny, service, reference, tmp_path) -> None:
     from student_worker.worker import STEP_PARTS
-    from teacher_service.roles import replica_name
+    from teacher_service.naming import replica_name
 
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out, DELAYED)
@@ -258,7 +258,7 @@ def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
     """Runs LAST: kills the module's teacher service for good, then starts it again for the resume."""
     from student_worker.driver import run_training
     from teacher_service import TeacherPool
-    from teacher_service.roles import replica_name
+    from teacher_service.naming import replica_name
 
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out)

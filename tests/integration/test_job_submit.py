@@ -39,7 +39,7 @@ def _build_embedded_models() -> None:
     The head inherits this environment (DELTAKD_CACHE or ~/.cache/deltakd), so the job finds them built.
     """
     from common.config import load_config
-    from student_worker.embedded_models import resolve_model_paths
+    from common.tiny_world.build import resolve_model_paths
 
     resolve_model_paths(load_config(REPO / TINY))
 

@@ -128,8 +128,8 @@ def _regenerate_and_gather(cfg_dict: dict[str, Any], prompts: list[list[list[int
     import torch
     from transformers import AutoTokenizer
 
+    from common.data.model_loading import load_causal_lm
     from common.reproducibility import apply_compute_settings
-    from student_worker.loading import load_causal_lm
     from student_worker.on_policy import generate_samples, generation_eos_ids, sample_seed
     from teacher_service.engine_hf import TeacherEngine
 
@@ -236,7 +236,7 @@ def _logged(out: Path, step: int) -> bool:
 
 def test_lag1_run_survives_a_killed_teacher_worker_and_driver(tiny, service, ray_cluster, tmp_path) -> None:
     from student_worker.driver import run_training
-    from teacher_service.roles import replica_name
+    from teacher_service.naming import replica_name
 
     reference = tmp_path / "reference"
     run_training(_cfg(tiny, service, reference, *LAG1), progress=False)

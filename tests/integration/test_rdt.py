@@ -17,10 +17,10 @@ import torch
 
 from common.config import RunConfig, config_from_dict
 from common.losses.targets import targets_from_parts, targets_from_record
+from common.roles import teacher_role_specs
 from common.topk import RecordError, rows_from_mask, to_wire_dtype
 from teacher_service import TeacherPool, assemble_record
 from teacher_service.actor import TeacherActor
-from teacher_service.roles import teacher_role_specs
 from tests.integration.numpy_guard import LOG_ENV, read
 from tests.tiny import make_model_set
 

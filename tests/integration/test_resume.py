@@ -64,7 +64,7 @@ def test_dead_teacher_checkpoints_completed_steps_and_names_role_and_batch(ray_c
 
     from student_worker import checkpoint as ckpt
     from student_worker.driver import TrainingRunError, run_training
-    from teacher_service.roles import replica_name
+    from teacher_service.naming import replica_name
 
     tag, attach = teachers
     out = tmp_path / "dies"

@@ -66,7 +66,7 @@ def selected(ray_cluster, setup: dict[str, Path]) -> tuple[Path, dict]:
 def test_selection_keeps_the_best_validation_model_and_scores_it(selected: tuple[Path, dict],
                                                                  setup: dict[str, Path]) -> None:
     from common.config import ModelSpec
-    from student_worker.data import load_examples
+    from common.data.examples import load_examples
     from student_worker.evaluate import evaluate_spec
 
     out, report = selected

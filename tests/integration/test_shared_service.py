@@ -66,7 +66,7 @@ def _run(argv: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProc
 
 def test_readme_flow_and_two_students_share_one_teacher_service(dashboard_head: LocalHead, tmp_path: Path) -> None:
     from common.config import load_config
-    from student_worker.embedded_models import resolve_model_paths
+    from common.tiny_world.build import resolve_model_paths
 
     resolve_model_paths(load_config(REPO / TINY))  # build (or find) the tiny models in the shared cache
     lines, python_block = readme_flow()

@@ -11,8 +11,8 @@ import pytest
 
 from common.codec import ENCODINGS
 from common.config import ConfigError, config_from_dict
+from common.data.batching import BatchPlan
 from common.topk import RecordError
-from student_worker.data import BatchPlan
 from teacher_service.cache import (
     AddedRole,
     BuildHead,

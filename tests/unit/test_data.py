@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from common.config import ColumnsConfig, DataConfig, EmbeddedConfig
-from common.embedded_data import generate_instruction_suite
-from student_worker.data import (
+from common.data.batching import (
     BatchPlan,
     DataError,
     TokenizedExample,
@@ -20,6 +19,7 @@ from student_worker.data import (
     padding_stats,
     tokenize_examples,
 )
+from common.tiny_world.suite import generate_instruction_suite
 from tests.tiny import make_tokenizer
 
 ECFG = EmbeddedConfig(num_train=50, num_val=10, num_test=20)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.embedded_data import (
+from common.tiny_world.suite import (
     FACTS,
     FAMILIES,
     generate_corpus,
@@ -131,13 +131,13 @@ STYLE = dict(num_train=400, num_val=40, num_test=200, num_pretrain=300)
 
 @pytest.fixture(scope="module")
 def style() -> dict[str, list[dict[str, str]]]:
-    from common.embedded_data import generate_style_suite
+    from common.tiny_world.suite import generate_style_suite
 
     return generate_style_suite(0, **STYLE)
 
 
 def test_style_suite_sizes_disjoint_and_deterministic(style: dict) -> None:
-    from common.embedded_data import generate_style_suite
+    from common.tiny_world.suite import generate_style_suite
 
     assert {s: len(rows) for s, rows in style.items()} == {"train": 400, "validation": 40, "test": 200,
                                                           "pretrain": 300}
@@ -165,7 +165,7 @@ def test_sentence_answers_restate_the_exact_terse_answer(style: dict) -> None:
 
 def test_embedded_suite_dispatches_on_the_preset() -> None:
     from common.config import EmbeddedConfig
-    from common.embedded_data import embedded_suite
+    from common.tiny_world.suite import embedded_suite
 
     fmt = embedded_suite(EmbeddedConfig(num_train=30, num_val=5, num_test=5))
     assert fmt == generate_instruction_suite(0, 30, 5, 5)

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from common.config import ConfigError, OnPolicyConfig, config_from_dict
+from common.data.batching import IGNORE_INDEX, TokenizedExample
+from common.data.examples import DataError
 from student_worker import checkpoint as ckpt
-from student_worker.data import IGNORE_INDEX, DataError, TokenizedExample
 from student_worker.on_policy import (
     OnPolicyError,
     SampleSchedule,

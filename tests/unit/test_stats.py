@@ -1,4 +1,4 @@
-"""The comparison's bootstrap (student_worker/stats.py): known cases, determinism by seed, pairing, and
+"""The comparison's bootstrap (student_worker/research/stats.py): known cases, determinism by seed, pairing, and
 the verdict's wording."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from student_worker.stats import Interval, bootstrap_mean, paired_difference, verdict
+from student_worker.research.stats import Interval, bootstrap_mean, paired_difference, verdict
 
 
 def test_constant_differences_give_a_point_interval() -> None:
@@ -95,7 +95,7 @@ def _run(method: str, seed: int, scores: list[float] | None) -> dict:
 
 
 def test_comparison_pairs_common_seeds_and_lists_runs_without_per_example_scores() -> None:
-    from student_worker.experiment_outputs import comparison, comparison_lines
+    from student_worker.research.outputs import comparison, comparison_lines
 
     runs = [_run("kd", 0, [0.1, 0.2, 0.3]), _run("kd", 1, [0.2, 0.2, 0.2]),
             _run("delta_kd", 1, [0.3, 0.3, 0.3]), _run("delta_kd", 0, [0.2, 0.3, 0.4]),  # seed order differs

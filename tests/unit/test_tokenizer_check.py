@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from common.config import config_from_dict
+from common.data.tokenizer_check import check_tokenizers, special_token_choices, tokenizer_fingerprint
 from teacher_service.errors import TokenizerMismatchError, TokenizerSpecialTokensWarning
-from teacher_service.tokenizer_check import check_tokenizers, special_token_choices, tokenizer_fingerprint
 
 WORDS = "the quick brown fox jumps over lazy dog sort numbers answer one two three".split()
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

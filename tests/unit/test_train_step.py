@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from common.config import DataConfig, LossConfig
+from common.data.batching import collate, tokenize_examples
 from common.losses import targets_from_record
 from common.topk import TopKRecord
-from student_worker.data import collate, tokenize_examples
 from student_worker.train_step import (
     HiddenStatesLM,
     TrainStepError,

@@ -1,5 +1,5 @@
-"""The --methods variant syntax (student_worker/variants.py) and how the experiment turns variants into run
-configs (student_worker.experiment.variant_configs)."""
+"""The --methods variant syntax (student_worker/research/variants.py) and how the experiment turns variants into run
+configs (student_worker.research.experiment.variant_configs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 
 from common.config import LOSS_METHODS, ConfigError, config_from_dict
-from student_worker.variants import (
+from student_worker.research.variants import (
     KEY_ALIASES,
     Variant,
     VariantError,
@@ -86,7 +86,7 @@ def test_bad_lists_are_named(text, match):
 
 
 def test_variant_configs_apply_overrides_and_refuse_bad_values_and_duplicate_runs():
-    from student_worker.experiment import run_key, variant_configs
+    from student_worker.research.experiment import run_key, variant_configs
 
     cfg = config_from_dict({**MINIMAL, "loss": {"method": "delta_kd", "alpha": 1.0}})
     got = variant_configs(cfg, parse_methods("kd,delta_kd@alpha=0.5,tau=2,kd@tau=2,delta_kd@tail=student_base"))
@@ -106,7 +106,7 @@ def test_variant_configs_apply_overrides_and_refuse_bad_values_and_duplicate_run
 
 
 def test_outputs_name_variants_in_aligned_tables_and_plots(tmp_path):
-    from student_worker.experiment_outputs import (
+    from student_worker.research.outputs import (
         aggregate,
         comparison,
         comparison_lines,
@@ -158,7 +158,7 @@ def test_on_policy_variants_set_the_on_policy_keys():
 
 
 def test_on_policy_variant_configs_validate_their_values():
-    from student_worker.experiment import run_key, variant_configs
+    from student_worker.research.experiment import run_key, variant_configs
 
     cfg = config_from_dict(MINIMAL)
     got = variant_configs(cfg, parse_methods("delta_kd,delta_kd@on_policy=0.5,delta_kd@on_policy=1,lag=1,"

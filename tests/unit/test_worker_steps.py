@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from common.config import config_from_dict
+from common.data.batching import TokenizedExample, collate
 from student_worker import checkpoint as ckpt
-from student_worker.data import TokenizedExample, collate
 from student_worker.worker import COMPUTE_PARTS, STEP_PARTS, StepOrderError, StudentWorkerImpl
 from tests.tiny import make_llama, make_tokenizer
 

@@ -45,4 +45,5 @@ def load_causal_lm(spec: ModelSpec, device: torch.device, dtype: torch.dtype, pa
         options["revision"] = spec.revision
     if is_accelerate_available():
         return AutoModelForCausalLM.from_pretrained(source, device_map={"": device}, **options)
-    return AutoModelForCausalLM.from_pretrained(source, **options).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(source, **options)
+    return model.to(device)

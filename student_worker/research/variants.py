@@ -1,4 +1,4 @@
-"""Method variants of a comparison: `method@key=value[,key=value...]` (student_worker.experiment --methods).
+"""Method variants of a comparison: `method@key=value[,key=value...]` (student_worker.research.experiment --methods).
 
 A variant is a loss method plus config overrides that only its runs get, e.g. `delta_kd@alpha=0.5`,
 `kd@tau=2`, `delta_kd@tail=student_base`, `parallelogram@weights.kd=0.3,weights.delta_kd=0.7`, on-policy

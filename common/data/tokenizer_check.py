@@ -18,9 +18,8 @@ import warnings
 from typing import Any
 
 from common.config import ModelSpec, RunConfig
-
-from .errors import TokenizerMismatchError, TokenizerSpecialTokensWarning
-from .roles import teacher_role_specs
+from common.data.errors import TokenizerMismatchError, TokenizerSpecialTokensWarning
+from common.roles import teacher_role_specs
 
 __all__ = ["tokenizer_fingerprint", "special_token_choices", "check_tokenizers", "load_tokenizer"]
 

@@ -1,4 +1,4 @@
-"""`python -m student_worker.experiment --methods sft,kd,delta_kd --seeds 5 [--eval-examples 500] [--baseline kd]
+"""`python -m student_worker.research.experiment --methods sft,kd,delta_kd --seeds 5 [--eval-examples 500] [--baseline kd]
 [--config X] [--set a.b=v ...] [--output-dir D] [--address A]`: the method comparison. This module plans and runs it (`run_experiment`,
 `main`) and decides which finished runs a rerun reuses (`run_key`, `shared_key`).
 
@@ -10,9 +10,9 @@ Keys are short aliases (alpha, tau, lam, k, tail, objective, jsd_beta, lr, steps
 (loss.weights.<name>) or dotted loss.* / training.* config keys; a piece with `=` and no `@` continues the
 variant before it (`delta_kd@alpha=0.5,tau=2` is one entry). The entry, spaces removed, is the variant's name
 in every table and in experiment.json (`methods`, `variants`: its overrides); its runs are in
-`runs/<name with @ and commas as +>-seed<s>/`. See student_worker/variants.py. The measurements besides
-training are in student_worker/experiment_diagnostics.py; the aggregates, table, experiment.md and plot in
-student_worker/experiment_outputs.py (their public names are importable from here too).
+`runs/<name with @ and commas as +>-seed<s>/`. See student_worker/research/variants.py. The measurements besides
+training are in student_worker/research/diagnostics.py; the aggregates, table, experiment.md and plot in
+student_worker/research/outputs.py (their public names are importable from here too).
 
 Every run uses the same config (same student base, data and budget) except `loss.method`, `seed`
 (seeds `seed, seed+1, ...`) and a variant's own overrides. Runs go one after another in this process
@@ -31,10 +31,10 @@ RESUME_IGNORED_KEYS aside), else it is trained again from step 0.
 Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Statistics: each method's
 ROUGE-L with a 95% CI, and its difference from the baseline method (kd), paired by seed and evaluation
 example, with a plain verdict ("delta_kd - kd = +x [lo, hi]: not distinguishable" when the interval covers
-0); two-way bootstrap over seeds and examples (student_worker/stats.py). `--eval-examples` (default 500,
+0); two-way bootstrap over seeds and examples (student_worker/research/stats.py). `--eval-examples` (default 500,
 MiniLLM's convention) sets data.max_eval_examples. Diagnostics per run come from
 its metrics.jsonl; the size of the shift is measured by the experiment on a few training batches (see
-`shift_diagnostics` in student_worker/experiment_diagnostics.py).
+`shift_diagnostics` in student_worker/research/diagnostics.py).
 Exit codes: 0 done, 2 bad config / arguments, 3 a run failed (finished runs stay on disk). On a failure
 experiment.json keeps the finished runs and says `"status": "failed: ..."`; the teachers it started are stopped.
 """
@@ -55,13 +55,13 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, RunConfig, config_from_dict
-from student_worker.experiment_diagnostics import (
+from student_worker.research.diagnostics import (
     ExperimentError,
     evaluate_references,
     run_diagnostics,
     shift_diagnostics,
 )
-from student_worker.experiment_outputs import (
+from student_worker.research.outputs import (
     aggregate,
     comparison,
     comparison_lines,
@@ -70,7 +70,7 @@ from student_worker.experiment_outputs import (
     plot_experiment,
     plot_rouge_l_ci,
 )
-from student_worker.variants import Variant, VariantError, parse_methods, parse_variant
+from student_worker.research.variants import Variant, VariantError, parse_methods, parse_variant
 
 __all__ = ["ExperimentError", "RUN_OVERRIDES", "run_key", "shared_key", "aggregate", "run_diagnostics",
            "shift_diagnostics", "evaluate_references", "variant_configs", "run_experiment", "experiment_table",
@@ -293,10 +293,9 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.config import LOSS_METHODS, load_config
-    from student_worker.train import DEFAULT_CONFIG
+    from common.config import DEFAULT_CONFIG, LOSS_METHODS, load_config
 
-    p = argparse.ArgumentParser(prog="python -m student_worker.experiment", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m student_worker.research.experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sft,kd,delta_kd",
                    help="comma-separated loss methods and variants method@key=value[,key=value] (see above)")
@@ -337,14 +336,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from student_worker.embedded_models import resolve_model_paths
+    from common.tiny_world.build import resolve_model_paths
 
     cfg = resolve_model_paths(cfg)
     if not ray.is_initialized():
         # Not a bare ray.init(): on a shared machine it would join whatever cluster `ray start` left.
         ray.init(address=args.address or (None if os.environ.get("RAY_ADDRESS") else "local"),
                  include_dashboard=False, logging_level=logging.ERROR)
-    command = "python -m student_worker.experiment " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m student_worker.research.experiment " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         exp = run_experiment(cfg, methods, [cfg.seed + i for i in range(args.seeds)], Path(args.output_dir),
                              shift_batches=args.shift_batches, progress=not args.no_progress, command=command,

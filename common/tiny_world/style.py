@@ -1,14 +1,14 @@
 """The `style_shift` preset's build (docs/EXPERIMENT.md: why it exists, and its conditions).
 
-Called by `student_worker.embedded_models.build_embedded_models` for `embedded.preset: style_shift`; the
-cache, lock, marker and training loop are that module's. What differs from `format_shift`:
+Called by `common.tiny_world.build.build_embedded_models` for `embedded.preset: style_shift`; the
+cache, lock and marker are that module's, the training loop common/tiny_world/training.py's. What differs from `format_shift`:
 
 - Pretraining documents. Each base reads its own prose draw (`generate_corpus`, the student base another
   stream) mixed with instruction-formatted examples from the suite's pretrain split, answered in the terse
   style: `round(f / (1 - f) * corpus_sentences)` of them for instruct fraction f, so they are f of the
   documents (base teacher 0.30, student base 0.15 by default). Each base samples its examples and shuffles
   its documents with its own seeded rng: another mix and another order.
-- SFT teaches the sentence answer style (`common.embedded_data.sentence_answer`) on the train split.
+- SFT teaches the sentence answer style (`common.tiny_world.suite.sentence_answer`) on the train split.
 - Initial weights come from this module (`portable_init`): a PCG64 stream per model, uniform with std
   0.02 (norm weights 1), computed with numpy's exactly rounded float64 operations and cast to float32, so
   they are the same bits on every machine and for every transformers version.
@@ -17,6 +17,7 @@ cache, lock, marker and training loop are that module's. What differs from `form
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,16 @@ import numpy as np
 import torch
 
 from common.config import DataConfig, EmbeddedConfig
-from common.embedded_data import generate_corpus, generate_style_suite
-from student_worker.data import format_prompt
+from common.data.examples import format_prompt
+from common.tiny_world.suite import generate_corpus, generate_style_suite
+from common.tiny_world.training import (
+    new_llama,
+    packed_blocks,
+    role_paths,
+    train_causal_lm,
+    train_sft_teacher,
+    train_tokenizer,
+)
 
 __all__ = ["INIT_STD", "portable_init", "pretraining_documents", "build_style_into"]
 
@@ -68,26 +77,22 @@ def pretraining_documents(ecfg: EmbeddedConfig, suite: dict[str, list[dict[str, 
 
 def build_style_into(ecfg: EmbeddedConfig, out: Path, progress: bool) -> dict[str, Any]:
     """Build the style_shift models into `out` (see the module docstring); returns the marker's info."""
-    import time
-
-    from student_worker import embedded_models as em
-
     t0 = time.monotonic()
     out.mkdir(parents=True)
-    paths = em._role_paths(out)
+    paths = role_paths(out)
     suite = generate_style_suite(ecfg.seed, ecfg.num_train, ecfg.num_val, ecfg.num_test, ecfg.num_pretrain)
     data_cfg = DataConfig(max_length=ecfg.max_length, overlong="truncate")
     docs = {role: pretraining_documents(ecfg, suite, role, data_cfg) for role in ("base_teacher", "student")}
     prompts = [format_prompt(e["instruction"], e["context"], data_cfg) for e in suite["train"]]
     sft_texts = [p + " " + e["response"] for p, e in zip(prompts, suite["train"])]
-    tokenizer = em._train_tokenizer(docs["base_teacher"] + docs["student"] + sft_texts, ecfg.vocab_size,
+    tokenizer = train_tokenizer(docs["base_teacher"] + docs["student"] + sft_texts, ecfg.vocab_size,
                                     paths["tokenizer"])
     max_positions = max(512, ecfg.max_length)
     block = min(ecfg.max_length, 64)
     info: dict[str, Any] = {"vocab": len(tokenizer), "preset": "style_shift"}
     for role, shape, seed in (("base_teacher", ecfg.teacher, ecfg.seed * 1000 + 1),
                               ("student", ecfg.student, ecfg.seed * 1000 + 2)):
-        blocks = em._packed_blocks(docs[role], tokenizer, block)
+        blocks = packed_blocks(docs[role], tokenizer, block)
         full_mask = torch.ones_like(blocks[:1], dtype=torch.long)
         gen = torch.Generator().manual_seed(seed)
 
@@ -97,9 +102,9 @@ def build_style_into(ecfg: EmbeddedConfig, out: Path, progress: bool) -> dict[st
             labels = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
             return x, full_mask.expand_as(x), labels
 
-        model = em._new_llama(shape, tokenizer, seed, max_positions)
+        model = new_llama(shape, tokenizer, seed, max_positions)
         portable_init(model, seed)
-        info[f"{role}_pretrain_loss"] = em._train(model, batch, ecfg.pretrain_steps, ecfg.lr, f"pretrain {role}",
+        info[f"{role}_pretrain_loss"] = train_causal_lm(model, batch, ecfg.pretrain_steps, ecfg.lr, f"pretrain {role}",
                                                   progress)
         info[f"{role}_pretrain_documents"] = len(docs[role])
         info[f"{role}_pretrain_blocks"] = int(len(blocks))
@@ -107,6 +112,6 @@ def build_style_into(ecfg: EmbeddedConfig, out: Path, progress: bool) -> dict[st
         tokenizer.save_pretrained(str(paths[role]))
         info[f"{role}_params"] = sum(p.numel() for p in model.parameters())
 
-    info["sft_teacher_train_loss"] = em._sft_teacher(paths, prompts, suite, tokenizer, data_cfg, ecfg, progress)
+    info["sft_teacher_train_loss"] = train_sft_teacher(paths, prompts, suite, tokenizer, data_cfg, ecfg, progress)
     info["build_seconds"] = round(time.monotonic() - t0, 1)
     return info

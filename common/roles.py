@@ -5,7 +5,7 @@ from __future__ import annotations
 from common.config import ModelSpec, RunConfig
 from common.topk import ROLE_BASE, ROLE_SFT, ROLE_STUDENT_BASE, pair_roles
 
-__all__ = ["teacher_role_specs", "gather_roles", "replica_name"]
+__all__ = ["teacher_role_specs", "gather_roles"]
 
 
 def teacher_role_specs(cfg: RunConfig) -> dict[str, ModelSpec]:
@@ -28,8 +28,3 @@ def teacher_role_specs(cfg: RunConfig) -> dict[str, ModelSpec]:
 def gather_roles(roles: list[str]) -> list[str]:
     """Every role but pair 0's SFT teacher gathers at its support."""
     return [r for r in roles if r != ROLE_SFT]
-
-
-def replica_name(prefix: str, role: str, i: int) -> str:
-    """Name of replica i of a role's named actor: `{prefix}-{role}-{i}`."""
-    return f"{prefix}-{role}-{i}"

@@ -1,11 +1,11 @@
-"""The summaries of a method comparison (student_worker/experiment.py), made from its experiment dict:
+"""The summaries of a method comparison (student_worker/research/experiment.py), made from its experiment dict:
 per-method aggregates over seeds (`aggregate`, stored in experiment.json), the confidence intervals and
 verdicts (`comparison`, stored as `exp["comparison"]`), the fixed-width tables (`experiment_table`,
 `comparison_lines`, printed), experiment.md (`experiment_markdown`), rouge_by_method.png
 (`plot_experiment`) and rougeL_ci_by_method.png (`plot_rouge_l_ci`).
 
 Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Intervals: 95 % two-way
-bootstrap over seeds and evaluation examples (student_worker/stats.py), differences paired by seed and
+bootstrap over seeds and evaluation examples (student_worker/research/stats.py), differences paired by seed and
 example against the baseline method (kd by default).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from student_worker.stats import (
+from student_worker.research.stats import (
     DEFAULT_REPLICATES,
     Interval,
     bootstrap_mean,

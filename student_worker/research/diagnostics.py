@@ -1,4 +1,4 @@
-"""What the method comparison measures besides training (student_worker/experiment.py runs the comparison).
+"""What the method comparison measures besides training (student_worker/research/experiment.py runs the comparison).
 
 - `evaluate_references`: ROUGE of the two fixed reference models (student base, SFT teacher), once per
   experiment, as Ray tasks.
@@ -6,7 +6,7 @@
 - `shift_diagnostics`: the size of Delta-KD's shift, measured on a few training batches through the pool.
 
 `ExperimentError` lives here, the lowest of the experiment modules (the diagnostics raise it too), so that
-every experiment module and `python -m student_worker.experiment` (run as `__main__`) share one class.
+every experiment module and `python -m student_worker.research.experiment` (run as `__main__`) share one class.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def evaluate_references(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     settings), run as Ray tasks that ask for `teachers.num_gpus`, so a GPU cluster evaluates on GPUs."""
     import ray
 
-    from student_worker.data import load_examples
+    from common.data.examples import load_examples
     from student_worker.driver import evaluate_spec_task
 
     e = cfg.evaluation
@@ -90,10 +90,11 @@ def shift_diagnostics(cfg: RunConfig, pool: Any, num_batches: int) -> dict[str, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from common.data.batching import BatchPlan, collate, tokenize_examples
+    from common.data.examples import load_examples
     from common.losses import targets_from_record
     from common.losses.loss import teacher_atoms
     from common.topk import ROLE_BASE, ROLE_SFT, ROLE_STUDENT_BASE
-    from student_worker.data import BatchPlan, collate, load_examples, tokenize_examples
     from student_worker.train_step import add_student_base
 
     spec = _student_base_spec(cfg)

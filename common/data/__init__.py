@@ -1,0 +1,1 @@
+"""The data layer under both services: examples, tokenisation and batching, tokenizer checks, model loading."""

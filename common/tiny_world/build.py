@@ -1,0 +1,190 @@
+"""The embedded default's tiny models: built once on the CPU, cached, and loaded like hub models.
+
+`build_embedded_models(ecfg)` returns local paths by role (`tokenizer`, `base_teacher`, `sft_teacher`,
+`student`). The build of the `format_shift` preset (the first one; unchanged, bit for bit):
+
+1. trains a word-level tokenizer (`tokenizers`) on the corpus plus the formatted train split, so every
+   word of the prompt format is in the vocabulary, and saves it as a PreTrainedTokenizerFast;
+2. pretrains a Llama base teacher and a smaller Llama student base on the prose corpus only
+   (causal LM on packed blocks of sentences);
+3. fine-tunes the SFT teacher from the base teacher on the train split with the default prompt
+   template (loss on response tokens only, batches from `common.data.batching`).
+
+The `style_shift` preset (docs/EXPERIMENT.md) differs in what the models read: each base's pretraining
+documents are its own prose draw mixed with instruction-formatted examples answered tersely (the bases'
+style; `teacher_instruct_fraction` / `student_instruct_fraction` of the documents, from the suite's
+pretrain split), and SFT teaches the sentence answer style. Its weights are initialised by this module
+from a seeded PCG64 stream (uniform, std 0.02; norms 1), not by transformers' `_init_weights`, so the
+initial weights do not depend on the transformers version or on the CPU's vector width.
+
+Cache: `<cache_root>/embedded-<hash>`, where the hash covers every EmbeddedConfig field that affects the
+build and BUILD_VERSION (format_shift's key is what it was before presets existed). A build goes into a temp dir beside it that is renamed into place only when
+complete, with a `COMPLETE` JSON marker written last. A missing marker or an unreadable weights file
+makes the directory invalid: it is removed and rebuilt. An fcntl lock serialises concurrent builders.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError, DataConfig, EmbeddedConfig, ModelSpec, RunConfig
+from common.reproducibility import apply_compute_settings, compute_info
+from common.tiny_world.format_shift import build_format_into
+from common.tiny_world.style import build_style_into
+from common.tiny_world.training import EMBEDDED_ROLES, EmbeddedBuildError, role_paths
+
+__all__ = [
+    "BUILD_VERSION",
+    "EMBEDDED_ROLES",
+    "EMBEDDED_PREFIX",
+    "EmbeddedBuildError",
+    "build_key",
+    "cache_root",
+    "build_embedded_models",
+    "resolve_model_paths",
+]
+
+# Bump when the build code changes what it produces: old caches are then ignored, never reused.
+BUILD_VERSION = "1"  # format_shift
+STYLE_BUILD_VERSION = "1"  # style_shift
+# EmbeddedConfig keys that never change a build, and the keys only style_shift reads (left out of
+# format_shift's key, so its cache directories keep the names they had before presets existed).
+_NOT_BUILD_KEYS = {"cache_dir", "build_threads", "num_test_extra"}
+_STYLE_ONLY_KEYS = {"preset", "num_pretrain", "teacher_instruct_fraction", "student_instruct_fraction"}
+EMBEDDED_PREFIX = "embedded:"
+_MARKER = "COMPLETE"
+
+
+def build_key(ecfg: EmbeddedConfig) -> str:
+    """16 hex chars of sha256 over the build-relevant config and the preset's build version."""
+    style = ecfg.preset == "style_shift"
+    fields = ecfg.model_dump(mode="json", exclude=_NOT_BUILD_KEYS | (set() if style else _STYLE_ONLY_KEYS))
+    payload = {"version": BUILD_VERSION, "embedded": fields, "prompt": DataConfig().prompt_template,
+               "context": DataConfig().context_template}
+    if style:
+        payload["style_version"] = STYLE_BUILD_VERSION
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_root(ecfg: EmbeddedConfig) -> Path:
+    """ecfg.cache_dir, else $DELTAKD_CACHE, else ~/.cache/deltakd."""
+    root = ecfg.cache_dir or os.environ.get("DELTAKD_CACHE") or "~/.cache/deltakd"
+    return Path(root).expanduser()
+
+
+def _is_complete(build_dir: Path, key: str) -> bool:
+    """True when the marker names `key` and every model's safetensors and the tokenizer read back."""
+    from safetensors import safe_open
+
+    try:
+        marker = json.loads((build_dir / _MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if marker.get("key") != key:
+        return False
+    paths = role_paths(build_dir)
+    if not (paths["tokenizer"] / "tokenizer.json").is_file():
+        return False
+    for role in EMBEDDED_ROLES:
+        weights = paths[role] / "model.safetensors"
+        if not (paths[role] / "config.json").is_file() or not (paths[role] / "tokenizer.json").is_file():
+            return False
+        try:  # reading every tensor catches truncated files too; the models are a few MB
+            with safe_open(str(weights), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    f.get_tensor(name)
+        except Exception:  # any failure to read the weights means the cache cannot be trusted
+            return False
+    return True
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run the build with n intra-op threads, restoring the caller's setting after. On a 2-core machine
+    that other processes share, 2 threads on these tiny matrices spend most of their time spinning: a
+    measured step took 14x longer than with 1 thread under load."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_embedded_models(ecfg: EmbeddedConfig, progress: bool = True) -> dict[str, Path]:
+    """Paths by role (tokenizer, base_teacher, sft_teacher, student) of the cached build, building if needed."""
+    root = cache_root(ecfg)
+    key = build_key(ecfg)
+    final = root / f"embedded-{key}"
+    if _is_complete(final, key):
+        return role_paths(final)
+    with _file_lock(root / f"embedded-{key}.lock"):
+        if _is_complete(final, key):  # another process finished it while we waited
+            return role_paths(final)
+        if final.exists():  # half-written or corrupted: never used, rebuilt from scratch
+            shutil.rmtree(final)
+        # Holding the lock, no one else builds this key: temp dirs left by a killed builder are garbage.
+        for stale in root.glob(f".tmp-embedded-{key}-*"):
+            shutil.rmtree(stale)
+        tmp = root / f".tmp-embedded-{key}-{os.getpid()}"
+        try:
+            with _torch_threads(ecfg.build_threads):
+                build_into = build_style_into if ecfg.preset == "style_shift" else build_format_into
+                info = build_into(ecfg, tmp, progress)
+                info["compute"] = compute_info()
+            (tmp / _MARKER).write_text(json.dumps({"key": key, "version": BUILD_VERSION,
+                                                   "embedded": ecfg.model_dump(mode="json"), **info}, indent=2))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if not _is_complete(final, key):
+        raise EmbeddedBuildError(f"embedded build in {final} finished but does not read back")
+    return role_paths(final)
+
+
+def resolve_model_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of cfg with every `embedded:<role>` model path replaced by the built local path."""
+    out = cfg.model_copy(deep=True)
+    specs: list[tuple[str, ModelSpec]] = [
+        ("models.base_teacher", out.models.base_teacher),
+        ("models.sft_teacher", out.models.sft_teacher),
+        ("models.student", out.models.student),
+    ]
+    if out.models.student_base is not None:
+        specs.append(("models.student_base", out.models.student_base))
+    for j, pair in enumerate(out.models.extra_pairs):
+        specs += [(f"models.extra_pairs.{j}.base", pair.base), (f"models.extra_pairs.{j}.sft", pair.sft)]
+    embedded = [(where, s) for where, s in specs if s.path.startswith(EMBEDDED_PREFIX)]
+    for where, spec in embedded:
+        role = spec.path[len(EMBEDDED_PREFIX):]
+        if role not in EMBEDDED_ROLES:
+            raise ConfigError(f"{where}.path: unknown embedded role {role!r}; expected one of {list(EMBEDDED_ROLES)}")
+    if embedded:
+        # This process may build the models: it computes like every other process of the run.
+        apply_compute_settings(out.reproducibility, where="embedded build")
+        paths = build_embedded_models(out.embedded)
+        for _, spec in embedded:
+            spec.path = str(paths[spec.path[len(EMBEDDED_PREFIX):]])
+    return out
