@@ -21,9 +21,9 @@ frozen base copy). Two teacher sides, measured in the same run:
    call (each role adds it once per batch, in parallel over roles); `efficiency_measured_T` uses the
    measured mean busy time per call of the slowest role instead.
 
-Hooks into the driver (subclass `_BenchDriver`): `_start_pool` installs the cell's pool; `_start_workers` /
-`_stop_workers` / `_release` keep one worker group and one pool per delay across the runs (start-up costs
-seconds per run). The stepping loop itself is the driver's, unmodified.
+Hooks into the driver (subclass `_BenchDriver`): `_start_pool` installs the cell's pool; one shared
+`WorkerGroup` (its `stop` a no-op) and `_release` keep one worker group and one pool per delay across the runs
+(start-up costs seconds per run). The stepping loop itself is the driver's, unmodified.
 
     python benchmarks/bench_overlap.py [--smoke] [--repeats N] [--steps N] [--ray-address ADDR]
 """
@@ -105,26 +105,42 @@ def _sleep_teacher(ray: Any, largest: Any) -> Any:
 
 def _driver_class() -> type:
     from student_worker.driver import Driver
+    from student_worker.worker_group import WorkerGroup
+
+    class _SharedGroup(WorkerGroup):
+        """One worker group for every run of the benchmark: started once, stopped by main() at the end."""
+
+        def start(self, resume_dir: Path | None, pool: Any = None, rdt: bool = False) -> None:
+            if not getattr(self, "started", False):
+                super().start(resume_dir, pool, rdt)
+                self.started = True
+
+        def create(self) -> None:
+            if not self.workers:
+                super().create()
+
+        def stop(self) -> None:
+            """Kept for the next run (kill() ends it)."""
+
+        def kill(self) -> None:
+            super().stop()
 
     class _BenchDriver(Driver):
-        shared_workers: list[Any] = []
+        shared_group: Any = None  # created by the first run, reused by the others
         sleep_pool: Any = None  # the cell's pool: a SleepPool or a real TeacherPool, kept across runs
+
+        def __init__(self, cfg: Any, **kwargs: Any):
+            super().__init__(cfg, **kwargs)
+            if _BenchDriver.shared_group is None:
+                _BenchDriver.shared_group = _SharedGroup(cfg, self.out)
+            self.group = _BenchDriver.shared_group
 
         def _start_pool(self) -> Any:
             self.pool = _BenchDriver.sleep_pool
             return self.pool
 
         def _release(self) -> None:
-            self._stop_workers()  # the pool outlives the run; main() shuts it down
-
-        def _start_workers(self, resume_dir: Path | None) -> None:
-            if not _BenchDriver.shared_workers:
-                super()._start_workers(resume_dir)
-                _BenchDriver.shared_workers = list(self.workers)
-            self.workers = list(_BenchDriver.shared_workers)
-
-        def _stop_workers(self) -> None:
-            self.workers = []  # kept for the next run; main() kills them at the end
+            self.group.stop()  # the group and the pool outlive the run; main() ends them
 
     return _BenchDriver
 
@@ -255,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                     cells[f"pool_T{factor}x_prefetch{prefetch}"] = _cell(runs, teacher_s, student_s, factor,
                                                                         prefetch, call_s)
         finally:
-            for w in driver_cls.shared_workers:
-                ray.kill(w, no_restart=True)
+            if driver_cls.shared_group is not None:
+                driver_cls.shared_group.kill()
             ray.kill(sleeper, no_restart=True)
             for pool in pools:
                 pool.shutdown()

@@ -7,7 +7,7 @@ prompts (`on_policy_prompts`, cut or refused per `data.overlong`), the student's
 batch id inside a forked RNG so no other random stream moves), the batch the step trains on
 (`sampled_batch`: prompt + sample, the sample's tokens are the labels), the per-step counts of the metrics
 row (`sample_stats`), the samples a lag-1 checkpoint must carry (`save_samples` / `load_samples`) and the
-driver's bookkeeping of sample calls (`SampleSchedule`). The Ray calls are in student_worker/step_calls.py.
+driver.s bookkeeping of sample calls (`SampleSchedule`). The Ray calls are in student_worker/on_policy_steps.py.
 
 A sample is one row of `generate_samples`'s result: its tokens up to and including the first EOS (`eos`
 true), or `max_new_tokens` tokens without one (truncated). An EOS as the first token is an "empty"

@@ -1,10 +1,10 @@
 """Where a run's teacher records come from: one interface for the driver's loop (`teachers.source`).
 
     source = open_record_source(cfg, check_cache(cfg, train_set), train_set, workers, start_pool, rdt)
-    ref = source.submit(step, rank, batch_id, arrays, examples)       # what the rank's worker receives
+    handle = source.submit(step, rank, batch_id, arrays, examples)    # a RecordHandle for the rank's worker
     source.step_done(step); source.stats(); source.describe(); source.shutdown()
 
-- `LiveSource` (live): the teacher pool scores each batch (object store ref, or RDT parts).
+- `LiveSource` (live): the teacher pool scores each batch (an object-store record, or RDT parts).
 - `CacheSource` (cache): one `CacheFeeder` actor per rank reads the batch from the teacher cache; no teacher
   actor is started. The ref resolves to the same rows-form TopKRecord a live batch gives.
 - `AutoSource` (auto): a complete cache for this run is read like `cache`; otherwise the first epoch runs live
@@ -22,14 +22,49 @@ another build), so every mismatch is reported before anything is written.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import ray
 
 from common.config import RunConfig
+from common.roles import cache_roles
+from student_worker.record_handle import RecordHandle
 
-__all__ = ["LiveSource", "CacheSource", "AutoSource", "CachePlan", "check_cache", "open_record_source"]
+__all__ = ["RecordSource", "LiveSource", "CacheSource", "AutoSource", "CachePlan", "check_cache",
+           "open_record_source"]
+
+
+class RecordSource(Protocol):
+    """Where the driver's step pipeline gets each rank's teacher record (live, cache or auto)."""
+
+    kind: str
+
+    def submit(self, step: int, rank: int, batch_id: Any, arrays: dict[str, np.ndarray], examples: list[int] | None,
+               include: np.ndarray | None = None) -> RecordHandle:
+        """Start the record of rank `rank`'s batch of `step` (arrays: its collated batch; examples: its training
+        example indices, None for sampled batches; include: [B, T] ids forced into the support)."""
+        ...
+
+    def warm_up(self) -> None:
+        """Start one-off first-call costs (not waited for)."""
+        ...
+
+    def step_done(self, step: int) -> None:
+        """Every rank finished `step`."""
+        ...
+
+    def stats(self) -> dict[str, Any] | None:
+        """The teachers' figures for the report (None when no teacher worked for the run)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What served the run, for the report."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop what this source started (never attached teachers)."""
+        ...
 
 
 class LiveSource:
@@ -40,11 +75,13 @@ class LiveSource:
         self._stats: dict[str, Any] | None = None
 
     def submit(self, step: int, rank: int, batch_id: Any, arrays: dict[str, np.ndarray], examples: list[int] | None,
-               include: np.ndarray | None = None) -> Any:
+               include: np.ndarray | None = None) -> RecordHandle:
         """include: [B, T] ids forced into each counted position's support (on-policy batches, the
         sampled_token objective)."""
-        fn = self.pool.submit_parts if self.rdt else self.pool.submit
-        return fn(batch_id, arrays["input_ids"], arrays["attention_mask"], arrays["loss_mask"], include=include)
+        args = (batch_id, arrays["input_ids"], arrays["attention_mask"], arrays["loss_mask"])
+        if self.rdt:
+            return RecordHandle.rdt(*self.pool.submit_parts(*args, include=include))
+        return RecordHandle.object_store(self.pool.submit(*args, include=include))
 
     def warm_up(self) -> None:
         self.pool.warm_up(assemble=not self.rdt)
@@ -88,14 +125,14 @@ def check_cache(cfg: RunConfig, train_set: Any) -> CachePlan | None:
         return None
     from teacher_service.cache import CacheIncompleteError, CacheMismatchError, open_for_run
     from teacher_service.cache.fs import CacheLocation
-    from teacher_service.cache.identity import cache_roles_needed, examples_fingerprint, run_roles
+    from teacher_service.cache.identity import examples_fingerprint, run_roles
     from teacher_service.cache.manifest import load_build_head
     from teacher_service.cache.plan import build_head
     from teacher_service.cache.writer import _head_differences
 
     assert t.cache is not None  # the config requires it
     from_cache = t.student_base_source == "cache"
-    roles = cache_roles_needed(cfg, from_cache)
+    roles = cache_roles(cfg, from_cache)
     try:
         reader = open_for_run(t.cache, cfg, tokenizer_fingerprint=train_set.tokenizer_fingerprint,
                               vocab_size=train_set.vocab_size, examples_sha256=examples_fingerprint(train_set.examples),
@@ -142,13 +179,13 @@ class CacheSource:
                 cfg.reproducibility.model_dump()))
 
     def submit(self, step: int, rank: int, batch_id: Any, arrays: dict[str, np.ndarray], examples: list[int] | None,
-               include: np.ndarray | None = None) -> Any:
+               include: np.ndarray | None = None) -> RecordHandle:
         _no_forced_ids(include, examples)
         upcoming = [self.batch_plan.step_indices(s)[rank] for s in (step + 1, step + 2)]
         inputs = ({k: arrays[k] for k in ("input_ids", "attention_mask", "loss_mask")}
                   if self.on_error == "live" else None)
-        return self.feeders[rank].batch.remote(batch_id, examples, int(arrays["input_ids"].shape[1]), upcoming,
-                                               inputs)
+        return RecordHandle.object_store(self.feeders[rank].batch.remote(
+            batch_id, examples, int(arrays["input_ids"].shape[1]), upcoming, inputs))
 
     def warm_up(self, start_step: int = 0) -> None:
         """Each feeder starts reading the shards of its rank's first two steps (not waited for)."""
@@ -200,7 +237,7 @@ class AutoSource:
         return {order[p] for p in ray.get(self.filler.missing.remote())}
 
     def submit(self, step: int, rank: int, batch_id: Any, arrays: dict[str, np.ndarray], examples: list[int] | None,
-               include: np.ndarray | None = None) -> Any:
+               include: np.ndarray | None = None) -> RecordHandle:
         _no_forced_ids(include, examples)
         spe = self.ts.plan.steps_per_epoch
         if step >= spe and self.cache is None and not self.failed:
@@ -209,15 +246,15 @@ class AutoSource:
             self._switch()  # the first step past epoch 0 waits for the manifest: later steps read the cache
         if self.cache is not None:
             return self.cache.submit(step, rank, batch_id, arrays, examples)
-        ref = self.live.submit(step, rank, batch_id, arrays, examples)
+        handle = self.live.submit(step, rank, batch_id, arrays, examples)
         self.last_live_step = max(self.last_live_step, step)
         if step < spe and self.finish_ref is None and self.pending_examples.intersection(examples):
             lengths = [len(self.ts.examples[e].input_ids) for e in examples]
-            self.adds.append(self.filler.add.remote(list(examples), lengths, [ref]))
+            self.adds.append(self.filler.add.remote(list(examples), lengths, [handle.ref]))
             self.forwarded.update(examples)
         if step == spe - 1 and rank == self.ts.plan.num_workers - 1 and self.finish_ref is None:
             self._complete()
-        return ref
+        return handle
 
     def _complete(self) -> None:
         """Score the build batches that hold examples no live batch brought, then write the manifest (queued
@@ -290,7 +327,7 @@ def _no_forced_ids(include: np.ndarray | None, examples: list[int] | None) -> No
 
 
 def open_record_source(cfg: RunConfig, plan: CachePlan | None, train_set: Any, workers: list[Any], start_pool: Any,
-                       rdt: bool) -> Any:
+                       rdt: bool) -> RecordSource | None:
     """The run's source (None for method sft). start_pool(): the live TeacherPool (started or attached)."""
     if cfg.loss.method == "sft":
         return None

@@ -32,18 +32,18 @@ import torch
 
 from common.config import LossConfig
 from common.losses import HiddenStates, SparseTargets, StudentInput, distillation_loss, support_logprobs
+from common.roles import needs_student_base
 from common.topk import ROLE_STUDENT_BASE
 
 __all__ = [
-    "TrainStepError", "STUDENT_BASE_METHODS", "HiddenStatesLM", "fused_head_problem", "loss_forward_module",
-    "enable_gradient_checkpointing", "model_output", "needs_student_base", "add_student_base", "train_step",
+    "TrainStepError", "HiddenStatesLM", "fused_head_problem", "loss_forward_module",
+    "enable_gradient_checkpointing", "model_output", "add_student_base", "train_step",
     "lr_factor",
 ]
 
 log = logging.getLogger(__name__)
 
 # Methods whose loss reads lp_S0 (the student's frozen starting distribution).
-STUDENT_BASE_METHODS = ("delta_kd", "delta_anchor", "delta_inverse", "delta_match")
 # Config keys by which Hugging Face models post-process logits after the LM head (softcapping, scaling):
 # the fused loss applies the head alone, so for these it would compute another distribution.
 _LOGIT_POSTPROCESSING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
@@ -141,13 +141,6 @@ def model_output(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Stud
         weight, bias = inner.head()
         return HiddenStates(hidden, weight, bias)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-def needs_student_base(loss_cfg: LossConfig) -> bool:
-    """True when the configured loss uses lp_S0 (a parallelogram counts its non-zero components)."""
-    if loss_cfg.method == "parallelogram":
-        return any(w != 0 and name in STUDENT_BASE_METHODS for name, w in loss_cfg.weights.items())
-    return loss_cfg.method in STUDENT_BASE_METHODS
 
 
 @torch.no_grad()

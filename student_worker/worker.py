@@ -3,12 +3,10 @@
 Each worker holds the student (master weights in `models.student.dtype`, fp32 when "auto"), optionally a
 frozen copy of its starting weights for lp_S0 (same dtype, so S0 = S exactly at step 0), AdamW with linear
 warmup + cosine decay to `min_lr_ratio`, gradient clipping, and bf16 autocast on GPU. Teacher records reach
-it in one of two ways:
-
-- object store: the driver passes `[record_ref]` NESTED in a list, so the ref is not resolved before the
-  call; the worker `ray.get`s it inside the step and times that wait (`record_wait_s`).
-- Ray Direct Transport: the record's parts are DIRECT arguments (RDT refs must be), resolved by Ray before
-  the method runs; the wait is then the worker's idle gap before the call (counted as `record_wait_s`).
+it as a record handle (student_worker/record_handle.py), one `train_step` whatever the transport: an
+object-store ref nested in the handle's head is fetched and timed inside the step (`record_wait_s`); RDT parts
+are direct arguments that Ray fetches before the method runs, so their wait is the worker's idle gap before
+the call (counted as `record_wait_s`).
 
 Before touching the model, all ranks agree (one tiny all-reduce) that every rank has a valid record, so a
 failed teacher makes every rank raise `StepRejected` instead of leaving the others blocked in DDP's gradient
@@ -38,12 +36,11 @@ import numpy as np
 import ray
 import torch
 
-from common.config import RunConfig, config_from_dict
+from common.config import config_from_dict
 from common.data.model_loading import load_causal_lm, student_dtype
-from common.losses import SparseTargets, targets_from_record
-from common.losses.targets import targets_from_parts
+from common.losses import SparseTargets
 from common.reproducibility import apply_compute_settings
-from common.topk import ROLE_STUDENT_BASE, pair_roles
+from common.roles import needs_student_base, record_roles
 from student_worker import checkpoint as ckpt
 from student_worker.distributed import (
     AllReduceTimer,
@@ -55,16 +52,16 @@ from student_worker.distributed import (
 )
 from student_worker.evaluate import evaluate_model
 from student_worker.on_policy import generate_samples, generation_eos_ids, sample_seed
+from student_worker.record_handle import RDT, fetch_record, receive_targets
 from student_worker.train_step import (
     enable_gradient_checkpointing,
     loss_forward_module,
     lr_factor,
-    needs_student_base,
     train_step,
 )
 
 __all__ = ["StudentWorker", "StudentWorkerImpl", "StepRejected", "PeerInputError", "StepOrderError",
-           "InjectedRankError", "STEP_PARTS", "TEACHER_WAIT_PARTS", "COMPUTE_PARTS", "required_roles"]
+           "InjectedRankError", "STEP_PARTS", "TEACHER_WAIT_PARTS", "COMPUTE_PARTS"]
 
 # The named parts of a step, in time order; they sum to the step's `step_s` (within float rounding):
 #   dispatch_s     the worker had no call to run: waiting for the driver (bookkeeping, a blocked submit)
@@ -106,23 +103,6 @@ class StepOrderError(RuntimeError):
 
 class InjectedRankError(RuntimeError):
     """The test-only fault `testing.rank_error`: this rank raises mid-step, after the input agreement."""
-
-
-def required_roles(cfg: RunConfig) -> list[str]:
-    """Roles the loss needs in the record (lp_S0 only when a teacher role or the teacher cache supplies it)."""
-    method = cfg.loss.method
-    if method == "sft":
-        return []
-    roles = ["sft"]
-    uses_shift = method.startswith("delta") or (
-        method == "parallelogram" and any(w != 0 and n.startswith("delta") for n, w in cfg.loss.weights.items())
-    )
-    if uses_shift:
-        for j in range(1 + len(cfg.models.extra_pairs)):
-            roles.extend(pair_roles(j))
-    if needs_student_base(cfg.loss) and cfg.teachers.student_base_source in ("teacher", "cache"):
-        roles.append(ROLE_STUDENT_BASE)
-    return list(dict.fromkeys(roles))
 
 
 class StudentWorkerImpl:
@@ -200,7 +180,7 @@ class StudentWorkerImpl:
             self.eos_ids = generation_eos_ids(self.model.generation_config, spec.path)
             tok = self.tokenizer
             self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0])
-        self.required_roles = required_roles(cfg)
+        self.required_roles = record_roles(cfg)
         if resume_dir is not None:
             self.load_checkpoint(resume_dir)
         self._end_call()
@@ -216,34 +196,25 @@ class StudentWorkerImpl:
         self._end_call()
         return self.rank
 
-    def train_step(self, step: int, batch: dict[str, np.ndarray], record_box: list[Any] | None,
-                   global_tokens: int) -> dict[str, Any]:
-        """Object-store path. record_box: `[record_ref]` (nested, resolved here and timed) or None (sft)."""
-        clock = self._start_step(step, rdt=False)
+    def train_step(self, step: int, batch: dict[str, np.ndarray], global_tokens: int,
+                   head: dict[str, Any] | None = None, *parts: Any) -> dict[str, Any]:
+        """One step on this rank's batch. head, parts: the batch's record handle (student_worker/record_handle.py;
+        None for sft): an object-store head's ref is fetched here and timed, RDT parts arrived as arguments, as
+        the teachers' tensors, and the loss targets are built from them on this worker's device."""
+        clock = self._start_step(step, rdt=head is not None and head["transport"] == RDT)
         record, error = None, None
-        if record_box is not None:
-            try:
-                record = ray.get(record_box[0])
-            except Exception as exc:  # re-raised below, after every rank knows this one failed
-                error = exc
+        try:
+            record = fetch_record(head)
+        except Exception as exc:  # re-raised below, after every rank knows this one failed
+            error = exc
         clock.lap("record_wait_s")
 
         def targets() -> SparseTargets | None:
-            return None if record is None else targets_from_record(record.validate(self.required_roles), self.device)
+            if head is None:
+                return None
+            return receive_targets(head, parts, record, self.device, self.required_roles)
 
         return self._step(step, batch, targets, error, global_tokens, clock)
-
-    def train_step_rdt(self, step: int, batch: dict[str, np.ndarray], global_tokens: int,
-                       meta: dict[str, Any], roles: list[str], *parts: dict[str, Any]) -> dict[str, Any]:
-        """RDT path: the record's parts arrive as direct arguments (already fetched by Ray), as the teachers'
-        tensors; the loss targets are built from them on this worker's device (no numpy, no host copy)."""
-        clock = self._start_step(step, rdt=True)
-        clock.lap("record_wait_s")
-
-        def targets() -> SparseTargets:
-            return targets_from_parts(meta, roles, list(parts), self.device, self.required_roles)
-
-        return self._step(step, batch, targets, None, global_tokens, clock)
 
     def sample(self, step: int, batch_id: int, prompts: list[list[int]]) -> dict[str, Any]:
         """Draw this rank's on-policy sample of step `step` (batch `batch_id`) from the current weights:

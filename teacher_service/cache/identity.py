@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ModelSpec, RunConfig
-from common.topk import ROLE_BASE, ROLE_SFT, ROLE_STUDENT_BASE, pair_roles
+from common.roles import role_model_specs
 
 from .errors import CacheError
 
-__all__ = ["weights_fingerprint", "model_identity", "examples_fingerprint", "role_model_specs",
-           "run_roles", "run_valid_for", "cache_roles_needed"]
+__all__ = ["weights_fingerprint", "model_identity", "examples_fingerprint",
+           "run_roles", "run_valid_for"]
 
 _BLOCK = 64 * 1024
 _BLOCKS = 16
@@ -111,18 +111,6 @@ def examples_fingerprint(examples: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
-def role_model_specs(cfg: RunConfig) -> dict[str, ModelSpec]:
-    """role -> the model that produces it: sft, base, student_base (models.student_base, else the student's
-    own starting checkpoint), and sft_j / base_j for each extra teacher pair."""
-    m = cfg.models
-    specs = {ROLE_SFT: m.sft_teacher, ROLE_BASE: m.base_teacher,
-             ROLE_STUDENT_BASE: m.student_base if m.student_base is not None else m.student}
-    for j, pair in enumerate(m.extra_pairs, start=1):
-        sft_j, base_j = pair_roles(j)
-        specs[sft_j], specs[base_j] = pair.sft, pair.base
-    return specs
-
-
 def run_roles(cfg: RunConfig, roles: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Model identities of the given roles under this run's config."""
     specs = role_model_specs(cfg)
@@ -130,17 +118,6 @@ def run_roles(cfg: RunConfig, roles: Sequence[str]) -> dict[str, dict[str, Any]]
     if unknown:
         raise CacheError(f"roles {unknown} are not produced by any model of this run (roles: {sorted(specs)})")
     return {r: model_identity(specs[r]) for r in roles}
-
-
-def cache_roles_needed(cfg: RunConfig, student_base_from_cache: bool = False) -> list[str]:
-    """The roles a run must read from the cache: what its loss method needs, without `student_base` unless
-    lp_S0 is to come from the cache too (otherwise the worker's frozen copy computes it)."""
-    if cfg.loss.method == "sft":
-        return []
-    from common.losses import required_roles
-
-    need = required_roles(cfg.loss, 1 + len(cfg.models.extra_pairs))
-    return [r for r in need if r != ROLE_STUDENT_BASE or student_base_from_cache]
 
 
 def run_valid_for(cfg: RunConfig, *, tokenizer_fingerprint: str, vocab_size: int, examples_sha256: str,

@@ -239,10 +239,12 @@ def open_for_run(uri: str, cfg: Any, *, tokenizer_fingerprint: str, vocab_size: 
                  max_bytes_in_memory: int = DEFAULT_MEMORY_BYTES) -> CacheReader:
     """A CacheReader checked against a run config (`common.config.RunConfig`): its settings and models
     (identity.run_valid_for / run_roles) and the roles its loss method reads from a cache
-    (identity.cache_roles_needed; student_base only when lp_S0 is to come from the cache)."""
-    from .identity import cache_roles_needed, run_roles, run_valid_for
+    (common.roles.cache_roles; student_base only when lp_S0 is to come from the cache)."""
+    from common.roles import cache_roles
 
-    roles = cache_roles_needed(cfg, student_base_from_cache)
+    from .identity import run_roles, run_valid_for
+
+    roles = cache_roles(cfg, student_base_from_cache)
     why = f"loss.method {cfg.loss.method}" + (", lp_S0 from the cache" if student_base_from_cache else "")
     return CacheReader(uri, run_valid_for=run_valid_for(cfg, tokenizer_fingerprint=tokenizer_fingerprint,
                                                         vocab_size=vocab_size, examples_sha256=examples_sha256,

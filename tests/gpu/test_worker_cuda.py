@@ -1,6 +1,6 @@
 """The student worker's own code on the GPU, in this process (no Ray actors): set-up on CUDA (weights loaded
 onto the device, the frozen base copy, the students' NCCL group with DDP `device_ids`), two RDT-path steps
-whose record parts are CUDA tensors (`train_step_rdt`: targets built on the device, the input agreement
+whose record parts are CUDA tensors (`train_step` with an RDT record handle: targets built on the device, the input agreement
 all-reduce on NCCL, bf16 autocast), then a checkpoint save and a restore into a new worker that carries
 weights, optimizer state and the CUDA RNG state.
 
@@ -21,6 +21,7 @@ pytest.importorskip("ray", reason="student_worker.worker imports Ray (on the GPU
 
 from student_worker import checkpoint as ckpt  # noqa: E402
 from student_worker.distributed import free_port  # noqa: E402
+from student_worker.record_handle import RecordHandle  # noqa: E402
 from student_worker.worker import StudentWorkerImpl  # noqa: E402
 from teacher_service.assemble import record_meta  # noqa: E402
 from tests.integration.test_student_training import make_cfg, tiny_setup  # noqa: E402
@@ -64,7 +65,8 @@ def _step(worker: StudentWorkerImpl, run: dict[str, Any], step: int, device: tor
                        "float32")
     n = int(batch["loss_mask"].sum())
     labels_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    return worker.train_step_rdt(step, labels_batch, n, meta, ROLES, *_parts(record, device))
+    handle = RecordHandle.rdt(meta, ROLES, _parts(record, device))
+    return worker.train_step(step, labels_batch, n, handle.head, *handle.parts)
 
 
 def test_worker_steps_checkpoints_and_restores_on_the_device(run: dict[str, Any], device: torch.device,

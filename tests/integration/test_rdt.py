@@ -19,6 +19,7 @@ from common.config import RunConfig, config_from_dict
 from common.losses.targets import targets_from_parts, targets_from_record
 from common.roles import teacher_role_specs
 from common.topk import RecordError, rows_from_mask, to_wire_dtype
+from student_worker.record_handle import RecordHandle
 from teacher_service import TeacherPool, assemble_record
 from teacher_service.actor import TeacherActor
 from tests.integration.numpy_guard import LOG_ENV, read
@@ -139,12 +140,12 @@ def test_rdt_path_makes_no_numpy_conversion_from_top_k_to_loss(ray_cluster: dict
         with _group(pool, [worker]):
             ids, am, lm, labels = _batch(pool.vocab_size)
             batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
-            meta, roles, refs = pool.submit_parts(0, ids, am, lm)
-            metrics = ray.get(worker.train_step_rdt.remote(0, batch, int(lm.sum()), meta, roles, *refs))
+            handle = RecordHandle.rdt(*pool.submit_parts(0, ids, am, lm))
+            metrics = ray.get(worker.train_step.remote(0, batch, int(lm.sum()), handle.head, *handle.parts))
         assert metrics["tokens"] == int(lm.sum()) and np.isfinite(metrics["loss_sum"])
         calls = read(log)
-        record_path = {"topk_tensors", "gather_tensors", "_topk", "_gather", "train_step_rdt",
-                       "targets_from_parts", "distillation_loss"}
+        record_path = {"topk_tensors", "gather_tensors", "_topk", "_gather", "train_step",
+                       "receive_targets", "targets_from_parts", "distillation_loss"}
         on_path = [c for c in calls if record_path & set(c["stack"])]
         assert not on_path, f"numpy conversions on the RDT record path: {on_path}"
         # the guard is live in those processes: the object-store path converts at its edge, and is seen

@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from common.config import config_from_dict
+from common.roles import cache_roles
 from teacher_service.cache import (
     BuildHead,
     CacheError,
@@ -20,7 +21,6 @@ from teacher_service.cache import (
     open_for_run,
 )
 from teacher_service.cache.identity import (
-    cache_roles_needed,
     examples_fingerprint,
     model_identity,
     run_roles,
@@ -79,12 +79,12 @@ def run_cfg(tmp_path, **loss):
 
 def test_roles_a_run_reads_from_the_cache(tmp_path):
     cfg = run_cfg(tmp_path)
-    assert cache_roles_needed(cfg) == ["sft", "base"]  # delta_kd; lp_S0 from the worker's frozen copy
-    assert cache_roles_needed(cfg, student_base_from_cache=True) == ["student_base", "sft", "base"]
+    assert cache_roles(cfg) == ["sft", "base"]  # delta_kd; lp_S0 from the worker's frozen copy
+    assert cache_roles(cfg, student_base_from_cache=True) == ["student_base", "sft", "base"]
     kd = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"method": "kd"})})
-    assert cache_roles_needed(kd) == ["sft"]
+    assert cache_roles(kd) == ["sft"]
     sft = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"method": "sft"})})
-    assert cache_roles_needed(sft) == []
+    assert cache_roles(sft) == []
     ids = run_roles(cfg, ["sft", "base", "student_base"])
     assert ids["student_base"]["path"] == cfg.models.student.path  # lp_S0: the student's own start
     assert len({i["fingerprint"] for i in ids.values()}) == 3

@@ -219,9 +219,9 @@ def test_the_worker_draws_in_order_and_books_the_time_as_sample_s(student: Path,
         worker.sample(2, 2, [[2, 10]])
     first = worker.sample(1, 1, [[2, 10], [2, 11, 12]])  # lag 1: step 1's sample before step 0 trains
     assert first["batch_id"] == 1 and first["tokens"].shape[0] == 2
-    row = worker.train_step(0, batch, None, tokens)
+    row = worker.train_step(0, batch, tokens)
     parts = row["step_parts"]
     assert list(parts) == list(STEP_PARTS) and parts["sample_s"] > 0
     assert sum(parts.values()) == pytest.approx(row["step_s"], rel=1e-12, abs=1e-12)
-    row = worker.train_step(1, batch, None, tokens)
+    row = worker.train_step(1, batch, tokens)
     assert row["step_parts"]["sample_s"] == 0

@@ -16,6 +16,7 @@ import torch
 from common.config import DataConfig, LossConfig
 from common.data.batching import collate, tokenize_examples
 from common.losses import targets_from_record
+from common.roles import needs_student_base
 from common.topk import TopKRecord
 from student_worker.train_step import (
     HiddenStatesLM,
@@ -24,7 +25,6 @@ from student_worker.train_step import (
     enable_gradient_checkpointing,
     fused_head_problem,
     loss_forward_module,
-    needs_student_base,
     train_step,
 )
 from tests.tiny import make_llama, make_model_set

@@ -41,14 +41,14 @@ def test_steps_run_in_order_and_their_parts_add_up(models: dict[str, Path], tmp_
     batch = _batch()
     tokens = int(batch["loss_mask"].sum())
     with pytest.raises(StepOrderError, match="step 1 called but the next step is 0"):
-        worker.train_step(1, batch, None, tokens)  # nothing is trained out of order
+        worker.train_step(1, batch, tokens)  # nothing is trained out of order
     before = worker.state_digest()
     with pytest.raises(StepOrderError, match="checkpoint of 1 steps"):
         worker.save_checkpoint(str(ckpt.begin_checkpoint(tmp_path / "c", 1)), 1)
     assert worker.state_digest() == before
-    rows = [worker.train_step(s, batch, None, tokens) for s in range(2)]
+    rows = [worker.train_step(s, batch, tokens) for s in range(2)]
     worker.save_checkpoint(str(ckpt.begin_checkpoint(tmp_path / "c", 2)), 2)  # exactly 2 steps done
-    rows.append(worker.train_step(2, batch, None, tokens))
+    rows.append(worker.train_step(2, batch, tokens))
     for row in rows:
         parts = row["step_parts"]
         assert list(parts) == list(STEP_PARTS)
@@ -60,6 +60,6 @@ def test_steps_run_in_order_and_their_parts_add_up(models: dict[str, Path], tmp_
     assert rows[2]["step_parts"]["checkpoint_s"] > 0 and rows[1]["step_parts"]["checkpoint_s"] == 0
     # the driver restarts its loop elsewhere (a restore): `begin` moves the expected step
     assert worker.begin(7) == 0
-    worker.train_step(7, batch, None, tokens)
+    worker.train_step(7, batch, tokens)
     with pytest.raises(StepOrderError):
-        worker.train_step(7, batch, None, tokens)
+        worker.train_step(7, batch, tokens)
