@@ -1,4 +1,4 @@
-"""The driver: one process orchestrates teachers and student workers (DESIGN.md section 3).
+"""The driver: one process orchestrates teachers and student workers (docs/DESIGN.md section 3).
 
 Per step s (0-based) with W workers, rank r trains batch id `s * W + r`. The driver keeps the teacher work of
 steps s .. s + prefetch submitted to the teacher pool and every worker's calls for steps s .. s + min(prefetch,
