@@ -1,6 +1,6 @@
 """Fault recovery helpers of the driver: rank failures, named worker actors, test-only fault hooks.
 
-Operating promise (DESIGN.md section 4): a run survives the death of a student worker, or a rank raising
+Operating promise (docs/DESIGN.md section 4): a run survives the death of a student worker, or a rank raising
 mid-step (the driver kills the whole worker group at once, starts a new one and reloads the newest complete
 checkpoint, so the result on CPU is bit-for-bit the uninterrupted run's), and of a teacher actor (Ray
 restarts it and retries its calls; teacher calls are keyed by batch id).

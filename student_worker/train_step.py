@@ -10,7 +10,7 @@ same way (backbone only, no grad) and scored at the counted rows and the support
 The logits path: when the module given is the causal LM itself (`loss.fused: off`, a model whose logits
 the head alone cannot reproduce under `loss.fused: auto`, tests): its forward returns [B, T, V'] logits.
 
-Reduction (STYLE.md): `distillation_loss` returns a sum over this rank's counted tokens; we divide once by
+Reduction (docs/STYLE.md): `distillation_loss` returns a sum over the rank's counted tokens; we divide once by
 the GLOBAL token count N (all ranks together), so every rank's gradient is a piece of the same mean:
 
     loss_r = world_size * loss_sum_r / N

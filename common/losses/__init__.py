@@ -1,4 +1,4 @@
-"""Delta-KD losses on sparse teacher targets (DESIGN.md section 1, ARCHITECTURE.md "Loss entry point").
+"""Delta-KD losses on sparse teacher targets (docs/DESIGN.md section 1, ARCHITECTURE.md "Loss entry point").
 
     targets = targets_from_record(record, device)          # SparseTargets at the counted rows
     out = distillation_loss(student, targets, labels, loss_cfg, pair_alphas=[1.0], student_base=None)

@@ -3,7 +3,7 @@
 An *atom* is one outcome of the sparse distribution a loss compares: the k support ids, plus (with
 `tail: bucket`) one bucket holding all the probability mass off the support. Every function here takes
 log-probs `[N, A]` (N tokens, A atoms) and returns a per-token value `[N]`. Nothing here reduces over
-tokens: the caller sums and counts (DESIGN.md: the trainer divides once by the global token count).
+tokens: the caller sums and counts (docs/DESIGN.md: the trainer divides once by the global token count).
 
 Argument order is always (target, student): the first argument is the distribution the student is
 pulled towards (detached by the caller), the second is the student's.

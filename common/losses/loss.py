@@ -1,4 +1,4 @@
-"""`distillation_loss`: every method of DESIGN.md section 1 on sparse targets + the student's output.
+"""`distillation_loss`: every method of docs/DESIGN.md section 1 on sparse targets + the student's output.
 
 Per counted position (the rows of the targets; for `sft` the positions whose label is not -100):
 

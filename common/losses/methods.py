@@ -1,4 +1,4 @@
-"""Each loss method as a per-token function of atom log-probs (DESIGN.md section 1).
+"""Each loss method as a per-token function of atom log-probs (docs/DESIGN.md section 1).
 
 Notation (all `[N, A]` atom log-probs, fp32): S the student, S0 its frozen base, T1 = role `sft`,
 T0 = role `base`, pair j's roles from `common.topk.pair_roles(j)`. The teachers' shift is
@@ -20,7 +20,7 @@ KL(P || Q) = sum_a p_a (log p_a - log q_a) over the atoms; every target is detac
 
 `delta_anchor` uses pair 0 only: the student's own shift S - S0 is applied to the base teacher and must
 reproduce the SFT teacher; extra pairs have no single base teacher to anchor on, so they are ignored.
-`delta_match` always uses the k support atoms (DESIGN.md: "on the support"), in both tail modes: centring
+`delta_match` always uses the k support atoms (docs/DESIGN.md: "on the support"), in both tail modes: centring
 removes the per-token normalisers, and a tail bucket's log-mass is not a shift of one token.
 
 `loss.objective` (kd and delta_kd only; P = the method's target above, T1 or softmax(S0 + delta)):

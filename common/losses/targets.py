@@ -31,7 +31,7 @@ class LossInputError(ValueError):
 
 @dataclass
 class SparseTargets:
-    """Teacher-side inputs of the loss for one batch, at its counted positions only (INTERFACES.md 1).
+    """Teacher-side inputs of the loss for one batch, at its counted positions only (docs/ARCHITECTURE.md).
 
     ids:        [N, K] long, the support of each counted position (the SFT teacher's top-k ids; K = k + 1
                 when a forced id, e.g. the label of an on-policy sample, was added)
@@ -98,7 +98,7 @@ class SparseTargets:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Constructors (the records branch). They build the rows form of INTERFACES.md section 1.
+# Constructors (the records branch). They build the rows form of docs/ARCHITECTURE.md ("Position convention").
 
 
 def _make_targets(ids: Tensor, logprobs: dict[str, Tensor], tail: dict[str, Tensor], rows: Tensor,

@@ -3,7 +3,7 @@
 A cache stores one `ExampleRecord` per training example: the example's counted positions `t` in its own
 coordinates (position t holds the distribution over token t + 1, see docs/ARCHITECTURE.md) and their
 support ids, log-probs and tails. Any batching can be assembled from them: a batch of examples padded to
-length T is the concatenation of the examples' rows with `rows = b * T + t` (INTERFACES.md section 1),
+length T is the concatenation of the examples' rows with `rows = b * T + t` (docs/ARCHITECTURE.md),
 a `common.topk.TopKRecord`. Pure numpy.
 """
 

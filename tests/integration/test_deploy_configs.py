@@ -1,7 +1,7 @@
 """The deploy/ files, checked offline: the cluster launcher YAML with Ray's own validator, the KubeRay
 RayJob's entrypoint against the real module and config, the run configs against the schema, submit.sh.
 
-`ray.autoscaler._private.util.prepare_config/validate_config` is a private API (PLATFORM.md): the tests
+`ray.autoscaler._private.util.prepare_config/validate_config` is a private API (docs/PLATFORM.md): the tests
 below pin the behaviour we rely on (defaults filled, setup commands merged, broken copies rejected), so a
 Ray upgrade that changes it fails here rather than at `ray up`.
 """

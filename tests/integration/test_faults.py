@@ -1,4 +1,4 @@
-"""Faults survived (DESIGN.md section 4), on tiny models in the session's local Ray cluster.
+"""Faults survived (docs/DESIGN.md section 4), on tiny models in the session's local Ray cluster.
 
 Every run here trains the same config on one shared, restartable teacher service (max_restarts=2,
 max_task_retries=-1), and is compared with ONE uninterrupted reference run of this module: on CPU the

@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 def readme_flow() -> tuple[list[list[str]], str]:
     """The README's service-flow shell lines (argv, comments dropped) and its Python client block."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "TEACHER_SERVICE.md").read_text()
     section = text[text.index("<!-- service-flow"):]
     lines = []
     for line in section.splitlines()[1:]:

@@ -1,5 +1,5 @@
 """teacher_service.cache.records: a batch's rows-form teacher output split into per-example records and
-assembled back into any batching (rows = b * T + t, INTERFACES.md section 1)."""
+assembled back into any batching (rows = b * T + t, docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

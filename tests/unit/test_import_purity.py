@@ -1,4 +1,4 @@
-"""common.losses and common.topk import with ray, transformers and vllm blocked (DESIGN.md section 3)."""
+"""common.losses and common.topk import with ray, transformers and vllm blocked (docs/DESIGN.md section 3)."""
 
 from __future__ import annotations
 

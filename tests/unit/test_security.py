@@ -1,4 +1,4 @@
-"""Security promises (DESIGN.md section 4), no Ray cluster needed.
+"""Security promises (docs/DESIGN.md section 4), no Ray cluster needed.
 
 - Checkpoints are safetensors + JSON; the optimizer file loads with `weights_only=True`: a crafted pickle
   (a `__reduce__` that would create a marker file) in place of `optimizer.pt` is refused, by the loader and
