@@ -159,8 +159,8 @@ def test_over_long_examples_are_truncated_when_so_configured(tiny, tmp_path) -> 
     driver.preflight()
     full = Driver(make_cfg(tiny, tmp_path / "out", ["data.max_length=48"]), progress=False)
     full.preflight()
-    assert max(len(ex.input_ids) for ex in full.train_tok) > 17  # so some examples really are cut
-    for cut, whole in zip(driver.train_tok, full.train_tok):
+    assert max(len(ex.input_ids) for ex in full.train_set.examples) > 17  # so some examples really are cut
+    for cut, whole in zip(driver.train_set.examples, full.train_set.examples):
         assert cut.input_ids == whole.input_ids[:17] and cut.prompt_len == whole.prompt_len < 17
     assert not (tmp_path / "out").exists()  # the preflight writes nothing
 

@@ -211,7 +211,7 @@ def test_teachers_score_the_students_own_samples(tiny, service, tmp_path) -> Non
         {"input_ids": first["input_ids"], "attention_mask": first["attention_mask"], "rows": record.rows,
          "ids": record.ids}))
     for rank in (0, 1):
-        expected = sampled_batch(prompts[rank], again["samples"][rank], driver.pad_id)
+        expected = sampled_batch(prompts[rank], again["samples"][rank], driver.train_set.pad_id)
         assert np.array_equal(by_id[rank]["input_ids"], expected["input_ids"]), f"rank {rank}"
         assert np.array_equal(by_id[rank]["include"], expected["labels"])
     # ... and the base teacher scored exactly the support (sft top-k + the sampled token)
