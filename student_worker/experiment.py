@@ -31,7 +31,11 @@ RESUME_IGNORED_KEYS aside), else it is trained again from step 0.
 Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Statistics: each method's
 ROUGE-L with a 95% CI, and its difference from the baseline method (kd), paired by seed and evaluation
 example, with a plain verdict ("delta_kd - kd = +x [lo, hi]: not distinguishable" when the interval covers
-0); two-way bootstrap over seeds and examples (student_worker/stats.py). `--eval-examples` (default 500,
+0). The intervals are t-intervals over seeds and examples (two-way crossed variance, Satterthwaite df:
+correct at few seeds, where a bootstrap of 5 seed means is too narrow); beside each raw verdict, Holm's
+verdict over all the table's differences (a table of many comparisons over-claims without it), and the
+two-way bootstrap interval (student_worker/stats.py; experiment.json comparison.differences.<m>: p_value,
+df, holm, holm_verdict, bootstrap). `--eval-examples` (default 500,
 MiniLLM's convention) sets data.max_eval_examples. Diagnostics per run come from
 its metrics.jsonl; the size of the shift is measured by the experiment on a few training batches (see
 `shift_diagnostics` in student_worker/experiment_diagnostics.py).
