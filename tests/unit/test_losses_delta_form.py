@@ -43,7 +43,7 @@ OBJECTIVES = ["forward_kl", "reverse_kl", "sampled_token"]
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tail", TAILS)
-@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("alpha", ALPHAS[1:])  # alpha = 0: the partial-support battery and the kd identity
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("method", DELTA_METHODS)
 def test_full_support_equals_dense(method, form, alpha, tail, kind):
@@ -163,13 +163,11 @@ def test_paper_target_is_t1_when_the_student_base_is_the_base_teacher(alpha, met
         assert abs(float(other.loss_sum.detach() - want.loss_sum.detach())) > 1e-3  # the first form is not kd
 
 
-@pytest.mark.parametrize("tail", TAILS + ["student_base"])
-@pytest.mark.parametrize("method", DELTA_METHODS)
+@pytest.mark.parametrize("method, tail", [(m, t) for m in DELTA_METHODS for t in TAILS]
+                         + [("delta_kd", "student_base"), ("delta_inverse", "student_base")])
 def test_alpha_one_is_the_same_bits_in_both_forms(method, tail):
     """At alpha = 1 the paper form computes S0 + (T1 - T0) exactly as student_shift does: the README's
     default table cannot move."""
-    if tail == "student_base" and method not in ("delta_kd", "delta_inverse"):
-        pytest.skip("tail student_base is for delta_kd and delta_inverse")
     base_kind = "logits" if tail == "student_base" else None
     case = make_case(k=9, seed=50, base_kind=base_kind)
     base = None if case.base_head is None else HiddenStates(*case.base_head)
