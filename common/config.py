@@ -45,6 +45,7 @@ __all__ = [
     "PAIR_SHIFT_METHODS",
     "load_config",
     "config_from_dict",
+    "with_legacy_delta_form",
     "apply_overrides",
     "parse_override",
     "dump_config",
@@ -697,6 +698,22 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, s
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def with_legacy_delta_form(data: dict[str, Any], source: str = "<dict>") -> dict[str, Any]:
+    """A saved config (a run's config.yaml, a checkpoint's state) read as the loss it ran. One saved before
+    loss.delta_form existed ran the student_shift form: the key is set to student_shift where the form
+    changes that loss (alpha != 1, or extra pairs read by the method), else to the default (the same
+    computation). A config that has the key is returned as it is. Raises ConfigError if it does not
+    validate either way."""
+    loss = data.get("loss") or {}
+    if "delta_form" in loss:
+        return data
+    old = {**data, "loss": {**loss, "delta_form": "student_shift"}}
+    cfg = config_from_dict(old, source=source)
+    if cfg.loss.delta_form_matters or (cfg.models.extra_pairs and cfg.loss.reads_pair_shift):
+        return old
+    return {**data, "loss": {**loss, "delta_form": "paper"}}
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

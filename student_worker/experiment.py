@@ -58,7 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunConfig, config_from_dict
+from common.config import ConfigError, RunConfig, config_from_dict, with_legacy_delta_form
 from student_worker.experiment_diagnostics import (
     ExperimentError,
     evaluate_references,
@@ -148,16 +148,9 @@ def _cached_json(path: Path, key: str, compute: Callable[[], Any]) -> Any:
 def saved_run_config(raw: dict[str, Any], source: str) -> RunConfig:
     """A finished run's saved config. One saved before loss.delta_form existed ran the student_shift form:
     it reads as student_shift where the form changes its loss (alpha != 1 or extra pairs), else as the
-    default (the same computation, so such a run is reused by a plan made now)."""
-    raw = {**raw, "loss": dict(raw.get("loss") or {})}
-    legacy = "delta_form" not in raw["loss"]
-    if legacy:
-        raw["loss"]["delta_form"] = "student_shift"
-    saved = config_from_dict(raw, source=source)
-    pairs_read = bool(saved.models.extra_pairs) and saved.loss.reads_pair_shift
-    if legacy and not saved.loss.delta_form_matters and not pairs_read:
-        saved = config_from_dict({**raw, "loss": {**raw["loss"], "delta_form": "paper"}}, source=source)
-    return saved
+    default (the same computation, so such a run is reused by a plan made now; common.config's
+    `with_legacy_delta_form`)."""
+    return config_from_dict(with_legacy_delta_form(raw, source), source=source)
 
 
 def _reusable(run_dir: Path, key: str) -> dict[str, Any] | None:
