@@ -44,8 +44,12 @@ __all__ = [
     "LOSS_METHODS",
     "OBJECTIVE_METHODS",
     "STUDENT_BASE_TAIL_METHODS",
+    "DELTA_FORMS",
+    "DELTA_FORM_METHODS",
+    "PAIR_SHIFT_METHODS",
     "load_config",
     "config_from_dict",
+    "with_legacy_delta_form",
     "apply_overrides",
     "parse_override",
     "dump_config",
@@ -71,6 +75,13 @@ LossMethod = Literal[
 OBJECTIVE_METHODS = ("kd", "delta_kd")
 # loss.tail: student_base: the methods whose target is the student base (moved by the shift, or as it is).
 STUDENT_BASE_TAIL_METHODS = ("delta_kd", "delta_inverse")
+# loss.delta_form: the paper's target T1 + alpha (S0 - T0) (default) or the project's first form
+# S0 + alpha (T1 - T0); they agree at alpha = 1 (docs/LOSSES.md "delta_form").
+DELTA_FORMS = ("paper", "student_shift")
+# The methods whose loss depends on loss.delta_form (and on loss.alpha).
+DELTA_FORM_METHODS = ("delta_kd", "delta_anchor", "delta_inverse", "delta_match")
+# The methods that read every teacher pair (models.extra_pairs): the shift sum_j alpha_j (T1_j - T0_j).
+PAIR_SHIFT_METHODS = ("delta_kd", "delta_inverse", "delta_match")
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 WireDType = Literal["float32", "bfloat16", "float16"]
 
@@ -147,7 +158,11 @@ class LossConfig(_Strict):
     """The training objective. See common.losses for each method's formula as implemented."""
 
     method: LossMethod = "delta_kd"
-    alpha: float = 1.0  # weight of the teacher's shift delta = lp_T1 - lp_T0
+    # paper: target = softmax(T1 + alpha * (S0 - T0)), alpha = 0 is kd, 1 the full shift softmax(S0 + T1 - T0);
+    # student_shift: target = softmax(S0 + alpha * (T1 - T0)) (the project's first form; alpha = 0 is S0).
+    # The same at alpha = 1. The paper form is from a secondary transcription (docs/LOSSES.md).
+    delta_form: Literal["paper", "student_shift"] = "paper"
+    alpha: float = 1.0  # delta_form's alpha (see above); extra pairs carry their own under student_shift
     tau: float = Field(default=1.0, gt=0)  # distillation temperature; the KD part is scaled by tau^2
     lam: float = Field(default=0.0, ge=0, le=1)  # L = lam * CE + (1 - lam) * tau^2 * L_distill
     # jsd: GKD / TRL's generalised JSD, M = beta*T + (1-beta)*S; beta = 0 is forward KL(T||S), 1 is reverse KL
@@ -188,6 +203,21 @@ class LossConfig(_Strict):
             raise ValueError("loss.tail='student_base' with loss.method='delta_inverse' has no loss.objective "
                              f"other than 'forward_kl' (got {self.objective!r})")
         return self
+
+    @property
+    def components(self) -> list[str]:
+        """The methods this loss computes: the parallelogram's weighted components, else the method."""
+        return sorted(self.weights) if self.method == "parallelogram" else [str(self.method)]
+
+    @property
+    def reads_pair_shift(self) -> bool:
+        """True when a component reads every teacher pair's shift (models.extra_pairs enter the loss)."""
+        return any(c in PAIR_SHIFT_METHODS for c in self.components)
+
+    @property
+    def delta_form_matters(self) -> bool:
+        """True when loss.delta_form changes this loss (with one teacher pair): a Delta method and alpha != 1."""
+        return self.alpha != 1.0 and any(c in DELTA_FORM_METHODS for c in self.components)
 
 
 class TeachersConfig(_Strict):
@@ -526,6 +556,17 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _delta_form_pairs(self) -> RunConfig:
+        if self.loss.delta_form == "paper" and self.models.extra_pairs and self.loss.reads_pair_shift:
+            raise ValueError(
+                f"models.extra_pairs ({len(self.models.extra_pairs)}) with loss.delta_form='paper' and "
+                f"loss.method={self.loss.method!r}: the paper's target T1 + alpha * (S0 - T0) is defined for one "
+                "teacher pair (its alpha weighs the student base's correction, not a pair's shift), so extra "
+                "pairs and their alpha_j have no meaning there. Set loss.delta_form='student_shift' for the "
+                "several-pair target S0 + sum_j alpha_j * (T1_j - T0_j), or drop models.extra_pairs")
+        return self
+
+    @model_validator(mode="after")
     def _on_policy_fits(self) -> RunConfig:
         op = self.training.on_policy
         if not op.enabled:
@@ -661,6 +702,22 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, s
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def with_legacy_delta_form(data: dict[str, Any], source: str = "<dict>") -> dict[str, Any]:
+    """A saved config (a run's config.yaml, a checkpoint's state) read as the loss it ran. One saved before
+    loss.delta_form existed ran the student_shift form: the key is set to student_shift where the form
+    changes that loss (alpha != 1, or extra pairs read by the method), else to the default (the same
+    computation). A config that has the key is returned as it is. Raises ConfigError if it does not
+    validate either way."""
+    loss = data.get("loss") or {}
+    if "delta_form" in loss:
+        return data
+    old = {**data, "loss": {**loss, "delta_form": "student_shift"}}
+    cfg = config_from_dict(old, source=source)
+    if cfg.loss.delta_form_matters or (cfg.models.extra_pairs and cfg.loss.reads_pair_shift):
+        return old
+    return {**data, "loss": {**loss, "delta_form": "paper"}}
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

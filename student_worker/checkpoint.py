@@ -243,12 +243,13 @@ def check_resume_config(ckpt_dir: str | Path, config: dict[str, Any]) -> None:
 
 def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """The saved config with the keys added to the schema since it was written at their defaults (a checkpoint
-    from before `training.on_policy` existed resumes a run that leaves it off); as saved if it no longer
-    validates (then every differing key is listed)."""
-    from common.config import ConfigError, config_from_dict
+    from before `training.on_policy` existed resumes a run that leaves it off), except loss.delta_form, which
+    is the form the run trained with (`with_legacy_delta_form`: student_shift where that differs from the
+    default); as saved if it no longer validates (then every differing key is listed)."""
+    from common.config import ConfigError, config_from_dict, with_legacy_delta_form
 
     try:
-        return config_from_dict(saved).model_dump(mode="json")
+        return config_from_dict(with_legacy_delta_form(saved)).model_dump(mode="json")
     except ConfigError:
         return saved
 

@@ -22,7 +22,13 @@ from common.losses.divergences import (
 )
 from common.losses.inputs import HiddenStates, StudentInput
 from common.losses.loss import LossOutput, distillation_loss
-from common.losses.methods import DISTILL_METHODS, method_token_loss, required_roles
+from common.losses.methods import (
+    DISTILL_METHODS,
+    delta_kd_target,
+    delta_move,
+    method_token_loss,
+    required_roles,
+)
 from common.losses.scoring import support_logprobs
 from common.losses.targets import LossInputError, SparseTargets, targets_from_record
 
@@ -37,6 +43,8 @@ __all__ = [
     "support_logprobs",
     "teacher_atoms",
     "method_token_loss",
+    "delta_kd_target",
+    "delta_move",
     "required_roles",
     "DISTILL_METHODS",
     "forward_kl",

@@ -37,7 +37,7 @@ from common.losses.atoms import (
     teacher_atoms,
 )
 from common.losses.inputs import HiddenStates, StudentInput, batch_shape_of, row_source
-from common.losses.methods import method_token_loss, pair_shift, required_roles
+from common.losses.methods import delta_move, method_token_loss, required_roles
 from common.losses.student_base_tail import student_base_tail_chunk
 from common.losses.targets import LossInputError, SparseTargets
 from common.topk import ROLE_STUDENT_BASE, pair_roles
@@ -219,7 +219,8 @@ def distillation_loss(
         V' >= vocab_size, rows beyond vocab_size are cut.
     targets: SparseTargets at the counted rows, or None for method `sft`; labels: [B, T] long, -100 =
         ignored; the labelled positions must be exactly the targets' rows.
-    pair_alphas: alpha_j per teacher pair (default [cfg.alpha]).
+    pair_alphas: alpha_j per teacher pair (default [cfg.alpha]); one only under loss.delta_form 'paper'
+        when the method reads the pairs' shift.
     student_base: the frozen student base's logits or HiddenStates (no grad), when lp_S0 is not a role of
         the targets; scored at the counted rows and the support (and its full row for tail student_base).
     Returns LossOutput(loss_sum scalar fp32, num_tokens, metrics per-token means).
@@ -230,6 +231,10 @@ def distillation_loss(
     # The head product's dtype: the autocast dtype when autocast is on (what the model's lm_head would use).
     mm_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else None
     alphas = [float(cfg.alpha)] if pair_alphas is None else [float(a) for a in pair_alphas]
+    if cfg.delta_form == "paper" and len(alphas) != 1 and cfg.reads_pair_shift:
+        raise LossInputError(f"loss.delta_form='paper' with loss.method={cfg.method!r} takes one teacher pair, got "
+                             f"pair_alphas {alphas}: the paper's alpha weighs S0 - T0, not a pair's shift; "
+                             "several pairs need loss.delta_form='student_shift'")
     roles: list[str] = []
     if targets is not None and cfg.method != "sft":
         roles = required_roles(cfg, len(alphas))
@@ -297,8 +302,10 @@ def distillation_loss(
                 lse_s = lse1 if tau == 1.0 else logsumexp_rows(x, tmp)
                 if tail_mode == "student_base":
                     assert bx is not None
-                    pair = [r_ for j in range(len(alphas)) for r_ in pair_roles(j)]
-                    delta = pair_shift({role: teacher_atoms(lp[role], tl[role], "bucket") for role in pair}, alphas)
+                    # the move u on the bucket atoms (the paper form's also reads S0's atoms), spread over V
+                    pair = [r_ for j in range(len(alphas)) for r_ in pair_roles(j)] + [ROLE_STUDENT_BASE]
+                    delta = delta_move({role: teacher_atoms(lp[role], tl[role], "bucket") for role in pair},
+                                       cfg.delta_form, alphas)
                     res = student_base_tail_chunk(x, bx, tmp, lse_s, ids, delta, lab, cfg.method, cfg.objective,
                                                   need_grad)
                     part = _Chunk(res.dist, res.entropy, res.advantage, {}, res.grad, res.free)

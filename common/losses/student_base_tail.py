@@ -1,10 +1,14 @@
 """`loss.tail: student_base`: a dense target over the whole vocabulary from the sparse shift.
 
-The worker holds the student base's full row (its frozen copy), so the teachers' shift, known on the K
-support ids plus one tail bucket, moves S0 over every token (this project's formulas):
+The worker holds the student base's full row (its frozen copy), so the move u = log P - S0 (methods.py),
+known on the K support ids plus one tail bucket, moves S0 over every token (this project's formulas):
 
-    delta_v = sum_j alpha_j (T1_j(v) - T0_j(v))                   v in the support (teacher atoms)
-    delta_v = sum_j alpha_j (log tail_T1_j - log tail_T0_j)       every other v (the tail bucket's shift)
+    delta_v = u at v's atom                  v in the support
+    delta_v = u at the tail bucket           every other v
+    student_shift (and paper at alpha = 1):  u = sum_j alpha_j (T1_j - T0_j), the bucket's: the teachers' tail
+                                             log-mass ratio, sum_j alpha_j (log tail_T1_j - log tail_T0_j)
+    paper:                                   u = T1 + alpha (S0 - T0) - S0 on the atoms (S0's bucket atom is
+                                             its own off-support log-mass)
 
     delta_kd:       P(v) = S0(v) exp(delta_v) / Z       exactly normalised over V, row by row
                     forward_kl: KL(P || S)   reverse_kl: KL(S || P)   sampled_token: -A log S(y),
@@ -12,7 +16,8 @@ support ids plus one tail bucket, moves S0 over every token (this project's form
     delta_inverse:  KL(S0 || R),  R(v) = S(v) exp(-delta_v) / Z'
 
 Off the support the target keeps the student base's own shape (scaled by one factor), instead of the
-bucket's single atom. Everything is computed per chunk on `[n, V]` fp32 blocks; the gradient with respect
+bucket's single atom; in the paper form that factor gives the off-support tokens together the mass the
+bucket atom has in the paper target (T1's off-support shape taken to be S0's: the wire carries no other). Everything is computed per chunk on `[n, V]` fp32 blocks; the gradient with respect
 to the student's scaled logits s = z / tau is analytic:
 
     forward KL: q - p     reverse KL: q * (log q - log p - KL)     sampled: A * (q - onehot(y))
@@ -55,7 +60,7 @@ def student_base_tail_chunk(x: Tensor, base: Tensor, tmp: Tensor, lse_s: Tensor,
 
     x: [n, V] the student's scaled logits s (left intact); lse_s: logsumexp(s) [n]; base: [n, V] the
     student base's scaled logits s0 (overwritten); tmp: [n, V] scratch (overwritten); ids: [n, K] the
-    support; delta: [n, K+1] the shift on the support atoms and (last column) the tail bucket;
+    support; delta: [n, K+1] the move u on the support atoms and (last column) the tail bucket;
     label: [n] the token y of each row (sampled_token).
     """
     k = ids.shape[1]

@@ -79,7 +79,8 @@ def shift_diagnostics(cfg: RunConfig, pool: Any, num_batches: int) -> dict[str, 
     batches (seed cfg.seed), on the atoms (k support ids + tail bucket) of the pool's records.
 
     Per counted token, with atoms T1 (sft), T0 (base), S0 (student base, scored here), delta = alpha
-    (T1 - T0) and target = softmax(S0 + delta), TV(P, Q) = 0.5 sum_a |p_a - q_a|. Returns token means of:
+    (T1 - T0) and target = Delta-KD's of loss.delta_form (paper: softmax(T1 + alpha (S0 - T0)); student_shift:
+    softmax(S0 + delta)), TV(P, Q) = 0.5 sum_a |p_a - q_a|. Returns token means of:
     tv_sft_base (the teachers' shift), tv_target_student_base (the shift Delta-KD puts on the student),
     tv_target_sft (Delta-KD's target vs KD's), tv_student_base_base (student base vs teacher base),
     kl_sft_target = KL(T1 || target), mean_abs_delta = sum_a p_T1 |delta_a|, topk_mass_<role>,
@@ -92,7 +93,7 @@ def shift_diagnostics(cfg: RunConfig, pool: Any, num_batches: int) -> dict[str, 
 
     from common.data.batching import BatchPlan, collate, tokenize_examples
     from common.data.examples import load_examples
-    from common.losses import targets_from_record
+    from common.losses import delta_kd_target, targets_from_record
     from common.losses.loss import teacher_atoms
     from common.topk import ROLE_BASE, ROLE_SFT, ROLE_STUDENT_BASE
     from student_worker.train_step import add_student_base
@@ -121,7 +122,7 @@ def shift_diagnostics(cfg: RunConfig, pool: Any, num_batches: int) -> dict[str, 
                   for r in (ROLE_SFT, ROLE_BASE, ROLE_STUDENT_BASE)}
             p = {r: a.exp() for r, a in at.items()}
             delta = cfg.loss.alpha * (at[ROLE_SFT] - at[ROLE_BASE])
-            target = torch.log_softmax(at[ROLE_STUDENT_BASE] + delta, dim=-1)
+            target = delta_kd_target(at, cfg.loss.delta_form, [cfg.loss.alpha])
             pt = target.exp()
             k = ids.shape[1]
             vals = {

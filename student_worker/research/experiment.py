@@ -5,7 +5,7 @@
 Variants: a --methods entry may be `method@key=value[,key=value...]`, a method with overrides of its own,
 e.g. `--methods sft,kd,delta_kd,delta_kd@alpha=0.5,delta_kd@tau=2,kd@tau=2,delta_kd@tail=student_base,parallelogram`;
 on-policy ones: `--methods sft,kd,delta_kd,delta_kd@on_policy=0.5,delta_kd@on_policy=1,kd@on_policy=1`.
-Keys are short aliases (alpha, tau, lam, k, tail, objective, jsd_beta, lr, steps; on-policy batches: on_policy
+Keys are short aliases (alpha, delta_form, tau, lam, k, tail, objective, jsd_beta, lr, steps; on-policy batches: on_policy
 = training.on_policy.fraction, lag, temperature, top_p, max_new_tokens), weights.<name>
 (loss.weights.<name>) or dotted loss.* / training.* config keys; a piece with `=` and no `@` continues the
 variant before it (`delta_kd@alpha=0.5,tau=2` is one entry). The entry, spaces removed, is the variant's name
@@ -31,7 +31,11 @@ RESUME_IGNORED_KEYS aside), else it is trained again from step 0.
 Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Statistics: each method's
 ROUGE-L with a 95% CI, and its difference from the baseline method (kd), paired by seed and evaluation
 example, with a plain verdict ("delta_kd - kd = +x [lo, hi]: not distinguishable" when the interval covers
-0); two-way bootstrap over seeds and examples (student_worker/research/stats.py). `--eval-examples` (default 500,
+0). The intervals are t-intervals over seeds and examples (two-way crossed variance, Satterthwaite df:
+correct at few seeds, where a bootstrap of 5 seed means is too narrow); beside each raw verdict, Holm's
+verdict over all the table's differences (a table of many comparisons over-claims without it), and the
+two-way bootstrap interval (student_worker/research/stats.py; experiment.json comparison.differences.<m>: p_value,
+df, holm, holm_verdict, bootstrap). `--eval-examples` (default 500,
 MiniLLM's convention) sets data.max_eval_examples. Diagnostics per run come from
 its metrics.jsonl; the size of the shift is measured by the experiment on a few training batches (see
 `shift_diagnostics` in student_worker/research/diagnostics.py).
@@ -54,7 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunConfig, config_from_dict
+from common.config import ConfigError, RunConfig, config_from_dict, with_legacy_delta_form
 from student_worker.research.diagnostics import (
     ExperimentError,
     evaluate_references,
@@ -73,8 +77,8 @@ from student_worker.research.outputs import (
 from student_worker.research.variants import Variant, VariantError, parse_methods, parse_variant
 
 __all__ = ["ExperimentError", "RUN_OVERRIDES", "run_key", "shared_key", "aggregate", "run_diagnostics",
-           "shift_diagnostics", "evaluate_references", "variant_configs", "run_experiment", "experiment_table",
-           "main"]
+           "shift_diagnostics", "evaluate_references", "variant_configs", "saved_run_config", "run_experiment",
+           "experiment_table", "main"]
 
 # Every run of an experiment gets these on top of the shared config (the experiment evaluates the two
 # fixed reference models once itself).
@@ -141,6 +145,14 @@ def _cached_json(path: Path, key: str, compute: Callable[[], Any]) -> Any:
     return value
 
 
+def saved_run_config(raw: dict[str, Any], source: str) -> RunConfig:
+    """A finished run's saved config. One saved before loss.delta_form existed ran the student_shift form:
+    it reads as student_shift where the form changes its loss (alpha != 1 or extra pairs), else as the
+    default (the same computation, so such a run is reused by a plan made now; common.config's
+    `with_legacy_delta_form`)."""
+    return config_from_dict(with_legacy_delta_form(raw, source), source=source)
+
+
 def _reusable(run_dir: Path, key: str) -> dict[str, Any] | None:
     """The run's report when it finished with a config that hashes to `key`, else None."""
     import yaml
@@ -148,7 +160,7 @@ def _reusable(run_dir: Path, key: str) -> dict[str, Any] | None:
     report_path, cfg_path = run_dir / "report.json", run_dir / "config.yaml"
     if not (report_path.is_file() and cfg_path.is_file()):
         return None
-    saved = config_from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
+    saved = saved_run_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
     if run_key(saved) != key:
         return None
     report: dict[str, Any] = json.loads(report_path.read_text())
@@ -209,7 +221,7 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
         "command": command, "git": _git_sha(), "shared_config_hash": shared, "methods": labels,
         "variants": {v.label: list(v.settings) for v in variants if v.settings}, "seeds": seeds,
         "budget": {k: getattr(cfg.training, k) for k in ("max_steps", "batch_size", "lr", "num_workers")},
-        "loss": {k: getattr(cfg.loss, k) for k in ("alpha", "tau", "lam", "k", "tail")},
+        "loss": {k: getattr(cfg.loss, k) for k in ("delta_form", "alpha", "tau", "lam", "k", "tail")},
         "eval_examples": None, "status": "running", "runs": [], "aggregates": {},
     }
     paths = {"json": out_dir / "experiment.json", "md": out_dir / "experiment.md",

@@ -4,9 +4,11 @@ verdicts (`comparison`, stored as `exp["comparison"]`), the fixed-width tables (
 `comparison_lines`, printed), experiment.md (`experiment_markdown`), rouge_by_method.png
 (`plot_experiment`) and rougeL_ci_by_method.png (`plot_rouge_l_ci`).
 
-Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Intervals: 95 % two-way
-bootstrap over seeds and evaluation examples (student_worker/research/stats.py), differences paired by seed and
-example against the baseline method (kd by default).
+Spread: mean, sample std (ddof = 1; 0 for one seed), min and max over seeds. Intervals: 95 % t-intervals
+over seeds and evaluation examples (two-way crossed variance, Satterthwaite df: small-sample correct at few
+seeds; student_worker/research/stats.py), differences paired by seed and example against the baseline method (kd by
+default), each with its raw verdict and, beside it, Holm's verdict over all the differences of the table;
+the two-way bootstrap interval of each difference is kept beside them (`bootstrap`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import numpy as np
 from student_worker.research.stats import (
     DEFAULT_REPLICATES,
     Interval,
-    bootstrap_mean,
+    holm,
+    holm_verdict,
     paired_difference,
+    paired_t,
     sizes,
+    t_interval,
     verdict,
 )
 
@@ -64,11 +69,13 @@ def score_matrix(runs: list[dict[str, Any]], method: str, key: str = "rougeL") -
 
 def comparison(exp: dict[str, Any], baseline: str = "kd", key: str = "rougeL",
                replicates: int = DEFAULT_REPLICATES, seed: int = 0) -> dict[str, Any]:
-    """Per method: mean and 95% CI of `key` (bootstrap over seeds and examples); per method other than the
-    baseline: the paired difference from the baseline (on the seeds both ran) and its verdict; the two
-    reference models: mean and CI over examples. Methods without per-example scores are listed in `missing`."""
+    """Per method: mean and 95% t-interval of `key` over seeds and examples; per method other than the
+    baseline: the paired difference from the baseline (on the seeds both ran), its t-interval, p-value and
+    verdict, Holm's adjusted p and verdict over all the differences (`holm`, `holm_verdict`), and the
+    two-way bootstrap interval (`bootstrap`); the two reference models: mean and CI over examples. Methods
+    without per-example scores are listed in `missing`."""
     out: dict[str, Any] = {"baseline": baseline, "key": key, "level": 0.95, "replicates": replicates,
-                           "methods": {}, "differences": {}, "references": {}, "missing": []}
+                           "interval": "t", "methods": {}, "differences": {}, "references": {}, "missing": []}
     mats = {}
     for method in exp["aggregates"]:
         got = score_matrix(exp["runs"], method, key)
@@ -76,28 +83,40 @@ def comparison(exp: dict[str, Any], baseline: str = "kd", key: str = "rougeL",
             out["missing"].append(method)
             continue
         mats[method] = got
-        out["methods"][method] = bootstrap_mean(got[1], replicates, seed).as_dict()
+        out["methods"][method] = t_interval(got[1]).as_dict()
     for name, ref in exp.get("references", {}).items():
         per = ref.get("per_example", {}).get(key)
         if per is not None:
-            out["references"][name] = bootstrap_mean(per, replicates, seed).as_dict()
+            out["references"][name] = t_interval(per).as_dict()
     if baseline in mats:
         b_seeds, b = mats[baseline]
         for method, (seeds, m) in mats.items():
             common = [s for s in seeds if s in b_seeds]
             if method == baseline or not common or m.shape[1] != b.shape[1]:
                 continue
-            diff = paired_difference(m[[seeds.index(s) for s in common]], b[[b_seeds.index(s) for s in common]],
-                                     replicates, seed)
+            pm, pb = m[[seeds.index(s) for s in common]], b[[b_seeds.index(s) for s in common]]
+            diff = paired_t(pm, pb)
+            boot = paired_difference(pm, pb, replicates, seed)
             label = {"rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2"}.get(key, key)
-            out["differences"][method] = {**diff.as_dict(), "verdict": verdict(method, baseline, diff, label)}
+            out["differences"][method] = {**diff.as_dict(), "verdict": verdict(method, baseline, diff, label),
+                                          "bootstrap": {"lo": boot.lo, "hi": boot.hi, "replicates": replicates}}
+    diffs = out["differences"]
+    adjusted = holm({m: d["p_value"] for m, d in diffs.items()}, 1.0 - out["level"])
+    for method, d in diffs.items():
+        d["holm"] = {**adjusted[method], "family": len(diffs)}
+        d["holm_verdict"] = holm_verdict(method, Interval(**{k: d[k] for k in Interval.__dataclass_fields__}),
+                                         adjusted[method], len(diffs))
     return out
 
 
 def comparison_lines(comp: dict[str, Any]) -> list[str]:
-    """The printed block: each model's mean and 95% CI, then one verdict line per method."""
+    """The printed block: each model's mean and 95% CI, then per method its raw verdict and, below it, the
+    p-value, Holm's verdict over the table's differences and the bootstrap interval."""
     key = comp["key"]
-    lines = [f"{key}: mean [95% CI], bootstrap over seeds and examples ({comp['replicates']} replicates)"]
+    if comp.get("interval") == "t":
+        lines = [f"{key}: mean [95% CI], t-interval over seeds and examples (two-way variance, Satterthwaite df)"]
+    else:  # an experiment.json written before the t-intervals
+        lines = [f"{key}: mean [95% CI], bootstrap over seeds and examples ({comp['replicates']} replicates)"]
     names = [(f"student {m}", iv) for m, iv in comp["methods"].items()]
     names += [({"student_base": "student base", "sft_teacher": "SFT teacher"}.get(n, n), iv)
               for n, iv in comp["references"].items()]
@@ -107,7 +126,11 @@ def comparison_lines(comp: dict[str, Any]) -> list[str]:
                      f"({sizes(Interval(**iv))})")
     if comp["differences"]:
         lines.append(f"differences from {comp['baseline']}, paired by seed and example:")
-        lines += [f"  {d['verdict']}" for d in comp["differences"].values()]
+        for d in comp["differences"].values():
+            lines.append(f"  {d['verdict']}")
+            if "holm_verdict" in d:
+                boot = d["bootstrap"]
+                lines.append(f"      {d['holm_verdict']}; two-way bootstrap [{boot['lo']:+.4f}, {boot['hi']:+.4f}]")
     elif comp["baseline"] not in comp["methods"]:
         lines.append(f"no differences: the baseline {comp['baseline']!r} is not among the compared methods")
     if comp["missing"]:

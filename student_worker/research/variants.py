@@ -1,7 +1,7 @@
 """Method variants of a comparison: `method@key=value[,key=value...]` (student_worker.research.experiment --methods).
 
 A variant is a loss method plus config overrides that only its runs get, e.g. `delta_kd@alpha=0.5`,
-`kd@tau=2`, `delta_kd@tail=student_base`, `parallelogram@weights.kd=0.3,weights.delta_kd=0.7`, on-policy
+`kd@lam=0.5`, `delta_kd@delta_form=student_shift`, `kd@tau=2`, `delta_kd@tail=student_base`, `parallelogram@weights.kd=0.3,weights.delta_kd=0.7`, on-policy
 `delta_kd@on_policy=0.5`, `kd@on_policy=1,lag=1,objective=sampled_token`. A plain name
 (`kd`) is the method with the experiment's shared config. In a `--methods` list the commas separate both
 the entries and one variant's keys: a piece with `=` and no `@` continues the variant before it, so
@@ -29,6 +29,7 @@ __all__ = ["KEY_ALIASES", "PREFIX_ALIASES", "VARIANT_SECTIONS", "Variant", "Vari
 # Short names for the keys users sweep; the value is the dotted config key.
 KEY_ALIASES: dict[str, str] = {
     "alpha": "loss.alpha",
+    "delta_form": "loss.delta_form",  # paper | student_shift: `delta_kd@alpha=0.5,delta_form=student_shift`
     "tau": "loss.tau",
     "lam": "loss.lam",
     "k": "loss.k",

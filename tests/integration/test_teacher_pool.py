@@ -48,8 +48,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def pool(ray_cluster: dict, models: dict[str, Path]) -> Any:
     # Two sft replicas (routing), a student_base role and one extra teacher pair: every chain shape at once.
     extra = f"models.extra_pairs=[{{base: {{path: {models['sft_teacher']}}}, sft: {{path: {models['base_teacher']}}}, alpha: 0.5}}]"
+    # extra pairs are a loss.delta_form=student_shift feature (the paper form refuses them: one pair)
     cfg = _cfg(models, "pooltest", "teachers.student_base_source=teacher", "teachers.replicas={sft: 2}",
-               "teachers.max_inflight_per_replica=2", "teachers.num_cpus=0.5", extra)
+               "teachers.max_inflight_per_replica=2", "teachers.num_cpus=0.5", "loss.delta_form=student_shift",
+               extra)
     p = TeacherPool.start(cfg)
     yield p
     p.shutdown()

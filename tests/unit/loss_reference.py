@@ -7,8 +7,11 @@ space on atoms), so a shared mistake is unlikely. Slow and memory-hungry on purp
 - `ids` given ([N, K], one row per counted position in row-major order): the atoms are built from the
   dense probabilities: the K support tokens plus one tail bucket holding the off-support mass
   (`tail: bucket`), or the support renormalised (`tail: drop`).
-- `tail: student_base` (ids given): the target over the whole vocabulary, S0(v) times the teachers'
-  probability ratio on the support, or the ratio of their tail masses off it, normalised.
+- `tail: student_base` (ids given): the target over the whole vocabulary, S0(v) times the move's ratio
+  on the support, or the ratio of the tail buckets off it, normalised.
+- `loss.delta_form`: `student_shift` target S0 * prod_j (T1_j / T0_j)^alpha_j; `paper` target
+  T1 * (S0 / T0)^alpha (one pair). The move's ratio P / S0 replaces the teachers' ratio in delta_inverse,
+  delta_match and the student-base tail; paper delta_anchor is KL(T1 || S * (T0 / S0)^alpha).
 """
 
 from __future__ import annotations
@@ -60,7 +63,11 @@ def _atoms(probs: Tensor, ids: Tensor | None, tail: str) -> Tensor:
     return torch.cat([on_support, tail_mass], dim=-1)
 
 
-def _ratio(p: dict[str, Tensor], alphas: list[float]) -> Tensor:
+def _ratio(p: dict[str, Tensor], alphas: list[float], form: str = "student_shift") -> Tensor:
+    """The move's ratio P / S0 (unnormalised): prod_j (T1_j / T0_j)^alpha_j, or T1 (S0 / T0)^alpha / S0."""
+    if form == "paper":
+        assert len(alphas) == 1
+        return p["sft"] * (p["student_base"] / p["base"]) ** alphas[0] / p["student_base"]
     ratio = torch.ones_like(next(iter(p.values())))
     for j, a in enumerate(alphas):
         sft, base = pair_roles(j)
@@ -96,10 +103,14 @@ def _method(name: str, q: Tensor, p: dict[str, Tensor], cfg: LossConfig, alphas:
         m = b * t1 + (1 - b) * q
         return b * _kl(t1, m) + (1 - b) * _kl(q, m)
     s0 = p.get("student_base")
-    ratio = _ratio(p, alphas)
+    ratio = _ratio(p, alphas, cfg.delta_form)
     if name == "delta_kd":
+        if cfg.delta_form == "paper":  # written from the paper's pi* = T1 (S0 / T0)^alpha / Z
+            return _objective(cfg, _normalise(t1 * (s0 / p["base"]) ** alphas[0]).detach(), q, y)
         return _objective(cfg, _normalise(s0 * ratio).detach(), q, y)
     if name == "delta_anchor":
+        if cfg.delta_form == "paper":
+            return _kl(t1, _normalise(q * (p["base"] / s0) ** alphas[0]))
         return _kl(t1, _normalise(q * p["base"] / s0))
     if name == "delta_inverse":
         return _kl(s0, _normalise(q / ratio))
@@ -121,7 +132,7 @@ def _student_base_tail(q: Tensor, dense: dict[str, Tensor], sup: Tensor, cfg: Lo
     of their tail masses everywhere else, applied to the dense S0."""
     s0 = dense["student_base"]
     atoms = {r: _atoms(pr, sup, "bucket") for r, pr in dense.items()}
-    atom_ratio = _ratio(atoms, alphas)  # [N, K+1]
+    atom_ratio = _ratio(atoms, alphas, cfg.delta_form)  # [N, K+1]
     k = sup.shape[1]
     ratio = atom_ratio[:, k:].expand_as(s0).clone()
     ratio.scatter_(-1, sup, atom_ratio[:, :k])

@@ -111,6 +111,24 @@ def test_resume_config_check_lists_differing_keys(tmp_path):
     assert "max_steps" not in str(err.value)
 
 
+def test_a_checkpoint_from_before_delta_form_resumes_only_the_form_it_trained(tmp_path):
+    """A checkpoint saved before loss.delta_form existed trained the student_shift form: at alpha != 1 it
+    does not resume under the paper form (the new default), only with delta_form: student_shift; at
+    alpha = 1 the forms compute the same, and it resumes as before."""
+    model, opt, sched = _train_objects()
+    for alpha, resumes_as in ((0.5, "student_shift"), (1.0, "paper")):
+        saved = config_from_dict(CFG, [f"loss.alpha={alpha}"]).model_dump(mode="json")
+        del saved["loss"]["delta_form"]  # as written before the key existed
+        final = _write(tmp_path / str(alpha), 2, model, opt, sched, config=saved)
+        for form in ("paper", "student_shift"):
+            now = config_from_dict(CFG, [f"loss.alpha={alpha}", f"loss.delta_form={form}"]).model_dump(mode="json")
+            if form == resumes_as:
+                ckpt.check_resume_config(final, now)
+            else:
+                with pytest.raises(ckpt.CheckpointError, match="loss.delta_form"):
+                    ckpt.check_resume_config(final, now)
+
+
 def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_factor(0, 4, 20, 0.1) == pytest.approx(0.25)
     assert lr_factor(3, 4, 20, 0.1) == pytest.approx(1.0)

@@ -78,8 +78,10 @@ def test_bf16_student(method, kind):
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("method", ["delta_kd", "delta_inverse", "delta_match", "parallelogram"])
 def test_several_pairs_match_reference(method, tail, kind):
+    """Several teacher pairs: the student_shift form's sum_j alpha_j (T1_j - T0_j) (the paper form refuses them)."""
     case = make_case(k=11, roles=PAIR_ROLES, seed=4)
-    got = run_both(case, cfg_for(method, tail), alphas=[0.7, -0.4], atoms=True, kind=kind)
+    got = run_both(case, cfg_for(method, tail, delta_form="student_shift"), alphas=[0.7, -0.4], atoms=True,
+                   kind=kind)
     assert_match(*got, TOLERANCES["float32"])
 
 
@@ -151,9 +153,10 @@ def test_delta_kd_is_kd_when_student_base_is_base(tail):
 
 @pytest.mark.parametrize("tail", TAILS)
 def test_alpha_zero_targets_the_student_base(tail):
+    """student_shift form: alpha = 0 leaves S0 (the paper form's alpha = 0 is kd: test_losses_delta_form)."""
     case = make_case(k=13, seed=6)
     t = case.targets
-    got = _mean_loss(case.z, t, case.labels, cfg_for("delta_kd", tail, alpha=0.0))
+    got = _mean_loss(case.z, t, case.labels, cfg_for("delta_kd", tail, alpha=0.0, delta_form="student_shift"))
     as_sft = t.with_role("sft", t.logprobs["student_base"], t.tail["student_base"])
     want = _mean_loss(case.z, as_sft, case.labels, cfg_for("kd", tail))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -172,8 +175,9 @@ def test_jsd_endpoints(tail):
 @pytest.mark.parametrize("method", ["delta_kd", "delta_inverse", "delta_match"])
 def test_zero_weighted_extra_pair_is_one_pair(method):
     case = make_case(k=12, roles=PAIR_ROLES, seed=8)
-    got = _mean_loss(case.z, case.targets, case.labels, cfg_for(method), alphas=[0.8, 0.0])
-    want = _mean_loss(case.z, case.targets, case.labels, cfg_for(method, alpha=0.8))
+    cfg = cfg_for(method, delta_form="student_shift")  # several pairs: the student_shift form only
+    got = _mean_loss(case.z, case.targets, case.labels, cfg, alphas=[0.8, 0.0])
+    want = _mean_loss(case.z, case.targets, case.labels, cfg.model_copy(update={"alpha": 0.8}))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -275,7 +279,7 @@ def test_missing_role_is_named():
         distillation_loss(z, t, labels, cfg_for("delta_kd"))
     with pytest.raises(LossInputError, match="sft_1"):
         distillation_loss(z, t.with_role("student_base", t.logprobs["base"], t.tail["base"]),
-                          labels, cfg_for("delta_kd"), pair_alphas=[1.0, 0.5])
+                          labels, cfg_for("delta_kd", delta_form="student_shift"), pair_alphas=[1.0, 0.5])
     with pytest.raises(LossInputError, match="needs teacher targets"):
         distillation_loss(z, None, labels, cfg_for("kd"))
 

@@ -176,3 +176,42 @@ def test_on_policy_variant_configs_validate_their_values():
                         ("kd@on_policy=1,lag=2", "(?s)entry 'kd@on_policy=1,lag=2'.*training.on_policy.lag")]:
         with pytest.raises(ConfigError, match=match):
             variant_configs(cfg, parse_methods(text))
+
+
+def test_issue_23_variants_the_label_term_and_the_paper_axis():
+    """kd and delta_kd with lam in {0, 0.5}, the paper-axis sweep, and the first form as a variant."""
+    from student_worker.research.experiment import run_key, variant_configs
+
+    text = ("kd,kd@lam=0.5,delta_kd,delta_kd@lam=0.5,delta_kd@alpha=0.25,delta_kd@alpha=0.5,delta_kd@alpha=0.75,"
+            "delta_kd@alpha=0.5,delta_form=student_shift")
+    got = parse_methods(text, LOSS_METHODS)
+    assert [v.label for v in got][-1] == "delta_kd@alpha=0.5,delta_form=student_shift"
+    assert got[-1].settings == ("loss.alpha=0.5", "loss.delta_form=student_shift")
+    assert resolve_key("delta_form") == "loss.delta_form"
+    cfgs = variant_configs(config_from_dict(MINIMAL), got)
+    assert cfgs["kd@lam=0.5"].loss.lam == 0.5 and cfgs["kd@lam=0.5"].loss.method == "kd"
+    assert cfgs["delta_kd@alpha=0.25"].loss.alpha == 0.25 and cfgs["delta_kd@alpha=0.25"].loss.delta_form == "paper"
+    assert cfgs["delta_kd@alpha=0.5,delta_form=student_shift"].loss.delta_form == "student_shift"
+    assert len({run_key(c) for c in cfgs.values()}) == len(got)
+    with pytest.raises(ConfigError, match="(?s)entry 'delta_kd@delta_form=paper_form'.*delta_form"):
+        variant_configs(config_from_dict(MINIMAL), parse_methods("delta_kd@delta_form=paper_form"))
+
+
+def test_runs_saved_before_delta_form_read_as_the_form_they_ran():
+    """A saved config without loss.delta_form ran student_shift: where that changes the loss (alpha != 1,
+    extra pairs) it is not the paper-form run a plan makes now; elsewhere it is (the same computation)."""
+    from student_worker.research.experiment import run_key, saved_run_config
+
+    def raw(loss, **models):
+        return {**MINIMAL, "models": {**MINIMAL["models"], **models}, "loss": loss}
+
+    old = saved_run_config(raw({"method": "delta_kd", "alpha": 0.5}), "old")
+    assert old.loss.delta_form == "student_shift"
+    assert run_key(old) != run_key(config_from_dict(raw({"method": "delta_kd", "alpha": 0.5})))
+    for loss in ({"method": "delta_kd", "alpha": 1.0}, {"method": "kd", "alpha": 0.5}, {"method": "sft"}):
+        same = saved_run_config(raw(loss), "old")
+        assert same.loss.delta_form == "paper" and run_key(same) == run_key(config_from_dict(raw(loss)))
+    pair = [{"base": {"path": "b1"}, "sft": {"path": "s1"}, "alpha": 0.5}]
+    assert saved_run_config(raw({"method": "delta_kd"}, extra_pairs=pair), "old").loss.delta_form == "student_shift"
+    new = saved_run_config(raw({"method": "delta_kd", "alpha": 0.5, "delta_form": "paper"}), "new")
+    assert new.loss.delta_form == "paper"
