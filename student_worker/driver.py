@@ -36,6 +36,7 @@ from typing import Any
 import ray
 
 from common.config import RunConfig, config_hash, dump_config
+from common.faults import FaultPlan
 from student_worker import checkpoint as ckpt
 from student_worker.data import load_examples, load_training_set
 from student_worker.evaluate import evaluate_spec
@@ -47,7 +48,6 @@ from student_worker.recovery import (
     check_resources,
     find_cause,
     is_fatal_rank_error,
-    maybe_crash_in_checkpoint,
     new_run_uid,
     teacher_inflight_cap,
     worker_actor_name,
@@ -88,10 +88,15 @@ _QUEUED_STEPS = 3
 
 
 class Driver:
-    """One training run. `run()` returns the report dict; outputs go to cfg.output_dir."""
+    """One training run. `run()` returns the report dict; outputs go to cfg.output_dir.
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True):
+    faults: a test's or benchmark's FaultPlan (common/faults.py), handed to the student workers and to the
+    teacher pool this driver starts; None (production) injects nothing."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+                 faults: FaultPlan | None = None):
         self.cfg, self.resume, self.stop_after, self.progress = cfg, resume, stop_after, progress
+        self.faults = faults
         self.out = cfg.output_dir.resolve()  # workers get absolute paths, whatever their working directory
         self.ckpt_root = self.out / "checkpoints"
         self.cfg_dict = cfg.model_dump(mode="json")
@@ -195,12 +200,12 @@ class Driver:
         tc = self.cfg.teachers
         cap = max(tc.max_inflight_per_replica, teacher_inflight_cap(self.cfg, self._teacher_roles()))
         cfg = self.cfg.model_copy(update={"teachers": tc.model_copy(update={"max_inflight_per_replica": cap})})
-        self.pool = TeacherPool.attach(cfg) if tc.attach else TeacherPool.start(cfg)
+        self.pool = TeacherPool.attach(cfg) if tc.attach else TeacherPool.start(cfg, faults=self.faults)
         return self.pool
 
     def _create_workers(self) -> None:
         """Create the actors (non-blocking: their processes start and import while teachers load). Their
-        generation (how many groups came before) gates the test-only `testing.rank_error`."""
+        generation (how many groups came before) names their process group and gates FaultPlan.rank_error."""
         t = self.cfg.training
         uid = new_run_uid()
         self.worker_names = [worker_actor_name(self.cfg.run_name, rank, uid) for rank in range(self.world)]
@@ -208,7 +213,7 @@ class Driver:
             StudentWorker.options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker, name=name,
                                   resources=dict(t.resources_per_worker) or None,
                                   namespace=self.cfg.teachers.namespace).remote(self.cfg_dict, rank, self.world,
-                                                                                self.restarts)
+                                                                                self.restarts, faults=self.faults)
             for rank, name in enumerate(self.worker_names)
         ]
 
@@ -312,7 +317,8 @@ class Driver:
                 raise WorkerCrash(rank, exc) from exc
         if self.sampling is not None:  # lag 1: the sample of `step`, drawn with the weights before it
             self.sampling.save_into(tmp, step)
-        maybe_crash_in_checkpoint(tmp, step, self.cfg.testing.crash_in_checkpoint)  # test-only hook
+        if self.faults is not None:
+            self.faults.writing_checkpoint(tmp, step)  # FaultPlan.crash_in_checkpoint
         self.selection.save_into(tmp)  # the best model so far travels with the checkpoint
         state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg), "config": self.cfg_dict,
                  "metrics": self.rows, "rouge": self.rouge, "selection": self.selection.state()}
@@ -515,6 +521,7 @@ class Driver:
 
 
 def run_training(cfg: RunConfig, resume: bool = False, stop_after: int | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Run one training job on the already-initialised Ray cluster; returns the report dict."""
-    return Driver(cfg, resume=resume, stop_after=stop_after, progress=progress).run()
+                 progress: bool = True, faults: FaultPlan | None = None) -> dict[str, Any]:
+    """Run one training job on the already-initialised Ray cluster; returns the report dict. `faults`: a
+    test's FaultPlan (common/faults.py); None injects nothing."""
+    return Driver(cfg, resume=resume, stop_after=stop_after, progress=progress, faults=faults).run()
