@@ -8,8 +8,8 @@ frozen base copy). Two teacher sides, measured in the same run:
 - stand-in: `SleepPool.submit` calls one serial `SleepTeacher` actor that sleeps a fixed time per batch (no
   CPU) and returns a precomputed, valid `TopKRecord` for the batch's shape and id;
 - real pool: the real `TeacherPool` (sft top-k -> base gather -> assembler actor, routing, back-pressure) on
-  tiny teachers, each call slowed by the test-only `testing.teacher_delay_s`, so teacher time is controlled
-  on 2 cores (the teachers' own compute is small beside the delay and is reported: `teacher_call_s`).
+  tiny teachers, each call slowed by a FaultPlan's `teacher_delay_s` (common/faults.py), so teacher time is
+  controlled on 2 cores (the teachers' own compute is small beside the delay and is reported: `teacher_call_s`).
 
 1. calibrate: stand-in with teacher time 0 -> the student step time S (steady-state seconds per step);
 2. for teacher time T in {0.5, 1, 2} x S and prefetch in {0, default 2}, on each teacher side:
@@ -146,7 +146,7 @@ def _driver_class() -> type:
 
 
 def _config(student: Path, teacher: Path, out: Path, steps: int, prefetch: int, batch_size: int,
-            max_length: int, teacher_delay_s: float = 0.0) -> Any:
+            max_length: int) -> Any:
     from common.config import config_from_dict
 
     return config_from_dict({
@@ -160,7 +160,6 @@ def _config(student: Path, teacher: Path, out: Path, steps: int, prefetch: int, 
         "training": {"num_workers": 1, "num_cpus_per_worker": 1, "batch_size": batch_size, "max_steps": steps,
                      "prefetch": prefetch, "warmup_steps": 0, "checkpoint_every": 10**6},
         "evaluation": {"enabled": False}, "output": {"dir": str(out), "plot": False},
-        "testing": {"teacher_delay_s": teacher_delay_s},
     })
 
 
@@ -207,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", type=int, default=None, help="the windowed prefetch (default: the config's)")
     args = p.parse_args(argv)
     from common.config import TrainingConfig
+    from common.faults import FaultPlan
     from tests.tiny import make_llama, make_tokenizer
 
     window = TrainingConfig().prefetch if args.prefetch is None else args.prefetch
@@ -236,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         run_no = iter(range(10**6))
         pools: list[Any] = []
 
-        def run(pool: Any, prefetch: int, delay: float = 0.0) -> tuple[float, float, float]:
+        def run(pool: Any, prefetch: int) -> tuple[float, float, float]:
             driver_cls.sleep_pool = pool
             n = next(run_no)
             out = root / f"run{n}"
             # A new data seed per run: other batches, so the teachers' result cache (keyed by batch id and
             # inputs) never answers a call without its delay.
-            cfg = _config(student, teacher, out, steps, prefetch, batch_size, max_length, delay)
+            cfg = _config(student, teacher, out, steps, prefetch, batch_size, max_length)
             driver_cls(cfg.model_copy(update={"seed": n}), progress=False).run()
             return _steady_rate(out, skip=prefetch + 2)
 
@@ -257,16 +257,15 @@ def main(argv: list[str] | None = None) -> int:
                     runs = [run(SleepPool(sleeper, teacher_s), prefetch) for _ in range(repeats)]
                     cells[f"standin_T{factor}x_prefetch{prefetch}"] = _cell(runs, teacher_s, student_s, factor,
                                                                            prefetch)
-                cfg = _config(student, teacher, root / f"pool{factor}", steps, window, batch_size, max_length,
-                              teacher_s)
-                pool = TeacherPool.start(cfg)  # its teachers sleep teacher_s per call
+                cfg = _config(student, teacher, root / f"pool{factor}", steps, window, batch_size, max_length)
+                pool = TeacherPool.start(cfg, faults=FaultPlan(teacher_delay_s=teacher_s))  # sleeps per call
                 pools.append(pool)
-                run(pool, window, teacher_s)  # warm-up of this pool's actors (and its assembler)
+                run(pool, window)  # warm-up of this pool's actors (and its assembler)
                 for prefetch in (0, window):
                     runs, call_s = [], []
                     for _ in range(repeats):
                         before = pool.stats()["roles"]
-                        runs.append(run(pool, prefetch, teacher_s))
+                        runs.append(run(pool, prefetch))
                         call_s.append(_slowest_call_s(pool, before))
                     cells[f"pool_T{factor}x_prefetch{prefetch}"] = _cell(runs, teacher_s, student_s, factor,
                                                                         prefetch, call_s)
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                  for name, c in cells.items()], title=f"overlap: student step {student_s:.4f} s")
     targets = [Target(f"efficiency_{side}_T1x_prefetch{window}", cells[f"{side}_T1.0x_prefetch{window}"]
                       ["efficiency"]["median"], ">=", TARGET, f"median over repeats; {what}")
-               for side, what in (("pool", "the real TeacherPool, teachers slowed by testing.teacher_delay_s"),
+               for side, what in (("pool", "the real TeacherPool, teachers slowed by FaultPlan.teacher_delay_s"),
                                   ("standin", "a sleeping stand-in for the pool"))]
     figures = {"student_step_s": summarize([1.0 / r[0] for r in calib_runs]),
                "student_compute_s": summarize([r[2] for r in calib_runs]),
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
              "prefetch + 2 steps of each run, from the driver's metrics.jsonl (step_s: the worker's time per step)",
              "stand-in: one serial actor sleeping a fixed time per batch, returning a cached valid record",
              "real pool: TeacherPool (sft top-k, base gather, assembler) on tiny Llamas (hidden 16) whose every "
-             "call sleeps testing.teacher_delay_s; teacher_call_s = measured busy s per call, slowest role",
+             "call sleeps FaultPlan.teacher_delay_s; teacher_call_s = measured busy s per call, slowest role",
              f"student: tiny Llama hidden={hidden}, 2 layers, vocab {vocab}, batch {batch_size} x <= "
              f"{max_length} tokens, delta_kd with the worker's frozen base copy, 1 worker"]
     write_result("bench_overlap", args, figures, targets, notes)

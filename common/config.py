@@ -35,8 +35,6 @@ __all__ = [
     "EvaluationConfig",
     "OutputConfig",
     "EmbeddedConfig",
-    "HooksConfig",
-    "RankError",
     "EMBEDDED_PRESET_DEFAULTS",
     "ReproducibilityConfig",
     "LoggingConfig",
@@ -55,6 +53,8 @@ __all__ = [
     "dump_config",
     "config_hash",
     "config_diff",
+    "RETIRED_KEYS",
+    "without_retired_keys",
 ]
 
 LOSS_METHODS = (
@@ -493,33 +493,6 @@ class LoggingConfig(_Strict):
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
 
 
-class RankError(_Strict):
-    """Test-only: student rank `rank` raises once, mid-step (after the input agreement, in the forward),
-    at step `step`, in the run's first worker group only (a restored group runs that step normally)."""
-
-    rank: int = Field(ge=0)
-    step: int = Field(ge=0)
-
-
-class HooksConfig(_Strict):
-    """TEST-ONLY hooks: fault injection and slow-downs for tests and benchmarks; all off by default.
-
-    Never set in a production config. The section is excluded from resume comparisons
-    (student_worker/checkpoint.py RESUME_IGNORED_KEYS) and from experiment run keys, so a run with hooks
-    and the same run without them are the same run.
-    """
-
-    # Each student worker sleeps this long after every step (so a test can kill things "mid-run").
-    step_delay_s: float = Field(default=0.0, ge=0)
-    # Each teacher sleeps this long in every top-k / gather call (controlled teacher time in benchmarks).
-    teacher_delay_s: float = Field(default=0.0, ge=0)
-    # When the driver writes the checkpoint of this many completed steps: the workers write their parts,
-    # half of state.json is written, then the driver process exits (a crash while writing a checkpoint).
-    crash_in_checkpoint: int | None = Field(default=None, gt=0)
-    # One rank raises mid-step once (the fail-fast recovery path).
-    rank_error: RankError | None = None
-
-
 class RunConfig(_Strict):
     run_name: str = "deltakd"
     seed: int = 0
@@ -532,7 +505,6 @@ class RunConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
-    testing: HooksConfig = Field(default_factory=HooksConfig)
     reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -620,6 +592,20 @@ class RunConfig(_Strict):
 # Loading, overrides and errors
 
 
+# Top-level keys the schema had and no longer has, with what took their place: a config that sets one is refused
+# with this hint; a config this program saved itself (a run's config.yaml, a checkpoint's state.json) drops it
+# when read back (`without_retired_keys`), since every dump of the old schema carried it.
+RETIRED_KEYS = {
+    "testing": "fault injection is no longer configured: a test or benchmark builds a common.faults.FaultPlan "
+               "and hands it to the driver (run_training(cfg, faults=...)), the teacher pool or the cache build",
+}
+
+
+def without_retired_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict without the RETIRED_KEYS sections (a shallow copy)."""
+    return {k: v for k, v in saved.items() if k not in RETIRED_KEYS}
+
+
 def _did_you_mean(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -649,7 +635,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "<root>"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and len(loc) == 1 and loc[0] in RETIRED_KEYS:
+            lines.append(f"  unknown key {key!r} (removed: {RETIRED_KEYS[str(loc[0])]})")
+        elif e["type"] == "extra_forbidden":
             owner = _model_at(loc)
             hint = _did_you_mean(str(loc[-1]), list(owner.model_fields)) if owner else ""
             lines.append(f"  unknown key {key!r}{hint}")

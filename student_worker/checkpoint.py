@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import config_diff
+from common.config import (
+    ConfigError,
+    config_diff,
+    config_from_dict,
+    with_legacy_delta_form,
+    without_retired_keys,
+)
 
 __all__ = [
     "CheckpointError",
@@ -56,12 +62,12 @@ OPTIMIZER_FILE = "optimizer.pt"
 # outputs go, evaluation, where the teachers run (their models, k, tau and wire are still compared), where the
 # records come from (live or a teacher cache, which is checked against the run's models, k, tau and data when
 # opened), how often the console logs, the collective timeout, gradient checkpointing (it recomputes the same
-# activations: a run that ran out of memory can resume with it on), tracking, and the test-only hooks (`testing:`).
+# activations: a run that ran out of memory can resume with it on), and tracking.
 RESUME_IGNORED_KEYS = ("training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.",
                        "teachers.namespace", "teachers.name_prefix", "teachers.attach", "teachers.source",
                        "teachers.cache", "teachers.cache_encoding", "teachers.cache_shard_size",
                        "teachers.cache_on_error", "teachers.cache_memory_mb", "training.log_every",
-                       "training.collective_timeout_s", "training.gradient_checkpointing", "testing.", "logging.")
+                       "training.collective_timeout_s", "training.gradient_checkpointing", "logging.")
 
 
 class CheckpointError(RuntimeError):
@@ -243,11 +249,11 @@ def check_resume_config(ckpt_dir: str | Path, config: dict[str, Any]) -> None:
 
 def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """The saved config with the keys added to the schema since it was written at their defaults (a checkpoint
-    from before `training.on_policy` existed resumes a run that leaves it off), except loss.delta_form, which
-    is the form the run trained with (`with_legacy_delta_form`: student_shift where that differs from the
-    default); as saved if it no longer validates (then every differing key is listed)."""
-    from common.config import ConfigError, config_from_dict, with_legacy_delta_form
-
+    from before `training.on_policy` existed resumes a run that leaves it off) and the sections removed since
+    dropped (common.config.RETIRED_KEYS: the old `testing:` section), except loss.delta_form, which is the
+    form the run trained with (`with_legacy_delta_form`: student_shift where that differs from the default);
+    as saved otherwise if it no longer validates (then every differing key is listed)."""
+    saved = without_retired_keys(saved)
     try:
         return config_from_dict(with_legacy_delta_form(saved)).model_dump(mode="json")
     except ConfigError:

@@ -32,6 +32,7 @@ from common.config import RunConfig, config_hash, dump_config
 from common.data.batching import load_training_set
 from common.data.examples import DataError, load_examples
 from common.data.tokenizer_check import check_tokenizers
+from common.faults import FaultPlan
 from common.roles import teacher_role_specs
 from student_worker import checkpoint as ckpt
 from student_worker.evaluate import evaluate_spec
@@ -45,7 +46,6 @@ from student_worker.recovery import (
     check_resources,
     find_cause,
     is_fatal_rank_error,
-    maybe_crash_in_checkpoint,
     teacher_inflight_cap,
 )
 from student_worker.report import run_summary, step_row, write_report
@@ -75,16 +75,21 @@ evaluate_spec_task = ray.remote(num_cpus=1)(evaluate_spec)
 
 
 class Driver:
-    """One training run. `run()` returns the report dict; outputs go to cfg.output_dir."""
+    """One training run. `run()` returns the report dict; outputs go to cfg.output_dir.
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True):
+    faults: a test's or benchmark's FaultPlan (common/faults.py), handed to the student workers and to the
+    teacher pool this driver starts; None (production) injects nothing."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+                 faults: FaultPlan | None = None):
         self.cfg, self.resume, self.stop_after, self.progress = cfg, resume, stop_after, progress
+        self.faults = faults
         self.out = cfg.output_dir.resolve()  # workers get absolute paths, whatever their working directory
         self.ckpt_root = self.out / "checkpoints"
         self.cfg_dict = cfg.model_dump(mode="json")
         # RDT carries live teachers' tensors; cache and auto records go through the object store
         self.rdt = cfg.transport.kind == "rdt" and cfg.loss.method != "sft" and cfg.teachers.source == "live"
-        self.group = WorkerGroup(cfg, self.out)
+        self.group = WorkerGroup(cfg, self.out, faults)
         self.pool: Any = None  # the live TeacherPool, when the record source started or attached one
         self.source: RecordSource | None = None  # None for sft: no teacher at all
         self.pipeline: StepPipeline | None = None
@@ -208,7 +213,7 @@ class Driver:
         tc = self.cfg.teachers
         cap = max(tc.max_inflight_per_replica, teacher_inflight_cap(self.cfg, list(teacher_role_specs(self.cfg))))
         cfg = self.cfg.model_copy(update={"teachers": tc.model_copy(update={"max_inflight_per_replica": cap})})
-        self.pool = TeacherPool.attach(cfg) if tc.attach else TeacherPool.start(cfg)
+        self.pool = TeacherPool.attach(cfg) if tc.attach else TeacherPool.start(cfg, faults=self.faults)
         return self.pool
 
     def _train(self, step: int, end_step: int) -> int:
@@ -330,7 +335,8 @@ class Driver:
                 raise WorkerCrash(rank, exc) from exc
         if self.sampling is not None:  # lag 1: the sample of `step`, drawn with the weights before it
             self.sampling.save_into(tmp, step)
-        maybe_crash_in_checkpoint(tmp, step, self.cfg.testing.crash_in_checkpoint)  # test-only hook
+        if self.faults is not None:
+            self.faults.writing_checkpoint(tmp, step)  # FaultPlan.crash_in_checkpoint
         self.selection.save_into(tmp)  # the best model so far travels with the checkpoint
         state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg), "config": self.cfg_dict,
                  "metrics": self.rows, "rouge": self.rouge, "selection": self.selection.state()}
@@ -402,6 +408,7 @@ class Driver:
 
 
 def run_training(cfg: RunConfig, resume: bool = False, stop_after: int | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Run one training job on the already-initialised Ray cluster; returns the report dict."""
-    return Driver(cfg, resume=resume, stop_after=stop_after, progress=progress).run()
+                 progress: bool = True, faults: FaultPlan | None = None) -> dict[str, Any]:
+    """Run one training job on the already-initialised Ray cluster; returns the report dict. `faults`: a
+    test's FaultPlan (common/faults.py); None injects nothing."""
+    return Driver(cfg, resume=resume, stop_after=stop_after, progress=progress, faults=faults).run()

@@ -1,4 +1,4 @@
-"""Fault recovery helpers of the driver: rank failures, named worker actors, test-only fault hooks.
+"""Fault recovery helpers of the driver: rank failures, named worker actors, resources.
 
 Operating promise (docs/DESIGN.md section 4): a run survives the death of a student worker, or a rank raising
 mid-step (the driver kills the whole worker group at once, starts a new one and reloads the newest complete
@@ -8,8 +8,8 @@ restarts it and retries its calls; teacher calls are keyed by batch id).
 Which rank errors are retried and which stop the run:
 - retried (group replaced, steps since the last checkpoint replayed; at most MAX_WORKER_RESTARTS times): a
   worker process that died; a rank that raised after the step's input agreement with anything but the
-  errors below (a CUDA/NCCL error, a collective timeout, out of memory, a bug that may not recur, the
-  test-only `testing.rank_error`);
+  errors below (a CUDA/NCCL error, a collective timeout, out of memory, a bug that may not recur, a
+  test's injected `FaultPlan.rank_error`);
 - stop the run (TrainingRunError, exit 3): a step every rank rejected at the input agreement (the teacher
   record is missing or invalid: TeacherUnavailableError, TeacherOutputError, RecordError, ... named by
   `rejection_error`), after a checkpoint of the completed steps; and a rank that raised bad input after the
@@ -20,17 +20,13 @@ Student worker actors are NAMED so an operator (or a test) can find them:
 `{run_name}-student-{rank}-{run_uid}` in the namespace `teachers.namespace`, where `run_uid` is 8 hex digits
 drawn once per worker group (a restored group gets new names; two runs never collide).
 
-Test-only hooks live in the config's `testing:` section (common.config.HooksConfig), never in environment
-variables: `step_delay_s` (workers sleep after each step, so a test can kill things "mid-run"),
-`teacher_delay_s` (teachers sleep per call), `crash_in_checkpoint` (below) and `rank_error` (one rank
-raises mid-step once, in the first worker group).
+Faults are injected by tests and benchmarks through a `common.faults.FaultPlan` handed to the driver, never
+through the run config or environment variables.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
-from pathlib import Path
 
 import ray
 
@@ -45,7 +41,6 @@ __all__ = [
     "rejection_error",
     "new_run_uid",
     "worker_actor_name",
-    "maybe_crash_in_checkpoint",
     "check_resources",
     "teacher_inflight_cap",
 ]
@@ -121,22 +116,6 @@ def new_run_uid() -> str:
 def worker_actor_name(run_name: str, rank: int, run_uid: str) -> str:
     """`{run_name}-student-{rank}-{run_uid}`: the Ray actor name of one student worker."""
     return f"{run_name}-student-{rank}-{run_uid}"
-
-
-def maybe_crash_in_checkpoint(tmp_dir: Path, step: int, crash_at: int | None) -> None:
-    """Test hook `testing.crash_in_checkpoint`: when it equals `step`, leave a half-written checkpoint and die.
-
-    Called by the driver after the workers wrote their parts into `tmp_dir` and before `state.json` is
-    complete and the directory renamed. `os._exit` skips every cleanup, as a SIGKILL or a power cut would.
-    """
-    if crash_at is None or crash_at != step:
-        return
-    with open(tmp_dir / "state.json", "w") as f:
-        f.write('{"step": ')  # half a JSON document: what an interrupted write leaves
-        f.flush()
-        os.fsync(f.fileno())
-    print(f"testing.crash_in_checkpoint={crash_at}: crashing while writing {tmp_dir}", flush=True)
-    os._exit(1)
 
 
 def check_resources(cfg: RunConfig, teacher_roles: list[str]) -> None:

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from common.config import DEFAULT_CONFIG
+from common.faults import FaultPlan
 
 __all__ = ["DEFAULT_CONFIG", "main", "parse_args", "check_output_dir", "init_ray"]
 
@@ -60,7 +61,9 @@ def init_ray(address: str | None) -> None:
     connect_ray(address or None)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
+    """The CLI. `faults`: a test's FaultPlan (common/faults.py) handed to the driver; the command line has
+    no fault flag (tests run tests/integration/fault_run.py to get one into a subprocess)."""
     from common.config import ConfigError, load_config
 
     args = parse_args(argv)
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from student_worker.shared_output import OutputDirNotSharedError
 
     cfg = resolve_model_paths(cfg)
-    driver = Driver(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    driver = Driver(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                    faults=faults)
     try:
         driver.preflight()  # data, tokenizers, k, resume checkpoint: before Ray starts, nothing written
     except (InputError, CheckpointError) as exc:

@@ -23,11 +23,13 @@ in the order the same way.
 Timing (one metrics row per step, student_worker/report.py): each step call returns `step_s`, the time since
 the end of the previous step call of this worker (calls outside the loop, e.g. evaluation, excluded), and
 `step_parts`, named consecutive intervals that sum to it (STEP_PARTS).
+
+Faults (tests and benchmarks only): the driver hands its `common.faults.FaultPlan` to each worker; without
+one (production) no fault code runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +40,7 @@ import torch
 
 from common.config import config_from_dict
 from common.data.model_loading import load_causal_lm, student_dtype
+from common.faults import FaultPlan
 from common.losses import SparseTargets
 from common.reproducibility import apply_compute_settings
 from common.roles import needs_student_base, record_roles
@@ -61,7 +64,7 @@ from student_worker.train_step import (
 )
 
 __all__ = ["StudentWorker", "StudentWorkerImpl", "StepRejected", "PeerInputError", "StepOrderError",
-           "InjectedRankError", "STEP_PARTS", "TEACHER_WAIT_PARTS", "COMPUTE_PARTS"]
+           "STEP_PARTS", "TEACHER_WAIT_PARTS", "COMPUTE_PARTS"]
 
 # The named parts of a step, in time order; they sum to the step's `step_s` (within float rounding):
 #   dispatch_s     the worker had no call to run: waiting for the driver (bookkeeping, a blocked submit)
@@ -75,9 +78,8 @@ __all__ = ["StudentWorker", "StudentWorkerImpl", "StepRejected", "PeerInputError
 #   backward_s     backward computation
 #   allreduce_s    the gradient all-reduce left exposed after backward's computation (DDP overlaps the rest)
 #   optimizer_s    gradient clipping, the optimizer and the scheduler step
-#   test_delay_s   testing.step_delay_s (test-only hook; 0 in production)
 STEP_PARTS = ("dispatch_s", "checkpoint_s", "sample_s", "record_wait_s", "peer_wait_s", "prepare_s", "forward_s",
-              "backward_s", "allreduce_s", "optimizer_s", "test_delay_s")
+              "backward_s", "allreduce_s", "optimizer_s")
 TEACHER_WAIT_PARTS = ("record_wait_s",)
 COMPUTE_PARTS = ("prepare_s", "forward_s", "backward_s", "allreduce_s", "optimizer_s")
 
@@ -101,17 +103,18 @@ class StepOrderError(RuntimeError):
     failed. Raised before any collective, on every rank alike; nothing was touched."""
 
 
-class InjectedRankError(RuntimeError):
-    """The test-only fault `testing.rank_error`: this rank raises mid-step, after the input agreement."""
 
 
 class StudentWorkerImpl:
     """The worker's logic, plain Python (the Ray actor below is a thin subclass)."""
 
-    def __init__(self, cfg_dict: dict[str, Any], rank: int, world_size: int, generation: int = 0):
-        """generation: how many times the driver has replaced its worker group before this one (0 first);
-        the test-only `testing.rank_error` fires in generation 0 only."""
+    def __init__(self, cfg_dict: dict[str, Any], rank: int, world_size: int, generation: int = 0,
+                 faults: FaultPlan | None = None):
+        """generation: how many times the driver has replaced its worker group before this one (0 first; it
+        names the process group, and a FaultPlan's rank_error fires in generation 0 only). faults: a test's
+        FaultPlan (common/faults.py), None in production."""
         self.cfg = config_from_dict(cfg_dict, source="StudentWorker config")
+        self.faults = faults
         self.compute = apply_compute_settings(self.cfg.reproducibility, where=f"student worker rank {rank}")
         self.rank, self.world_size, self.generation = rank, world_size, generation
         self.next_step = 0  # the step this worker trains next (= completed steps)
@@ -286,7 +289,8 @@ class StudentWorkerImpl:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, metrics = train_step(self.ddp, self.base_model, batch, targets, self.cfg.loss,
                                        self.pair_alphas, global_tokens, self.world_size)
-        self._maybe_injected_error(step)
+        if self.faults is not None:
+            self.faults.mid_step(self.rank, step, self.generation)  # FaultPlan.rank_error
         clock.lap("forward_s")
         self.allreduce_timer.reset()
         loss.backward()
@@ -304,10 +308,6 @@ class StudentWorkerImpl:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         clock.lap("optimizer_s")
-        delay = self.cfg.testing.step_delay_s
-        if delay > 0:
-            time.sleep(delay)  # test-only hook (testing.step_delay_s)
-        clock.lap("test_delay_s")
         self.next_step = step + 1
         self._mark = clock.last
         parts = clock.parts
@@ -315,6 +315,12 @@ class StudentWorkerImpl:
                         "step_s": clock.total(), "step_parts": parts,
                         "teacher_wait_s": sum(parts[k] for k in TEACHER_WAIT_PARTS),
                         "compute_s": sum(parts[k] for k in COMPUTE_PARTS)})
+        if self.faults is not None:
+            # FaultPlan.step_delay_s sleeps outside every step's clock: after this step's last part, and the
+            # next step's clock starts after it (as after a call outside the loop), so the parts still sum to
+            # step_s, no part is test-named, and the rows measure the system alone, not the injected pause.
+            self.faults.step_done()
+            self._mark = time.perf_counter()
         return metrics
 
     def _agree_inputs_ok(self, error: BaseException | None, step: int) -> None:
@@ -327,13 +333,6 @@ class StudentWorkerImpl:
         if failed:
             raise PeerInputError(f"step {step}: {failed} other rank(s) had no valid teacher record; "
                                  f"rank {self.rank} did not step")
-
-    def _maybe_injected_error(self, step: int) -> None:
-        """Test-only `testing.rank_error`: raise after the agreement, so the other ranks go on into DDP's
-        gradient all-reduce and wait there (the fail-fast case); first worker group only."""
-        fault = self.cfg.testing.rank_error
-        if fault is not None and self.generation == 0 and fault.rank == self.rank and fault.step == step:
-            raise InjectedRankError(f"testing.rank_error: rank {self.rank} raises mid-step at step {step}")
 
     # ------------------------------------------------------------------ checkpoints and weights
     def save_checkpoint(self, tmp_dir: str, step: int) -> None:
@@ -373,33 +372,12 @@ class StudentWorkerImpl:
         finally:
             self._end_call()  # not part of any step (e.g. the best model of a selection pass)
 
-    def state_digest(self) -> str:
-        """sha256 over every parameter and buffer (name, dtype, bytes), in name order."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(str(t.dtype).encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def weights(self) -> dict[str, np.ndarray]:
-        """Every parameter as fp32 numpy (for tests on tiny models)."""
-        return {n: p.detach().float().cpu().numpy() for n, p in self.model.named_parameters()}
-
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, examples: list[dict[str, str]], max_new_tokens: int, batch_size: int) -> dict[str, Any]:
         try:
             return evaluate_model(self.model, self.tokenizer, examples, max_new_tokens, batch_size)
         finally:
             self._end_call()
-
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        from student_worker.evaluate import greedy_generate
-
-        return greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens)
-
-    def ping(self) -> int:
-        return self.rank
 
 
 class _StepClock:

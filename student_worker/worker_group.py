@@ -22,6 +22,7 @@ import ray
 from ray.experimental.collective import create_collective_group, destroy_collective_group
 
 from common.config import RunConfig
+from common.faults import FaultPlan
 from student_worker import checkpoint as ckpt
 from student_worker.recovery import find_cause, new_run_uid, worker_actor_name
 from student_worker.shared_output import check_shared_output
@@ -33,8 +34,9 @@ __all__ = ["WorkerGroup"]
 class WorkerGroup:
     """The run's student worker actors, one per rank (`training.num_workers`)."""
 
-    def __init__(self, cfg: RunConfig, out: Path):
-        self.cfg, self.out = cfg, out
+    def __init__(self, cfg: RunConfig, out: Path, faults: FaultPlan | None = None):
+        """faults: a test's FaultPlan (common/faults.py) handed to every rank; None in production."""
+        self.cfg, self.out, self.faults = cfg, out, faults
         self.cfg_dict = cfg.model_dump(mode="json")
         self.world = cfg.training.num_workers
         self.workers: list[Any] = []
@@ -58,7 +60,7 @@ class WorkerGroup:
             StudentWorker.options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker, name=name,
                                   resources=dict(t.resources_per_worker) or None,
                                   namespace=self.cfg.teachers.namespace).remote(self.cfg_dict, rank, self.world,
-                                                                                self.generation)
+                                                                                self.generation, faults=self.faults)
             for rank, name in enumerate(self.names)
         ]
 

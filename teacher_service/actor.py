@@ -27,6 +27,7 @@ import ray
 import torch
 
 from common.config import ModelSpec
+from common.faults import FaultPlan
 from common.reproducibility import apply_compute_settings
 
 __all__ = ["TeacherActor", "TORCH_WIRE_DTYPES", "to_numpy_wire", "placement", "make_engine"]
@@ -93,13 +94,14 @@ class TeacherActor:
 
     def __init__(self, role: str, spec: dict[str, Any], engine: str = "hf", device: str = "auto",
                  dtype: str = "auto", chunk_tokens: int = 1024, wire_dtype: str = "float32",
-                 cache_size: int = 32, vllm_options: dict[str, Any] | None = None, test_delay_s: float = 0.0,
-                 compute: dict[str, Any] | None = None):
-        """test_delay_s: the test-only `testing.teacher_delay_s`, a sleep in every top-k / gather call;
-        compute: the run's reproducibility settings (None: their defaults), applied before any tensor op."""
+                 cache_size: int = 32, vllm_options: dict[str, Any] | None = None,
+                 compute: dict[str, Any] | None = None, faults: FaultPlan | None = None):
+        """compute: the run's reproducibility settings (None: their defaults), applied before any tensor op;
+        faults: a test's FaultPlan (common/faults.py; its teacher_delay_s is a sleep in every top-k / gather
+        call, counted as busy time), None in production."""
         self.compute = apply_compute_settings(compute, where=f"teacher {role}")
         model_spec = ModelSpec.model_validate(spec)
-        self.test_delay_s = float(test_delay_s)
+        self.faults = faults
         self.role = role
         self.wire_dtype = wire_dtype
         self.torch_wire = TORCH_WIRE_DTYPES[wire_dtype]
@@ -138,8 +140,8 @@ class TeacherActor:
         if hit is not None:
             return hit
         t0 = time.perf_counter()
-        if self.test_delay_s:
-            time.sleep(self.test_delay_s)  # test-only (testing.teacher_delay_s)
+        if self.faults is not None:
+            self.faults.teacher_call()  # FaultPlan.teacher_delay_s
         ids, lps, tail = self.engine.topk(input_ids, attention_mask, rows, k, tau, include=include,
                                           batch_id=batch_id)
         self._count(attention_mask, rows, t0)
@@ -155,8 +157,8 @@ class TeacherActor:
         if hit is not None:
             return hit
         t0 = time.perf_counter()
-        if self.test_delay_s:
-            time.sleep(self.test_delay_s)  # test-only (testing.teacher_delay_s)
+        if self.faults is not None:
+            self.faults.teacher_call()  # FaultPlan.teacher_delay_s
         lps, tail = self.engine.gather(input_ids, attention_mask, rows, ids, tau, batch_id=batch_id)
         self._count(attention_mask, rows, t0)
         return self._remember(key, {"logprobs": torch.as_tensor(lps), "tail": torch.as_tensor(tail)})

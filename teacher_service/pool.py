@@ -20,6 +20,7 @@ import ray
 
 from common.config import RunConfig
 from common.data.tokenizer_check import check_tokenizers
+from common.faults import FaultPlan
 from common.roles import teacher_role_specs
 from common.topk import ROLE_SFT, rows_from_mask
 
@@ -71,14 +72,15 @@ class TeacherPool:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def start(cls, cfg: RunConfig, detached: bool = False) -> TeacherPool:
-        """Check tokenizers (no weights loaded yet), create every role's named actors, wait until ready."""
+    def start(cls, cfg: RunConfig, detached: bool = False, faults: FaultPlan | None = None) -> TeacherPool:
+        """Check tokenizers (no weights loaded yet), create every role's named actors, wait until ready.
+        faults: a test's FaultPlan (common/faults.py) handed to every actor; None in production."""
         check_tokenizers(cfg)
         t = cfg.teachers
         handles: dict[str, list[Any]] = {}
         try:
             for role, spec in teacher_role_specs(cfg).items():
-                handles[role] = [cls._create(cfg, role, spec.model_dump(), i, detached)
+                handles[role] = [cls._create(cfg, role, spec.model_dump(), i, detached, faults)
                                  for i in range(t.replicas.get(role, 1))]
                 if not handles[role]:
                     raise ValueError(f"teachers.replicas.{role}=0: every role needs at least one replica")
@@ -98,7 +100,8 @@ class TeacherPool:
         return pool
 
     @staticmethod
-    def _create(cfg: RunConfig, role: str, spec: dict[str, Any], i: int, detached: bool) -> Any:
+    def _create(cfg: RunConfig, role: str, spec: dict[str, Any], i: int, detached: bool,
+                faults: FaultPlan | None = None) -> Any:
         """Replica i of a role as a named actor with the configured resources and restart policy."""
         t = cfg.teachers
         engine = t.engine if role == ROLE_SFT else "hf"  # vLLM cannot gather: only the sft role may use it
@@ -114,7 +117,7 @@ class TeacherPool:
             return TeacherActor.options(**opts).remote(
                 role, spec, engine, t.device, t.dtype, t.chunk_tokens, t.wire_dtype,
                 max(32, 4 * t.max_inflight_per_replica), options if engine == "vllm" else None,
-                test_delay_s=cfg.testing.teacher_delay_s, compute=cfg.reproducibility.model_dump())
+                compute=cfg.reproducibility.model_dump(), faults=faults)
         except ValueError as err:  # a named actor of that name already exists
             raise ValueError(f"cannot start teacher {name!r} in namespace {t.namespace!r}: {err} "
                              f"(attach to it with teachers.attach=true, or stop it first)") from err

@@ -7,6 +7,7 @@ them exactly as it would load a hub model by local path.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 TINY_TEXT = (
     "the quick brown fox jumps over the lazy dog . reverse the words : red green blue . "
@@ -86,3 +87,16 @@ def make_model_set(root: str | Path, vocab_pad: int = 0) -> dict[str, Path]:
         "sft_teacher": make_llama(root / "sft_teacher", tok, seed=2, vocab_pad=vocab_pad),
         "student": make_llama(root / "student", tok, seed=3, hidden_size=16, num_heads=2, intermediate_size=32),
     }
+
+
+def state_digest(model: Any) -> str:
+    """sha256 over every parameter and buffer of a torch module (name, dtype, bytes), in name order: a test's
+    check that a call left a model's weights untouched, or that a restore brought back the same ones."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

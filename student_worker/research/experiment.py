@@ -58,7 +58,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunConfig, config_from_dict, with_legacy_delta_form
+from common.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    with_legacy_delta_form,
+    without_retired_keys,
+)
+from common.faults import FaultPlan
 from student_worker.research.diagnostics import (
     ExperimentError,
     evaluate_references,
@@ -83,9 +90,9 @@ __all__ = ["ExperimentError", "RUN_OVERRIDES", "run_key", "shared_key", "aggrega
 # Every run of an experiment gets these on top of the shared config (the experiment evaluates the two
 # fixed reference models once itself).
 RUN_OVERRIDES = ("evaluation.evaluate_before=false", "evaluation.evaluate_teacher=false")
-# Keys that say where a run writes and which actors it talks to, not what it computes; and the test-only hooks.
+# Keys that say where a run writes, which actors it talks to and where it logs, not what it computes.
 _RUNTIME_KEYS = (("teachers", "namespace"), ("teachers", "name_prefix"), ("teachers", "attach"),
-                 ("output", "dir"), ("run_name",), ("testing",), ("logging",))
+                 ("output", "dir"), ("run_name",), ("logging",))
 
 
 def _digest(data: dict[str, Any]) -> str:
@@ -160,7 +167,7 @@ def _reusable(run_dir: Path, key: str) -> dict[str, Any] | None:
     report_path, cfg_path = run_dir / "report.json", run_dir / "config.yaml"
     if not (report_path.is_file() and cfg_path.is_file()):
         return None
-    saved = saved_run_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    saved = saved_run_config(without_retired_keys(yaml.safe_load(cfg_path.read_text())), str(cfg_path))
     if run_key(saved) != key:
         return None
     report: dict[str, Any] = json.loads(report_path.read_text())
@@ -193,11 +200,12 @@ def _git_sha() -> str | None:
 
 def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: list[int], out_dir: Path, *,
                    shift_batches: int = 4, progress: bool = True, command: str | None = None,
-                   baseline: str = "kd") -> dict[str, Any]:
+                   baseline: str = "kd", faults: FaultPlan | None = None) -> dict[str, Any]:
     """Train every (seed, method) run (seed-major order) on the initialised Ray cluster; returns the
     experiment dict also written to out_dir/experiment.json. `cfg` has resolved model paths; `methods` are
     method names or variants (strings are parsed as --methods entries). Raises ExperimentError, also for
-    a variant whose config does not validate."""
+    a variant whose config does not validate. `faults`: a test's FaultPlan for the pool it starts and every
+    run (common/faults.py); not part of any run's identity."""
     from student_worker.driver import run_training
 
     if not cfg.evaluation.enabled or cfg.data.eval is None:
@@ -258,7 +266,7 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
             from teacher_service import TeacherPool
 
             try:
-                pool = TeacherPool.start(cfg) if started_pool else TeacherPool.attach(cfg)
+                pool = TeacherPool.start(cfg, faults=faults) if started_pool else TeacherPool.attach(cfg)
             except Exception as exc:
                 raise ExperimentError(f"the teacher pool ({'start' if started_pool else 'attach'}, namespace "
                                       f"{cfg.teachers.namespace!r}) failed: {exc}") from exc
@@ -275,7 +283,7 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
                     print(f"{rc.output_dir}: unfinished or from another config; training it again", flush=True)
                     shutil.rmtree(rc.output_dir)
                 try:
-                    report = run_training(rc, resume=resume is not None, progress=progress)
+                    report = run_training(rc, resume=resume is not None, progress=progress, faults=faults)
                 except Exception as exc:
                     exp["status"] = f"failed: {m} seed {s}: {exc}"
                     raise ExperimentError(f"run {m} seed {s} ({rc.output_dir}) failed: {exc}") from exc
@@ -304,7 +312,8 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
     return exp
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
+    """The CLI. `faults`: a test's FaultPlan (common/faults.py) for `run_experiment`; the CLI has none."""
     from common.config import DEFAULT_CONFIG, LOSS_METHODS, load_config
 
     p = argparse.ArgumentParser(prog="python -m student_worker.research.experiment", description=__doc__,
@@ -359,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp = run_experiment(cfg, methods, [cfg.seed + i for i in range(args.seeds)], Path(args.output_dir),
                              shift_batches=args.shift_batches, progress=not args.no_progress, command=command,
-                             baseline=args.baseline)
+                             baseline=args.baseline, faults=faults)
     except ExperimentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

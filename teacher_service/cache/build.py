@@ -26,6 +26,7 @@ from dataclasses import asdict
 from typing import Any
 
 from common.config import ModelSpec, RunConfig
+from common.faults import FaultPlan
 from common.topk import ROLE_SFT, ROLE_STUDENT_BASE
 
 from .errors import CacheError
@@ -89,12 +90,12 @@ def _inputs(head: BuildHead, specs: list[ShardSpec], examples: list[Any]) -> Any
 
 
 def build_cache(cfg: RunConfig, uri: str, *, encoding: str | None = None, progress: bool = True,
-                say: Progress = print) -> tuple[Manifest, dict[str, Any]]:
+                say: Progress = print, faults: FaultPlan | None = None) -> tuple[Manifest, dict[str, Any]]:
     """Build (or finish) the teacher cache of `cfg` at `uri` on the connected Ray cluster.
 
     Returns (manifest, stats: shards written, tokens, seconds, tokens_per_s). A location holding a finished
     cache or a build of other settings is refused (CacheError); model paths must be resolved
-    (`embedded:` paths built) before."""
+    (`embedded:` paths built) before. faults: a test's FaultPlan (common/faults.py) for the engine stages."""
     from common.data.batching import load_training_set
     from common.data.tokenizer_check import check_tokenizers
     from common.roles import teacher_role_specs
@@ -115,7 +116,7 @@ def build_cache(cfg: RunConfig, uri: str, *, encoding: str | None = None, progre
         specs = teacher_role_specs(cfg)
         roles = build_roles(cfg)
         common = dict(scoring=head.scoring, k=cfg.loss.k, tau=cfg.loss.tau, pad_id=ts.pad_id,
-                      delay_s=cfg.testing.teacher_delay_s)
+                      faults=faults)
         ds = _inputs(head, pending, ts.examples)
         ds = ds.map_batches(TopKStage, batch_size=1, batch_format="numpy", **_stage_args(cfg, ROLE_SFT),
                             fn_constructor_kwargs=dict(role=ROLE_SFT, spec=specs[ROLE_SFT].model_dump(),
@@ -149,7 +150,8 @@ def _role_key(role: str, identity: dict[str, Any], head: BuildHead) -> tuple[str
 
 
 def add_role(cfg: RunConfig, uri: str, role: str = ROLE_STUDENT_BASE, student: ModelSpec | None = None, *,
-             progress: bool = True, say: Progress = print) -> tuple[Manifest, dict[str, Any]]:
+             progress: bool = True, say: Progress = print,
+             faults: FaultPlan | None = None) -> tuple[Manifest, dict[str, Any]]:
     """Score `role` (the student base: `student`, default models.student_base or models.student) at the ids of
     the finished cache at `uri`, write its shards and list it in the manifest. A cache may hold the role
     for several models (students of different sizes); adding one it holds already is a no-op."""
@@ -197,7 +199,7 @@ def add_role(cfg: RunConfig, uri: str, role: str = ROLE_STUDENT_BASE, student: M
         ds = ds.map_batches(GatherStage, batch_size=1, batch_format="numpy", **_stage_args(cfg, ROLE_SFT),
                             fn_constructor_kwargs=dict(role=role, spec=spec.model_dump(), scoring=scoring,
                                                        k=head.k, tau=float(head.valid_for.get("tau", 1.0)),
-                                                       pad_id=ts.pad_id, delay_s=cfg.testing.teacher_delay_s))
+                                                       pad_id=ts.pad_id, faults=faults))
         ds = ds.map_batches(WriteShard, batch_size=1, batch_format="numpy", num_cpus=0.5, compute=_one(),
                             fn_constructor_kwargs=dict(uri=uri, layout=asdict(layout), order=head.order,
                                                        shard_size=head.shard_size, num_examples=head.num_examples,

@@ -21,6 +21,8 @@ import json
 import sys
 from typing import Any
 
+from common.faults import FaultPlan
+
 from .encoded import read_shard
 from .errors import CacheError, CacheIncompleteError, ShardError
 from .fs import CacheLocation
@@ -113,7 +115,7 @@ def _load(config: str | None, overrides: list[str]) -> Any:
     return resolve_paths(load_config(config or str(DEFAULT_CONFIG), overrides))
 
 
-def _build(args: argparse.Namespace) -> int:
+def _build(args: argparse.Namespace, faults: FaultPlan | None = None) -> int:
     from teacher_service.ray_connect import connect_ray
 
     from .build import add_role, build_cache
@@ -121,18 +123,21 @@ def _build(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.set)
     connect_ray(args.address or None, logging_level="ERROR")
     if args.command == "build":
-        manifest, stats = build_cache(cfg, args.out, encoding=args.encoding, progress=not args.no_progress)
+        manifest, stats = build_cache(cfg, args.out, encoding=args.encoding, progress=not args.no_progress,
+                                      faults=faults)
     else:
         from common.config import ModelSpec
 
         student = ModelSpec(path=args.student) if args.student else None
-        manifest, stats = add_role(cfg, args.cache, args.role, student, progress=not args.no_progress)
+        manifest, stats = add_role(cfg, args.cache, args.role, student, progress=not args.no_progress,
+                                   faults=faults)
     if args.json:
         print(json.dumps({"stats": stats, "totals": manifest.to_json()["totals"]}, indent=1))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
+    """The CLI. `faults`: a test's FaultPlan (common/faults.py) for build / add-role; the CLI has none."""
     p = argparse.ArgumentParser(prog="python -m teacher_service.cache", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         from teacher_service.errors import RayConnectionError
 
         try:
-            return _build(args)
+            return _build(args, faults)
         except (ConfigError, RayConnectionError, CacheError, ValueError) as exc:  # bad input: nothing scored
             print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2 if not isinstance(exc, ShardError) else 3

@@ -18,11 +18,11 @@ shards: Ray Data may retry a shard on a restarted actor and gets the same bytes.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import numpy as np
 
+from common.faults import FaultPlan
 from common.reproducibility import apply_compute_settings
 from common.topk import MASS_EPS
 
@@ -63,21 +63,21 @@ class _EngineStage:
     """Shared set-up: compute settings, then the role's engine (teacher_service.actor.make_engine)."""
 
     def __init__(self, role: str, spec: dict[str, Any], scoring: dict[str, Any], k: int, tau: float, pad_id: int,
-                 engine: str = "hf", vllm_options: dict[str, Any] | None = None, delay_s: float = 0.0):
+                 engine: str = "hf", vllm_options: dict[str, Any] | None = None, faults: FaultPlan | None = None):
         from common.config import ModelSpec
         from teacher_service.actor import make_engine
 
         apply_compute_settings(scoring.get("compute"), where=f"cache build {role}")
         self.role, self.k, self.tau, self.pad_id = role, int(k), float(tau), int(pad_id)
         self.wire = str(scoring.get("wire_dtype", "float32"))
-        self.delay_s = float(delay_s)  # test-only: testing.teacher_delay_s, a sleep per batch
+        self.faults = faults  # a test's FaultPlan (common/faults.py): its teacher_delay_s sleeps per batch
         self.engine = make_engine(role, ModelSpec.model_validate(spec), engine, str(scoring.get("device", "auto")),
                                   str(scoring.get("dtype", "auto")), int(scoring.get("chunk_tokens", 1024)),
                                   vllm_options)
 
     def _sleep(self) -> None:
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.faults is not None:
+            self.faults.teacher_call()
 
 
 class TopKStage(_EngineStage):

@@ -25,6 +25,7 @@ from student_worker.record_handle import RecordHandle  # noqa: E402
 from student_worker.worker import StudentWorkerImpl  # noqa: E402
 from teacher_service.assemble import record_meta  # noqa: E402
 from tests.integration.test_student_training import make_cfg, tiny_setup  # noqa: E402
+from tests.tiny import state_digest  # noqa: E402
 from tests.unit.test_train_step import _batch, _record  # noqa: E402
 
 ROLES = ["sft", "base"]
@@ -92,14 +93,14 @@ def test_worker_steps_checkpoints_and_restores_on_the_device(run: dict[str, Any]
     worker.save_checkpoint(str(tmp), 2)
     final = ckpt.finalize_checkpoint(tmp, {"step": 2, "config": run["cfg"], "metrics": []}, keep=2)
     assert ("cuda" in json.loads((final / "rng-rank0.json").read_text())) == cuda
-    saved = worker.state_digest()
+    saved = state_digest(worker.model)
     draws = torch.rand(3, device=device)  # where the generator stood at the checkpoint
     want = _step(worker, run, 2, device)
 
     restored = StudentWorkerImpl(run["cfg"], 0, 1, generation=1)  # the driver's restore: a new group name
     restored.setup(f"tcp://127.0.0.1:{free_port()}", str(final))
     assert restored.next_step == 2
-    assert restored.state_digest() == saved
+    assert state_digest(restored.model) == saved
     assert torch.equal(torch.rand(3, device=device), draws)  # the device's RNG continues from the checkpoint
     got = _step(restored, run, 2, device)
     # the same weights, optimizer state and targets: step 2's forward (the loss) is the same bit for bit

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.config import dump_config
+from common.faults import FaultPlan
 from tests.integration.test_student_training import make_cfg, tiny_setup
 
 
@@ -134,8 +135,8 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
     cfg = make_cfg(paths, tmp_path / "unused", [
         "evaluation.enabled=true", "evaluation.max_new_tokens=4", f"training.max_steps={steps}",
         "training.num_workers=1", "training.batch_size=4", "training.checkpoint_every=2", "training.warmup_steps=1",
-        "training.prefetch=0",  # no teacher work runs ahead: the steps after the kill do need the teacher
-        "testing.step_delay_s=0.2"])  # each step pauses, so the kill lands mid-run
+        "training.prefetch=0"])  # no teacher work runs ahead: the steps after the kill do need the teacher
+    delayed = FaultPlan(step_delay_s=0.2)  # each step pauses, so the kill lands mid-run
     cfg_path = tmp_path / "exp.yaml"
     dump_config(cfg, cfg_path)
     out = tmp_path / "exp"
@@ -145,7 +146,7 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
     failing = out / "runs" / "delta_kd-seed0"
 
     box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(rc=main(argv)))
+    thread = threading.Thread(target=lambda: box.update(rc=main(argv, faults=delayed)))
     thread.start()
     try:
         deadline = time.monotonic() + 180
@@ -180,8 +181,8 @@ def test_a_run_failing_mid_training_keeps_finished_runs_and_a_rerun_reuses_them(
     left = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns]
     assert left == [], f"actors of the failed experiment left running: {left}"
 
-    # A rerun that fails before training (no teacher service to attach to) still lists the finished run.
-    argv += ["--set", "testing.step_delay_s=0"]  # test-only hooks are not part of a run's identity
+    # A rerun that fails before training (no teacher service to attach to) still lists the finished run. The
+    # reruns have no FaultPlan: injected faults are not part of a run's identity, so the runs are reused.
     sft_mtime = sft_report.stat().st_mtime_ns
     assert main([*argv, "--set", "teachers.attach=true"]) == 3
     assert "the teacher pool (attach" in capsys.readouterr().err

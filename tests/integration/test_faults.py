@@ -10,14 +10,15 @@ metrics rows (loss, parts, grad norm, lr, batch ids) and the final weights must 
 - the driver SIGKILLed mid-run (a CLI subprocess attached with --address): `--resume` gives the same weights;
 - one rank raising mid-step (after the input agreement: the other rank sits in DDP's all-reduce): the driver
   kills the group at once and restores it from the last checkpoint; same weights, recovered in seconds;
-- a crash while a checkpoint is written (testing.crash_in_checkpoint): the previous checkpoint is
+- a crash while a checkpoint is written (FaultPlan.crash_in_checkpoint): the previous checkpoint is
   intact, and resuming from it gives the same weights;
 - a teacher that stays dead (LAST: it kills the shared service): exit code 3, TeacherUnavailableError naming
   role and batch on stderr, a checkpoint of the completed steps; once teachers are back, resume completes.
 
-Kills are timed by polling metrics.jsonl; the test-only `testing.step_delay_s` (common/config.py) slows each
-step a little so "mid-run" is reliable without sleeps in production code. Hooks are config, so the runs
-with them and the reference run without are the same run for resume and comparisons.
+Kills are timed by polling metrics.jsonl; a FaultPlan's `step_delay_s` (common/faults.py) slows each step a
+little so "mid-run" is reliable without sleeps in production code. Faults are handed to the driver, not
+written in the config, so the runs with them and the reference run without are the same run for resume
+and comparisons. A CLI subprocess gets its plan through tests/integration/fault_run.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import pytest
 import ray
 
 from common.config import RunConfig, dump_config
+from common.faults import FaultPlan, RankError
 from student_worker import checkpoint as ckpt
 from tests.integration.test_student_training import (
     comparable,
@@ -51,7 +53,7 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 RUN_OVERRIDES = [f"training.max_steps={STEPS}", "training.checkpoint_every=2", "training.keep_checkpoints=8",
                  "training.batch_size=4", "output.plot=false"]
-DELAYED = ["testing.step_delay_s=0.25"]
+DELAYED = FaultPlan(step_delay_s=0.25)
 SUBPROCESS_TIMEOUT_S = 180
 
 pytestmark = pytest.mark.timeout(600)
@@ -69,9 +71,9 @@ def service(ray_cluster, tiny, tmp_path_factory):
                                ["teachers.max_restarts=2", "teachers.max_task_retries=-1"])
 
 
-def _cfg(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, hooks: list[str] | None = None) -> RunConfig:
+def _cfg(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, extra: list[str] | None = None) -> RunConfig:
     tag, attach = service
-    return make_cfg(tiny, out, attach + RUN_OVERRIDES + (hooks or []), tag=tag)
+    return make_cfg(tiny, out, attach + RUN_OVERRIDES + (extra or []), tag=tag)
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +129,18 @@ def _in_thread(cfg: RunConfig, **kwargs: Any) -> tuple[threading.Thread, dict[st
     return thread, box
 
 
-def _train_cli(cfg: RunConfig, tmp: Path, ray_cluster: dict, *args: str,
-               log_name: str = "driver.log") -> tuple[subprocess.Popen, Path]:
-    """`python -m student_worker.train` on this config, attached to the session cluster with --address."""
+def _train_cli(cfg: RunConfig, tmp: Path, ray_cluster: dict, *args: str, log_name: str = "driver.log",
+               faults: FaultPlan | None = None) -> tuple[subprocess.Popen, Path]:
+    """`python -m student_worker.train` on this config, attached to the session cluster with --address; with
+    `faults`, the same entry through tests/integration/fault_run.py."""
     config_path = tmp / f"{log_name}.yaml"
     dump_config(cfg, config_path)
     env = dict(os.environ)
     log = tmp / log_name
+    entry = ["student_worker.train"] if faults is None else [
+        "tests.integration.fault_run", "--faults", faults.to_json(), "train"]
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "student_worker.train", "--config", str(config_path),
+        proc = subprocess.Popen([sys.executable, "-m", *entry, "--config", str(config_path),
                                  "--address", ray_cluster["gcs_address"], "--no-progress", *args],
                                 cwd=REPO, env=env, stdout=f, stderr=subprocess.PIPE, text=True)
     return proc, log
@@ -153,10 +158,10 @@ def test_killed_teacher_is_restarted_and_the_run_equals_the_uninterrupted_one(
     from teacher_service.naming import replica_name
 
     out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out, DELAYED)
+    cfg = _cfg(tiny, service, out)
     sft = ray.get_actor(replica_name(cfg.teachers.name_prefix, "sft", 0), namespace=cfg.teachers.namespace)
     pid_before = ray.get(sft.health.remote())["pid"]
-    thread, box = _in_thread(cfg)
+    thread, box = _in_thread(cfg, faults=DELAYED)
     _wait_for_step(out, 2, thread.is_alive, "the run")
     ray.kill(sft, no_restart=False)  # Ray restarts it; calls in flight are retried on the new process
     thread.join()
@@ -180,10 +185,10 @@ def test_rank_raising_mid_step_kills_the_group_and_restores_it_at_once(tiny, ser
     """Rank 1 raises after the input agreement at step 5 (rank 0 goes on into DDP's all-reduce and would wait
     there for the collective timeout): the driver kills both at once and replays from checkpoint 4."""
     out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out, ["testing.rank_error={rank: 1, step: 5}", "training.collective_timeout_s=600"])
+    cfg = _cfg(tiny, service, out, ["training.collective_timeout_s=600"])
     from student_worker.driver import run_training
 
-    report = run_training(cfg, progress=False)
+    report = run_training(cfg, progress=False, faults=FaultPlan(rank_error=RankError(rank=1, step=5)))
     assert report["worker_restarts"] == 1
     (recovery,) = report["recoveries"]
     assert recovery["step"] == 5 and recovery["rank"] == 1 and recovery["restored_step"] == 4
@@ -196,8 +201,8 @@ def test_rank_raising_mid_step_kills_the_group_and_restores_it_at_once(tiny, ser
 def test_killed_student_worker_is_restored_from_the_last_checkpoint(
         tiny, service, reference, tmp_path) -> None:
     out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out, DELAYED)
-    thread, box = _in_thread(cfg)
+    cfg = _cfg(tiny, service, out)
+    thread, box = _in_thread(cfg, faults=DELAYED)
     _wait_for_step(out, 3, thread.is_alive, "the run")  # checkpoint 2 exists, step 3 is done
     names = _student_worker_names(cfg)
     assert len(names) == 2 and names[1].startswith(f"{cfg.run_name}-student-1-"), names
@@ -213,7 +218,7 @@ def test_killed_student_worker_is_restored_from_the_last_checkpoint(
 def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, reference, ray_cluster, tmp_path) -> None:
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out)
-    proc, _ = _train_cli(_cfg(tiny, service, out, DELAYED), tmp_path, ray_cluster, log_name="a.log")
+    proc, _ = _train_cli(cfg, tmp_path, ray_cluster, log_name="a.log", faults=DELAYED)
     try:
         _wait_for_step(out, 3, lambda: proc.poll() is None, "the CLI driver")
         proc.send_signal(signal.SIGKILL)
@@ -235,10 +240,10 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     from student_worker.driver import run_training
 
     out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out)  # the resume below runs without the hook
-    proc, log = _train_cli(_cfg(tiny, service, out, ["testing.crash_in_checkpoint=4"]), tmp_path, ray_cluster)
+    cfg = _cfg(tiny, service, out)  # the resume below runs without the fault
+    proc, log = _train_cli(cfg, tmp_path, ray_cluster, faults=FaultPlan(crash_in_checkpoint=4))
     _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    assert proc.returncode == 1, f"expected the hook's exit 1:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
+    assert proc.returncode == 1, f"expected the fault's exit 1:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
     root = out / "checkpoints"
     assert (root / "ckpt-000004.tmp" / "state.json").read_text() == '{"step": ', "no half-written checkpoint"
     previous = ckpt.latest_checkpoint(root)
@@ -263,7 +268,7 @@ def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out)
     ns, prefix = cfg.teachers.namespace, cfg.teachers.name_prefix
-    proc, log = _train_cli(_cfg(tiny, service, out, DELAYED), tmp_path, ray_cluster)
+    proc, log = _train_cli(cfg, tmp_path, ray_cluster, faults=DELAYED)
     try:
         _wait_for_step(out, 2, lambda: proc.poll() is None, "the CLI driver")
         ray.kill(ray.get_actor(replica_name(prefix, "base", 0), namespace=ns), no_restart=True)

@@ -31,6 +31,7 @@ import pytest
 import ray
 
 from common.config import RunConfig, config_from_dict, dump_config
+from common.faults import FaultPlan
 from student_worker import checkpoint as ckpt
 from student_worker.on_policy import SAMPLES_FILE
 from tests.integration.test_student_training import (
@@ -246,11 +247,13 @@ def test_lag1_run_survives_a_killed_teacher_worker_and_driver(tiny, service, ray
     out = tmp_path / "faults"
     cfg = _cfg(tiny, service, out, *LAG1)
     config_path = tmp_path / "faults.yaml"
-    dump_config(_cfg(tiny, service, out, *LAG1, "testing.step_delay_s=0.3"), config_path)
+    dump_config(cfg, config_path)
     log = tmp_path / "driver.log"
+    delayed = FaultPlan(step_delay_s=0.3).to_json()  # the CLI's own main, with a FaultPlan
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "student_worker.train", "--config", str(config_path),
-                                 "--address", ray_cluster["gcs_address"], "--no-progress"],
+        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.fault_run", "--faults", delayed, "train",
+                                 "--config", str(config_path), "--address", ray_cluster["gcs_address"],
+                                 "--no-progress"],
                                 cwd=REPO, env=dict(os.environ), stdout=f, stderr=subprocess.STDOUT, text=True)
     try:
         alive = lambda: proc.poll() is None  # noqa: E731

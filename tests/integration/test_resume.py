@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from common.faults import FaultPlan
 from tests.integration.test_student_training import (
     comparable,
     load_weights,
@@ -70,12 +71,12 @@ def test_dead_teacher_checkpoints_completed_steps_and_names_role_and_batch(ray_c
     out = tmp_path / "dies"
     # 40 undelayed tiny steps take ~2 s on a fast machine; 0.1 s per step keeps the kill well inside the run.
     cfg = make_cfg(tiny, out, attach + ["training.max_steps=40", "training.checkpoint_every=100",
-                                        "training.prefetch=1", "testing.step_delay_s=0.1"], tag=tag)
+                                        "training.prefetch=1"], tag=tag)
     errors: list[BaseException] = []
 
     def target() -> None:
         try:
-            run_training(cfg, progress=False)
+            run_training(cfg, progress=False, faults=FaultPlan(step_delay_s=0.1))
         except BaseException as exc:
             errors.append(exc)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from common.config import RunConfig, config_from_dict
+from common.faults import FaultPlan
 from student_worker.report import TIMING_KEYS as REPORT_TIMING_KEYS
 from tests.tiny import make_model_set
 
@@ -173,10 +174,11 @@ def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path):
     # Six undelayed sft steps can finish between two polls (CI once saw none); a 0.3 s pause per step keeps
     # the workers training for ~2 s, so the poll below sees the run mid-training several times.
     out = tmp_path / "sft"
-    cfg = make_cfg(tiny, out, ["loss.method=sft", "training.max_steps=6", "testing.step_delay_s=0.3"])
+    cfg = make_cfg(tiny, out, ["loss.method=sft", "training.max_steps=6"])
     seen: list[list[str]] = []
     result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(run_training(cfg, progress=False)))
+    delayed = FaultPlan(step_delay_s=0.3)
+    thread = threading.Thread(target=lambda: result.update(run_training(cfg, progress=False, faults=delayed)))
     thread.start()
     while thread.is_alive():  # while the workers train, look for any actor of this run's teacher names
         if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text():

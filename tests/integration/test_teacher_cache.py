@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from common.config import RunConfig, dump_config
+from common.faults import FaultPlan
 from tests.integration.test_student_training import (
     comparable,
     make_cfg,
@@ -231,12 +232,14 @@ def test_a_build_survives_a_killed_worker_and_a_killed_driver(tiny, service, ref
     from teacher_service.cache import CacheReader
     from teacher_service.cache.build import build_cache
 
-    cfg = cfg_for(tiny, service, tmp_path / "b", FP32 + ["testing.teacher_delay_s=0.4"])
+    cfg = cfg_for(tiny, service, tmp_path / "b", FP32)
+    delayed = FaultPlan(teacher_delay_s=0.4)  # every stage sleeps per batch: the kills land mid-build
     uri = tmp_path / "c"
     config_path = tmp_path / "build.yaml"
     dump_config(cfg, config_path)
-    proc = subprocess.Popen([sys.executable, "-m", "teacher_service.cache", "build", "--config", str(config_path),
-                             "--out", str(uri), "--address", ray_cluster["gcs_address"], "--no-progress"],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.fault_run", "--faults", delayed.to_json(),
+                             "cache", "build", "--config", str(config_path), "--out", str(uri),
+                             "--address", ray_cluster["gcs_address"], "--no-progress"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait(lambda: _sidecars(uri) >= 2 or proc.poll() is not None, "two shards of the CLI build")
@@ -252,7 +255,7 @@ def test_a_build_survives_a_killed_worker_and_a_killed_driver(tiny, service, ref
 
     def resume() -> None:
         try:
-            box["result"] = build_cache(cfg, str(uri), progress=False, say=lambda _: None)
+            box["result"] = build_cache(cfg, str(uri), progress=False, say=lambda _: None, faults=delayed)
         except BaseException as exc:  # reported by the assertion below
             box["error"] = exc
 

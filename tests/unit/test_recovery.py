@@ -7,9 +7,10 @@ import pickle
 import ray
 
 from common.config import config_from_dict
+from common.faults import InjectedRankError
 from common.losses.targets import LossInputError
 from student_worker.recovery import WorkerCrash, is_fatal_rank_error, rejection_error, teacher_inflight_cap
-from student_worker.worker import InjectedRankError, PeerInputError, StepRejected
+from student_worker.worker import PeerInputError, StepRejected
 from teacher_service.errors import TeacherUnavailableError
 
 BASE = {"models": {"base_teacher": {"path": "b"}, "sft_teacher": {"path": "s"}, "student": {"path": "st"}}}
@@ -22,7 +23,7 @@ def _remote(exc: BaseException) -> BaseException:
 
 def test_bad_input_after_the_agreement_stops_the_run_other_rank_errors_are_retried():
     assert is_fatal_rank_error(_remote(LossInputError("batch 7: label not in rows")))
-    assert not is_fatal_rank_error(_remote(InjectedRankError("testing.rank_error")))
+    assert not is_fatal_rank_error(_remote(InjectedRankError("FaultPlan.rank_error")))
     assert not is_fatal_rank_error(_remote(RuntimeError("CUDA error: an illegal memory access")))
     crash = WorkerCrash(1, _remote(InjectedRankError("rank 1 raises mid-step at step 5")), raised=True)
     assert str(crash) == ("student worker rank 1 raised mid-step: InjectedRankError: rank 1 raises mid-step at "
