@@ -8,7 +8,7 @@ backward to the hidden states and the head.
 - `loss_naive`: logits = hidden @ W^T for every position, then the dense formula with dense lp_T1, lp_T0,
   lp_S0 [N, V] fp32 inputs (`naive_delta_kd`);
 - `loss_logits` (before): the same logits through autograd, then `distillation_loss(logits, ...)`;
-- `loss_fused_c<C>` (after): `distillation_loss(HiddenStates(hidden, W), ...)` with loss.chunk_tokens = C.
+- `loss_fused_c<C>` (after): `distillation_loss(HiddenStates(hidden, W), ...)` with loss.loss_chunk_rows = C.
 "loss temporaries" = peak RSS during fwd + bwd minus the RSS with the inputs built, minus the gradients
 the loss must return (the head's [V, H] and the hidden states' [N, H], fp32): what the loss itself adds.
 
@@ -112,7 +112,7 @@ def _loss_variant(variant: str, vocab: int, tokens: int, repeats: int) -> dict[s
     labels = torch.randint(0, vocab, (1, tokens), generator=gen)
     labels[0, : tokens // 8] = -100  # a prompt: ignored positions, as in real batches
     chunk = int(variant.rsplit("_c", 1)[1]) if "_c" in variant else 256
-    cfg = LossConfig(method="delta_kd", k=K, chunk_tokens=chunk)
+    cfg = LossConfig(method="delta_kd", k=K, loss_chunk_rows=chunk)
     if variant == "loss_naive":
         dense = [torch.log_softmax(torch.randn(tokens, vocab, generator=gen) * 3, dim=-1) for _ in range(3)]
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1024, help="positions of the loss-level variants")
     p.add_argument("--vocabs", default="75968,151936", help="comma-separated vocabulary sizes")
-    p.add_argument("--chunks", default="256,128", help="loss.chunk_tokens of the fused loss variants")
+    p.add_argument("--chunks", default="256,128", help="loss.loss_chunk_rows of the fused loss variants")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)

@@ -115,7 +115,7 @@ class TeacherPool:
             opts["lifetime"] = "detached"
         try:
             return TeacherActor.options(**opts).remote(
-                role, spec, engine, t.device, t.dtype, t.chunk_tokens, t.wire_dtype,
+                role, spec, engine, t.device, t.dtype, t.score_chunk_rows, t.wire_dtype,
                 max(32, 4 * t.max_inflight_per_replica), options if engine == "vllm" else None,
                 compute=cfg.reproducibility.model_dump(), faults=faults)
         except ValueError as err:  # a named actor of that name already exists

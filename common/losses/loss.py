@@ -11,7 +11,7 @@ the caller divides once by the global token count.
 
 The student comes as logits `[B, T, V']` or as `HiddenStates` (last hidden states + LM head); the frozen
 student base (lp_S0, when the targets lack the role) likewise. Either way the counted rows are processed
-`cfg.chunk_tokens` at a time in fp32 `[chunk, V]` blocks allocated once per call (`work`: the chunk's
+`cfg.loss_chunk_rows` at a time in fp32 `[chunk, V]` blocks allocated once per call (`work`: the chunk's
 logits, then their gradient; `scratch`: logsumexp temporaries and the CE softmax; `base`: the student
 base's row, only when it is an input). Nothing `[B, T, V]` exists on the hidden-state path, and no fp32
 `[N, V]` on either. The gradient with respect to the logits is formed analytically from the gradient of
@@ -266,12 +266,12 @@ def distillation_loss(
     with torch.autocast(dev_type, enabled=False):
         src = row_source(student, vocab, need_grad, mm_dtype)
         base_src = None if student_base is None else row_source(student_base, vocab, False, mm_dtype)
-        width = min(cfg.chunk_tokens, n)
+        width = min(cfg.loss_chunk_rows, n)
         work = torch.empty((width, vocab), dtype=torch.float32, device=device)
         scratch = torch.empty_like(work)
         base_block = torch.empty_like(work) if base_src is not None and cfg.method != "sft" else None
-        for start in range(0, n, cfg.chunk_tokens):
-            stop = min(start + cfg.chunk_tokens, n)
+        for start in range(0, n, cfg.loss_chunk_rows):
+            stop = min(start + cfg.loss_chunk_rows, n)
             r, c = rows[start:stop], stop - start
             lab = flat_labels[start:stop]
             x = src.logits_into(r, work[:c])  # the chunk's fp32 [c, V] logits z

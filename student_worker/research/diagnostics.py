@@ -115,7 +115,7 @@ def shift_diagnostics(cfg: RunConfig, pool: Any, num_batches: int) -> dict[str, 
         for b, record in zip(batches, ray.get(refs)):
             t = {k: torch.as_tensor(np.array(b[k])) for k in ("input_ids", "attention_mask")}
             targets = add_student_base(model, {**t, "input_ids": t["input_ids"].long()}, targets_from_record(record),
-                                       cfg.loss.chunk_tokens)
+                                       cfg.loss.loss_chunk_rows)
             # targets hold the counted positions only (rows = the batch's loss_mask, flat b * T + t)
             ids, label = targets.ids, torch.as_tensor(b["labels"]).reshape(-1)[targets.rows]
             at = {r: teacher_atoms(targets.logprobs[r], targets.tail[r], "bucket")

@@ -71,7 +71,7 @@ def build_head(cfg: RunConfig, train_set: Any, encoding: str | None = None) -> B
     scoring = {
         "plan": {"batch_size": plan.global_batch_size, "num_workers": plan.num_workers, "seed": plan.seed,
                  "shuffle": plan.shuffle, "length_buckets": plan.length_buckets},
-        "batch": b, "wire_dtype": t.wire_dtype, "chunk_tokens": t.chunk_tokens, "dtype": t.dtype,
+        "batch": b, "wire_dtype": t.wire_dtype, "chunk_tokens": t.score_chunk_rows, "dtype": t.dtype,
         "device": t.device, "sft_engine": t.engine,
         "compute": cfg.reproducibility.model_dump(mode="json"),
     }

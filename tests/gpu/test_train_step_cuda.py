@@ -95,9 +95,9 @@ def test_frozen_base_in_the_master_dtype_gives_s0_equal_to_s_under_autocast(mode
     copies = {"master_dtype": copy.deepcopy(ms["student"]).to(device),
               "bfloat16": copy.deepcopy(ms["student"]).to(device, torch.bfloat16)}
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        own = ts.add_student_base(_module(student, cfg), batch, targets, cfg.chunk_tokens).logprobs["student_base"]
+        own = ts.add_student_base(_module(student, cfg), batch, targets, cfg.loss_chunk_rows).logprobs["student_base"]
         lp = {name: ts.add_student_base(_module(m.eval().requires_grad_(False), cfg), batch, targets,
-                                        cfg.chunk_tokens).logprobs["student_base"] for name, m in copies.items()}
+                                        cfg.loss_chunk_rows).logprobs["student_base"] for name, m in copies.items()}
     assert own.device.type == device.type and own.dtype == torch.float32
     assert torch.equal(lp["master_dtype"], own)
     diff = float((lp["bfloat16"] - own).abs().max())

@@ -32,7 +32,7 @@ PARALLELOGRAM = {"delta_kd": 0.4, "kd": 0.2, "delta_match": 0.1, "jsd": 0.1, "de
 
 
 def cfg_for(method: str, tail: str = "bucket", **kw) -> LossConfig:
-    base = dict(method=method, tail=tail, lam=0.25, jsd_beta=0.3, chunk_tokens=8, weights=PARALLELOGRAM)
+    base = dict(method=method, tail=tail, lam=0.25, jsd_beta=0.3, loss_chunk_rows=8, weights=PARALLELOGRAM)
     base.update(kw)
     return LossConfig(**base)
 

@@ -105,3 +105,20 @@ def test_dump_and_reload_round_trip(tmp_path):
     other = config_from_dict(MINIMAL, ["loss.tau=3.0"])
     assert config_hash(other) != config_hash(cfg)
     assert "loss.tau: 2.0 != 3.0" in config_diff(cfg.model_dump(), other.model_dump())
+
+
+def test_renamed_chunk_keys_name_their_new_keys_and_saved_configs_read_back() -> None:
+    """The two chunk sizes have distinct names; the old shared name fails with a hint naming the new key, and a
+    config this program saved under the old names reads back under the new ones."""
+    from common.config import RENAMED_KEYS, without_retired_keys
+
+    assert RENAMED_KEYS == {"loss.chunk_tokens": "loss.loss_chunk_rows",
+                            "teachers.chunk_tokens": "teachers.score_chunk_rows"}
+    base = {"models": {r: {"path": "x"} for r in ("base_teacher", "sft_teacher", "student")}}
+    for old, new in RENAMED_KEYS.items():
+        with pytest.raises(ConfigError, match=rf"unknown key '{old}' \(renamed: did you mean '{new}'\?\)"):
+            config_from_dict(base, [f"{old}=64"])
+    saved = {**base, "loss": {"chunk_tokens": 64}, "teachers": {"chunk_tokens": 32}, "testing": {}}
+    cfg = config_from_dict(without_retired_keys(saved))
+    assert (cfg.loss.loss_chunk_rows, cfg.teachers.score_chunk_rows) == (64, 32)
+    assert saved["loss"] == {"chunk_tokens": 64}  # the input is not changed

@@ -121,7 +121,7 @@ def test_random_shapes(b, t, v, data):
         case = make_case(b, t, v, k=k, seed=v + 1000, pad=0)
     if not bool((case.labels != -100).any()):
         return
-    cfg = cfg_for(method, tail, chunk_tokens=chunk)
+    cfg = cfg_for(method, tail, loss_chunk_rows=chunk)
     # The float32 tolerances assume ~40 counted tokens (gradient entries of the mean ~1/N); here N may be 1,
     # so the gradients' absolute bounds scale with 40 / N.
     scale = max(1.0, 40 / int((case.labels != -100).sum()))
@@ -214,8 +214,8 @@ def test_all_masked_batch_is_zero_with_finite_grads(method, tail, kind):
 @pytest.mark.parametrize("method", METHODS)
 def test_chunking_invariance(method, tail, kind):
     case = make_case(k=6, seed=10)
-    one = run_both(case, cfg_for(method, tail, chunk_tokens=1), kind=kind)
-    big = run_both(case, cfg_for(method, tail, chunk_tokens=4096), kind=kind)
+    one = run_both(case, cfg_for(method, tail, loss_chunk_rows=1), kind=kind)
+    big = run_both(case, cfg_for(method, tail, loss_chunk_rows=4096), kind=kind)
     torch.testing.assert_close(one[0], big[0], rtol=1e-6, atol=1e-6)
     for a, b in zip(one[1], big[1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

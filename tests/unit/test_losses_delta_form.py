@@ -213,8 +213,8 @@ def test_all_masked_batch_is_zero_in_the_paper_form(method):
 @pytest.mark.parametrize("form", FORMS)
 def test_chunking_invariance(form):
     case = make_case(k=6, seed=53)
-    one = run_both(case, cfg_for("parallelogram", alpha=0.7, delta_form=form, chunk_tokens=1))
-    big = run_both(case, cfg_for("parallelogram", alpha=0.7, delta_form=form, chunk_tokens=4096))
+    one = run_both(case, cfg_for("parallelogram", alpha=0.7, delta_form=form, loss_chunk_rows=1))
+    big = run_both(case, cfg_for("parallelogram", alpha=0.7, delta_form=form, loss_chunk_rows=4096))
     torch.testing.assert_close(one[0], big[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(one[1][0], big[1][0], rtol=1e-6, atol=1e-6)
 
