@@ -27,9 +27,12 @@ import numpy as np
 import torch
 
 from common.config import (
+    RESUME_FREE,
     ConfigError,
+    RunConfig,
     config_diff,
     config_from_dict,
+    keys_with_policy,
     with_legacy_delta_form,
     without_retired_keys,
 )
@@ -58,16 +61,9 @@ STATE_FILE = "state.json"
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
 
-# Keys that may differ between the run that wrote a checkpoint and the one resuming from it: the budget, where
-# outputs go, evaluation, where the teachers run (their models, k, tau and wire are still compared), where the
-# records come from (live or a teacher cache, which is checked against the run's models, k, tau and data when
-# opened), how often the console logs, the collective timeout, gradient checkpointing (it recomputes the same
-# activations: a run that ran out of memory can resume with it on), and tracking.
-RESUME_IGNORED_KEYS = ("training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.",
-                       "teachers.namespace", "teachers.name_prefix", "teachers.attach", "teachers.source",
-                       "teachers.cache", "teachers.cache_encoding", "teachers.cache_shard_size",
-                       "teachers.cache_on_error", "teachers.cache_memory_mb", "training.log_every",
-                       "training.collective_timeout_s", "training.gradient_checkpointing", "logging.")
+# Keys that may differ between the run that wrote a checkpoint and the one resuming from it: the schema's
+# RESUME_FREE fields and sections (common/config/base.py says which and why; a trailing '.' is a section).
+RESUME_IGNORED_KEYS = tuple(keys_with_policy(RunConfig, RESUME_FREE))
 
 
 class CheckpointError(RuntimeError):

@@ -16,8 +16,11 @@ from .base import (
     LOSS_METHODS,
     OBJECTIVE_METHODS,
     PAIR_SHIFT_METHODS,
+    RESUME_FREE,
+    RUNTIME,
     STUDENT_BASE_TAIL_METHODS,
     ConfigError,
+    keys_with_policy,
 )
 from .data import ColumnsConfig, DataConfig
 from .embedded import EMBEDDED_PRESET_DEFAULTS, EmbeddedConfig, EmbeddedModelShape
@@ -86,6 +89,9 @@ __all__ = [
     "config_hash",
     "config_diff",
     "RETIRED_KEYS",
+    "RESUME_FREE",
+    "RUNTIME",
+    "keys_with_policy",
     "RENAMED_KEYS",
     "without_retired_keys",
 ]

@@ -4,11 +4,12 @@ and the did-you-mean hint."""
 from __future__ import annotations
 
 import difflib
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["ConfigError", "did_you_mean", "LOSS_METHODS", "OBJECTIVE_METHODS", "STUDENT_BASE_TAIL_METHODS",
+__all__ = ["ConfigError", "did_you_mean", "RESUME_FREE", "RUNTIME", "policy", "keys_with_policy", "LOSS_METHODS",
+           "OBJECTIVE_METHODS", "STUDENT_BASE_TAIL_METHODS",
            "DELTA_FORMS", "DELTA_FORM_METHODS", "PAIR_SHIFT_METHODS", "DType", "WireDType", "LossMethod"]
 
 LOSS_METHODS = (
@@ -51,3 +52,35 @@ class Strict(BaseModel):
 def did_you_mean(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# How a key counts beyond its value, declared on the field (`Field(..., json_schema_extra=policy(...))`) and
+# read by `keys_with_policy`; a tag on a section covers every key in it.
+# - RESUME_FREE: may differ between the run that wrote a checkpoint and the run resuming from it (the budget,
+#   where outputs go, evaluation, where the teachers run and where records come from: the teachers' models, k,
+#   tau and wire are still compared, and a cache is checked against the run when opened), how often the
+#   console logs, the collective timeout, gradient checkpointing (it recomputes the same activations), tracking.
+# - RUNTIME: where a run writes, which actors it talks to and where it logs, not what it computes (left out of
+#   an experiment run's identity).
+RESUME_FREE = "resume_free"
+RUNTIME = "runtime"
+
+
+def policy(*tags: str) -> dict[str, Any]:
+    """The `json_schema_extra` of a field with these policy tags."""
+    return {"policy": list(tags)}
+
+
+def keys_with_policy(model: type[BaseModel], tag: str, prefix: str = "") -> list[str]:
+    """Dotted keys of `model` tagged `tag`, in schema order; a tagged section is `"name."` (all of it)."""
+    out: list[str] = []
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        ann = field.annotation
+        section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        tags = extra.get("policy")
+        if isinstance(tags, list) and tag in tags:
+            out.append(f"{prefix}{name}." if section is not None else f"{prefix}{name}")
+        elif section is not None:
+            out.extend(keys_with_policy(section, tag, f"{prefix}{name}."))
+    return out

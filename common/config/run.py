@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from .base import Strict
+from .base import RESUME_FREE, RUNTIME, Strict, policy
 from .data import DataConfig
 from .embedded import EmbeddedConfig
 from .loss import LossConfig
@@ -18,7 +18,7 @@ __all__ = ["RunConfig"]
 
 
 class RunConfig(Strict):
-    run_name: str = "deltakd"
+    run_name: str = Field(default="deltakd", json_schema_extra=policy(RUNTIME))
     seed: int = 0
     models: ModelsConfig
     data: DataConfig = Field(default_factory=DataConfig)
@@ -26,11 +26,11 @@ class RunConfig(Strict):
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, json_schema_extra=policy(RESUME_FREE))
     output: OutputConfig = Field(default_factory=OutputConfig)
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
     reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, json_schema_extra=policy(RESUME_FREE, RUNTIME))
 
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> RunConfig:

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 
 from common.codec import ENCODINGS
 
-from .base import DType, Strict, WireDType, did_you_mean
+from .base import RESUME_FREE, RUNTIME, DType, Strict, WireDType, did_you_mean, policy
 
 __all__ = ["TeachersConfig", "TransportConfig"]
 
@@ -32,22 +32,24 @@ class TeachersConfig(Strict):
     # `python -m teacher_service.cache build`), no teacher actor is started; auto: read `cache` when it is
     # complete for this run, else run live for the first epoch and write every record through to it, then
     # read it from the second epoch on (and in later runs).
-    source: Literal["live", "cache", "auto"] = "live"
-    cache: str | None = None  # a folder or a pyarrow file system URI (file://, s3://, gs://)
+    source: Literal["live", "cache", "auto"] = Field(default="live", json_schema_extra=policy(RESUME_FREE))
+    # a folder or a pyarrow file system URI (file://, s3://, gs://)
+    cache: str | None = Field(default=None, json_schema_extra=policy(RESUME_FREE))
     # How a build (and auto's write-through) stores records: a common.codec preset (fp32 is lossless; the
     # default q8d10 is 304 B per token at k = 64, V = 152,064; docs/PERFORMANCE.md has the table).
-    cache_encoding: str = "q8d10"
+    cache_encoding: str = Field(default="q8d10", json_schema_extra=policy(RESUME_FREE))
     # Examples per cache shard; a build rounds it up to a multiple of the per-rank batch so that each shard
     # holds whole batches of the plan it replays.
-    cache_shard_size: int = Field(default=512, gt=0)
+    cache_shard_size: int = Field(default=512, gt=0, json_schema_extra=policy(RESUME_FREE))
     # A shard whose checksum fails while training: stop the run (after a checkpoint of the completed steps),
     # or recompute that batch live through a running teacher service (teachers.namespace / name_prefix).
-    cache_on_error: Literal["stop", "live"] = "stop"
+    cache_on_error: Literal["stop", "live"] = Field(default="stop", json_schema_extra=policy(RESUME_FREE))
     # Encoded shards each rank's reader keeps in memory (about the shard files' size).
-    cache_memory_mb: int = Field(default=1024, gt=0)
-    namespace: str = "deltakd"
-    name_prefix: str = "teacher"
-    attach: bool = False  # attach to a running `python -m teacher_service serve` instead of starting teachers
+    cache_memory_mb: int = Field(default=1024, gt=0, json_schema_extra=policy(RESUME_FREE))
+    namespace: str = Field(default="deltakd", json_schema_extra=policy(RESUME_FREE, RUNTIME))
+    name_prefix: str = Field(default="teacher", json_schema_extra=policy(RESUME_FREE, RUNTIME))
+    # attach to a running `python -m teacher_service serve` instead of starting teachers
+    attach: bool = Field(default=False, json_schema_extra=policy(RESUME_FREE, RUNTIME))
     max_restarts: int = Field(default=3, ge=-1)
     max_task_retries: int = Field(default=3, ge=-1)
     max_inflight_per_replica: int = Field(default=4, gt=0)

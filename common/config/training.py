@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import Strict
+from .base import RESUME_FREE, RUNTIME, Strict, policy
 
 __all__ = ["OnPolicyConfig", "TrainingConfig", "EvaluationConfig", "OutputConfig", "ReproducibilityConfig", "LoggingConfig"]
 
@@ -53,7 +53,7 @@ class TrainingConfig(Strict):
     # Custom Ray resources each student worker asks for, e.g. {student_gpu: 1} to land on student nodes.
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     batch_size: int = Field(default=8, gt=0)  # global batch (sequences per step), split across workers
-    max_steps: int = Field(default=100, gt=0)
+    max_steps: int = Field(default=100, gt=0, json_schema_extra=policy(RESUME_FREE))
     lr: float = Field(default=5e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
@@ -68,15 +68,15 @@ class TrainingConfig(Strict):
     grad_compression: Literal["none", "bf16"] = "none"
     # The progress bar's figures refresh, or (no bar: --no-progress) one console line is printed, every
     # log_every steps; metrics.jsonl always gets every step.
-    log_every: int = Field(default=10, gt=0)
+    log_every: int = Field(default=10, gt=0, json_schema_extra=policy(RESUME_FREE))
     # Timeout of every collective of the students' process group (gloo and NCCL). A backstop only: the
     # driver kills the whole group on the first rank error. It must exceed the longest time one rank can
     # wait in a collective for another: at each step's input agreement, a rank whose teacher record is late
     # (a teacher restarting, loading its model) keeps the others waiting.
-    collective_timeout_s: float = Field(default=1800.0, gt=0)
+    collective_timeout_s: float = Field(default=1800.0, gt=0, json_schema_extra=policy(RESUME_FREE))
     # Recompute each decoder layer's activations in backward (less memory, ~1/3 more compute), set in the
     # student worker's setup.
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(default=False, json_schema_extra=policy(RESUME_FREE))
     # On-policy batches (off by default: fraction 0).
     on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
 
@@ -115,11 +115,11 @@ class EvaluationConfig(Strict):
 
 
 class OutputConfig(Strict):
-    dir: str = "runs/{run_name}"
+    dir: str = Field(default="runs/{run_name}", json_schema_extra=policy(RESUME_FREE, RUNTIME))
     plot: bool = True
     # The driver checks that every student worker sees output.dir (a shared file system on several nodes);
     # false turns the failed check into a warning (weights then stay on the workers' nodes).
-    require_shared_dir: bool = True
+    require_shared_dir: bool = Field(default=True, json_schema_extra=policy(RESUME_FREE))
 
 
 class ReproducibilityConfig(Strict):

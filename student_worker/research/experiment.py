@@ -59,9 +59,11 @@ from pathlib import Path
 from typing import Any
 
 from common.config import (
+    RUNTIME,
     ConfigError,
     RunConfig,
     config_from_dict,
+    keys_with_policy,
     with_legacy_delta_form,
     without_retired_keys,
 )
@@ -91,8 +93,8 @@ __all__ = ["ExperimentError", "RUN_OVERRIDES", "run_key", "shared_key", "aggrega
 # fixed reference models once itself).
 RUN_OVERRIDES = ("evaluation.evaluate_before=false", "evaluation.evaluate_teacher=false")
 # Keys that say where a run writes, which actors it talks to and where it logs, not what it computes.
-_RUNTIME_KEYS = (("teachers", "namespace"), ("teachers", "name_prefix"), ("teachers", "attach"),
-                 ("output", "dir"), ("run_name",), ("logging",))
+# (the schema's RUNTIME keys, common/config/base.py).
+_RUNTIME_KEYS = tuple(tuple(key.rstrip(".").split(".")) for key in keys_with_policy(RunConfig, RUNTIME))
 
 
 def _digest(data: dict[str, Any]) -> str:

@@ -122,3 +122,17 @@ def test_renamed_chunk_keys_name_their_new_keys_and_saved_configs_read_back() ->
     cfg = config_from_dict(without_retired_keys(saved))
     assert (cfg.loss.loss_chunk_rows, cfg.teachers.score_chunk_rows) == (64, 32)
     assert saved["loss"] == {"chunk_tokens": 64}  # the input is not changed
+
+
+def test_resume_and_run_identity_policy_comes_from_the_schema() -> None:
+    """Which keys may differ on --resume and which are not part of an experiment run's identity is declared on
+    the fields (common/config/base.py policy tags), not kept as string lists elsewhere; the sets are pinned."""
+    from common.config import RESUME_FREE, RUNTIME, RunConfig, keys_with_policy
+
+    assert set(keys_with_policy(RunConfig, RESUME_FREE)) == {
+        "training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.", "teachers.namespace",
+        "teachers.name_prefix", "teachers.attach", "teachers.source", "teachers.cache", "teachers.cache_encoding",
+        "teachers.cache_shard_size", "teachers.cache_on_error", "teachers.cache_memory_mb", "training.log_every",
+        "training.collective_timeout_s", "training.gradient_checkpointing", "logging."}
+    assert set(keys_with_policy(RunConfig, RUNTIME)) == {
+        "teachers.namespace", "teachers.name_prefix", "teachers.attach", "output.dir", "run_name", "logging."}
