@@ -44,7 +44,7 @@ RECORD_PATH = {"topk_tensors", "gather_tensors", "_topk", "_gather", "_for_trans
 METRIC_RTOL = 1e-3
 FORWARD_KEYS = ("loss", "ce", "distill", "target_entropy")
 PROJECT_FUNCTIONS = RECORD_PATH | {"to_numpy_wire", "warm_up", "save_checkpoint", "write_rng_state", "setup",
-                                   "load_checkpoint", "state_digest", "weights", "_step", "health"}
+                                   "load_checkpoint", "_step", "health"}
 
 
 @pytest.fixture(scope="module")

@@ -80,3 +80,19 @@ def test_resume_ignores_log_every_and_the_collective_timeout_and_the_old_testing
     other = config_from_dict(BASE, ["data.length_buckets=4"]).model_dump(mode="json")
     with pytest.raises(ckpt.CheckpointError, match="data.length_buckets"):
         ckpt.check_resume_config(final, other)
+
+
+def test_a_finished_run_saved_with_the_old_testing_section_is_still_reused(tmp_path):
+    import yaml
+
+    from student_worker.experiment import _reusable, run_key
+
+    cfg = config_from_dict(BASE)
+    old = {**cfg.model_dump(mode="json"), "testing": {"step_delay_s": 0.2, "teacher_delay_s": 0.0,
+                                                       "crash_in_checkpoint": None, "rank_error": None}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))  # as dump_config wrote it then
+    report = {"method": "kd", "rouge": {"student_after": {"rougeL": 0.5}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert _reusable(tmp_path, run_key(cfg)) == report
+    other = config_from_dict(BASE, ["training.max_steps=7"])
+    assert _reusable(tmp_path, run_key(other)) is None
