@@ -194,7 +194,7 @@ def t_interval(scores: Any, level: float = 0.95) -> Interval:
     docstring: two-way crossed variance, Satterthwaite df), with the two-sided p of mean = 0.
 
     S = 1: the t-interval over examples (df N - 1); N = 1: over seeds (df S - 1). All scores equal: a
-    point interval (df inf). Raises ValueError for a single score (no spread to measure), an empty matrix,
+    point interval (df None). Raises ValueError for a single score (no spread to measure), an empty matrix,
     non-finite scores or a level outside (0, 1)."""
     d = _matrix(scores, level)
     s, n = d.shape
@@ -216,8 +216,8 @@ def t_interval(scores: Any, level: float = 0.95) -> Interval:
         terms = [(ms_seed, s - 1)] if s > 1 else [(ms_ex, n - 1)]
     total = sum(m for m, _ in terms)
     var = max(total, 0.0) / (s * n)
-    if var <= 0.0:
-        return Interval(mean, mean, mean, level, s, n, 0, "t", math.inf, 0.0 if mean != 0.0 else 1.0)
+    if var <= 0.0:  # all scores equal: no spread, no df (None: experiment.json stays standard JSON)
+        return Interval(mean, mean, mean, level, s, n, 0, "t", None, 0.0 if mean != 0.0 else 1.0)
     df = total**2 / sum(m * m / k for m, k in terms)
     half = t_quantile(0.5 + level / 2.0, df) * math.sqrt(var)
     return Interval(mean, mean - half, mean + half, level, s, n, 0, "t", df,

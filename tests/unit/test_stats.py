@@ -192,7 +192,8 @@ def test_t_interval_two_way_by_hand():
 
 def test_t_interval_edge_cases_and_p_agrees_with_the_interval():
     point = t_interval(np.full((3, 4), 0.25))
-    assert point.lo == point.hi == 0.25 and point.p_value == 0.0
+    assert point.lo == point.hi == 0.25 and point.p_value == 0.0 and point.df is None
+    assert "t with" not in verdict("a", "b", point)
     with pytest.raises(ValueError, match="one score"):
         t_interval([0.5])
     rng = np.random.default_rng(5)
