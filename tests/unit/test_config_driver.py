@@ -85,7 +85,7 @@ def test_resume_ignores_log_every_and_the_collective_timeout_and_the_old_testing
 def test_a_finished_run_saved_with_the_old_testing_section_is_still_reused(tmp_path):
     import yaml
 
-    from student_worker.experiment import _reusable, run_key
+    from student_worker.research.experiment import _reusable, run_key
 
     cfg = config_from_dict(BASE)
     old = {**cfg.model_dump(mode="json"), "testing": {"step_delay_s": 0.2, "teacher_delay_s": 0.0,
