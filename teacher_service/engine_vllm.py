@@ -18,7 +18,7 @@ Normaliser: vLLM normalises over `config.vocab_size` rows (152,064 for Qwen2-7B)
 the tokenizer's 151,646 (padded rows cut). The engine therefore loads a cut view of the checkpoint
 (`teacher_service.vocab_cut`), so both engines normalise over the same rows exactly.
 tau: prompt log-probs are at temperature 1 and the top-k alone cannot give the normaliser at another
-tau, so the config refuses `teachers.engine: vllm` with `loss.tau != 1` (common/config.py).
+tau, so the config refuses `teachers.engine: vllm` with `loss.tau != 1` (common/config/run.py).
 `include`: vLLM's actual token is the next input token (the label); that is the only id it can force
 into the support (K = k + 1); another include raises.
 """

@@ -38,7 +38,7 @@ KEY_ALIASES: dict[str, str] = {
     "jsd_beta": "loss.jsd_beta",
     "lr": "training.lr",
     "steps": "training.max_steps",
-    # on-policy batches (common/config.py OnPolicyConfig): `delta_kd@on_policy=0.5,lag=1`
+    # on-policy batches (common/config/training.py OnPolicyConfig): `delta_kd@on_policy=0.5,lag=1`
     "on_policy": "training.on_policy.fraction",
     "lag": "training.on_policy.lag",
     "temperature": "training.on_policy.temperature",
