@@ -56,6 +56,7 @@ from student_worker.distributed import (
 from student_worker.evaluate import evaluate_model
 from student_worker.on_policy import generate_samples, generation_eos_ids, sample_seed
 from student_worker.record_handle import RDT, fetch_record, receive_targets
+from student_worker.step_clock import COMPUTE_PARTS, STEP_PARTS, TEACHER_WAIT_PARTS, StepClock
 from student_worker.train_step import (
     enable_gradient_checkpointing,
     loss_forward_module,
@@ -66,22 +67,6 @@ from student_worker.train_step import (
 __all__ = ["StudentWorker", "StudentWorkerImpl", "StepRejected", "PeerInputError", "StepOrderError",
            "STEP_PARTS", "TEACHER_WAIT_PARTS", "COMPUTE_PARTS"]
 
-# The named parts of a step, in time order; they sum to the step's `step_s` (within float rounding):
-#   dispatch_s     the worker had no call to run: waiting for the driver (bookkeeping, a blocked submit)
-#   checkpoint_s   writing this rank's checkpoint parts since the previous step
-#   sample_s       drawing on-policy samples since the previous step (this step's; with on_policy.lag 1,
-#                  the next step's, drawn before this one trains)
-#   record_wait_s  waiting for this rank's teacher record (object store: ray.get; RDT: the gap before the call)
-#   peer_wait_s    the input agreement all-reduce: waiting for the other ranks to have their records
-#   prepare_s      validating the record, building the loss targets, moving the batch to the device
-#   forward_s      the student's (and the frozen base's) forward and the loss
-#   backward_s     backward computation
-#   allreduce_s    the gradient all-reduce left exposed after backward's computation (DDP overlaps the rest)
-#   optimizer_s    gradient clipping, the optimizer and the scheduler step
-STEP_PARTS = ("dispatch_s", "checkpoint_s", "sample_s", "record_wait_s", "peer_wait_s", "prepare_s", "forward_s",
-              "backward_s", "allreduce_s", "optimizer_s")
-TEACHER_WAIT_PARTS = ("record_wait_s",)
-COMPUTE_PARTS = ("prepare_s", "forward_s", "backward_s", "allreduce_s", "optimizer_s")
 
 
 class StepRejected(RuntimeError):
@@ -245,7 +230,7 @@ class StudentWorkerImpl:
 
         return placement()
 
-    def _start_step(self, step: int, rdt: bool) -> _StepClock:
+    def _start_step(self, step: int, rdt: bool) -> StepClock:
         """Check the call order and start the step's clock (the time since the previous call is its first
         part: `dispatch_s`, or on RDT, where Ray fetches the record before the call, `record_wait_s`)."""
         now = time.perf_counter()
@@ -253,7 +238,7 @@ class StudentWorkerImpl:
             self._mark = now  # this call's time is the next step's dispatch lag
             raise StepOrderError(f"rank {self.rank}: step {step} called but the next step is {self.next_step} "
                                  f"(an earlier step failed); nothing was done")
-        clock = _StepClock(self._mark, now, before=self._idle_s + self._checkpoint_s + self._sample_s)
+        clock = StepClock(self._mark, now, before=self._idle_s + self._checkpoint_s + self._sample_s)
         clock.add("dispatch_s", self._idle_s + (0.0 if rdt else now - self._mark))
         clock.add("checkpoint_s", self._checkpoint_s)
         clock.add("sample_s", self._sample_s)
@@ -262,7 +247,7 @@ class StudentWorkerImpl:
         return clock
 
     def _step(self, step: int, batch_np: dict[str, np.ndarray], make_targets: Callable[[], SparseTargets | None],
-              error: BaseException | None, global_tokens: int, clock: _StepClock) -> dict[str, Any]:
+              error: BaseException | None, global_tokens: int, clock: StepClock) -> dict[str, Any]:
         """make_targets: validates this rank's record and builds its loss targets (None for sft); run here,
         before the input agreement, so a bad record is one more rank error that every rank learns of."""
         expected_id = step * self.world_size + self.rank
@@ -378,30 +363,6 @@ class StudentWorkerImpl:
             return evaluate_model(self.model, self.tokenizer, examples, max_new_tokens, batch_size)
         finally:
             self._end_call()
-
-
-class _StepClock:
-    """Consecutive named intervals of one step call, from `start` (the end of the worker's previous call).
-
-    `before`: seconds that belong to this step but lie before `start` (the idle gap before a checkpoint save
-    and the save itself, which ran between the previous step and this one). `lap(name)` closes the interval
-    since the last mark; `add` books seconds measured separately (the caller keeps them consecutive)."""
-
-    def __init__(self, start: float, now: float, before: float):
-        self.start, self.last, self.before = start, now, before
-        self.parts: dict[str, float] = dict.fromkeys(STEP_PARTS, 0.0)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.parts[name] += seconds
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.parts[name] += now - self.last
-        self.last = now
-
-    def total(self) -> float:
-        """The step's `step_s`: `before` plus the time from `start` to the last mark."""
-        return self.before + (self.last - self.start)
 
 
 # The receiving side of RDT needs enable_tensor_transport even without a transport method of its own.
