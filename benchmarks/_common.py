@@ -282,9 +282,22 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                         "default: start a private local one and shut it down at the end")
 
 
+def default_object_store_bytes(cap: int = 2 * 2**30, share: float = 0.25, meminfo: str = "/proc/meminfo") -> int:
+    """The object store a private cluster asks for: `share` of the memory available now, at most `cap` (at
+    least 256 MiB). A fixed 2 GiB on a machine whose memory starts small is most of it."""
+    try:
+        with open(meminfo) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return cap
+    return max(256 * 2**20, min(cap, int(available * share)))
+
+
 @contextmanager
-def ray_session(address: str | None, num_cpus: int = 8, object_store_bytes: int = 2 * 2**30) -> Iterator[Any]:
-    """A Ray connection for one script: attach to `address`, or start a private local cluster.
+def ray_session(address: str | None, num_cpus: int = 8, object_store_bytes: int | None = None) -> Iterator[Any]:
+    """A Ray connection for one script: attach to `address`, or start a private local cluster (its object
+    store `object_store_bytes`, default `default_object_store_bytes()`).
 
     Never `ray stop`: a private cluster is ended with ray.shutdown(), which touches no one else's.
     """
@@ -299,7 +312,8 @@ def ray_session(address: str | None, num_cpus: int = 8, object_store_bytes: int 
     else:
         temp_dir = tempfile.mkdtemp(prefix="dkb-", dir="/tmp")  # short: Ray's socket paths have a limit
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
-                 object_store_memory=object_store_bytes, logging_level="ERROR", log_to_driver=False)
+                 object_store_memory=object_store_bytes or default_object_store_bytes(), logging_level="ERROR",
+                 log_to_driver=False)
     try:
         yield ray
     finally:

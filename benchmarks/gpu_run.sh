@@ -6,16 +6,21 @@
 #
 # It prints nvidia-smi and ray.cluster_resources() first, then runs, each part under its own timeout and
 # all inside one budget (DELTAKD_GPU_BUDGET_S, default 540 s, under the device's 10-minute command limit),
-# the parts that need no Ray before the ones that do, so a hang in Ray still leaves the others' results:
-#   1. pytest tests/gpu without the Ray test      4. gpu_check --parts rdt (Ray, cuda_ipc)
-#   2. gpu_check --parts teacher                  5. pytest tests/gpu/test_record_path_ray.py (Ray)
-#   3. gpu_check --parts loss,student
+# the most valuable first (the real-shape figures nothing else can measure), so a slow first start skips
+# only the last parts; the limits of parts 1-4 and the set-up add up to less than the budget
+# (tests/unit/test_gpu_run_script.py checks both):
+#   1. gpu_check --parts teacher                  4. pytest tests/gpu without the Ray test
+#   2. gpu_check --parts loss,student             5. pytest tests/gpu/test_record_path_ray.py (Ray; what is left)
+#   3. gpu_check --parts rdt (Ray, cuda_ipc)
+# Memory: Ray's memory monitor is off for these runs (RAY_memory_monitor_refresh_ms=0: a machine whose memory
+# starts small and grows must not have workers killed at start), and the object store is sized from the memory
+# available (benchmarks/_common.py default_object_store_bytes), not a fixed 2 GiB.
 # Everything lands in $OUT (at most 8 files): gpu_run.log (this log: each part's exit code and seconds, the
 # targets and the tests' measured facts), env.txt, pytest_gpu.txt, gpu_facts.jsonl, gpu_check.json,
 # gpu_check.txt.
 #
-# DELTAKD_GPU_PARTS (default: all) picks parts for a rerun, comma-separated: tests, teacher, loss_student,
-# rdt, tests_ray (the numbered parts above); the environment report always runs.
+# DELTAKD_GPU_PARTS (default: all) picks parts for a rerun, comma-separated: teacher, loss_student, rdt,
+# tests, tests_ray (the numbered parts above); the environment report always runs.
 #
 # DELTAKD_GPU_DRYRUN=1 runs the same on a machine without CUDA (the tests on the CPU, gpu_check at --scale
 # toy, RDT over gloo) into $OUT or /tmp/deltakd-gpu-run-dry/: it checks the script and the tests,
@@ -38,10 +43,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/gpu_run.log
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 DELTAKD_GPU_DRYRUN=$DRY
+export RAY_memory_monitor_refresh_ms=0
 export DELTAKD_GPU_FACTS=$OUT/gpu_facts.jsonl
 : > "$LOG"; : > "$OUT/pytest_gpu.txt"; : > "$OUT/gpu_check.txt"; : > "$DELTAKD_GPU_FACTS"
 
-PARTS=${DELTAKD_GPU_PARTS:-tests,teacher,loss_student,rdt,tests_ray}
+PARTS=${DELTAKD_GPU_PARTS:-teacher,loss_student,rdt,tests,tests_ray}
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 log() { echo "[gpu_run +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
@@ -75,7 +81,7 @@ log "deltakd gpu_run: parts=$PARTS dry_run=$DRY scale=$SCALE python=$PY out=$OUT
   "$PY" -c "import accelerate; print('accelerate', accelerate.__version__)" 2>&1 || echo "no accelerate: engines load on the host, then move"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" >> "$LOG"
-run "ray.cluster_resources" 60 "$OUT/env.txt" "$PY" -c "
+run "ray.cluster_resources" 40 "$OUT/env.txt" "$PY" -c "
 import tempfile, ray
 ray.init(address='local', include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix='dkr-', dir='/tmp'))
 print('ray', ray.__version__, 'cluster_resources', ray.cluster_resources())
@@ -101,18 +107,18 @@ if __name__ == "__main__":
     print("cuda_ipc probe: the child read sum", r.get(timeout=60), "of", float(x.sum()))
     p.join()
 PY
-  run "cuda_ipc probe" 60 "$OUT/env.txt" "$PY" /tmp/deltakd_ipc_probe.py
+  run "cuda_ipc probe" 40 "$OUT/env.txt" "$PY" /tmp/deltakd_ipc_probe.py
   grep -E "cuda_ipc probe|Error" "$OUT/env.txt" | tail -3 >> "$LOG"
 fi
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=10)
 # pytest-timeout's per-test limit (inside the part's) prints the stacks of a hung test before the kill
-want tests && run "pytest tests/gpu (no Ray)" 150 "$OUT/pytest_gpu.txt" "${PYTEST[@]}" --timeout 60 tests/gpu \
-  --ignore=tests/gpu/test_record_path_ray.py
 CHECK=("$PY" benchmarks/gpu_check.py --scale "$SCALE" --out-dir "$OUT" --merge --repeats 3)
 want teacher && run "gpu_check teacher" 120 "$OUT/gpu_check.txt" "${CHECK[@]}" --parts teacher
 want loss_student && run "gpu_check loss,student" 100 "$OUT/gpu_check.txt" "${CHECK[@]}" --parts loss,student
 want rdt && run "gpu_check rdt" 90 "$OUT/gpu_check.txt" "${CHECK[@]}" --parts rdt
+want tests && run "pytest tests/gpu (no Ray)" 120 "$OUT/pytest_gpu.txt" "${PYTEST[@]}" --timeout 60 tests/gpu \
+  --ignore=tests/gpu/test_record_path_ray.py
 want tests_ray && run "pytest tests/gpu/test_record_path_ray.py" 150 "$OUT/pytest_gpu.txt" "${PYTEST[@]}" --timeout 130 \
   tests/gpu/test_record_path_ray.py
 

@@ -84,8 +84,15 @@ def make_engine(role: str, spec: ModelSpec, engine: str = "hf", device: str = "a
 
 
 def placement() -> dict[str, Any]:
-    """Where the calling Ray worker runs: {"node_id", "gpu_ids"} (used to pick the RDT transport)."""
-    return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [int(g) for g in ray.get_gpu_ids()]}
+    """Where the calling Ray worker runs: {"node_id", "gpu_ids"} (used to pick the RDT transport). GPU ids are
+    kept as Ray gives them, as strings: Ray returns strings, UUIDs where CUDA_VISIBLE_DEVICES names devices
+    by UUID (`gpu_id_strings`)."""
+    return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": gpu_id_strings(ray.get_gpu_ids())}
+
+
+def gpu_id_strings(ids: Any) -> list[str]:
+    """Ray's GPU ids as strings ("0", "1", or "GPU-8f2e..." UUIDs), never parsed as numbers."""
+    return [str(g) for g in ids]
 
 
 @ray.remote(enable_tensor_transport=True)
@@ -198,9 +205,18 @@ class TeacherActor:
                                    transport)
 
     @ray.method(tensor_transport="gloo")
+    def support_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
+                        k: int, tau: float, include: np.ndarray | None = None, transport: str = "gloo") -> Part:
+        """{"ids": [N, K]}: the support of `topk_tensors` for one gathering teacher (from the result cache), so
+        that each RDT object has one reader (teacher_service/chain.py says why)."""
+        ids = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include)["ids"]
+        return {"ids": ids.cpu() if transport == "gloo" and ids.is_cuda else ids}
+
+    @ray.method(tensor_transport="gloo")
     def gather_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
                        support: Any, tau: float, transport: str = "gloo") -> Part:
-        """`gather` as the engine's tensors, for RDT; `support` is the sft part, received as tensors."""
+        """`gather` as the engine's tensors, for RDT; `support` is this gatherer's support part (received as
+        tensors: `support_tensors`)."""
         return self._for_transport(self._gather(batch_id, input_ids, attention_mask, rows, support, tau),
                                    transport)
 

@@ -1,8 +1,12 @@
 """The teacher call chain of one batch: the SFT teacher's top-k, then every gathering role at its support.
 
 Shared by `TeacherPool` (routed, object store or RDT) and `TeacherClient.record` (round robin), so a change to
-the chain is made once. The sft result ref goes, as a direct argument, to each gathering role: the support ids
-travel teacher to teacher and the caller never fetches them.
+the chain is made once. The support ids travel teacher to teacher as direct arguments; the caller never fetches
+them. Object store: the sft result ref itself goes to each gathering role (an object-store object may have any
+number of readers). RDT: each gathering role gets its own support part from the sft actor (`support_tensors`,
+served from the actor's result cache), so every RDT object has exactly one reader: the sft part is read by the
+student worker alone. (A cuda_ipc object read twice is never freed: Ray sends its IPC handle to every reader,
+while PyTorch's IPC reference count expects one release, so the sender keeps every such part alive.)
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ def call_chain(roles: list[str], pick: Pick, batch_id: Any, input_ids: Any, atte
     input_ids / attention_mask: [B, T] arrays or object refs to them; rows: [N] flat b * T + t (or a ref);
     include: optional [N] ids forced into the sft support (K = k + 1). wire=False asks for fp32 log-probs
     (object-store calls only). tensor_transport ("gloo", "nccl", "cuda_ipc") uses the actors' RDT methods:
-    every part, the sft part included, which the gathering teachers also receive, goes with that transport.
+    every part goes with that transport, and each RDT object (the sft part, each gatherer's support part) has
+    exactly one reader.
     """
     def call(handle: Any, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         if tensor_transport is None:
@@ -41,8 +46,10 @@ def call_chain(roles: list[str], pick: Pick, batch_id: Any, input_ids: Any, atte
     sft_ref = call(sft, "topk", batch_id, input_ids, attention_mask, rows, k, tau, include=include)
     calls = [(ROLE_SFT, i, sft_ref)]
     for role in gather_roles(roles):
+        support = sft_ref if tensor_transport is None else call(sft, "support", batch_id, input_ids, attention_mask,
+                                                                rows, k, tau, include=include)
         i, h = pick(role)
-        calls.append((role, i, call(h, "gather", batch_id, input_ids, attention_mask, rows, sft_ref, tau)))
+        calls.append((role, i, call(h, "gather", batch_id, input_ids, attention_mask, rows, support, tau)))
     return calls
 
 

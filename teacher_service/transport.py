@@ -43,10 +43,10 @@ def choose_rdt_transport(configured: str, teachers: list[dict[str, Any]],
     teachers: one placement per teacher replica: {"role", "node_id", "gpu_ids", "device"} (its `health()`).
     receivers: the receiving workers' placements {"node_id", "gpu_ids"}, or None when unknown.
 
-    auto: gloo when any teacher or receiver has no GPU; cuda_ipc when every part can be mapped by every
-    reader (every teacher -> every receiver, and every sft replica -> every gathering teacher: same node,
-    reader holding the sender's GPU); else nccl, unless two members share a GPU (NCCL cannot), which is an
-    error naming them.
+    auto: gloo when any teacher or receiver has no GPU; cuda_ipc when every part can be mapped by its reader
+    (every teacher -> every receiver, and every sft replica -> every gathering teacher, which reads its own
+    support part: same node, reader holding the sender's GPU); else nccl, unless two members share a GPU
+    (NCCL cannot), which is an error naming them. GPU ids are compared as given (strings or UUIDs).
     """
     if configured != "auto":
         if configured not in RDT_TRANSPORTS:
@@ -64,10 +64,10 @@ def choose_rdt_transport(configured: str, teachers: list[dict[str, Any]],
     if all(_ipc_reachable(t, r) for t in teachers
            for r in (list(receivers) + (gatherers if t.get("role") == ROLE_SFT else []))):
         return "cuda_ipc"
-    seen: dict[tuple[Any, int], int] = {}
+    seen: dict[tuple[Any, str], int] = {}
     for j, m in enumerate(members):
         for g in m.get("gpu_ids") or []:
-            key = (m.get("node_id"), int(g))
+            key = (m.get("node_id"), str(g))
             if key in seen:
                 a, b = (_name(seen[key], len(teachers)), _name(j, len(teachers)))
                 raise ValueError(f"transport.rdt_backend=auto: {a} and {b} share GPU {g} on one node, which NCCL "

@@ -144,7 +144,7 @@ def test_rdt_path_makes_no_numpy_conversion_from_top_k_to_loss(ray_cluster: dict
             metrics = ray.get(worker.train_step.remote(0, batch, int(lm.sum()), handle.head, *handle.parts))
         assert metrics["tokens"] == int(lm.sum()) and np.isfinite(metrics["loss_sum"])
         calls = read(log)
-        record_path = {"topk_tensors", "gather_tensors", "_topk", "_gather", "train_step",
+        record_path = {"topk_tensors", "support_tensors", "gather_tensors", "_topk", "_gather", "train_step",
                        "receive_targets", "targets_from_parts", "distillation_loss"}
         on_path = [c for c in calls if record_path & set(c["stack"])]
         assert not on_path, f"numpy conversions on the RDT record path: {on_path}"
