@@ -27,6 +27,8 @@ import warnings
 from importlib import metadata
 from typing import Any
 
+import torch
+
 __all__ = ["PINNED_ENV", "apply_compute_settings", "compute_info", "cpu_has_avx2"]
 
 # The environment a pinned x86-64 process computes with.
@@ -70,8 +72,6 @@ def apply_compute_settings(cfg: Any, where: str = "this process") -> dict[str, A
     pin = isa == "avx2" and cpu_has_avx2()
     if pin:
         os.environ.update(PINNED_ENV)
-    import torch
-
     if threads is not None:
         torch.set_num_threads(int(threads))
     if deterministic:
@@ -87,8 +87,6 @@ def apply_compute_settings(cfg: Any, where: str = "this process") -> dict[str, A
 
 def compute_info() -> dict[str, Any]:
     """What this process computes with: torch threads and kernel set, the pinning variables, versions."""
-    import torch
-
     info: dict[str, Any] = {
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),

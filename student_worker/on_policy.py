@@ -35,6 +35,7 @@ import torch
 from common.config import OnPolicyConfig
 from common.data.batching import TokenizedExample, collate
 from common.data.examples import DataError
+from student_worker.checkpoint import CheckpointError
 
 __all__ = ["OnPolicyError", "SAMPLES_FILE", "STAT_KEYS", "is_on_policy_step", "sample_seed", "on_policy_prompts",
            "generation_eos_ids", "student_eos_ids", "generate_samples", "samples_from_generated", "sampled_batch", "sample_stats",
@@ -107,6 +108,7 @@ def generation_eos_ids(generation_config: Any, name: str) -> list[int]:
 def student_eos_ids(path: str, revision: str | None = None, trust_remote_code: bool = False) -> list[int]:
     """The student's EOS ids as `from_pretrained` would set them (generation_config.json, else config.json),
     read without loading weights (the driver's preflight)."""
+    # deferred: transformers costs ~1.0 s at import (measured); the driver's start-up imports this module
     from transformers import AutoConfig, GenerationConfig
 
     try:
@@ -129,7 +131,7 @@ def generate_samples(model: Any, prompts: Sequence[Sequence[int]], *, eos_ids: l
     process's other random streams are where they were. Returns numpy arrays: tokens int32 [B, G] (G <=
     max_new_tokens; after a row's end: pad_id), lengths int32 [B] (tokens of each sample, its EOS included),
     eos bool [B] (ended with an EOS; false: cut at max_new_tokens), and seconds."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # deferred: as in student_eos_ids
 
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -212,8 +214,6 @@ def save_samples(ckpt_dir: str | Path, step: int, samples: Sequence[dict[str, An
 def load_samples(ckpt_dir: str | Path, step: int, world: int) -> list[dict[str, Any]]:
     """The samples `save_samples` wrote for `step` (one dict per rank). Raises CheckpointError naming the
     file when it is missing or holds another step or world size."""
-    from student_worker.checkpoint import CheckpointError
-
     path = Path(ckpt_dir) / SAMPLES_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a checkpoint of a training.on_policy.lag=1 run carries the "

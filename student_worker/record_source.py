@@ -26,10 +26,20 @@ from typing import Any, Protocol
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from common.config import RunConfig
+from common.data.batching import collate
 from common.roles import cache_roles
 from student_worker.record_handle import RecordHandle
+from teacher_service.cache import CacheIncompleteError, CacheMismatchError, open_for_run
+from teacher_service.cache.feeder import CacheFeeder
+from teacher_service.cache.filler import CacheFiller
+from teacher_service.cache.fs import CacheLocation
+from teacher_service.cache.identity import examples_fingerprint, run_roles
+from teacher_service.cache.manifest import load_build_head
+from teacher_service.cache.plan import build_head
+from teacher_service.cache.writer import _head_differences
 
 __all__ = ["RecordSource", "LiveSource", "CacheSource", "AutoSource", "CachePlan", "check_cache",
            "open_record_source"]
@@ -123,13 +133,6 @@ def check_cache(cfg: RunConfig, train_set: Any) -> CachePlan | None:
     t = cfg.teachers
     if t.source == "live" or cfg.loss.method == "sft":
         return None
-    from teacher_service.cache import CacheIncompleteError, CacheMismatchError, open_for_run
-    from teacher_service.cache.fs import CacheLocation
-    from teacher_service.cache.identity import examples_fingerprint, run_roles
-    from teacher_service.cache.manifest import load_build_head
-    from teacher_service.cache.plan import build_head
-    from teacher_service.cache.writer import _head_differences
-
     assert t.cache is not None  # the config requires it
     from_cache = t.student_base_source == "cache"
     roles = cache_roles(cfg, from_cache)
@@ -156,8 +159,6 @@ class CacheSource:
     kind = "cache"
 
     def __init__(self, cfg: RunConfig, plan: CachePlan, batch_plan: Any, workers: list[Any]):
-        from teacher_service.cache.feeder import CacheFeeder
-
         t = cfg.teachers
         self.uri, self.plan, self.batch_plan = plan.uri, plan, batch_plan
         self.on_error = t.cache_on_error
@@ -171,8 +172,6 @@ class CacheSource:
         for rank in range(cfg.training.num_workers):
             opts: dict[str, Any] = {}
             if rank < len(where):  # next to its worker: the record crosses no network
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
                 opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(where[rank]["node_id"], soft=True)
             self.feeders.append(CacheFeeder.options(**opts).remote(
                 plan.uri, plan.roles, plan.run_roles, t.cache_memory_mb << 20, t.cache_on_error, live,
@@ -215,8 +214,6 @@ class AutoSource:
     kind = "auto"
 
     def __init__(self, cfg: RunConfig, plan: CachePlan, train_set: Any, live: LiveSource, workers: list[Any]):
-        from teacher_service.cache.filler import CacheFiller
-
         self.cfg, self.plan, self.ts, self.live, self.workers = cfg, plan, train_set, live, workers
         self.head = plan.head
         self.filler = CacheFiller.remote(plan.uri, self.head.to_json())
@@ -259,8 +256,6 @@ class AutoSource:
     def _complete(self) -> None:
         """Score the build batches that hold examples no live batch brought, then write the manifest (queued
         behind the filler's adds)."""
-        from common.data.batching import collate
-
         missing = self.pending_examples - self.forwarded
         order = self.head.order or list(range(self.head.num_examples))
         b = int(self.head.scoring.get("batch", 1))

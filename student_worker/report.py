@@ -104,6 +104,7 @@ def rouge_table(report: dict[str, Any]) -> str:
 
 def plot_losses(metrics: list[dict[str, Any]], path: Path) -> None:
     """Loss and its parts (ce, distill, loss_<component>) against the step, PNG via matplotlib Agg."""
+    # deferred: matplotlib.pyplot costs ~1.5 s at import (measured); the driver's start-up imports this module
     import matplotlib
 
     matplotlib.use("Agg")

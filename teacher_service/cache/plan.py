@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from common.config import RunConfig
+from common.data.batching import TokenizedExample, collate
+from common.roles import teacher_role_specs
 from common.topk import ROLE_STUDENT_BASE, rows_from_mask
 
 from .identity import examples_fingerprint, run_roles, run_valid_for
@@ -41,8 +43,6 @@ __all__ = ["build_roles", "build_head", "shard_batches", "ShardInput", "batch_in
 def build_roles(cfg: RunConfig) -> list[str]:
     """The roles a build stores: every teacher role of the config (sft first, base, extra pairs), never
     `student_base` (student-specific: `cache add-role` adds it)."""
-    from common.roles import teacher_role_specs
-
     return [r for r in teacher_role_specs(cfg) if r != ROLE_STUDENT_BASE]
 
 
@@ -132,8 +132,6 @@ def batch_inputs(inp: ShardInput, pad_id: int) -> list[dict[str, Any]]:
     """The shard's build batches as the live pool sends them: input_ids int32, attention_mask int32 [B, T]
     (`collate`, T = the batch's longest), rows int32 [N] (rows_from_mask of the loss mask), plus examples,
     lengths and the batch shape."""
-    from common.data.batching import TokenizedExample, collate
-
     ends = np.cumsum(inp.lengths)
     starts = ends - inp.lengths
     out, at = [], 0

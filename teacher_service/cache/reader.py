@@ -25,9 +25,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from common.roles import cache_roles
+
 from .encoded import EncodedShard
 from .errors import CacheRoleError, ShardError
 from .fs import CacheLocation
+from .identity import run_roles, run_valid_for
 from .manifest import AddedRole, Manifest, check_run, load_manifest, role_differences
 from .records import ExampleRecord, assemble_batch, encoding_mass_eps
 from .shard import DecodedShard, read_shard_table
@@ -240,10 +243,6 @@ def open_for_run(uri: str, cfg: Any, *, tokenizer_fingerprint: str, vocab_size: 
     """A CacheReader checked against a run config (`common.config.RunConfig`): its settings and models
     (identity.run_valid_for / run_roles) and the roles its loss method reads from a cache
     (common.roles.cache_roles; student_base only when lp_S0 is to come from the cache)."""
-    from common.roles import cache_roles
-
-    from .identity import run_roles, run_valid_for
-
     roles = cache_roles(cfg, student_base_from_cache)
     why = f"loss.method {cfg.loss.method}" + (", lp_S0 from the cache" if student_base_from_cache else "")
     return CacheReader(uri, run_valid_for=run_valid_for(cfg, tokenizer_fingerprint=tokenizer_fingerprint,
