@@ -286,6 +286,8 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
 def ray_session(address: str | None, num_cpus: int = 8, object_store_bytes: int = 2 * 2**30) -> Iterator[Any]:
     """A Ray connection for one script: attach to `address`, or start a private local cluster.
 
+    A caller already connected (the smoke suite, tests/integration/test_benchmarks_smoke.py, runs the
+    scripts' mains in its own process) keeps its connection: it is used as is and left open.
     Never `ray stop`: a private cluster is ended with ray.shutdown(), which touches no one else's.
     """
     import shutil
@@ -293,6 +295,9 @@ def ray_session(address: str | None, num_cpus: int = 8, object_store_bytes: int 
 
     import ray
 
+    if ray.is_initialized():
+        yield ray
+        return
     temp_dir = None
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
