@@ -74,8 +74,11 @@ def _train(cfg: Any, out: Path) -> dict[str, Any]:
                                "shards_read": f["shards_read"]} for r, f in enumerate(feeders)]}
 
 
-def cache_runs(smoke: bool, steps: int) -> dict[str, Any]:
-    """The figures of the module docstring (the caller holds the Ray connection)."""
+def cache_runs(smoke: bool, steps: int, models_dir: Path | None = None) -> dict[str, Any]:
+    """The figures of the module docstring (the caller holds the Ray connection).
+
+    models_dir: smoke only, where the miniature embedded models are built or found (default: a temp dir).
+    """
     from common.codec import DEFAULT_ENCODING
     from common.config import load_config
     from common.data.batching import load_training_set
@@ -86,7 +89,7 @@ def cache_runs(smoke: bool, steps: int) -> dict[str, Any]:
         root = Path(tmp)
         sets = RUN_SETS + [f"training.max_steps={steps}"]
         if smoke:
-            sets += SMOKE_SETS + [f"embedded.cache_dir={root / 'models'}"]
+            sets += SMOKE_SETS + [f"embedded.cache_dir={models_dir or root / 'models'}"]
 
         def cfg_of(extra: list[str], out: str) -> Any:
             return resolve_paths(load_config(TINY, sets + extra + [f"output.dir={root / out}"]))

@@ -299,6 +299,8 @@ def ray_session(address: str | None, num_cpus: int = 8, object_store_bytes: int 
     """A Ray connection for one script: attach to `address`, or start a private local cluster (its object
     store `object_store_bytes`, default `default_object_store_bytes()`).
 
+    A caller already connected (the smoke suite, tests/integration/test_benchmarks_smoke.py, runs the
+    scripts' mains in its own process) keeps its connection: it is used as is and left open.
     Never `ray stop`: a private cluster is ended with ray.shutdown(), which touches no one else's.
     """
     import shutil
@@ -306,6 +308,9 @@ def ray_session(address: str | None, num_cpus: int = 8, object_store_bytes: int 
 
     import ray
 
+    if ray.is_initialized():
+        yield ray
+        return
     temp_dir = None
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)

@@ -12,9 +12,12 @@ first `prefetch + 2` steps). No target is set for this figure in the issue; it i
 
 Isolation: the runs attach to one cluster this script starts (or `--ray-address`) by explicit address,
 so they never find someone else's head through `address="auto"`. The embedded models are built (or
-found in the cache) before the first timed run; `--smoke` builds miniature ones in a temp cache.
+found in the cache) before the first timed run; `--smoke` builds miniature ones in a temp cache (or in
+`--models-dir`, where several smokes share them) and runs each training in this process
+(`student_worker.train.main` with the same arguments): it checks the plumbing, not the figures, and
+saves an interpreter start and a Ray attach per run.
 
-    python benchmarks/bench_e2e.py [--smoke] [--repeats N] [--steps N] [--ray-address ADDR]
+    python benchmarks/bench_e2e.py [--smoke] [--repeats N] [--steps N] [--ray-address ADDR] [--models-dir D]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from _common import (
     write_result,
 )
 
-__all__ = ["run_train", "main"]
+__all__ = ["run_train", "smoke_models_dir", "add_models_dir_arg", "main"]
 
 TINY = REPO_ROOT / "deploy" / "configs" / "tiny.yaml"
 SMOKE_SETS = ["embedded.pretrain_steps=2", "embedded.sft_steps=2", "embedded.num_train=32", "embedded.num_val=8",
@@ -47,18 +50,28 @@ SMOKE_SETS = ["embedded.pretrain_steps=2", "embedded.sft_steps=2", "embedded.num
               "training.batch_size=4", "data.max_train_examples=32"]
 
 
-def run_train(method: str, out: Path, sets: list[str], address: str) -> dict[str, Any]:
-    """One `python -m student_worker.train` run; returns its report.json plus steady-state figures."""
-    cmd = [sys.executable, "-m", "student_worker.train", "--config", str(TINY), "--output-dir", str(out),
-           "--address", address, "--no-progress", "--set", f"loss.method={method}"]
+def run_train(method: str, out: Path, sets: list[str], address: str, in_process: bool = False) -> dict[str, Any]:
+    """One `python -m student_worker.train` run; returns its report.json plus steady-state figures.
+
+    in_process: call `student_worker.train.main` with the same arguments here instead of a subprocess
+    (smoke runs; this process must be connected to `address` already).
+    """
+    argv = ["--config", str(TINY), "--output-dir", str(out), "--address", address, "--no-progress",
+            "--set", f"loss.method={method}"]
     for s in sets:
-        cmd += ["--set", s]
+        argv += ["--set", s]
+    cmd = [sys.executable, "-m", "student_worker.train", *argv]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+    if in_process:
+        from student_worker.train import main as train_main
+
+        rc, stderr = train_main(argv), "(in this process: see the output above)"
+    else:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+        rc, stderr = proc.returncode, proc.stderr[-4000:]
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise BenchError(f"bench_e2e: {method} run failed (rc {proc.returncode}): {' '.join(cmd)}\n"
-                         f"{proc.stderr[-4000:]}")
+    if rc != 0:
+        raise BenchError(f"bench_e2e: {method} run failed (rc {rc}): {' '.join(cmd)}\n{stderr}")
     report = json.loads((out / "report.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     cfg_prefetch = 2
@@ -80,9 +93,21 @@ def run_train(method: str, out: Path, sets: list[str], address: str) -> dict[str
             "wall_s": wall, "final_loss": report.get("final_loss")}
 
 
+def smoke_models_dir(args: Any, root: Path) -> Path:
+    """Where a smoke builds (or finds) its miniature embedded models: --models-dir, else `root`/cache."""
+    return Path(args.models_dir) if args.models_dir else root / "cache"
+
+
+def add_models_dir_arg(p: Any) -> None:
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="--smoke: build or find the miniature embedded models here (shared by several smokes); "
+                        "default: a temp dir of this run")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     add_ray_args(p)
+    add_models_dir_arg(p)
     p.add_argument("--steps", type=int, default=40, help="training.max_steps of each run")
     args = p.parse_args(argv)
     repeats = 1 if args.smoke else args.repeats
@@ -93,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = [f"training.max_steps={steps}", "evaluation.enabled=false", "output.plot=false",
                 "training.checkpoint_every=100000"]
         if args.smoke:
-            sets += SMOKE_SETS + [f"embedded.cache_dir={root / 'cache'}"]
+            sets += SMOKE_SETS + [f"embedded.cache_dir={smoke_models_dir(args, root)}"]
         from common.config import load_config
         from common.tiny_world.build import build_embedded_models
 
@@ -107,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict[str, Any]]] = {"delta_kd": [], "sft": []}
             for i in range(repeats):
                 for method in runs:  # alternate, so slow phases of a shared machine hit both
-                    runs[method].append(run_train(method, root / f"{method}-{i}", sets, address))
+                    runs[method].append(run_train(method, root / f"{method}-{i}", sets, address,
+                                                  in_process=args.smoke))
 
     def med(method: str, key: str) -> float:
         return float(summarize([r[key] for r in runs[method]])["median"])

@@ -23,7 +23,9 @@ with the parameter count: weights + gradients + AdamW's two moments (16 B/param)
 
 Memory method: each (variant, V) runs in a fresh subprocess; the child reads the kernel's peak resident
 set size (VmHWM, reset through /proc/self/clear_refs). Timings are medians of `--repeats` passes in that
-child; on a shared machine only ratios in one run mean anything.
+child; on a shared machine only ratios in one run mean anything. `--smoke` checks the plumbing only: one
+child per V runs every variant in turn (two interpreter starts instead of ten), so its memory figures are
+not each variant's own.
 
     python benchmarks/bench_loss.py [--smoke] [--repeats N] [--tokens 1024] [--vocabs 75968,151936]
                                     [--chunks 256,128] [--batch 8] [--seq 128] [--layers 2] [--memory-only]
@@ -216,14 +218,15 @@ def run_variant(variant: str, vocab: int, args: Any) -> dict[str, Any]:
     return _step_variant(variant, vocab, args.batch, args.seq, args.layers, args.repeats)
 
 
-def _child(variant: str, vocab: int, args: Any, repeats: int) -> dict[str, Any]:
-    # Each variant in its own interpreter: its peak RSS is its own.
-    cmd = [sys.executable, __file__, "--variant", variant, "--vocab", str(vocab), "--tokens", str(args.tokens),
-           "--repeats", str(repeats), "--batch", str(args.batch), "--seq", str(args.seq),
-           "--layers", str(args.layers)]
+def _child(variants: list[str], vocab: int, args: Any, repeats: int) -> dict[str, dict[str, Any]]:
+    # Each variant in its own interpreter (one variant per child): its peak RSS is its own.
+    cmd = [sys.executable, __file__, "--variant", ",".join(variants), "--vocab", str(vocab),
+           "--tokens", str(args.tokens), "--repeats", str(repeats), "--batch", str(args.batch),
+           "--seq", str(args.seq), "--layers", str(args.layers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
-        raise BenchError(f"bench_loss child {variant} V={vocab} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise BenchError(f"bench_loss child {variants} V={vocab} failed (rc {proc.returncode}):\n"
+                         f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -237,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--memory-only", action="store_true",
                    help="leave timings out of the result (memory does not depend on the machine's load)")
-    p.add_argument("--variant", help="internal: run one variant in this process, print JSON")
+    p.add_argument("--variant", help="internal: run these variants (comma-separated) in this process, print JSON")
     p.add_argument("--vocab", type=int, help="internal: the vocabulary of --variant")
     args = p.parse_args(argv)
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.vocab, args)))
+        print(json.dumps({v: run_variant(v, args.vocab, args) for v in args.variant.split(",")}))
         return 0
     repeats = 1 if args.smoke else args.repeats
     if args.smoke:
@@ -252,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     per_vocab: dict[str, dict[str, Any]] = {}
     rows = []
     for vocab in vocabs:
-        res = {v: _child(v, vocab, args, repeats) for v in variants}
+        if args.smoke:  # plumbing only: every variant of this V in one child
+            res = _child(variants, vocab, args, repeats)
+        else:
+            res = {v: _child([v], vocab, args, repeats)[v] for v in variants}
         naive = res["loss_naive"]["temporaries_bytes"]
         res["ratios"] = {
             **{f"{v}_temporaries_over_naive": res[v]["temporaries_bytes"] / naive for v in variants
@@ -297,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         "and hidden [N, H], fp32). naive inputs: dense lp_T1, lp_T0, lp_S0 [N, V]; the others: a k=64 target.",
         "step: Qwen2-shaped (hidden 896, intermediate 4864, 14/2 heads, tied embeddings), frozen copy as the "
         "student base, delta_kd, AdamW; the second step is measured. beyond weights = peak - 20 B/param.",
-    ] + (["--memory-only: timings left out (measured on a loaded machine)."] if args.memory_only else [])
+    ] + (["--memory-only: timings left out (measured on a loaded machine)."] if args.memory_only else []) + (
+        ["--smoke: every variant of one V ran in one child, so the memory figures are not each variant's own."]
+        if args.smoke else [])
     write_result("bench_loss", args, figures, targets, notes)
     return 0
 

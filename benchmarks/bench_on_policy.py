@@ -14,7 +14,12 @@ steps/s, teacher wait fraction (the workers' record wait / step time), the sampl
 tokens/s is not comparable with the off-policy run's). Ratios: lag0 / off_policy and lag1 / off_policy
 steps/s. No target is set for these figures in the issue; they are reported as measured.
 
-    python benchmarks/bench_on_policy.py [--smoke] [--repeats N] [--steps N] [--max-new-tokens N] [--ray-address ADDR]
+`--smoke` runs each training in this process and builds miniature models (in `--models-dir` if given), as
+bench_e2e's smoke does, and its three runs attach to one teacher service the script starts
+(`teachers.attach`), so the teachers start once; full runs each start their own.
+
+    python benchmarks/bench_on_policy.py [--smoke] [--repeats N] [--steps N] [--max-new-tokens N]
+                                         [--ray-address ADDR] [--models-dir D]
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from _common import add_ray_args, base_parser, print_table, ray_session, summarize, write_result
-from bench_e2e import SMOKE_SETS, TINY, run_train
+from bench_e2e import SMOKE_SETS, TINY, add_models_dir_arg, run_train, smoke_models_dir
 
 __all__ = ["MODES", "main"]
 
@@ -37,9 +45,25 @@ MODES: dict[str, list[str]] = {
 }
 
 
+@contextmanager
+def one_teacher_service(sets: list[str]) -> Iterator[list[str]]:
+    """Teachers for every run of `sets` (tiny.yaml, delta_kd): yields the overrides that attach to them."""
+    from common.config import load_config
+    from student_worker.embedded_models import resolve_model_paths
+    from teacher_service import TeacherPool
+
+    named = [f"teachers.namespace=bench-on-policy-{uuid.uuid4().hex[:8]}"]
+    pool = TeacherPool.start(resolve_model_paths(load_config(TINY, sets + named)))
+    try:
+        yield named + ["teachers.attach=true"]
+    finally:
+        pool.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     add_ray_args(p)
+    add_models_dir_arg(p)
     p.add_argument("--steps", type=int, default=40, help="training.max_steps of each run")
     p.add_argument("--max-new-tokens", type=int, default=32, help="training.on_policy.max_new_tokens")
     args = p.parse_args(argv)
@@ -52,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = [f"training.max_steps={steps}", "evaluation.enabled=false", "output.plot=false",
                 "training.checkpoint_every=100000", f"training.on_policy.max_new_tokens={new_tokens}"]
         if args.smoke:
-            sets += SMOKE_SETS + [f"embedded.cache_dir={root / 'cache'}"]
+            sets += SMOKE_SETS + [f"embedded.cache_dir={smoke_models_dir(args, root)}"]
         from common.config import load_config
         from common.tiny_world.build import build_embedded_models
 
@@ -61,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         build_embedded_models(cfg.embedded, progress=False)  # outside the timed runs (cached afterwards)
         build_s = time.perf_counter() - t0
 
-        with ray_session(args.ray_address, num_cpus=8) as ray:
+        with ray_session(args.ray_address, num_cpus=8) as ray, \
+                (one_teacher_service(sets) if args.smoke else nullcontext([])) as attach:
             address = args.ray_address or ray.get_runtime_context().gcs_address
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
             for i in range(repeats):
                 for mode, extra in MODES.items():  # alternate, so slow phases of a shared machine hit every mode
-                    runs[mode].append(run_train("delta_kd", root / f"{mode}-{i}", sets + extra, address))
+                    runs[mode].append(run_train("delta_kd", root / f"{mode}-{i}", sets + attach + extra, address,
+                                                in_process=args.smoke))
 
     def med(mode: str, key: str) -> float:
         return float(summarize([r[key] for r in runs[mode]])["median"])
@@ -99,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
              "report.json figures cover each run's whole loop; steady = metrics.jsonl rows after prefetch + 2",
              "tokens/s counts trained positions: the sampled tokens in on-policy runs, the responses off-policy",
              f"embedded models built or found in cache in {build_s:.1f} s before the timed runs",
+             *(["--smoke: the runs attached to one teacher service started by this script"] if attach else []),
              f"DELTAKD_CACHE={os.environ.get('DELTAKD_CACHE', '(unset)')}"]
     write_result("bench_on_policy", args, figures, [], notes)
     return 0

@@ -77,8 +77,9 @@ def test_readme_flow_and_two_students_share_one_teacher_service(dashboard_head: 
     namespace = f"dkd-svc-{uuid.uuid4().hex[:8]}"
     head = dashboard_head
     env = {**head.env, "RAY_ADDRESS": head.gcs_address}
-    # 1. A shell without RAY_AUTH_MODE=token: one clear message, exit 2 (Ray retries for ~20 s first).
-    no_auth = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    # 1. A shell without RAY_AUTH_MODE=token: one clear message, exit 2. Ray would retry the refused
+    # connection 20 times, 1 s apart (RAY_NUM_REDIS_GET_RETRIES); 3 tries are refused the same way.
+    no_auth = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"} | {"RAY_NUM_REDIS_GET_RETRIES": "3"}
     refused = _run(_argv(serve, namespace), no_auth)
     assert refused.returncode == 2, f"{refused.returncode}\n{refused.stdout}\n{refused.stderr[-3000:]}"
     err = refused.stderr.strip().splitlines()

@@ -106,13 +106,17 @@ def teacher_service(paths: dict[str, Path], out: Path, overrides: list[str] | No
         pool.shutdown()
 
 
-def test_delta_kd_two_workers_trains_and_writes_everything(ray_cluster, tiny, tmp_path):
+def test_delta_kd_two_workers_trains_and_writes_everything(ray_cluster, tiny, shared_teachers, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from student_worker.driver import run_training
 
+    # attached to the module's teachers (it only reads them); runs that start their own teachers:
+    # test_job_submit, test_cluster_topology, the bench_e2e smoke
+    tag, attach = shared_teachers
     out = tmp_path / "run"
-    cfg = make_cfg(tiny, out, ["evaluation.enabled=true", "training.max_steps=12", "training.checkpoint_every=6"])
+    cfg = make_cfg(tiny, out, attach + ["evaluation.enabled=true", "training.max_steps=12",
+                                        "training.checkpoint_every=6"], tag=tag)
     report = run_training(cfg, progress=False)
     rows = read_rows(out)
     assert [r["step"] for r in rows] == list(range(12))

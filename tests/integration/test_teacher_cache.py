@@ -269,7 +269,9 @@ def test_a_build_survives_a_killed_worker_and_a_killed_driver(tiny, service, ref
 
         _wait(lambda: topk_actor() is not None, "the resumed build's top-k actor")
         victim = topk_actor()
-        time.sleep(1.0)  # into its first shards (4 to go, 0.8 s of test delay each)
+        # into its shards: the resumed build has written one (3 to go, 0.8 s of test delay each)
+        _wait(lambda: _sidecars(uri) > done or "error" in box or "result" in box, "a shard of the resumed build")
+        assert "result" not in box and "error" not in box, box  # still building when its worker is killed
         os.kill(victim["Pid"], signal.SIGKILL)  # a Ray Data worker dies mid-build: restarted, its shard retried
     finally:
         thread.join(timeout=600)
