@@ -17,6 +17,10 @@ step earlier), the driver collects the (small) sampled id arrays, submits their 
 tokens forced into the support, and only then queues the step's train calls; nothing is queued past an
 on-policy step whose samples are not back, so the window runs ahead only as far as the weights allow.
 
+A checkpoint write that fails at the storage level (no space left, EIO: `ckpt.io_error_of`) removes its partial
+`.tmp` directory and raises `ckpt.CheckpointWriteError`; the previous checkpoint is untouched (the CLI exits
+74 with one message). `steps_done` is how far the run got, for the message of an interrupted run.
+
 Failures (`step_calls.wait_step`, `Driver._loop`): a worker process that dies, or a rank that raises after the step's
 input agreement (the other ranks may then sit in a collective), makes the driver kill the whole worker group
 at once, start a new one from the last checkpoint and replay (at most MAX_WORKER_RESTARTS times). A step
@@ -28,6 +32,7 @@ steps when the workers are intact.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -114,6 +119,11 @@ class Driver:
         self.sampling: OnPolicySteps | None = None  # training.on_policy (set up with the data)
         # every batch's labels forced into its support when the loss scores the label's atom
         self.include_labels = cfg.loss.objective == "sampled_token"
+
+    @property
+    def steps_done(self) -> int:
+        """Completed steps so far (the metrics rows cover steps 0 .. steps_done - 1, a resume's included)."""
+        return len(self.rows)
 
     # ------------------------------------------------------------------ checks before anything is written
     def preflight(self) -> None:
@@ -300,23 +310,45 @@ class Driver:
                 f.write(json.dumps(r) + "\n")
 
     def _checkpoint(self, step: int) -> Path:
-        tmp = ckpt.begin_checkpoint(self.ckpt_root, step)
+        try:
+            tmp = ckpt.begin_checkpoint(self.ckpt_root, step)
+        except OSError as exc:
+            if ckpt.io_error_of(exc) is None:
+                raise
+            raise ckpt.CheckpointWriteError(step, self.ckpt_root / ckpt.checkpoint_name(step),
+                                            ckpt.latest_checkpoint(self.ckpt_root), exc) from exc
         return self._finish_checkpoint(step, tmp, [w.save_checkpoint.remote(str(tmp), step) for w in self.workers])
 
     def _finish_checkpoint(self, step: int, tmp: Path, saves: list[Any]) -> Path:
-        """Wait for the workers' parts (queued saves), then write state.json and rename the directory."""
+        """Wait for the workers' parts (queued saves), then write state.json and rename the directory.
+        A storage failure (full disk, EIO) in any part removes `tmp` and raises CheckpointWriteError."""
+        failed: BaseException | None = None
         for rank, ref in enumerate(saves):
             try:
                 ray.get(ref)
             except ACTOR_GONE as exc:  # the .tmp directory is left behind and never read
                 raise WorkerCrash(rank, exc) from exc
-        if self.sampling is not None:  # lag 1: the sample of `step`, drawn with the weights before it
-            self.sampling.save_into(tmp, step)
-        maybe_crash_in_checkpoint(tmp, step, self.cfg.testing.crash_in_checkpoint)  # test-only hook
-        self.selection.save_into(tmp)  # the best model so far travels with the checkpoint
-        state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg), "config": self.cfg_dict,
-                 "metrics": self.rows, "rouge": self.rouge, "selection": self.selection.state()}
-        return ckpt.finalize_checkpoint(tmp, state, self.cfg.training.keep_checkpoints)
+            except Exception as exc:
+                if ckpt.io_error_of(exc) is None:
+                    raise
+                failed = failed or exc  # the other ranks' parts are waited for before tmp is removed
+        try:
+            if failed is not None:
+                raise failed
+            if self.sampling is not None:  # lag 1: the sample of `step`, drawn with the weights before it
+                self.sampling.save_into(tmp, step)
+            maybe_crash_in_checkpoint(tmp, step, self.cfg.testing.crash_in_checkpoint)  # test-only hook
+            self.selection.save_into(tmp)  # the best model so far travels with the checkpoint
+            state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg),
+                     "config": self.cfg_dict, "metrics": self.rows, "rouge": self.rouge,
+                     "selection": self.selection.state()}
+            return ckpt.finalize_checkpoint(tmp, state, self.cfg.training.keep_checkpoints)
+        except Exception as exc:
+            os_error = ckpt.io_error_of(exc)
+            if os_error is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took; the previous checkpoint stays
+            raise ckpt.CheckpointWriteError(step, tmp, ckpt.latest_checkpoint(self.ckpt_root), os_error) from exc
 
     def _evaluate_student(self) -> dict[str, Any]:
         e = self.cfg.evaluation
