@@ -96,8 +96,9 @@ def resolve_address(address: str | None, flag: str = "--address", env: Mapping[s
                     record_file: Path | None = None) -> ClusterAddress:
     """Ray's own resolution of `ray.init(address)` (ray._private.services.get_ray_address_from_environment),
     spelled out to say where the address came from: an explicit address wins; for None or "auto":
-    $RAY_ADDRESS, else the address the last `ray start` on this host recorded; else None (None: Ray starts
-    a local cluster; "auto": Ray looks for a GCS process on the host, or fails). "local" is a new cluster."""
+    $RAY_ADDRESS, else the address the last `ray start` on this host recorded; else None (for None Ray
+    starts a local cluster; for "auto" Ray would look for any GCS process on the host, connect_ray stops).
+    "local" is a new cluster (address None)."""
     env = os.environ if env is None else env
     if address not in (None, "", "auto"):
         return ClusterAddress(None if address == "local" else address, flag)
