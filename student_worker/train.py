@@ -133,6 +133,13 @@ def _ended(exc: BaseException, code: int, args: argparse.Namespace, argv: list[s
     from student_worker import checkpoint as ckpt
 
     driver, out = run.get("driver"), run.get("out")
+    if run.get("own_ray"):  # end this process's Ray now: the worker output it still forwards comes before the
+        import ray  # message, not after it (at exit); only when main connected (in-process callers keep theirs)
+
+        try:
+            ray.shutdown()
+        except Exception as err:  # the message matters more than a clean disconnect
+            print(f"(ray.shutdown: {type(err).__name__}: {err})", file=sys.stderr)
     if args.traceback or os.environ.get("DELTAKD_TRACEBACK") == "1":
         traceback.print_exception(exc, file=sys.stderr)
     reached = ("before training started" if driver is None
@@ -204,8 +211,11 @@ def _main(args: argparse.Namespace, run: dict[str, Any]) -> int:
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    import ray
+
     from teacher_service.errors import RayConnectionError
 
+    run["own_ray"] = not ray.is_initialized()
     try:
         init_ray(args.address, cfg.teachers.attach, args.connect_timeout)
     except RayConnectionError as exc:  # no model loaded, nothing but config checks done: like bad input

@@ -300,6 +300,7 @@ def test_ctrl_c_ends_with_one_message_and_resume_continues_exactly(
     assert proc.returncode == 130, f"exit {proc.returncode}:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     lines = _message(stderr, "interrupted (Ctrl-C) ")
+    assert len(lines) == 4, lines  # the message ends stderr: what happened, checkpoint, command, traceback
     reached = re.fullmatch(rf"interrupted \(Ctrl-C\) after (\d+) of {STEPS} steps", lines[0])
     assert reached and 3 <= int(reached[1]) < STEPS and int(reached[1]) == len(read_rows(out)), lines
     _assert_resume_message(lines, out, tmp_path / "a.log.yaml")
@@ -364,6 +365,7 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
         assert code == 74, f"exit {code}:\n{stderr[-3000:]}"
         assert "Traceback" not in stderr, stderr[-3000:]
         lines = _message(stderr, "error: I/O error [ENOSPC] ")
+        assert len(lines) == 6, lines  # what failed, partial removed, free space, checkpoint, command, traceback
         assert lines[0].startswith(f"error: I/O error [ENOSPC] after 6 of {STEPS} steps: cannot write checkpoint "
                                    "ckpt-000006 (step 6)"), lines
         assert "No space left on device" in lines[0] and "  the partial checkpoint was removed" in lines, lines
