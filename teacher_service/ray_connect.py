@@ -23,7 +23,8 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,21 @@ def probe_head(address: str, timeout_s: float) -> str | None:
     if match is None:
         return None
     host, port = match["host"].strip("[]"), int(match["port"])
+    import grpc  # Ray's own dependency (the GCS is a gRPC server); imported here, outside the bound
+    from ray._private.ray_constants import GLOBAL_GRPC_OPTIONS
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    def call(target: str, timeout: float) -> None:
+        channel = grpc.insecure_channel(target, options=list(GLOBAL_GRPC_OPTIONS))
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+        finally:
+            channel.close()
+
     result: list[str | None] = []
-    thread = threading.Thread(target=lambda: result.append(_probe(host, port, timeout_s)), daemon=True,
-                              name="deltakd-probe-head")
+    thread = threading.Thread(target=lambda: result.append(_probe(host, port, timeout_s, call, grpc)),
+                              daemon=True, name="deltakd-probe-head")
     thread.start()
     thread.join(timeout_s + 1.0)
     if not result:
@@ -134,13 +147,7 @@ def probe_head(address: str, timeout_s: float) -> str | None:
     return result[0]
 
 
-def _probe(host: str, port: int, timeout_s: float) -> str | None:
-    import time
-
-    import grpc  # Ray's own dependency; the GCS is a gRPC server
-    from ray._private.ray_constants import GLOBAL_GRPC_OPTIONS
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-
+def _probe(host: str, port: int, timeout_s: float, call: Callable[[str, float], None], grpc: Any) -> str | None:
     deadline = time.monotonic() + timeout_s
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
@@ -151,11 +158,8 @@ def _probe(host: str, port: int, timeout_s: float) -> str | None:
         return f"cannot resolve the host name {host!r} ({exc.strerror or exc})"
     except OSError as exc:
         return f"{exc.strerror or exc} (no Ray head listens there: it has stopped or died)"
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    channel = grpc.insecure_channel(target, options=list(GLOBAL_GRPC_OPTIONS))
     try:
-        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
-        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=max(0.05, deadline - time.monotonic()))
+        call(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", max(0.05, deadline - time.monotonic()))
     except grpc.RpcError as exc:
         code = exc.code()
         if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -164,8 +168,6 @@ def _probe(host: str, port: int, timeout_s: float) -> str | None:
             return (f"the port accepts connections but no Ray GCS answered within {timeout_s:g} s (a hung, "
                     f"stopped or overloaded head, or another program)")
         return f"the program listening there is not a Ray GCS (gRPC {code.name}: {exc.details()})"
-    finally:
-        channel.close()
     return None
 
 

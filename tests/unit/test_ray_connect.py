@@ -105,7 +105,7 @@ def test_probe_of_a_hung_head_gives_up_after_the_bound() -> None:
         why = probe_head(f"127.0.0.1:{hung.getsockname()[1]}", timeout_s=1.0)
         took = time.monotonic() - t0
     assert why is not None and "no Ray GCS answered within 1 s" in why
-    assert 0.9 < took < 4.0, took  # the bound, plus the first import of grpc
+    assert 0.9 < took < 3.0, took  # the bound (grpc is imported before the clock of the probe starts)
 
 
 def test_unreachable_message_names_address_source_and_what_to_do(tmp_path: Path) -> None:
