@@ -7,14 +7,17 @@ Layout of one checkpoint (`<out>/checkpoints/ckpt-000042/`):
     rng-rank<r>.json    torch / numpy / python RNG states of rank r (and CUDA when present)
     state.json          step, data cursor (= step), config hash, resolved config, metrics so far
 
-A checkpoint is built in `ckpt-XXXXXX.tmp` and renamed with `os.replace` once every part is written, so a
-directory named `ckpt-XXXXXX` is complete by construction; `latest_checkpoint` also checks the files, so
-a copy truncated by hand is skipped. Nothing is unpickled: tensors load with `weights_only=True`, the rest
+A checkpoint is built in `ckpt-XXXXXX.tmp`, every file in it is fsynced (a full disk or an I/O error that the
+filesystem reports late, at flush, surfaces here), and only then renamed with `os.replace`, so a directory
+named `ckpt-XXXXXX` is complete by construction and a failed write never touches an earlier checkpoint (the
+driver removes the partial `.tmp` and raises CheckpointWriteError); `latest_checkpoint` also checks the
+files, so a copy truncated by hand is skipped. Nothing is unpickled: tensors load with `weights_only=True`, the rest
 is JSON.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -39,6 +42,10 @@ from common.config import (
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
+    "IO_ERRNOS",
+    "io_error_of",
+    "raise_io_error",
     "CKPT_DIR_RE",
     "checkpoint_name",
     "begin_checkpoint",
@@ -68,6 +75,49 @@ RESUME_IGNORED_KEYS = tuple(keys_with_policy(RunConfig, RESUME_FREE))
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or belongs to another config. The message names the path."""
+
+
+# OS errors that mean "the output's storage failed" (EX_IOERR territory), not a bug or bad input.
+IO_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) name an OS error
+
+
+def io_error_of(exc: BaseException | None) -> OSError | None:
+    """The storage failure behind `exc` (no space left, EIO, quota, read-only filesystem, file too large), or
+    None: an OSError with one of IO_ERRNOS anywhere in the chain (Ray's `.cause`, `__cause__`, `__context__`:
+    torch.save's RuntimeError has the OSError as its context), or such a code named only in a library's
+    message (safetensors: `I/O error: No space left on device (os error 28)`)."""
+    seen = 0
+    while exc is not None and seen < 30:
+        if isinstance(exc, OSError) and exc.errno in IO_ERRNOS:
+            return exc
+        code = _OS_ERROR_CODE.search(str(exc)) if not isinstance(exc, OSError) else None
+        if code is not None and int(code.group(1)) in IO_ERRNOS:
+            n = int(code.group(1))
+            return OSError(n, os.strerror(n))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def raise_io_error(exc: BaseException, path: str | Path) -> None:
+    """Raise a plain OSError(errno, strerror, path) from `exc` when it is a storage failure (io_error_of), so
+    it survives the trip from a worker to the driver (Ray pickles the exception, not its chain); else return."""
+    found = io_error_of(exc)
+    if found is not None:
+        raise OSError(found.errno, found.strerror, str(path)) from exc
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing the checkpoint of `step` failed at the storage level (`os_error`: ENOSPC, EIO, ...). The partial
+    `.tmp` directory was removed; `previous` (the last complete checkpoint, or None) is untouched."""
+
+    def __init__(self, step: int, path: Path, previous: Path | None, os_error: OSError):
+        self.step, self.path, self.previous, self.os_error = step, Path(path), previous, os_error
+        name = errno.errorcode.get(os_error.errno or 0, "EIO")
+        where = f" ({os_error.filename})" if os_error.filename else ""
+        super().__init__(f"cannot write checkpoint {self.path.name.removesuffix('.tmp')} (step {step}) in "
+                         f"{self.path.parent}: {os_error.strerror or os_error} [{name}]{where}")
 
 
 def checkpoint_name(step: int) -> str:
@@ -121,8 +171,10 @@ def _py_state_from_json(data: list[Any]) -> tuple[Any, ...]:
 
 
 def write_optimizer_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               Path(ckpt_dir) / OPTIMIZER_FILE)
+    # Through our own file object: a full disk then leaves its OSError in the chain (torch.save on a path
+    # reports only "unexpected pos ..."), which io_error_of finds.
+    with open(Path(ckpt_dir) / OPTIMIZER_FILE, "wb") as f:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, f)
 
 
 def read_optimizer_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
@@ -184,13 +236,35 @@ def finalize_checkpoint(tmp_dir: str | Path, state: dict[str, Any], keep: int) -
     if missing:
         raise CheckpointError(f"{tmp}: incomplete checkpoint, missing {missing}")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    _fsync_tree(tmp)  # every byte on disk before the name says "complete"
     final = tmp.with_name(tmp.name[: -len(".tmp")])
     if final.exists():  # the same step saved again (e.g. after a restore): replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(final.parent)  # the rename itself
     for old in list_checkpoints(final.parent)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory (children first)."""
+    dirs = [root]
+    for path in sorted(root.rglob("*")):
+        if path.is_dir():
+            dirs.append(path)
+        else:
+            _fsync(path)
+    for d in reversed(dirs):
+        _fsync(d)
 
 
 def _is_complete(path: Path) -> bool:

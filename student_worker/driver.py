@@ -16,11 +16,16 @@ may then sit in a collective), makes the driver replace the whole worker group a
 checkpoint and replay (at most MAX_WORKER_RESTARTS times). A step every rank rejected at the input agreement
 (a teacher unavailable, a bad record) and a deterministic input error of the loss stop the run with
 TrainingRunError naming the culprit, after a checkpoint of the completed steps when the workers are intact.
+
+A checkpoint write that fails at the storage level (no space left, EIO: `ckpt.io_error_of`) removes its partial
+`.tmp` directory and raises `ckpt.CheckpointWriteError`; the previous checkpoint is untouched (the CLI exits
+74 with one message). `steps_done` is how far the run got, for the message of an interrupted run.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +108,11 @@ class Driver:
         self.bar: Any = None
         self.source_info: dict[str, Any] | None = None
         self._preflight_done = False
+
+    @property
+    def steps_done(self) -> int:
+        """Completed steps so far (the metrics rows cover steps 0 .. steps_done - 1, a resume's included)."""
+        return len(self.rows)
 
     # ------------------------------------------------------------------ checks before anything is written
     def preflight(self) -> None:
@@ -323,24 +333,46 @@ class Driver:
                 f.write(json.dumps(r) + "\n")
 
     def _checkpoint(self, step: int) -> Path:
-        tmp = ckpt.begin_checkpoint(self.ckpt_root, step)
+        try:
+            tmp = ckpt.begin_checkpoint(self.ckpt_root, step)
+        except OSError as exc:
+            if ckpt.io_error_of(exc) is None:
+                raise
+            raise ckpt.CheckpointWriteError(step, self.ckpt_root / ckpt.checkpoint_name(step),
+                                            ckpt.latest_checkpoint(self.ckpt_root), exc) from exc
         return self._finish_checkpoint(step, tmp, self.group.call("save_checkpoint", str(tmp), step))
 
     def _finish_checkpoint(self, step: int, tmp: Path, saves: list[Any]) -> Path:
-        """Wait for the workers' parts (queued saves), then write state.json and rename the directory."""
+        """Wait for the workers' parts (queued saves), then write state.json and rename the directory.
+        A storage failure (full disk, EIO) in any part removes `tmp` and raises CheckpointWriteError."""
+        failed: BaseException | None = None
         for rank, ref in enumerate(saves):
             try:
                 ray.get(ref)
             except ACTOR_GONE as exc:  # the .tmp directory is left behind and never read
                 raise WorkerCrash(rank, exc) from exc
-        if self.sampling is not None:  # lag 1: the sample of `step`, drawn with the weights before it
-            self.sampling.save_into(tmp, step)
-        if self.faults is not None:
-            self.faults.writing_checkpoint(tmp, step)  # FaultPlan.crash_in_checkpoint
-        self.selection.save_into(tmp)  # the best model so far travels with the checkpoint
-        state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg), "config": self.cfg_dict,
-                 "metrics": self.rows, "rouge": self.rouge, "selection": self.selection.state()}
-        return ckpt.finalize_checkpoint(tmp, state, self.cfg.training.keep_checkpoints)
+            except Exception as exc:
+                if ckpt.io_error_of(exc) is None:
+                    raise
+                failed = failed or exc  # the other ranks' parts are waited for before tmp is removed
+        try:
+            if failed is not None:
+                raise failed
+            if self.sampling is not None:  # lag 1: the sample of `step`, drawn with the weights before it
+                self.sampling.save_into(tmp, step)
+            if self.faults is not None:
+                self.faults.writing_checkpoint(tmp, step)  # FaultPlan.crash_in_checkpoint
+            self.selection.save_into(tmp)  # the best model so far travels with the checkpoint
+            state = {"step": step, "data_cursor": step, "config_hash": config_hash(self.cfg),
+                     "config": self.cfg_dict, "metrics": self.rows, "rouge": self.rouge,
+                     "selection": self.selection.state()}
+            return ckpt.finalize_checkpoint(tmp, state, self.cfg.training.keep_checkpoints)
+        except Exception as exc:
+            os_error = ckpt.io_error_of(exc)
+            if os_error is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took; the previous checkpoint stays
+            raise ckpt.CheckpointWriteError(step, tmp, ckpt.latest_checkpoint(self.ckpt_root), os_error) from exc
 
     def _log(self, row: dict[str, Any]) -> None:
         """Progress every `training.log_every` steps: the bar's figures, or one console line without a bar."""

@@ -329,11 +329,15 @@ class StudentWorkerImpl:
             self._mark = time.perf_counter()
             raise StepOrderError(f"rank {self.rank}: checkpoint of {step} steps asked for, but this worker has "
                                  f"completed {self.next_step}; nothing written")
-        if self.rank == 0:
-            self.model.save_pretrained(f"{tmp_dir}/{ckpt.MODEL_DIR}", safe_serialization=True)
-            self.tokenizer.save_pretrained(f"{tmp_dir}/{ckpt.MODEL_DIR}")
-            ckpt.write_optimizer_state(tmp_dir, self.optimizer, self.scheduler)
-        ckpt.write_rng_state(tmp_dir, self.rank)
+        try:
+            if self.rank == 0:
+                self.model.save_pretrained(f"{tmp_dir}/{ckpt.MODEL_DIR}", safe_serialization=True)
+                self.tokenizer.save_pretrained(f"{tmp_dir}/{ckpt.MODEL_DIR}")
+                ckpt.write_optimizer_state(tmp_dir, self.optimizer, self.scheduler)
+            ckpt.write_rng_state(tmp_dir, self.rank)
+        except Exception as exc:  # a full disk / EIO reaches the driver as a plain OSError naming tmp_dir
+            ckpt.raise_io_error(exc, tmp_dir)
+            raise
         self._mark = time.perf_counter()
         self._checkpoint_s += self._mark - t0
 
@@ -354,6 +358,9 @@ class StudentWorkerImpl:
         try:
             self.model.save_pretrained(path, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
+        except Exception as exc:  # a full disk / EIO reaches the driver as a plain OSError naming path
+            ckpt.raise_io_error(exc, path)
+            raise
         finally:
             self._end_call()  # not part of any step (e.g. the best model of a selection pass)
 

@@ -2,6 +2,9 @@
 
 serve:  start the config's teacher roles as detached named actors on a running Ray cluster and print how
         to connect; status: each role's replicas, health and stats; stop: kill them.
+
+Exit 2 with one message when the cluster cannot be reached: no cluster recorded, a head that does not answer
+within --connect-timeout seconds (a dead head whose address `ray start` left recorded), or auth settings.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     return resolve_model_paths(cfg)
 
 
-def _connect(cfg: RunConfig, address: str) -> None:
-    connect_ray(address, namespace=cfg.teachers.namespace, logging_level="ERROR")
+def _connect(cfg: RunConfig, address: str, timeout_s: float | None = None) -> None:
+    """Join the running cluster (its head must answer within timeout_s: ray_connect.connect_ray)."""
+    connect_ray(address, timeout_s, namespace=cfg.teachers.namespace, logging_level="ERROR")
 
 
-def _serve(cfg: RunConfig, address: str) -> None:
+def _serve(cfg: RunConfig, address: str, timeout_s: float | None = None) -> None:
     cfg = resolve_paths(cfg)
-    _connect(cfg, address)
+    _connect(cfg, address, timeout_s)
     pool = TeacherPool.start(cfg, detached=True)
     ray.get(pool.warm_up(assemble=False))  # the first real call then pays no one-off costs (the service outlives us)
     t = cfg.teachers
@@ -54,8 +58,8 @@ def _serve(cfg: RunConfig, address: str) -> None:
     print("or from a training config: teachers.attach=true with the same namespace and name_prefix")
 
 
-def _status(cfg: RunConfig, address: str) -> dict[str, Any]:
-    _connect(cfg, address)
+def _status(cfg: RunConfig, address: str, timeout_s: float | None = None) -> dict[str, Any]:
+    _connect(cfg, address, timeout_s)
     pool = TeacherPool.attach(cfg)
     health, stats = pool.health(), pool.stats()
     out: dict[str, Any] = {}
@@ -69,8 +73,8 @@ def _status(cfg: RunConfig, address: str) -> dict[str, Any]:
     return out
 
 
-def _stop(cfg: RunConfig, address: str) -> None:
-    _connect(cfg, address)
+def _stop(cfg: RunConfig, address: str, timeout_s: float | None = None) -> None:
+    _connect(cfg, address, timeout_s)
     pool = TeacherPool.attach(cfg)
     names = {r: len(hs) for r, hs in pool.handles.items()}
     pool.shutdown(force=True)
@@ -86,18 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", default="auto",
                     help="Ray cluster address <head node IP>:<port> (default: auto = $RAY_ADDRESS, else the last "
                          "`ray start` on this host). Token auth: RAY_AUTH_MODE=token in the environment")
+    ap.add_argument("--connect-timeout", type=float, metavar="S",
+                    help="seconds the cluster's head has to answer before this stops with exit 2 (default: "
+                         "$DELTAKD_RAY_CONNECT_TIMEOUT_S or 10)")
     ap.add_argument("--json", action="store_true", help="status: also print the full status as JSON")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         if args.command == "serve":
-            _serve(cfg, args.address)
+            _serve(cfg, args.address, args.connect_timeout)
         elif args.command == "status":
-            out = _status(cfg, args.address)
+            out = _status(cfg, args.address, args.connect_timeout)
             if args.json:
                 print(json.dumps(out, default=str))
         else:
-            _stop(cfg, args.address)
+            _stop(cfg, args.address, args.connect_timeout)
     except (ConfigError, RayConnectionError) as exc:  # bad input or no cluster: one message, exit 2
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,11 +39,13 @@ class TeacherClient:
     """Finds the service's named actors (`{name_prefix}-{role}-{i}`) in a namespace; returns numpy arrays
     per text and position ([B, T, ...]), or a rows-form TopKRecord from `record`."""
 
-    def __init__(self, namespace: str = "deltakd", address: str = "auto", name_prefix: str = "teacher"):
-        if not ray.is_initialized():  # auth/connection failures -> RayConnectionError saying what to set
+    def __init__(self, namespace: str = "deltakd", address: str = "auto", name_prefix: str = "teacher",
+                 connect_timeout_s: float | None = None):
+        if not ray.is_initialized():  # a head that does not answer within connect_timeout_s (default
+            # $DELTAKD_RAY_CONNECT_TIMEOUT_S or 10 s), auth/connection failures -> RayConnectionError
             from .ray_connect import connect_ray
 
-            connect_ray(address, namespace=namespace, logging_level="ERROR")
+            connect_ray(address, connect_timeout_s, flag="address=", namespace=namespace, logging_level="ERROR")
         self.namespace, self.name_prefix = namespace, name_prefix
         self.handles: dict[str, list[Any]] = {}
         candidates = [ROLE_SFT, ROLE_BASE, ROLE_STUDENT_BASE]

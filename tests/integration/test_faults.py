@@ -12,6 +12,11 @@ metrics rows (loss, parts, grad norm, lr, batch ids) and the final weights must 
   kills the group at once and restores it from the last checkpoint; same weights, recovered in seconds;
 - a crash while a checkpoint is written (FaultPlan.crash_in_checkpoint): the previous checkpoint is
   intact, and resuming from it gives the same weights;
+- Ctrl-C (SIGINT to the CLI driver) mid-run: exit 130 and one message (steps reached, last checkpoint, the
+  command with --resume), the traceback in error.log; resuming gives the same weights;
+- a full disk while a checkpoint is written (the output dir on a real tmpfs shrunk to what it holds, when
+  this process may mount one): exit 74 and one message; the previous checkpoint is intact, the partial one
+  removed, and once there is space again resuming gives the same weights;
 - a teacher that stays dead (LAST: it kills the shared service): exit code 3, TeacherUnavailableError naming
   role and batch on stderr, a checkpoint of the completed steps; once teachers are back, resume completes.
 
@@ -24,12 +29,15 @@ and comparisons. A CLI subprocess gets its plan through tests/integration/fault_
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +93,7 @@ def reference(tiny, service, tmp_path_factory) -> dict[str, Any]:
     run_training(_cfg(tiny, service, out), progress=False)
     rows = read_rows(out)
     assert [r["step"] for r in rows] == list(range(STEPS))
-    return {"rows": comparable(rows), "weights": load_weights(out / "final_model")}
+    return {"rows": comparable(rows), "weights": load_weights(out / "final_model"), "out": out}
 
 
 def _assert_same_as_reference(out: Path, reference: dict[str, Any]) -> None:
@@ -256,6 +264,127 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     assert {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()} == intact
     assert not (root / "ckpt-000004.tmp").exists() and (root / "ckpt-000004").is_dir()
     _assert_same_as_reference(out, reference)
+
+
+def _message(stderr: str, first: str) -> list[str]:
+    """The CLI's closing message: the lines of stderr from the one starting with `first` (it must be last)."""
+    lines = stderr.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(first)]
+    assert starts, f"no line starting with {first!r} in stderr:\n{stderr[-3000:]}"
+    return lines[starts[-1]:]
+
+
+def _assert_resume_message(lines: list[str], out: Path, config_path: Path) -> None:
+    """The message names the last complete checkpoint (and its step) and the command that continues."""
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    assert latest is not None
+    assert f"  last complete checkpoint: {latest} (step {ckpt.read_state(latest)['step']})" in lines, lines
+    (cont,) = [line for line in lines if line.startswith("  continue with: ")]
+    assert cont.split().count("--resume") == 1 and f"--config {config_path}" in cont, cont
+    assert "-m student_worker.train" in cont, cont
+    assert f"  traceback: {out / 'error.log'}" in lines, lines
+
+
+def test_ctrl_c_ends_with_one_message_and_resume_continues_exactly(
+        tiny, service, reference, ray_cluster, tmp_path) -> None:
+    from student_worker.driver import run_training
+
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, service, out)
+    proc, log = _train_cli(cfg, tmp_path, ray_cluster, log_name="a.log", faults=DELAYED)
+    try:
+        _wait_for_step(out, 3, lambda: proc.poll() is None, "the CLI driver")  # checkpoint 2 exists
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        ended_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    assert proc.returncode == 130, f"exit {proc.returncode}:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    lines = _message(stderr, "interrupted (Ctrl-C) ")
+    assert len(lines) == 4, lines  # the message ends stderr: what happened, checkpoint, command, traceback
+    reached = re.fullmatch(rf"interrupted \(Ctrl-C\) after (\d+) of {STEPS} steps", lines[0])
+    assert reached and 3 <= int(reached[1]) < STEPS and int(reached[1]) == len(read_rows(out)), lines
+    _assert_resume_message(lines, out, tmp_path / "a.log.yaml")
+    assert "KeyboardInterrupt" in (out / "error.log").read_text()
+    print(f"\nSIGINT at step {reached[1]}: exit 130 after {ended_s:.1f} s")
+    deadline = time.monotonic() + 60
+    while _student_worker_names(cfg):  # the driver killed its workers on the way out
+        assert time.monotonic() < deadline, f"workers left behind: {_student_worker_names(cfg)}"
+        time.sleep(0.1)
+
+    report = run_training(cfg, resume=True, progress=False)
+    assert report["steps"] == STEPS
+    _assert_same_as_reference(out, reference)
+
+
+@contextmanager
+def _small_tmpfs(path: Path) -> Iterator[Path]:
+    """A real tmpfs at `path` (64 MiB), unmounted at the end; skips the test where mounting is not allowed."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=True)  # a straggler still holds a file
+
+
+def _resize_tmpfs(path: Path, size_bytes: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(path)], check=True, capture_output=True)
+
+
+def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
+        tiny, service, reference, tmp_path, capsys) -> None:
+    """The output dir on a real tmpfs holding the reference run's first two checkpoints (2 and 4: what a run
+    stopped after 4 steps leaves), shrunk to what it holds plus half a checkpoint, so the resumed run's
+    checkpoint 6 cannot be written (ENOSPC from the real writes: safetensors, torch.save, JSON). Then the
+    space comes back and --resume finishes the run. The CLI's main() runs in this process (on the session
+    cluster: no interpreter start-up to pay)."""
+    from student_worker.driver import run_training
+    from student_worker.train import main
+
+    with _small_tmpfs(tmp_path / "small") as mnt:
+        out = mnt / "run"
+        cfg = _cfg(tiny, service, out)
+        for name in ("ckpt-000002", "ckpt-000004"):
+            shutil.copytree(reference["out"] / "checkpoints" / name, out / "checkpoints" / name)
+        previous = out / "checkpoints" / "ckpt-000004"
+        intact = {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()}
+        one_checkpoint = sum(len(b) for b in intact.values())
+        fs = os.statvfs(mnt)
+        used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+        _resize_tmpfs(mnt, used + one_checkpoint // 2)
+
+        config_path = tmp_path / "run.yaml"
+        dump_config(cfg, config_path)
+        capsys.readouterr()
+        code = main(["--config", str(config_path), "--resume", "--no-progress"])
+        stderr = capsys.readouterr().err
+        assert code == 74, f"exit {code}:\n{stderr[-3000:]}"
+        assert "Traceback" not in stderr, stderr[-3000:]
+        lines = _message(stderr, "error: I/O error [ENOSPC] ")
+        assert len(lines) == 6, lines  # what failed, partial removed, free space, checkpoint, command, traceback
+        assert lines[0].startswith(f"error: I/O error [ENOSPC] after 6 of {STEPS} steps: cannot write checkpoint "
+                                   "ckpt-000006 (step 6)"), lines
+        assert "No space left on device" in lines[0] and "  the partial checkpoint was removed" in lines, lines
+        _assert_resume_message(lines, out, config_path)
+        assert "No space left on device" in (out / "error.log").read_text()
+        root = out / "checkpoints"
+        assert sorted(p.name for p in root.iterdir()) == ["ckpt-000002", "ckpt-000004"]  # no .tmp left
+        assert {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()} == intact
+        ckpt.verify_checkpoint(previous)
+
+        _resize_tmpfs(mnt, 64 << 20)  # space again: the command from the message continues the run
+        report = run_training(cfg, resume=True, progress=False)
+        assert report["steps"] == STEPS
+        _assert_same_as_reference(out, reference)
 
 
 def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(

@@ -136,3 +136,49 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_factor(12, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
     assert lr_factor(0, 0, 20, 0.1) == pytest.approx(1.0)
+
+
+# ---- storage failures (issue 22): found behind the wrappers the libraries put around them
+
+def test_io_error_of_finds_a_full_disk_behind_each_library() -> None:
+    import errno
+
+    from student_worker.checkpoint import io_error_of, raise_io_error
+
+    plain = OSError(errno.ENOSPC, "No space left on device")
+    assert io_error_of(plain) is plain
+    # torch.save into a file object on a full disk raises this, with the OSError as its __context__
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    wrapped.__context__ = plain
+    assert io_error_of(wrapped) is plain
+
+    class SafetensorError(Exception):  # safetensors' Rust error names the OS error only in its message
+        pass
+
+    found = io_error_of(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert found is not None and found.errno == errno.ENOSPC
+    assert io_error_of(FileNotFoundError(errno.ENOENT, "No such file")) is None  # not a storage failure
+    assert io_error_of(ValueError("bad row")) is None
+    with pytest.raises(OSError) as raised:
+        raise_io_error(SafetensorError("I/O error: Input/output error (os error 5)"), "/out/ckpt-000004.tmp")
+    assert raised.value.errno == errno.EIO and raised.value.filename == "/out/ckpt-000004.tmp"
+    raise_io_error(ValueError("not storage"), "/x")  # returns: the caller re-raises the original
+
+
+def test_checkpoint_write_error_message(tmp_path) -> None:
+    import errno
+
+    from student_worker.checkpoint import CheckpointWriteError
+
+    err = CheckpointWriteError(6, tmp_path / "ckpt-000006.tmp", tmp_path / "ckpt-000004",
+                               OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt-000006.tmp")))
+    assert str(err) == (f"cannot write checkpoint ckpt-000006 (step 6) in {tmp_path}: No space left on device "
+                        f"[ENOSPC] ({tmp_path / 'ckpt-000006.tmp'})")
+
+
+def test_resume_command_adds_resume_once() -> None:
+    from student_worker.train import resume_command
+
+    cmd = resume_command(["--config", "my run.yaml", "--set", "loss.alpha=0.5"])
+    assert cmd.endswith("-m student_worker.train --config 'my run.yaml' --set loss.alpha=0.5 --resume")
+    assert resume_command(["--resume"]).count("--resume") == 1
