@@ -49,7 +49,7 @@ MODES: dict[str, list[str]] = {
 def one_teacher_service(sets: list[str]) -> Iterator[list[str]]:
     """Teachers for every run of `sets` (tiny.yaml, delta_kd): yields the overrides that attach to them."""
     from common.config import load_config
-    from student_worker.embedded_models import resolve_model_paths
+    from common.tiny_world.build import resolve_model_paths
     from teacher_service import TeacherPool
 
     named = [f"teachers.namespace=bench-on-policy-{uuid.uuid4().hex[:8]}"]
