@@ -34,16 +34,13 @@ import ray
 from tqdm import tqdm
 
 from common.config import RunConfig, config_hash, dump_config
-from common.data.batching import load_training_set
-from common.data.examples import DataError, load_examples
-from common.data.tokenizer_check import check_tokenizers
 from common.faults import FaultPlan
 from common.roles import teacher_role_specs
 from student_worker import checkpoint as ckpt
 from student_worker.evaluate import evaluate_spec
-from student_worker.on_policy import on_policy_prompts, student_eos_ids
 from student_worker.on_policy_steps import OnPolicySteps
-from student_worker.record_source import RecordSource, check_cache, open_record_source
+from student_worker.preflight import InputError, check_run_inputs
+from student_worker.record_source import RecordSource, open_record_source
 from student_worker.recovery import (
     ACTOR_GONE,
     MAX_WORKER_RESTARTS,
@@ -54,25 +51,16 @@ from student_worker.recovery import (
     teacher_inflight_cap,
 )
 from student_worker.report import run_summary, step_row, write_report
-from student_worker.selection import BestModelSelection
 from student_worker.step_pipeline import StepInFlight, StepPipeline
-from student_worker.tracking import MetricsTracker, check_trackers
+from student_worker.tracking import MetricsTracker
 from student_worker.worker_group import WorkerGroup
 from teacher_service import TeacherPool
-from teacher_service.errors import TeacherError
 
 __all__ = ["TrainingRunError", "InputError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS"]
 
 
 class TrainingRunError(RuntimeError):
     """The run cannot continue (teacher unavailable, workers keep dying). The message names the culprit."""
-
-
-class InputError(ValueError):
-    """Bad input found by `Driver.preflight` (data rows, tokenizers, k), before anything was written.
-
-    The message names the culprit (file and line, model paths, key); `__cause__` is the original typed error
-    (DataError, TokenizerMismatchError, ...)."""
 
 
 # The SFT teacher's ceiling, evaluated in a Ray task so that it gets a GPU when the teachers had one.
@@ -116,47 +104,14 @@ class Driver:
 
     # ------------------------------------------------------------------ checks before anything is written
     def preflight(self) -> None:
-        """Every check that needs no Ray and writes nothing: the resume checkpoint (config, files), that a
-        fresh run does not overwrite a previous one, the data (rows, columns, lengths), one tokenizer for all
-        roles and k in 1..V; with on-policy steps, the prompts' lengths (data.overlong), an EOS in the student's
-        generation config and (lag 1) the sample the resume checkpoint carries. Raises CheckpointError or
-        InputError naming the culprit."""
+        """Every check that needs no Ray and writes nothing (student_worker/preflight.py); once. Raises
+        CheckpointError or InputError naming the culprit."""
         if self._preflight_done:
             return
-        if self.resume:  # first: a checkpoint of another config is the user's most likely mistake here
-            self.resume_dir = ckpt.latest_checkpoint(self.ckpt_root)
-            if self.resume_dir is not None:
-                ckpt.check_resume_config(self.resume_dir, self.cfg_dict)
-                ckpt.verify_checkpoint(self.resume_dir)
-        try:
-            self._load_data()
-            check_trackers(self.cfg)  # logging.report_to: its packages are installed
-            if self.cfg.loss.method != "sft" and self.cfg.teachers.source != "cache":
-                check_tokenizers(self.cfg)  # tokenizer files only: no weights are loaded yet
-            if self.sampling is not None:
-                spec = self.cfg.models.student
-                student_eos_ids(spec.path, spec.revision, spec.trust_remote_code)  # a sample must be able to end
-            # the teacher cache (teachers.source cache / auto): settings, models, roles and shards checked now
-            self.cache_plan = check_cache(self.cfg, self.train_set)
-        except (DataError, TeacherError, ValueError) as exc:
-            raise InputError(f"{type(exc).__name__}: {exc}") from exc
-        if self.resume_dir is not None and self.sampling is not None:  # lag 1: the sample it carries
-            self.sampling.stored(self.resume_dir, int(ckpt.read_state(self.resume_dir)["step"]))
-        if not self.resume:  # last: a bad row or tokenizer is reported as such, wherever the output goes
-            ckpt.check_no_previous_run(self.out)
+        inputs = check_run_inputs(self.cfg, self.out, self.ckpt_root, self.resume)
+        self.train_set, self.eval_examples, self.selection = inputs.train_set, inputs.eval_examples, inputs.selection
+        self.sampling, self.cache_plan, self.resume_dir = inputs.sampling, inputs.cache_plan, inputs.resume_dir
         self._preflight_done = True
-
-    def _load_data(self) -> None:
-        self.train_set = load_training_set(self.cfg)
-        self.eval_examples = (load_examples(self.cfg.data, "eval", self.cfg.embedded)
-                              if self.cfg.evaluation.enabled and self.cfg.data.eval else [])
-        self.selection = BestModelSelection.from_config(self.cfg, self.out)  # evaluation.select_best
-        op = self.cfg.training.on_policy
-        if op.enabled:  # each example's prompt for on-policy steps, cut or refused (data.overlong)
-            d = self.cfg.data
-            prompts = on_policy_prompts(self.train_set.examples, d.max_length - op.max_new_tokens, d.overlong,
-                                        self.train_set.bos_id)
-            self.sampling = OnPolicySteps(self.cfg, self.train_set.plan, prompts)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
