@@ -19,6 +19,7 @@ from common.tiny_world.training import (
     new_llama,
     packed_blocks,
     role_paths,
+    save_built,
     train_causal_lm,
     train_sft_teacher,
     train_tokenizer,
@@ -61,9 +62,7 @@ def build_format_into(ecfg: EmbeddedConfig, out: Path, progress: bool) -> dict[s
         gen = torch.Generator().manual_seed(seed)
         info[f"{role}_pretrain_loss"] = train_causal_lm(model, corpus_batches(gen), ecfg.pretrain_steps, ecfg.lr,
                                                f"pretrain {role}", progress)
-        model.save_pretrained(str(paths[role]))
-        tokenizer.save_pretrained(str(paths[role]))
-        info[f"{role}_params"] = sum(p.numel() for p in model.parameters())
+        info[f"{role}_params"] = save_built(model, tokenizer, paths[role])
 
     info["sft_teacher_train_loss"] = train_sft_teacher(paths, prompts, suite, tokenizer, data_cfg, ecfg, progress)
     info["build_seconds"] = round(time.monotonic() - t0, 1)

@@ -18,7 +18,7 @@ from common.config import EmbeddedModelShape
 from common.data.batching import collate, tokenize_examples
 
 __all__ = ["EMBEDDED_ROLES", "EmbeddedBuildError", "role_paths", "train_tokenizer", "new_llama", "train_causal_lm",
-           "packed_blocks", "train_sft_teacher"]
+           "packed_blocks", "train_sft_teacher", "save_built"]
 
 EMBEDDED_ROLES = ("base_teacher", "sft_teacher", "student")
 _SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]", "eos_token": "[EOS]"}
@@ -144,6 +144,12 @@ def train_sft_teacher(paths: dict, prompts: list[str], suite: dict, tokenizer: A
                 torch.from_numpy(b["labels"]))
 
     loss = train_causal_lm(teacher, sft_batches, ecfg.sft_steps, ecfg.lr, "SFT teacher", progress)
-    teacher.save_pretrained(str(paths["sft_teacher"]))
-    tokenizer.save_pretrained(str(paths["sft_teacher"]))
+    save_built(teacher, tokenizer, paths["sft_teacher"])
     return loss
+
+
+def save_built(model: Any, tokenizer: Any, path: Path) -> int:
+    """Save a built model with its tokenizer beside it (loads like a hub model); returns its parameter count."""
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return sum(p.numel() for p in model.parameters())
