@@ -6,8 +6,8 @@ with the keys the README table reads, targets whose `met` agrees with value/op/t
 sizes, which are exact arithmetic.
 
 The smokes are one suite in this process: each test imports its script and calls its `main` with the
-command line a user would type (`--smoke --out-dir D [--ray-address A]`), so the interpreter, torch and
-Ray start once, not once per script. Scripts that use Ray get the session's cluster (`ray_session`
+command line a user would type (`--smoke --out-dir D [--ray-address A] [--models-dir M]`), so the interpreter,
+torch and Ray start once, not once per script. Scripts that use Ray get the session's cluster (`ray_session`
 keeps a connection it finds), and the end-to-end smokes share one set of miniature embedded models
 (`--models-dir`). Each script is still runnable on its own (`python benchmarks/<script>.py --smoke`).
 """
