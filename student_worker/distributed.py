@@ -5,7 +5,9 @@ torch's *default* process group in each actor, over teachers + students, and reu
 DDP group (students only, other ranks) must not collide with it, so it is built explicitly from a TCPStore
 and handed to DDP via `process_group=`; the default group stays free for Ray.
 
-Rendezvous: rank 0 picks a free port on its node (`free_port`), the driver hands `tcp://host:port` to all.
+Rendezvous: rank 0 opens the group's TCPStore on a port the OS picks as it binds (`open_rendezvous_store`),
+so no other process can take the port between its choice and the bind (the race of picking a free port
+first); the driver hands `tcp://host:port` to all ranks and rank 0 builds its group on the store it holds.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import ray
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedError", "AllReduceTimer", "free_port", "node_ip", "make_process_group", "wrap_ddp",
+__all__ = ["DistributedError", "AllReduceTimer", "free_port", "node_ip", "open_rendezvous_store", "make_process_group",
+           "wrap_ddp",
            "bf16_allreduce_hook", "compression_hook"]
 
 
@@ -42,23 +45,38 @@ def node_ip() -> str:
     return "127.0.0.1"
 
 
+def open_rendezvous_store(world_size: int, timeout_s: float = 1800.0, host: str | None = None,
+                          ) -> tuple[dist.TCPStore, str]:
+    """Rank 0's store of the group, listening on a port the OS picked when it bound (port 0), and the
+    `tcp://host:port` the other ranks connect to. Not waiting for them: they connect in `make_process_group`."""
+    host = host or node_ip()
+    try:
+        store = dist.TCPStore(host, 0, world_size, True, timeout=datetime.timedelta(seconds=timeout_s),
+                              wait_for_workers=False)
+    except (RuntimeError, OSError) as exc:
+        raise DistributedError(f"rank 0/{world_size}: cannot open the rendezvous store on {host}: {exc}") from exc
+    return store, f"tcp://{host}:{store.port}"
+
+
 def make_process_group(
     init_method: str, rank: int, world_size: int, backend: str, timeout_s: float = 1800.0,
-    group_name: str = "deltakd-students",
+    group_name: str = "deltakd-students", store: dist.Store | None = None,
 ) -> dist.ProcessGroup:
     """A process group over the student ranks that is NOT torch's default group.
 
     init_method: "tcp://host:port" (rank 0 hosts the store); backend: "gloo" (CPU) or "nccl" (GPU).
     timeout_s (`training.collective_timeout_s`): the store's and every collective's timeout (gloo's
     timeout; NCCL's `ProcessGroupNCCL.Options._timeout`, which its watchdog enforces). group_name: names
-    the group in torch's logs and NCCL's flight recorder, and prefixes its keys in the store.
+    the group in torch's logs and NCCL's flight recorder, and prefixes its keys in the store. store: rank 0's
+    store from `open_rendezvous_store` (None: rank 0 opens one at init_method's port, as torchrun does).
     """
     if not init_method.startswith("tcp://"):
         raise DistributedError(f"rank {rank}: init_method must be tcp://host:port, got {init_method!r}")
     host, _, port = init_method[len("tcp://"):].rpartition(":")
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
+        if store is None:
+            store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
     except (RuntimeError, OSError) as exc:
         raise DistributedError(
             f"rank {rank}/{world_size}: cannot reach the rendezvous store at {init_method}: {exc}"

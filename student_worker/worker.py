@@ -48,9 +48,9 @@ from student_worker import checkpoint as ckpt
 from student_worker.distributed import (
     AllReduceTimer,
     compression_hook,
-    free_port,
     make_process_group,
     node_ip,
+    open_rendezvous_store,
     wrap_ddp,
 )
 from student_worker.evaluate import evaluate_model
@@ -103,6 +103,7 @@ class StudentWorkerImpl:
         self.compute = apply_compute_settings(self.cfg.reproducibility, where=f"student worker rank {rank}")
         self.rank, self.world_size, self.generation = rank, world_size, generation
         self.next_step = 0  # the step this worker trains next (= completed steps)
+        self._rendezvous_store: Any = None  # rank 0: the group's store, opened by rendezvous_address
         self._mark = time.perf_counter()  # end of the last call (see _end_call)
         self._idle_s = 0.0  # idle time before calls that count into the next step (checkpoint saves, samples)
         self._checkpoint_s = 0.0
@@ -115,8 +116,11 @@ class StudentWorkerImpl:
 
     # ------------------------------------------------------------------ set-up
     def rendezvous_address(self) -> str:
-        """Called on rank 0 only: tcp://<this node>:<a free port> for the student process group."""
-        return f"tcp://{node_ip()}:{free_port()}"
+        """Called on rank 0 only: opens the student group's store on a port the OS picks as it binds (no other
+        process can take it first) and returns tcp://<this node>:<that port>; `setup` builds on that store."""
+        self._rendezvous_store, address = open_rendezvous_store(self.world_size,
+                                                                self.cfg.training.collective_timeout_s, node_ip())
+        return address
 
     def read_probe(self, path: str) -> dict[str, Any]:
         """What this worker sees at the driver's probe file (student_worker/shared_output.py)."""
@@ -154,7 +158,8 @@ class StudentWorkerImpl:
         t = cfg.training
         self.group = make_process_group(init_method, self.rank, self.world_size, "nccl" if use_cuda else "gloo",
                                         timeout_s=t.collective_timeout_s,
-                                        group_name=f"{cfg.run_name}-students-g{self.generation}")
+                                        group_name=f"{cfg.run_name}-students-g{self.generation}",
+                                        store=self._rendezvous_store if self.rank == 0 else None)
         self.allreduce_timer = AllReduceTimer()
         # DDP wraps what the step's forward runs: the backbone-only module on the fused path (train_step.py)
         self.ddp = wrap_ddp(loss_forward_module(self.model, cfg.loss, spec.path), self.group, self.device,

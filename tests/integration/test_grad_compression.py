@@ -4,10 +4,10 @@ training without compression (and are not identical to it: the hook changes the 
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.multiprocessing as mp
-
-from student_worker.distributed import free_port
 
 STEPS, LR = 5, 0.05
 
@@ -22,16 +22,31 @@ def _data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
 
 
-def _rank(rank: int, ports: list[int], out: dict) -> None:
+def _rank(rank: int, addresses: dict, out: dict) -> None:
     torch.set_num_threads(1)
-    for port, mode in zip(ports, ("none", "bf16")):
-        _train(rank, port, mode, out)
+    for mode in ("none", "bf16"):
+        _train(rank, mode, addresses, out)
 
 
-def _train(rank: int, port: int, mode: str, out: dict) -> None:
-    from student_worker.distributed import compression_hook, make_process_group, wrap_ddp
+def _train(rank: int, mode: str, addresses: dict, out: dict) -> None:
+    """Rank 0 opens the group's store on a port the OS picks (open_rendezvous_store, as the student workers
+    do) and publishes its address; rank 1 waits for it, then connects."""
+    from student_worker.distributed import (
+        compression_hook,
+        make_process_group,
+        open_rendezvous_store,
+        wrap_ddp,
+    )
 
-    group = make_process_group(f"tcp://127.0.0.1:{port}", rank, 2, "gloo", timeout_s=60)
+    store = None
+    if rank == 0:
+        store, addresses[mode] = open_rendezvous_store(2, timeout_s=60, host="127.0.0.1")
+    deadline = time.monotonic() + 60
+    while mode not in addresses:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: rank 0 published no rendezvous address for {mode}")
+        time.sleep(0.05)
+    group = make_process_group(addresses[mode], rank, 2, "gloo", timeout_s=60, store=store)
     model = _model()
     ddp = wrap_ddp(model, group, torch.device("cpu"), compression_hook(mode))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -47,8 +62,6 @@ def _train(rank: int, port: int, mode: str, out: dict) -> None:
         out[mode] = {"grads": first_grads, "params": [p.detach().clone() for p in model.parameters()]}
 
 
-
-
 def _local_grads(rank: int) -> list[torch.Tensor]:
     model = _model()
     x, y = _data(rank)
@@ -56,25 +69,12 @@ def _local_grads(rank: int) -> list[torch.Tensor]:
     return [p.grad for p in model.parameters()]
 
 
-RENDEZVOUS_ATTEMPTS = 3
-
-
 def _two_ranks() -> dict:
-    """Both ranks' runs (fp32, then bf16). A port that free_port found free can be taken before rank 0's
-    store binds it (in the full suite the session's Ray cluster keeps starting processes that bind
-    ephemeral ports; rank 1 then connects to that process and rank 0 times out waiting): only that
-    rendezvous failure is tried again, with fresh ports."""
-    for attempt in range(1, RENDEZVOUS_ATTEMPTS + 1):
-        with mp.Manager() as manager:
-            out = manager.dict()
-            try:
-                mp.spawn(_rank, args=([free_port(), free_port()], out), nprocs=2, join=True)
-            except mp.ProcessRaisedException as exc:
-                if "cannot reach the rendezvous store" not in str(exc) or attempt == RENDEZVOUS_ATTEMPTS:
-                    raise
-                continue
-            return dict(out)
-    raise AssertionError("unreachable")
+    """Both ranks' runs (fp32, then bf16), in two spawned processes."""
+    with mp.Manager() as manager:
+        out, addresses = manager.dict(), manager.dict()
+        mp.spawn(_rank, args=(addresses, out), nprocs=2, join=True)
+        return dict(out)
 
 
 def test_bf16_compression_on_two_gloo_ranks() -> None:
