@@ -107,7 +107,7 @@ def cache_runs(smoke: bool, steps: int, models_dir: Path | None = None) -> dict[
                            "num_tokens": manifest.num_tokens, "shards": len(manifest.shards)}
         uri = root / f"cache-{DEFAULT_ENCODING}"
         _, add = add_role(cfg, str(uri), progress=False, say=lambda _: None)
-        cached = ["teachers.source=cache", f"teachers.cache={uri}"]
+        cached = ["teachers.source=cache", f"teachers.cache.uri={uri}"]
         runs = {
             "sft": _train(cfg_of(["loss.method=sft"], "sft"), root / "sft"),
             "delta_kd_live": _train(cfg_of([], "dkd-live"), root / "dkd-live"),

@@ -133,26 +133,26 @@ def check_cache(cfg: RunConfig, train_set: Any) -> CachePlan | None:
     t = cfg.teachers
     if t.source == "live" or cfg.loss.method == "sft":
         return None
-    assert t.cache is not None  # the config requires it
+    assert t.cache.uri is not None  # the config requires it
     from_cache = t.student_base_source == "cache"
     roles = cache_roles(cfg, from_cache)
     try:
-        reader = open_for_run(t.cache, cfg, tokenizer_fingerprint=train_set.tokenizer_fingerprint,
+        reader = open_for_run(t.cache.uri, cfg, tokenizer_fingerprint=train_set.tokenizer_fingerprint,
                               vocab_size=train_set.vocab_size, examples_sha256=examples_fingerprint(train_set.examples),
                               num_examples=len(train_set.examples), student_base_from_cache=from_cache,
-                              max_bytes_in_memory=t.cache_memory_mb << 20)
-        return CachePlan(t.cache, reader=reader, run_roles=run_roles(cfg, roles), roles=roles)
+                              max_bytes_in_memory=t.cache.memory_mb << 20)
+        return CachePlan(t.cache.uri, reader=reader, run_roles=run_roles(cfg, roles), roles=roles)
     except CacheIncompleteError:
         if t.source == "cache":
             raise
     head = build_head(cfg, train_set)
-    loc = CacheLocation(t.cache)
+    loc = CacheLocation(t.cache.uri)
     existing = load_build_head(loc)
     if existing is not None and existing.defining() != head.defining():
         raise CacheMismatchError(loc.display(), _head_differences(existing, head) + [
             "(teachers.source=auto would continue this unfinished build, which is for other settings: finish it "
             "with `python -m teacher_service.cache build` and its config, or use another teachers.cache)"])
-    return CachePlan(t.cache, head=head)
+    return CachePlan(t.cache.uri, head=head)
 
 
 class CacheSource:
@@ -161,7 +161,7 @@ class CacheSource:
     def __init__(self, cfg: RunConfig, plan: CachePlan, batch_plan: Any, workers: list[Any]):
         t = cfg.teachers
         self.uri, self.plan, self.batch_plan = plan.uri, plan, batch_plan
-        self.on_error = t.cache_on_error
+        self.on_error = t.cache.on_error
         live = {"namespace": t.namespace, "name_prefix": t.name_prefix, "k": cfg.loss.k, "tau": cfg.loss.tau,
                 "wire_dtype": t.wire_dtype}
         # next to each rank's worker on a multi-node cluster (waits for the workers' processes); on one node the
@@ -174,7 +174,7 @@ class CacheSource:
             if rank < len(where):  # next to its worker: the record crosses no network
                 opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(where[rank]["node_id"], soft=True)
             self.feeders.append(CacheFeeder.options(**opts).remote(
-                plan.uri, plan.roles, plan.run_roles, t.cache_memory_mb << 20, t.cache_on_error, live,
+                plan.uri, plan.roles, plan.run_roles, t.cache.memory_mb << 20, t.cache.on_error, live,
                 cfg.reproducibility.model_dump()))
 
     def submit(self, step: int, rank: int, batch_id: Any, arrays: dict[str, np.ndarray], examples: list[int] | None,

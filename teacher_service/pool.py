@@ -36,10 +36,10 @@ __all__ = ["TeacherPool", "vllm_options"]
 def vllm_options(cfg: RunConfig) -> dict[str, Any]:
     """The VLLMEngine options of the sft role (teachers.engine: vllm) from the run config."""
     t = cfg.teachers
-    return {"max_logprobs": t.vllm_max_logprobs or cfg.loss.k + 1,  # + 1: the label (include)
-            "gpu_memory_utilization": t.vllm_gpu_memory_utilization,
-            "max_num_batched_tokens": t.vllm_max_num_batched_tokens,
-            "max_model_len": t.vllm_max_model_len, "dtype": t.dtype}
+    return {"max_logprobs": t.vllm.max_logprobs or cfg.loss.k + 1,  # + 1: the label (include)
+            "gpu_memory_utilization": t.vllm.gpu_memory_utilization,
+            "max_num_batched_tokens": t.vllm.max_num_batched_tokens,
+            "max_model_len": t.vllm.max_model_len, "dtype": t.dtype}
 
 
 class TeacherPool:

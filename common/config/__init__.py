@@ -40,7 +40,7 @@ from .loading import (
 from .loss import LossConfig
 from .models import ModelsConfig, ModelSpec, TeacherPair
 from .run import RunConfig
-from .teachers import TeachersConfig, TransportConfig
+from .teachers import TeacherCacheConfig, TeachersConfig, TransportConfig, VLLMConfig
 from .training import (
     EvaluationConfig,
     LoggingConfig,
@@ -63,6 +63,8 @@ __all__ = [
     "DataConfig",
     "LossConfig",
     "TeachersConfig",
+    "TeacherCacheConfig",
+    "VLLMConfig",
     "TransportConfig",
     "OnPolicyConfig",
     "TrainingConfig",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -26,23 +27,44 @@ RETIRED_KEYS = {
 }
 
 
-# Keys the schema renamed (old dotted key -> new one): a config that sets an old key is refused with a hint
-# naming the new key; a config this program saved itself is read back under the new names.
+# Keys the schema renamed (old dotted key -> new one, any depth): a config that sets an old key is refused with
+# a hint naming the new key; a config this program saved itself is read back under the new names. An old key
+# whose new key lies inside it (`teachers.cache`, a string, is now the section holding `teachers.cache.uri`)
+# is moved only when it holds a value rather than a section.
 RENAMED_KEYS = {
     "loss.chunk_tokens": "loss.loss_chunk_rows",
     "teachers.chunk_tokens": "teachers.score_chunk_rows",
+    "teachers.cache": "teachers.cache.uri",
+    "teachers.cache_encoding": "teachers.cache.encoding",
+    "teachers.cache_shard_size": "teachers.cache.shard_size",
+    "teachers.cache_on_error": "teachers.cache.on_error",
+    "teachers.cache_memory_mb": "teachers.cache.memory_mb",
+    "teachers.vllm_gpu_memory_utilization": "teachers.vllm.gpu_memory_utilization",
+    "teachers.vllm_max_num_batched_tokens": "teachers.vllm.max_num_batched_tokens",
+    "teachers.vllm_max_model_len": "teachers.vllm.max_model_len",
+    "teachers.vllm_max_logprobs": "teachers.vllm.max_logprobs",
 }
 
 
 def without_retired_keys(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config dict in the current schema's names: the RETIRED_KEYS sections dropped and the
-    RENAMED_KEYS moved to their new names (a copy; the input is not changed)."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items() if k not in RETIRED_KEYS}
+    RENAMED_KEYS moved to their new names, in the table's order (a copy; the input is not changed)."""
+    out = copy.deepcopy({k: v for k, v in saved.items() if k not in RETIRED_KEYS})
     for old, new in RENAMED_KEYS.items():
-        (sec_old, key_old), (sec_new, key_new) = old.split("."), new.split(".")
-        section = out.get(sec_old)
-        if isinstance(section, dict) and key_old in section:
-            out.setdefault(sec_new, {})[key_new] = section.pop(key_old)
+        *parents, leaf = old.split(".")
+        section: Any = out
+        for p in parents:
+            section = section.get(p) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or leaf not in section:
+            continue
+        if new.startswith(old + ".") and isinstance(section[leaf], dict):
+            continue  # already the section the old value moved into
+        value = section.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        node = out
+        for p in new_parents:
+            node = node.setdefault(p, {})
+        node[new_leaf] = value
     return out
 
 
@@ -74,6 +96,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  unknown key {key!r} (removed: {RETIRED_KEYS[str(loc[0])]})")
         elif e["type"] == "extra_forbidden" and key in RENAMED_KEYS:
             lines.append(f"  unknown key {key!r} (renamed: did you mean {RENAMED_KEYS[key]!r}?)")
+        elif key in RENAMED_KEYS and RENAMED_KEYS[key].startswith(key + ".") and not isinstance(e.get("input"), dict):
+            lines.append(f"  {key}: is a section now (renamed: did you mean {RENAMED_KEYS[key]!r}?)")
         elif e["type"] == "extra_forbidden":
             owner = _model_at(loc)
             hint = did_you_mean(str(loc[-1]), list(owner.model_fields)) if owner else ""

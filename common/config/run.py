@@ -82,8 +82,8 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _cache_source(self) -> RunConfig:
         t = self.teachers
-        if t.source != "live" and not t.cache:
-            raise ValueError(f"teachers.source={t.source} needs teachers.cache (a folder or URI of the teacher cache)")
+        if t.source != "live" and not t.cache.uri:
+            raise ValueError(f"teachers.source={t.source} needs teachers.cache.uri (a folder or URI of the teacher cache)")
         if t.student_base_source == "cache" and t.source != "cache":
             raise ValueError("teachers.student_base_source=cache needs teachers.source=cache (lp_S0 is a role scored "
                              f"once into a finished cache with `cache add-role`), got teachers.source={t.source}")
@@ -106,7 +106,7 @@ class RunConfig(Strict):
             raise ValueError(f"loss.tau={self.loss.tau} with teachers.engine=vllm: vLLM's prompt log-probs are at "
                              "temperature 1 and their normaliser at another tau is not recoverable from the top-k; "
                              "use loss.tau=1 or teachers.engine=hf")
-        if t.vllm_max_logprobs is not None and self.loss.k > t.vllm_max_logprobs:
-            raise ValueError(f"loss.k={self.loss.k} exceeds teachers.vllm_max_logprobs={t.vllm_max_logprobs} "
+        if t.vllm.max_logprobs is not None and self.loss.k > t.vllm.max_logprobs:
+            raise ValueError(f"loss.k={self.loss.k} exceeds teachers.vllm.max_logprobs={t.vllm.max_logprobs} "
                              "(vLLM returns at most that many log-probs per position); raise it or lower loss.k")
         return self

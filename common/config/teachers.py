@@ -10,10 +10,54 @@ from common.codec import ENCODINGS
 
 from .base import RESUME_FREE, RUNTIME, DType, Strict, WireDType, did_you_mean, policy
 
-__all__ = ["TeachersConfig", "TransportConfig"]
+__all__ = ["TeachersConfig", "TeacherCacheConfig", "VLLMConfig", "TransportConfig"]
+
+
+class TeacherCacheConfig(Strict):
+    """`teachers.cache`: where the teacher cache lives and how it stores and reads records. The whole section
+    may differ on resume (a cache is checked against the run when it is opened)."""
+
+    # a folder or a pyarrow file system URI (file://, s3://, gs://)
+    uri: str | None = None
+    # How a build (and auto's write-through) stores records: a common.codec preset (fp32 is lossless; the
+    # default q8d10 is 304 B per token at k = 64, V = 152,064; docs/PERFORMANCE.md has the table).
+    encoding: str = "q8d10"
+    # Examples per cache shard; a build rounds it up to a multiple of the per-rank batch so that each shard
+    # holds whole batches of the plan it replays.
+    shard_size: int = Field(default=512, gt=0)
+    # A shard whose checksum fails while training: stop the run (after a checkpoint of the completed steps),
+    # or recompute that batch live through a running teacher service (teachers.namespace / name_prefix).
+    on_error: Literal["stop", "live"] = "stop"
+    # Encoded shards each rank's reader keeps in memory (about the shard files' size).
+    memory_mb: int = Field(default=1024, gt=0)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        if v not in ENCODINGS:
+            raise ValueError(f"unknown cache encoding {v!r}{did_you_mean(v, list(ENCODINGS))}; one of {sorted(ENCODINGS)}")
+        return v
+
+
+class VLLMConfig(Strict):
+    """`teachers.vllm`: the vLLM engine's options (teachers.engine: vllm). Prompt log-probs are formed over the
+    whole vocabulary for every scheduled prompt token, in memory vLLM's start-up profiler does not count
+    (~2 x tokens x V x 4 bytes: 2.5 GB for 2048 tokens at V = 151,646). So the utilisation leaves that room
+    (0.75 of a 24 GB GPU: 15.2 GB of 7B bf16 weights + ~1 GB activations + KV cache, 57 KB a token for
+    Qwen2-7B) and max_num_batched_tokens caps the tokens per scheduler step (chunked prefill), hence that
+    buffer."""
+
+    gpu_memory_utilization: float = Field(default=0.75, gt=0, le=1)
+    max_num_batched_tokens: int | None = Field(default=2048, gt=0)
+    max_model_len: int | None = None
+    # vLLM's cap on log-probs per position (its LLM(max_logprobs=...)); None: loss.k + 1 (top-k + the label).
+    max_logprobs: int | None = Field(default=None, gt=0)
 
 
 class TeachersConfig(Strict):
+    """`teachers:` where the teachers run and how the student reaches them (placement, engine, service names,
+    restarts), with two sections: `cache` (the teacher cache) and `vllm` (the vLLM engine's options)."""
+
     engine: Literal["hf", "vllm"] = "hf"  # engine of the SFT teacher (it picks the support); others use hf
     replicas: dict[str, int] = Field(default_factory=lambda: {"sft": 1, "base": 1})
     num_cpus: float = Field(default=1.0, ge=0)
@@ -28,24 +72,12 @@ class TeachersConfig(Strict):
     # needs source: cache).
     student_base_source: Literal["worker", "teacher", "cache"] = "worker"
     # Where the teacher records come from (issue 14, docs/ARCHITECTURE.md "Teach once, distil many"):
-    # live: the teacher actors score every batch; cache: the teacher cache at `cache` (built with
-    # `python -m teacher_service.cache build`), no teacher actor is started; auto: read `cache` when it is
-    # complete for this run, else run live for the first epoch and write every record through to it, then
-    # read it from the second epoch on (and in later runs).
+    # live: the teacher actors score every batch; cache: the teacher cache at `cache.uri` (built with
+    # `python -m teacher_service.cache build`), no teacher actor is started; auto: read `cache.uri` when it
+    # is complete for this run, else run live for the first epoch and write every record through to it,
+    # then read it from the second epoch on (and in later runs).
     source: Literal["live", "cache", "auto"] = Field(default="live", json_schema_extra=policy(RESUME_FREE))
-    # a folder or a pyarrow file system URI (file://, s3://, gs://)
-    cache: str | None = Field(default=None, json_schema_extra=policy(RESUME_FREE))
-    # How a build (and auto's write-through) stores records: a common.codec preset (fp32 is lossless; the
-    # default q8d10 is 304 B per token at k = 64, V = 152,064; docs/PERFORMANCE.md has the table).
-    cache_encoding: str = Field(default="q8d10", json_schema_extra=policy(RESUME_FREE))
-    # Examples per cache shard; a build rounds it up to a multiple of the per-rank batch so that each shard
-    # holds whole batches of the plan it replays.
-    cache_shard_size: int = Field(default=512, gt=0, json_schema_extra=policy(RESUME_FREE))
-    # A shard whose checksum fails while training: stop the run (after a checkpoint of the completed steps),
-    # or recompute that batch live through a running teacher service (teachers.namespace / name_prefix).
-    cache_on_error: Literal["stop", "live"] = Field(default="stop", json_schema_extra=policy(RESUME_FREE))
-    # Encoded shards each rank's reader keeps in memory (about the shard files' size).
-    cache_memory_mb: int = Field(default=1024, gt=0, json_schema_extra=policy(RESUME_FREE))
+    cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig, json_schema_extra=policy(RESUME_FREE))
     namespace: str = Field(default="deltakd", json_schema_extra=policy(RESUME_FREE, RUNTIME))
     name_prefix: str = Field(default="teacher", json_schema_extra=policy(RESUME_FREE, RUNTIME))
     # attach to a running `python -m teacher_service serve` instead of starting teachers
@@ -55,23 +87,7 @@ class TeachersConfig(Strict):
     max_inflight_per_replica: int = Field(default=4, gt=0)
     # Rows per chunk of a teacher's LM head and log-softmax when it scores a batch (was teachers.chunk_tokens).
     score_chunk_rows: int = Field(default=1024, gt=0)
-    # vLLM engine (teachers.engine: vllm). Prompt log-probs are formed over the whole vocabulary for every
-    # scheduled prompt token, in memory vLLM's start-up profiler does not count (~2 x tokens x V x 4 bytes:
-    # 2.5 GB for 2048 tokens at V = 151,646). So the utilisation leaves that room (0.75 of a 24 GB GPU:
-    # 15.2 GB of 7B bf16 weights + ~1 GB activations + KV cache, 57 KB a token for Qwen2-7B) and
-    # max_num_batched_tokens caps the tokens per scheduler step (chunked prefill), hence that buffer.
-    vllm_gpu_memory_utilization: float = Field(default=0.75, gt=0, le=1)
-    vllm_max_num_batched_tokens: int | None = Field(default=2048, gt=0)
-    vllm_max_model_len: int | None = None
-    # vLLM's cap on log-probs per position (its LLM(max_logprobs=...)); None: loss.k + 1 (top-k + the label).
-    vllm_max_logprobs: int | None = Field(default=None, gt=0)
-
-    @field_validator("cache_encoding")
-    @classmethod
-    def _known_encoding(cls, v: str) -> str:
-        if v not in ENCODINGS:
-            raise ValueError(f"unknown cache encoding {v!r}{did_you_mean(v, list(ENCODINGS))}; one of {sorted(ENCODINGS)}")
-        return v
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
 
 class TransportConfig(Strict):

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
         q = sub.add_parser(name)
         if name == "build":
             q.add_argument("--out", required=True, help="where to write the cache: a folder or pyarrow URI")
-            q.add_argument("--encoding", help="storage encoding (default: the config's teachers.cache_encoding)")
+            q.add_argument("--encoding", help="storage encoding (default: the config's teachers.cache.encoding)")
         else:
             q.add_argument("role", choices=["student_base"])
             q.add_argument("--cache", required=True, help="the finished cache: a folder or pyarrow URI")

@@ -3,11 +3,11 @@
 The driver submits each step's batch to the rank's feeder as it would submit it to the teacher pool, up to
 `training.prefetch` steps ahead, and hands the returned ref to the worker, which `ray.get`s it like a live
 record: the worker's code path is the same for both sources. The feeder keeps the rank's recently used
-shards encoded in memory (`teachers.cache_memory_mb`), decodes only the batch's examples, and starts reading
+shards encoded in memory (`teachers.cache.memory_mb`), decodes only the batch's examples, and starts reading
 the shards of the coming batches (`upcoming`) in a background thread while the current one is served.
 
 A shard whose checksum fails raises ShardError naming it (every rank then rejects the step and the run stops
-after a checkpoint), unless `teachers.cache_on_error: live`: then the batch is recomputed by the running
+after a checkpoint), unless `teachers.cache.on_error: live`: then the batch is recomputed by the running
 teacher service (teachers.namespace / name_prefix), if there is one, in the live batch itself.
 """
 
@@ -72,7 +72,7 @@ class FeederImpl:
                                       wire_dtype=self.live.get("wire_dtype", "float32"))
         except Exception as exc:  # no service reachable: the cache error is what the user must see
             raise ShardError(f"{cause}; recomputing batch {batch_id} live failed too "
-                             f"(teachers.cache_on_error: live): {type(exc).__name__}: {exc}") from None
+                             f"(teachers.cache.on_error: live): {type(exc).__name__}: {exc}") from None
         missing = [r for r in self.reader.roles if r not in rec.logprobs]
         if missing:
             raise ShardError(f"{cause}; the teacher service that could recompute batch {batch_id} lacks roles "

@@ -62,10 +62,10 @@ def build_head(cfg: RunConfig, train_set: Any, encoding: str | None = None) -> B
     model identity; order: the plan's build order; scoring: the plan and how the teachers score (resume and
     `auto` write-through must agree on them).
     """
-    enc = encoding or cfg.teachers.cache_encoding
+    enc = encoding or cfg.teachers.cache.encoding
     plan = train_set.plan
     b = plan.per_rank_batch
-    shard_size = int(math.ceil(cfg.teachers.cache_shard_size / b) * b)
+    shard_size = int(math.ceil(cfg.teachers.cache.shard_size / b) * b)
     roles = build_roles(cfg)
     t, d = cfg.teachers, cfg.data
     scoring = {

@@ -10,7 +10,7 @@ pipeline, and ONE live reference run of 12 steps (2 epochs of 6 steps, 2 ranks x
   within the stated tolerance of the live run's;
 - bad caches are refused before training (mismatch, missing role, missing shard, no cache, another unfinished
   build); a corrupted shard stops the run at the step that needs it, naming it, after a checkpoint; resumed
-  from it with `teachers.cache_on_error: live` (the batch recomputed by the running service), the run ends
+  from it with `teachers.cache.on_error: live` (the batch recomputed by the running service), the run ends
   with the live run's rows (epoch 0 bit for bit: the cache cursor resumes exactly);
 - the build survives its Ray Data worker killed mid-build and its driver (a CLI subprocess) SIGKILLed:
   the rerun resumes and the contents equal the uninterrupted build's.
@@ -44,9 +44,9 @@ from tests.tiny import make_llama
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, STEPS_PER_EPOCH = 12, 6  # 48 examples, global batch 8
-RUN = [f"training.max_steps={STEPS}", "training.checkpoint_every=3", "teachers.cache_shard_size=8",
+RUN = [f"training.max_steps={STEPS}", "training.checkpoint_every=3", "teachers.cache.shard_size=8",
        "output.plot=false"]
-FP32 = ["teachers.cache_encoding=fp32"]
+FP32 = ["teachers.cache.encoding=fp32"]
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -102,7 +102,7 @@ def no_teachers(monkeypatch):
 
 
 def cached(uri: Path) -> list[str]:
-    return ["teachers.source=cache", f"teachers.cache={uri}"]
+    return ["teachers.source=cache", f"teachers.cache.uri={uri}"]
 
 
 def assert_rows(got: list[dict[str, Any]], want: list[dict[str, Any]], rel: float) -> None:
@@ -127,7 +127,7 @@ def test_auto_writes_epoch_zero_through_then_reads_the_cache(tiny, service, refe
 
     uri = tmp_path / "auto_cache"
     report = run_training(cfg_for(tiny, service, tmp_path / "a", FP32 + ["teachers.source=auto",
-                                                                        f"teachers.cache={uri}"]), progress=False)
+                                                                        f"teachers.cache.uri={uri}"]), progress=False)
     src = report["record_source"]
     assert src["reading_cache"] and src["last_live_step"] == STEPS_PER_EPOCH - 1, src
     assert_rows(comparable(read_rows(tmp_path / "a")), reference["rows"], rel=1e-5)
@@ -136,7 +136,7 @@ def test_auto_writes_epoch_zero_through_then_reads_the_cache(tiny, service, refe
     from teacher_service import TeacherPool
 
     monkeypatch.setattr(TeacherPool, "attach", classmethod(lambda *a, **k: pytest.fail("attached to teachers")))
-    report = run_training(cfg_for(tiny, service, tmp_path / "b", FP32 + ["teachers.source=auto", f"teachers.cache={uri}",
+    report = run_training(cfg_for(tiny, service, tmp_path / "b", FP32 + ["teachers.source=auto", f"teachers.cache.uri={uri}",
                                                                         "training.max_steps=2"]), progress=False)
     assert report["record_source"]["source"] == "cache"
 
@@ -186,7 +186,7 @@ def test_bad_caches_are_refused_before_any_training_step(tiny, service, referenc
     other = tmp_path / "other"  # an unfinished build for other settings: auto would not continue it
     shutil.copytree(uri, other)
     (other / "manifest.json").unlink()
-    msg = preflight("auto", ["teachers.source=auto", f"teachers.cache={other}", "teachers.cache_encoding=q8"])
+    msg = preflight("auto", ["teachers.source=auto", f"teachers.cache.uri={other}", "teachers.cache.encoding=q8"])
     assert "encoding: cache 'fp32', build 'q8'" in msg and "would continue this unfinished build" in msg
     broken = tmp_path / "broken"
     shutil.copytree(uri, broken)
@@ -206,7 +206,7 @@ def test_bad_caches_are_refused_before_any_training_step(tiny, service, referenc
     # resumed from that checkpoint with the batches of the bad shard recomputed live by the running teacher
     # service: the cache cursor follows the batch plan, so the run ends with the live run's rows
     report = run_training(cfg_for(tiny, service, tmp_path / "corrupt", FP32 + cached(broken) +
-                                  ["teachers.cache_on_error=live"]), resume=True, progress=False)
+                                  ["teachers.cache.on_error=live"]), resume=True, progress=False)
     rows = read_rows(tmp_path / "corrupt")
     assert [r["step"] for r in rows] == list(range(STEPS))
     assert_rows(comparable(rows), reference["rows"], rel=1e-5)

@@ -159,10 +159,10 @@ BASE = {"models": {"base_teacher": {"path": "a"}, "sft_teacher": {"path": "b"}, 
 
 
 @pytest.mark.parametrize("teachers, match", [
-    ({"source": "cache"}, "teachers.source=cache needs teachers.cache"),
-    ({"source": "auto"}, "teachers.source=auto needs teachers.cache"),
-    ({"student_base_source": "cache", "source": "auto", "cache": "/c"}, "needs teachers.source=cache"),
-    ({"cache_encoding": "q8d11"}, "unknown cache encoding 'q8d11' \\(did you mean 'q8d10'"),
+    ({"source": "cache"}, "teachers.source=cache needs teachers.cache.uri"),
+    ({"source": "auto"}, "teachers.source=auto needs teachers.cache.uri"),
+    ({"student_base_source": "cache", "source": "auto", "cache": {"uri": "/c"}}, "needs teachers.source=cache"),
+    ({"cache": {"encoding": "q8d11"}}, "unknown cache encoding 'q8d11' \\(did you mean 'q8d10'"),
 ])
 def test_cache_keys_are_checked_by_name(teachers, match):
     with pytest.raises(ConfigError, match=match):
@@ -173,12 +173,13 @@ def test_cache_keys_defaults_and_resume():
     from student_worker.checkpoint import _ignored
 
     t = config_from_dict(BASE).teachers
-    assert (t.source, t.cache, t.cache_encoding, t.cache_on_error) == ("live", None, "q8d10", "stop")
-    cfg = config_from_dict({**BASE, "teachers": {"source": "cache", "cache": "s3://b/c",
+    assert (t.source, t.cache.uri, t.cache.encoding, t.cache.on_error) == ("live", None, "q8d10", "stop")
+    cfg = config_from_dict({**BASE, "teachers": {"source": "cache", "cache": {"uri": "s3://b/c"},
                                                  "student_base_source": "cache"}})
-    assert cfg.teachers.cache == "s3://b/c"
+    assert cfg.teachers.cache.uri == "s3://b/c"
     # a run may switch between live teachers and the cache on resume (the cache is checked when opened)
-    assert _ignored("teachers.source") and _ignored("teachers.cache") and not _ignored("teachers.student_base_source")
+    assert _ignored("teachers.source") and _ignored("teachers.cache.uri") and _ignored("teachers.cache.encoding")
+    assert not _ignored("teachers.student_base_source")
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -188,7 +189,7 @@ def test_cache_keys_defaults_and_resume():
 @pytest.mark.parametrize("source", ["cache", "auto"])
 def test_forced_ids_need_live_teachers(extra, match, source):
     with pytest.raises(ConfigError, match=match):
-        config_from_dict({**BASE, **extra, "teachers": {"source": source, "cache": "/c"}})
+        config_from_dict({**BASE, **extra, "teachers": {"source": source, "cache": {"uri": "/c"}}})
 
 
 def test_cache_sources_refuse_forced_ids_or_sampled_batches():

@@ -11,7 +11,7 @@ BASE = {"models": {"base_teacher": {"path": "a"}, "sft_teacher": {"path": "b"}, 
 
 @pytest.mark.parametrize("overrides, culprit", [
     (["teachers.engine=vllm", "loss.tau=2"], "loss.tau=2.0 with teachers.engine=vllm"),
-    (["teachers.engine=vllm", "teachers.vllm_max_logprobs=20"], "loss.k=64 exceeds teachers.vllm_max_logprobs=20"),
+    (["teachers.engine=vllm", "teachers.vllm.max_logprobs=20"], "loss.k=64 exceeds teachers.vllm.max_logprobs=20"),
 ])
 def test_vllm_limits_are_config_errors_naming_the_key(overrides: list[str], culprit: str) -> None:
     with pytest.raises(ConfigError, match=culprit):
@@ -20,9 +20,9 @@ def test_vllm_limits_are_config_errors_naming_the_key(overrides: list[str], culp
 
 def test_vllm_defaults_and_hf_is_unconstrained() -> None:
     cfg = config_from_dict(BASE, ["teachers.engine=vllm"])
-    assert cfg.teachers.vllm_max_logprobs is None  # the pool asks vLLM for loss.k + 1
-    assert cfg.teachers.vllm_gpu_memory_utilization == 0.75 and cfg.teachers.vllm_max_num_batched_tokens == 2048
-    config_from_dict(BASE, ["loss.tau=2", "teachers.vllm_max_logprobs=20"])  # engine hf: no vLLM limits
+    assert cfg.teachers.vllm.max_logprobs is None  # the pool asks vLLM for loss.k + 1
+    assert cfg.teachers.vllm.gpu_memory_utilization == 0.75 and cfg.teachers.vllm.max_num_batched_tokens == 2048
+    config_from_dict(BASE, ["loss.tau=2", "teachers.vllm.max_logprobs=20"])  # engine hf: no vLLM limits
 
 
 def test_grad_compression_key() -> None:
