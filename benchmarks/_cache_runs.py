@@ -46,7 +46,7 @@ def _live_pool(cfg: Any, ts: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     pool = TeacherPool.start(cfg)
     try:
-        refs = [pool.submit(i, a["input_ids"], a["attention_mask"], a["loss_mask"]) for i, a in enumerate(arrays)]
+        refs = [pool.submit(i, a["input_ids"], a["attention_mask"], a["loss_mask"]).ref for i, a in enumerate(arrays)]
         ray.get(refs)
         seconds = time.perf_counter() - t0
     finally:

@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 from _common import Target, add_ray_args, base_parser, print_table, ray_session, summarize, write_result
 
+from teacher_service.record_handle import OBJECT_STORE, RecordHandle
+
 __all__ = ["SleepPool", "main"]
 
 K = 64
@@ -49,17 +51,19 @@ FACTORS = (0.5, 1.0, 2.0)
 
 
 class SleepPool:
-    """Stands in for TeacherPool: `submit` returns a ref to a record from a sleeping teacher actor."""
+    """Stands in for TeacherPool: `submit` returns a RecordHandle of a record from a sleeping teacher actor."""
 
     def __init__(self, teacher: Any, delay_s: float):
         self.teacher, self.delay_s, self.submitted = teacher, float(delay_s), 0
 
     def submit(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray, loss_mask: np.ndarray,
-               include: np.ndarray | None = None) -> Any:
-        if include is not None:
-            raise ValueError("SleepPool has no forced ids (include): the overlap benchmark runs off-policy batches")
+               include: np.ndarray | None = None, transport: str = OBJECT_STORE) -> RecordHandle:
+        if include is not None or transport != OBJECT_STORE:
+            raise ValueError("SleepPool has no forced ids (include) and no RDT: the overlap benchmark runs "
+                             "off-policy batches through the object store")
         self.submitted += 1
-        return self.teacher.record.remote(batch_id, np.ascontiguousarray(loss_mask, dtype=bool), self.delay_s)
+        return RecordHandle.object_store(self.teacher.record.remote(batch_id, np.ascontiguousarray(loss_mask, dtype=bool),
+                                                                    self.delay_s))
 
     def stats(self) -> dict[str, Any]:
         return {"submitted": self.submitted, "tokens": 0, "busy_s": 0.0}

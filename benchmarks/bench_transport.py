@@ -6,7 +6,7 @@ second on one thread) computes top-k (k = 64) for a batch of 4k and of 32k token
 - in_process:        `TeacherEngine.topk(...)` in this process (torch tensors, no conversion);
 - object_store_get:  `ray.get(TeacherActor.topk.remote(...))` here (numpy wire arrays via the object store);
 - object_store_actor: the TeacherActor's result ref passed to a receiver actor (teacher -> student hop);
-- rdt_gloo_actor:    `TeacherActor.topk_tensors` (Ray Direct Transport, gloo) to a receiver actor in one
+- rdt_gloo_actor:    `TeacherActor.topk` as an RDT call (Ray Direct Transport, gloo) to a receiver actor in one
                      collective group with the teacher (the GPU path's CPU twin).
 
     ratio = median seconds of a path / median seconds in-process      target: <= 1.15 at 32k tokens
@@ -91,7 +91,8 @@ def _paths(ray: Any, engine: Any, actor: Any, receiver: Any, ids: np.ndarray, ma
     }
     if with_rdt:
         paths["rdt_gloo_actor"] = lambda: checked(ray.get(receiver.consume.remote(
-            actor.topk_tensors.remote(next(counter), ids, mask, rows, K, 1.0))), "rdt_gloo_actor")
+            actor.topk.options(tensor_transport="gloo").remote(next(counter), ids, mask, rows, K, 1.0,
+                                                               transport="gloo"))), "rdt_gloo_actor")
     return paths
 
 

@@ -5,7 +5,7 @@ the shape's vocabulary size, since the actor loads a checkpoint):
 
 - in_process: `TeacherEngine.topk` in this process, then `targets_from_parts` on the same device (what a
   student worker does with a record it received), one host sync (its validation);
-- rdt: `TeacherActor.topk_tensors` in a teacher actor, its result sent over RDT to a receiver actor that
+- rdt: `TeacherActor.topk` (an RDT call: `.options(tensor_transport=...)`, `transport=`) in a teacher actor, its result sent over RDT to a receiver actor that
   runs the same `targets_from_parts` on its device: `cuda_ipc` on a GPU (both actors share it, fractional
   num_gpus), `gloo` on the CPU (its twin, in a collective group).
 
@@ -132,7 +132,7 @@ def rdt_transfer(shape: dict[str, Any], shape_name: str, device: Any, tokens: in
 
         def rdt() -> Any:
             m = meta()
-            part = actor.topk_tensors.options(tensor_transport=backend).remote(
+            part = actor.topk.options(tensor_transport=backend).remote(
                 m["batch_id"], ids, mask, rows, k, 1.0, transport=backend)
             return ray.get(receiver.take.remote(m, part))
 

@@ -31,7 +31,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from common.config import RunConfig
 from common.data.batching import collate
 from common.roles import cache_roles
-from student_worker.record_handle import RecordHandle
 from teacher_service.cache import CacheIncompleteError, CacheMismatchError, open_for_run
 from teacher_service.cache.feeder import CacheFeeder
 from teacher_service.cache.filler import CacheFiller
@@ -40,6 +39,7 @@ from teacher_service.cache.identity import examples_fingerprint, run_roles
 from teacher_service.cache.manifest import load_build_head
 from teacher_service.cache.plan import build_head
 from teacher_service.cache.writer import _head_differences
+from teacher_service.record_handle import OBJECT_STORE, RDT, RecordHandle
 
 __all__ = ["RecordSource", "LiveSource", "CacheSource", "AutoSource", "CachePlan", "check_cache",
            "open_record_source"]
@@ -88,10 +88,8 @@ class LiveSource:
                include: np.ndarray | None = None) -> RecordHandle:
         """include: [B, T] ids forced into each counted position's support (on-policy batches, the
         sampled_token objective)."""
-        args = (batch_id, arrays["input_ids"], arrays["attention_mask"], arrays["loss_mask"])
-        if self.rdt:
-            return RecordHandle.rdt(*self.pool.submit_parts(*args, include=include))
-        return RecordHandle.object_store(self.pool.submit(*args, include=include))
+        return self.pool.submit(batch_id, arrays["input_ids"], arrays["attention_mask"], arrays["loss_mask"],
+                                include=include, transport=RDT if self.rdt else OBJECT_STORE)
 
     def warm_up(self) -> None:
         self.pool.warm_up(assemble=not self.rdt)
@@ -265,7 +263,7 @@ class AutoSource:
                 continue
             arrays = collate([self.ts.examples[e] for e in batch], self.ts.pad_id)
             ref = self.live.pool.submit(f"cache-fill-{j // b}", arrays["input_ids"], arrays["attention_mask"],
-                                        arrays["loss_mask"])
+                                        arrays["loss_mask"]).ref
             self.adds.append(self.filler.add.remote(batch, [len(self.ts.examples[e].input_ids) for e in batch], [ref]))
             self.fill_batches += 1
         self.finish_ref = self.filler.finish.remote()

@@ -3,7 +3,7 @@
 Each worker holds the student (master weights in `models.student.dtype`, fp32 when "auto"), optionally a
 frozen copy of its starting weights for lp_S0 (same dtype, so S0 = S exactly at step 0), AdamW with linear
 warmup + cosine decay to `min_lr_ratio`, gradient clipping, and bf16 autocast on GPU. Teacher records reach
-it as a record handle (student_worker/record_handle.py), one `train_step` whatever the transport: an
+it as a record handle (teacher_service/record_handle.py), one `train_step` whatever the transport: an
 object-store ref nested in the handle's head is fetched and timed inside the step (`record_wait_s`); RDT parts
 are direct arguments that Ray fetches before the method runs, so their wait is the worker's idle gap before
 the call (counted as `record_wait_s`).
@@ -55,7 +55,6 @@ from student_worker.distributed import (
 )
 from student_worker.evaluate import evaluate_model
 from student_worker.on_policy import generate_samples, generation_eos_ids, sample_seed
-from student_worker.record_handle import RDT, fetch_record, receive_targets
 from student_worker.step_clock import COMPUTE_PARTS, STEP_PARTS, TEACHER_WAIT_PARTS, StepClock
 from student_worker.train_step import (
     enable_gradient_checkpointing,
@@ -63,6 +62,7 @@ from student_worker.train_step import (
     lr_factor,
     train_step,
 )
+from teacher_service.record_handle import RDT, fetch_record, receive_targets
 
 __all__ = ["StudentWorker", "StudentWorkerImpl", "StepRejected", "PeerInputError", "StepOrderError",
            "STEP_PARTS", "TEACHER_WAIT_PARTS", "COMPUTE_PARTS"]
@@ -191,7 +191,7 @@ class StudentWorkerImpl:
 
     def train_step(self, step: int, batch: dict[str, np.ndarray], global_tokens: int,
                    head: dict[str, Any] | None = None, *parts: Any) -> dict[str, Any]:
-        """One step on this rank's batch. head, parts: the batch's record handle (student_worker/record_handle.py;
+        """One step on this rank's batch. head, parts: the batch's record handle (teacher_service/record_handle.py;
         None for sft): an object-store head's ref is fetched here and timed, RDT parts arrived as arguments, as
         the teachers' tensors, and the loss targets are built from them on this worker's device."""
         clock = self._start_step(step, rdt=head is not None and head["transport"] == RDT)

@@ -5,13 +5,15 @@ LRU keyed by (call, batch id, a digest of the inputs, k, tau), so a call that is
 actor returns the same result without a second forward pass (Ray's retries after a restart land on a
 fresh actor, which recomputes: the engine is deterministic).
 
-Two edges, one computation (the engine returns torch tensors on its device; log-probs are cast to the
+Two edges, one computation, one method each (`topk`, `gather`; `support` for RDT), the edge picked by the
+call's `transport` argument (the engine returns torch tensors on its device; log-probs are cast to the
 torch wire dtype once, here):
-- object store (`topk`, `gather`): dicts of numpy arrays in the wire dtype (bf16 as uint16 bits), zero-copy
-  reads for the receiver. This is the only place the record path turns tensors into numpy.
-- Ray Direct Transport (`topk_tensors`, `gather_tensors`): dicts of the engine's tensors as they are (CUDA
-  on GPUs), sent with the tensor transport the caller picks per call (`cuda_ipc`, `nccl`, `gloo`). Only a
-  `gloo` call with CUDA tensors moves them to the host first (gloo carries CPU tensors only).
+- object store (`transport="object_store"`, the default): dicts of numpy arrays in the wire dtype (bf16 as
+  uint16 bits), zero-copy reads for the receiver. This is the only place the record path turns tensors into
+  numpy.
+- Ray Direct Transport (`transport` = the call's `.options(tensor_transport=...)`: `cuda_ipc`, `nccl`,
+  `gloo`): dicts of the engine's tensors as they are (CUDA on GPUs). Only a `gloo` call with CUDA tensors
+  moves them to the host first (gloo carries CPU tensors only).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 from common.config import ModelSpec
 from common.faults import FaultPlan
 from common.reproducibility import apply_compute_settings
+
+from .record_handle import OBJECT_STORE
 
 __all__ = ["TeacherActor", "TORCH_WIRE_DTYPES", "to_numpy_wire", "placement", "make_engine"]
 
@@ -170,55 +174,53 @@ class TeacherActor:
         self._count(attention_mask, rows, t0)
         return self._remember(key, {"logprobs": torch.as_tensor(lps), "tail": torch.as_tensor(tail)})
 
-    # ------------------------------------------------------------------ object-store calls (numpy)
+    # ------------------------------------------------------------------ the calls: one per computation
+    # `transport` says how the result leaves: "object_store" (numpy wire arrays) or the tensor transport the
+    # caller set on this call with `.options(tensor_transport=...)` ("gloo", "nccl", "cuda_ipc": the engine's
+    # tensors). teacher_service/chain.py makes both kinds of call.
     def topk(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray, k: int,
-             tau: float, include: np.ndarray | None = None, wire: bool = True) -> dict[str, np.ndarray]:
-        """{"ids": int32 [N,K], "logprobs": [N,K] wire dtype (fp32 if not wire), "tail": fp32 [N]} at the rows.
+             tau: float, include: np.ndarray | None = None, wire: bool = True,
+             transport: str = OBJECT_STORE) -> dict[str, Any]:
+        """{"ids": int32 [N,K], "logprobs": [N,K] wire dtype (fp32 if not wire; object store only), "tail":
+        fp32 [N]} at the rows: numpy for the object store, the engine's tensors for RDT.
 
         include: optional [N] ids forced into the support (K = k + 1; `TeacherEngine.topk`).
         """
         out = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include)
+        if transport != OBJECT_STORE:
+            return self._for_transport(out, transport)
         lps = out["logprobs"].to(self.torch_wire) if wire else out["logprobs"]
         return {"ids": to_numpy_wire(out["ids"]), "logprobs": to_numpy_wire(lps), "tail": to_numpy_wire(out["tail"])}
 
+    def support(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
+                k: int, tau: float, include: np.ndarray | None = None, transport: str = "gloo") -> Part:
+        """{"ids": [N, K]}: the support of `topk` for one gathering teacher (from the result cache), RDT only,
+        so that each RDT object has one reader (teacher_service/chain.py says why; over the object store the
+        top-k result itself goes to every gatherer)."""
+        if transport == OBJECT_STORE:
+            raise ValueError("support parts are for RDT; over the object store pass the topk result itself")
+        ids = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include)["ids"]
+        return {"ids": ids.cpu() if transport == "gloo" and ids.is_cuda else ids}
+
     def gather(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
-               support: Any, tau: float, wire: bool = True) -> dict[str, np.ndarray]:
-        """{"logprobs": [N,K], "tail": fp32 [N]} at the support's ids. `support`: sft result or ids [N, K]."""
+               support: Any, tau: float, wire: bool = True, transport: str = OBJECT_STORE) -> dict[str, Any]:
+        """{"logprobs": [N,K], "tail": fp32 [N]} at the support's ids: numpy for the object store, the engine's
+        tensors for RDT. `support`: the sft result or ids [N, K] (object store), this gatherer's support part
+        received as tensors (RDT: `support`)."""
         out = self._gather(batch_id, input_ids, attention_mask, rows, support, tau)
+        if transport != OBJECT_STORE:
+            return self._for_transport(out, transport)
         lps = out["logprobs"].to(self.torch_wire) if wire else out["logprobs"]
         return {"logprobs": to_numpy_wire(lps), "tail": to_numpy_wire(out["tail"])}
 
-    # ------------------------------------------------------------------ RDT calls (torch tensors)
     def _for_transport(self, out: Part, transport: str) -> Part:
-        """The part as sent: log-probs in the torch wire dtype (the same cast as the object store's), on the
-        engine's device; a new dict, so an fp32 wire sends the cached tensors themselves (never modified)."""
+        """The part as sent over RDT: log-probs in the torch wire dtype (the same cast as the object store's),
+        on the engine's device; a new dict, so an fp32 wire sends the cached tensors themselves (never
+        modified)."""
         sent = {**out, "logprobs": out["logprobs"].to(self.torch_wire)}
         if transport == "gloo" and any(v.is_cuda for v in sent.values()):
             return {name: v.cpu() for name, v in sent.items()}  # gloo carries CPU tensors only
         return sent
-
-    @ray.method(tensor_transport="gloo")
-    def topk_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
-                     k: int, tau: float, include: np.ndarray | None = None, transport: str = "gloo") -> Part:
-        """`topk` as the engine's tensors, for Ray Direct Transport. `transport`: the one this call uses."""
-        return self._for_transport(self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include),
-                                   transport)
-
-    @ray.method(tensor_transport="gloo")
-    def support_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
-                        k: int, tau: float, include: np.ndarray | None = None, transport: str = "gloo") -> Part:
-        """{"ids": [N, K]}: the support of `topk_tensors` for one gathering teacher (from the result cache), so
-        that each RDT object has one reader (teacher_service/chain.py says why)."""
-        ids = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include)["ids"]
-        return {"ids": ids.cpu() if transport == "gloo" and ids.is_cuda else ids}
-
-    @ray.method(tensor_transport="gloo")
-    def gather_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
-                       support: Any, tau: float, transport: str = "gloo") -> Part:
-        """`gather` as the engine's tensors, for RDT; `support` is this gatherer's support part (received as
-        tensors: `support_tensors`)."""
-        return self._for_transport(self._gather(batch_id, input_ids, attention_mask, rows, support, tau),
-                                   transport)
 
     # ------------------------------------------------------------------ service
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
 Shared by `TeacherPool` (routed, object store or RDT) and `TeacherClient.record` (round robin), so a change to
 the chain is made once. The support ids travel teacher to teacher as direct arguments; the caller never fetches
 them. Object store: the sft result ref itself goes to each gathering role (an object-store object may have any
-number of readers). RDT: each gathering role gets its own support part from the sft actor (`support_tensors`,
+number of readers). RDT: each gathering role gets its own support part from the sft actor (`support`,
 served from the actor's result cache), so every RDT object has exactly one reader: the sft part is read by the
 student worker alone. (A cuda_ipc object read twice is never freed: Ray sends its IPC handle to every reader,
 while PyTorch's IPC reference count expects one release, so the sender keeps every such part alive.)
@@ -32,14 +32,15 @@ def call_chain(roles: list[str], pick: Pick, batch_id: Any, input_ids: Any, atte
 
     input_ids / attention_mask: [B, T] arrays or object refs to them; rows: [N] flat b * T + t (or a ref);
     include: optional [N] ids forced into the sft support (K = k + 1). wire=False asks for fp32 log-probs
-    (object-store calls only). tensor_transport ("gloo", "nccl", "cuda_ipc") uses the actors' RDT methods:
-    every part goes with that transport, and each RDT object (the sft part, each gatherer's support part) has
+    (object-store calls only). tensor_transport ("gloo", "nccl", "cuda_ipc") makes every call an RDT call
+    (the same actor methods with `.options(tensor_transport=...)` and `transport=`): every part goes with that
+    transport, and each RDT object (the sft part, each gatherer's support part) has
     exactly one reader.
     """
     def call(handle: Any, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         if tensor_transport is None:
             return getattr(handle, method).remote(*args, wire=wire, **kwargs)
-        return getattr(handle, f"{method}_tensors").options(tensor_transport=tensor_transport).remote(
+        return getattr(handle, method).options(tensor_transport=tensor_transport).remote(
             *args, transport=tensor_transport, **kwargs)
 
     i, sft = pick(ROLE_SFT)

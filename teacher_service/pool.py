@@ -1,9 +1,10 @@
-"""`TeacherPool`: routes each batch through the teacher roles and yields one `TopKRecord` ref.
+"""`TeacherPool`: routes each batch through the teacher roles and yields one `RecordHandle` per batch.
 
 For a batch the SFT teacher picks the support (top-k at the counted positions); its result ref goes, as a
 direct argument, to every gathering role (base, student_base, extra pairs), and the assembler actor
-receives all role refs nested in a list and returns the validated record (object store), or the driver
-hands the role refs to the receiving worker (RDT). The driver never `ray.get`s intermediate arrays.
+receives all role refs nested in a list and returns the validated record (object store: the handle holds
+its ref), or the handle holds the role refs for the driver to pass to the receiving worker (RDT): one
+`submit(..., transport=)` either way. The driver never `ray.get`s intermediate arrays.
 
 Routing: each call goes to the replica of its role with the fewest calls in flight; a replica holds at most
 `teachers.max_inflight_per_replica`; when all are full the pool waits (`ray.wait`) for one to finish, which
@@ -28,6 +29,7 @@ from .actor import TeacherActor
 from .assemble import RecordAssembler, record_meta
 from .chain import call_chain, warmup_inputs
 from .naming import replica_name
+from .record_handle import OBJECT_STORE, TRANSPORTS, RecordHandle
 from .transport import choose_rdt_transport
 
 __all__ = ["TeacherPool", "vllm_options"]
@@ -175,16 +177,32 @@ class TeacherPool:
         return ids, am, lm, forced
 
     def submit(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray, loss_mask: np.ndarray,
-               include: np.ndarray | None = None) -> ray.ObjectRef:
-        """Chain sft -> gathering roles -> assemble; returns a ref to the validated TopKRecord.
+               include: np.ndarray | None = None, transport: str = OBJECT_STORE) -> RecordHandle:
+        """Chain sft -> gathering roles; returns the batch's RecordHandle (teacher_service/record_handle.py).
 
         input_ids, attention_mask, loss_mask: [B, T] (right padded). The record holds the counted positions
         only (rows = the flat indices where loss_mask is true): ids [N, k] with k = loss.k, log-probs at
         tau = loss.tau in teachers.wire_dtype. include: optional [B, T] token ids; the value at each counted
         position is forced into that position's support (K = k + 1; on-policy batches pass the labels).
+
+        transport "object_store": the assembler actor validates the record; the handle's `.ref` is the ref
+        of that TopKRecord. "rdt": the handle holds (meta, roles) and one part ref per role, each an RDT dict
+        of the engines' torch tensors, for `common.losses.targets.targets_from_parts` in the receiving
+        worker. Only the process that created the collective group (the driver) may pass RDT refs on, as
+        direct arguments to an actor call of a receiving actor in the group. The tensor transport is the
+        run's (`rdt_backend`), the same for every part: the sft part feeds the gathering teachers as well as
+        the worker, and one RDT object has one transport.
         """
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown record transport {transport!r}: one of {TRANSPORTS}")
+        inputs = self._inputs(batch_id, input_ids, attention_mask, loss_mask, include)
         self.submitted += 1
-        return self._record(batch_id, *self._inputs(batch_id, input_ids, attention_mask, loss_mask, include))
+        if transport == OBJECT_STORE:
+            return RecordHandle.object_store(self._record(batch_id, *inputs))
+        ids, am, lm, forced = inputs
+        meta = self._meta(batch_id, lm)
+        refs = self._chain(batch_id, ids, am, meta["rows"], forced, tensor_transport=self.rdt_backend())
+        return RecordHandle.rdt(meta, list(self.roles), refs)
 
     def _record(self, batch_id: Any, ids: np.ndarray, am: np.ndarray, lm: np.ndarray,
                 forced: np.ndarray | None = None) -> ray.ObjectRef:
@@ -222,23 +240,6 @@ class TeacherPool:
         if assemble:
             return [self._record(batch_id, ids, am, lm)]
         return self._chain(batch_id, ray.put(ids), ray.put(am), ray.put(rows_from_mask(lm)))
-
-    def submit_parts(self, batch_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
-                     loss_mask: np.ndarray, include: np.ndarray | None = None,
-                     ) -> tuple[dict[str, Any], list[str], list[ray.ObjectRef]]:
-        """The RDT path: (meta, roles, refs), each ref an RDT dict of the engines' torch tensors, for
-        `common.losses.targets.targets_from_parts` in the receiving worker. Arguments as `submit`.
-
-        Only the process that created the collective group (the driver) may pass these refs on, as direct
-        arguments to an actor call of a receiving actor in the group. The transport is the run's
-        (`rdt_backend`), the same for every part: the sft part feeds the gathering teachers as well as the
-        worker, and one RDT object has one transport.
-        """
-        ids, am, lm, forced = self._inputs(batch_id, input_ids, attention_mask, loss_mask, include)
-        meta = self._meta(batch_id, lm)
-        refs = self._chain(batch_id, ids, am, meta["rows"], forced, tensor_transport=self.rdt_backend())
-        self.submitted += 1
-        return meta, list(self.roles), refs
 
     def rdt_backend(self, receivers: list[Any] | None = None) -> str:
         """The run's RDT tensor transport: transport.rdt_backend, or for "auto" `choose_rdt_transport` over the

@@ -105,7 +105,7 @@ def shift_diagnostics(cfg: RunConfig, pool: Any, num_batches: int) -> dict[str, 
     plan = BatchPlan(len(train), cfg.training.batch_size, 1, cfg.seed, cfg.data.shuffle)
     batches = [collate([train[i] for i in plan.step_indices(s)[0]], pad)
                for s in range(min(num_batches, plan.steps_per_epoch))]
-    refs = [pool.submit(_DIAG_BATCH_ID0 + s, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    refs = [pool.submit(_DIAG_BATCH_ID0 + s, b["input_ids"], b["attention_mask"], b["loss_mask"]).ref
             for s, b in enumerate(batches)]
     model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, dtype=torch.float32,
                                                  trust_remote_code=spec.trust_remote_code).eval()

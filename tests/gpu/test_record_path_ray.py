@@ -34,7 +34,7 @@ from tests.integration.test_student_training import comparable, make_cfg, read_r
 ROOT = Path(__file__).resolve().parents[2]
 GPU_SHARE = 0.3  # two teachers and one worker on one GPU
 # Functions of the RDT record path, teacher top-k to loss: no host copy or numpy conversion under them.
-RECORD_PATH = {"topk_tensors", "support_tensors", "gather_tensors", "_topk", "_gather", "_for_transport", "train_step", "receive_targets",
+RECORD_PATH = {"topk", "support", "gather", "_topk", "_gather", "_for_transport", "train_step", "receive_targets",
                "targets_from_parts", "logged_targets_from_parts", "distillation_loss"}
 # The two runs may differ only where CUDA's backward kernels sum in another order (atomics in the
 # attention and scatter backward): an fp32 master weight one ulp apart can round to another bf16 value

@@ -21,9 +21,9 @@ pytest.importorskip("ray", reason="student_worker.worker imports Ray (on the GPU
 
 from student_worker import checkpoint as ckpt  # noqa: E402
 from student_worker.distributed import free_port  # noqa: E402
-from student_worker.record_handle import RecordHandle  # noqa: E402
 from student_worker.worker import StudentWorkerImpl  # noqa: E402
 from teacher_service.assemble import record_meta  # noqa: E402
+from teacher_service.record_handle import RecordHandle  # noqa: E402
 from tests.integration.test_student_training import make_cfg, tiny_setup  # noqa: E402
 from tests.tiny import state_digest  # noqa: E402
 from tests.unit.test_train_step import _batch, _record  # noqa: E402

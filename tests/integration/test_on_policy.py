@@ -162,11 +162,11 @@ def test_teachers_score_the_students_own_samples(tiny, service, tmp_path) -> Non
             submit = pool.submit
             self.submitted: list[dict[str, Any]] = []
 
-            def recording(batch_id, input_ids, attention_mask, loss_mask, include=None):
-                ref = submit(batch_id, input_ids, attention_mask, loss_mask, include=include)
+            def recording(batch_id, input_ids, attention_mask, loss_mask, include=None, **kwargs):
+                handle = submit(batch_id, input_ids, attention_mask, loss_mask, include=include, **kwargs)
                 self.submitted.append({"batch_id": batch_id, "input_ids": input_ids, "attention_mask": attention_mask,
-                                       "loss_mask": loss_mask, "include": include, "ref": ref})
-                return ref
+                                       "loss_mask": loss_mask, "include": include, "ref": handle.ref})
+                return handle
 
             pool.submit = recording
             return pool

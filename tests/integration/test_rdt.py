@@ -19,7 +19,6 @@ from common.config import RunConfig, config_from_dict
 from common.losses.targets import targets_from_parts, targets_from_record
 from common.roles import teacher_role_specs
 from common.topk import RecordError, rows_from_mask, to_wire_dtype
-from student_worker.record_handle import RecordHandle
 from teacher_service import TeacherPool, assemble_record
 from teacher_service.actor import TeacherActor
 from tests.integration.numpy_guard import LOG_ENV, read
@@ -98,17 +97,21 @@ def test_rdt_targets_are_bit_identical_to_the_object_store(ray_cluster: dict, mo
             assert pool.rdt_backend() == "gloo"
             ids, am, lm, labels = _batch(pool.vocab_size)
             for bid, include in ((3, None), (4, labels)):
-                meta, roles, refs = pool.submit_parts(bid, ids, am, lm, include=include)
+                handle = pool.submit(bid, ids, am, lm, include=include, transport="rdt")
+                meta, roles, refs = handle.head["meta"], handle.head["roles"], handle.parts
                 assert roles == ["sft", "base"] and len(refs) == 2
                 np.testing.assert_array_equal(meta["rows"], rows_from_mask(lm))
+                with pytest.raises(TypeError, match="no object-store ref"):
+                    _ = handle.ref
                 via_rdt = ray.get(receiver.take.remote(meta, roles, *refs))
-                record = ray.get(pool.submit(bid, ids, am, lm, include=include))
+                record = ray.get(pool.submit(bid, ids, am, lm, include=include, transport="object_store").ref)
                 assert record.wire_dtype == wire and record.shape[1] == (8 if include is None else 9)
                 _assert_same_targets(via_rdt, targets_from_record(record))
             if wire == "float32":  # a bad part is caught on receipt, naming batch and role
-                meta, roles, refs = pool.submit_parts(5, ids, am, lm)
+                handle = pool.submit(5, ids, am, lm, transport="rdt")
                 with pytest.raises(RecordError) as err:
-                    ray.get(receiver.take.remote(meta, roles, *refs, corrupt=True))
+                    ray.get(receiver.take.remote(handle.head["meta"], handle.head["roles"], *handle.parts,
+                                                 corrupt=True))
                 assert "batch 5" in str(err.value) and "'base'" in str(err.value)
                 assert "non-finite log-prob" in str(err.value)
     finally:
@@ -140,16 +143,16 @@ def test_rdt_path_makes_no_numpy_conversion_from_top_k_to_loss(ray_cluster: dict
         with _group(pool, [worker]):
             ids, am, lm, labels = _batch(pool.vocab_size)
             batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
-            handle = RecordHandle.rdt(*pool.submit_parts(0, ids, am, lm))
+            handle = pool.submit(0, ids, am, lm, transport="rdt")
             metrics = ray.get(worker.train_step.remote(0, batch, int(lm.sum()), handle.head, *handle.parts))
         assert metrics["tokens"] == int(lm.sum()) and np.isfinite(metrics["loss_sum"])
         calls = read(log)
-        record_path = {"topk_tensors", "support_tensors", "gather_tensors", "_topk", "_gather", "train_step",
+        record_path = {"topk", "support", "gather", "_topk", "_gather", "_for_transport", "train_step",
                        "receive_targets", "targets_from_parts", "distillation_loss"}
         on_path = [c for c in calls if record_path & set(c["stack"])]
         assert not on_path, f"numpy conversions on the RDT record path: {on_path}"
         # the guard is live in those processes: the object-store path converts at its edge, and is seen
-        ray.get(pool.submit(1, ids, am, lm))
+        ray.get(pool.submit(1, ids, am, lm).ref)
         edge = [c for c in read(log) if "to_numpy_wire" in c["stack"]]
         assert {c["pid"] for c in edge} == {h["pid"] for h in pool.placements}
     finally:

@@ -47,10 +47,10 @@ def test_killed_teacher_is_restarted_and_batches_retried(ray_cluster: dict, mode
                                   "teachers.max_inflight_per_replica=16"))
     try:
         batches = _batches(pool.vocab_size, 8)
-        undisturbed = {i: ray.get(pool.submit(i, *b)) for i, b in batches.items()}
+        undisturbed = {i: ray.get(pool.submit(i, *b).ref) for i, b in batches.items()}
         base = pool.handles["base"][0]
         pid_before = ray.get(base.health.remote())["pid"]
-        refs = {i: pool.submit(i, *b) for i, b in batches.items()}
+        refs = {i: pool.submit(i, *b).ref for i, b in batches.items()}
         ray.kill(base, no_restart=False)  # dies with batches queued / running; Ray restarts it
         records = {i: ray.get(r) for i, r in refs.items()}
         assert ray.get(base.health.remote())["pid"] != pid_before, "the base actor was not restarted"
@@ -84,12 +84,12 @@ def test_nan_teacher_and_dead_role_give_typed_errors(ray_cluster: dict, models: 
     try:
         ids, am, lm = _batches(pool.vocab_size, 1)[0]
         with pytest.raises(TeacherOutputError) as nan_err:
-            ray.get(pool.submit(41, ids, am, lm))
+            ray.get(pool.submit(41, ids, am, lm).ref)
         assert str(nan_dir) in str(nan_err.value) and "batch 41" in str(nan_err.value)
 
         ray.kill(pool.handles["base"][0], no_restart=True)
         with pytest.raises(TeacherUnavailableError) as dead:
-            ray.get(pool.submit(42, ids, am, lm))
+            ray.get(pool.submit(42, ids, am, lm).ref)
         cause = dead.value.cause if hasattr(dead.value, "cause") else dead.value
         assert isinstance(cause, TeacherUnavailableError)
         assert cause.role == "base" and cause.batch_id == 42

@@ -62,7 +62,7 @@ def test_record_equals_engines(pool: TeacherPool, models: dict[str, Path]) -> No
     base = TeacherEngine(ModelSpec(path=str(models["base_teacher"])))
     student = TeacherEngine(ModelSpec(path=str(models["student"])))
     ids, am, lm = _batch(sft.vocab_size, 3, 9, seed=0)
-    rec = ray.get(pool.submit(7, ids, am, lm))
+    rec = ray.get(pool.submit(7, ids, am, lm).ref)
     assert isinstance(rec, TopKRecord) and rec.batch_id == 7
     assert set(rec.roles) == {"sft", "base", "student_base", "sft_1", "base_1"}
     rows = rows_from_mask(lm)  # counted positions only: no prompt, no padding
@@ -91,7 +91,7 @@ def test_include_forces_the_labels_into_every_role_support(pool: TeacherPool, mo
     sft = TeacherEngine(ModelSpec(path=str(models["sft_teacher"])))
     ids, am, lm = _batch(sft.vocab_size, 2, 8, seed=4)
     labels = np.roll(ids, -1, axis=1)
-    rec = ray.get(pool.submit(8, ids, am, lm, include=labels))
+    rec = ray.get(pool.submit(8, ids, am, lm, include=labels).ref)
     rows = rows_from_mask(lm)
     assert rec.shape == (len(rows), 9)
     want = labels.reshape(-1)[rows]
@@ -106,7 +106,7 @@ def test_include_forces_the_labels_into_every_role_support(pool: TeacherPool, mo
 def test_many_batches_routed_and_bounded(pool: TeacherPool) -> None:
     vocab = pool.vocab_size
     batches = {i: _batch(vocab, 2, 6, seed=i) for i in range(8)}
-    refs = {i: pool.submit(i, *b) for i, b in batches.items()}
+    refs = {i: pool.submit(i, *b).ref for i, b in batches.items()}
     for slots in pool.inflight.values():  # backpressure: never more than the cap per replica
         assert all(len(s) <= 2 for s in slots)
     recs = {i: ray.get(r) for i, r in refs.items()}
@@ -147,8 +147,8 @@ def test_attach_finds_running_actors(pool: TeacherPool, models: dict[str, Path])
     attached = TeacherPool.attach(pool.cfg)
     assert {r: len(h) for r, h in attached.handles.items()} == {r: len(h) for r, h in pool.handles.items()}
     ids, am, lm = _batch(pool.vocab_size, 1, 5, seed=3)
-    a = ray.get(attached.submit(1, ids, am, lm))
-    b = ray.get(pool.submit(1, ids, am, lm))
+    a = ray.get(attached.submit(1, ids, am, lm).ref)
+    b = ray.get(pool.submit(1, ids, am, lm).ref)
     np.testing.assert_array_equal(a.ids, b.ids)
     attached.shutdown()  # not owned: must not kill the actors
     assert ray.get(pool.handles["sft"][0].health.remote())["ok"]

@@ -33,7 +33,7 @@ class _Method:
     def remote(self, *args: Any, **kwargs: Any) -> _Ref:
         ref = _Ref(f"{self.actor}.{self.name}#{len(self.log)}")
         self.log.append({"ref": ref, "method": self.name, "transport": self.transport,
-                         "args": list(args) + list(kwargs.values())})
+                         "args": list(args) + list(kwargs.values()), "kwargs": kwargs})
         return ref
 
 
@@ -65,18 +65,22 @@ def test_rdt_objects_have_one_reader_each() -> None:
     sft_ref = calls[0][2]
     readers = _readers(log)
     assert readers[sft_ref] == 0  # within the chain: the student worker is the sft part's only reader
-    supports = [c for c in log if c["method"] == "support_tensors"]
+    supports = [c for c in log if c["method"] == "support"]
     assert len(supports) == len(ROLES) - 1 and all(c["transport"] == "cuda_ipc" for c in supports)
     assert all(readers[c["ref"]] == 1 for c in supports)  # each support part: one gathering teacher
-    gathers = [c for c in log if c["method"] == "gather_tensors"]
+    gathers = [c for c in log if c["method"] == "gather"]
     assert [next(a for a in g["args"] if isinstance(a, _Ref)) for g in gathers] == [c["ref"] for c in supports]
-    assert {c["method"] for c in log} == {"topk_tensors", "support_tensors", "gather_tensors"}
+    assert {c["method"] for c in log} == {"topk", "support", "gather"}
+    # one method per computation: the transport is the call's option and the method's argument, the same
+    assert all(c["transport"] == "cuda_ipc" and c["kwargs"]["transport"] == "cuda_ipc" for c in log)
 
 
 def test_object_store_chain_passes_the_sft_result_to_every_gatherer() -> None:
     log, calls = _chain(None)
     assert _readers(log)[calls[0][2]] == len(ROLES) - 1  # object-store objects may have many readers
     assert {c["method"] for c in log} == {"topk", "gather"}
+    # plain calls (no options, no transport argument): the results go through the object store
+    assert all(c["transport"] is None and "transport" not in c["kwargs"] for c in log)
 
 
 def test_gpu_ids_stay_strings_and_uuids_work() -> None:

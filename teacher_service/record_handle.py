@@ -1,8 +1,12 @@
-"""`RecordHandle`: what a rank's worker receives for one batch's teacher record, whatever the transport.
+"""`RecordHandle`: one batch's teacher record as it travels, whatever the transport.
 
-    handle = source.submit(...)                       # student_worker/record_source.py
+    handle = pool.submit(batch_id, ids, am, lm, transport=...)   # TeacherPool (or a record source)
     worker.train_step.remote(step, batch, global_tokens, handle.head, *handle.parts)
-    targets = receive_targets(head, parts, device, required_roles)   # in the worker
+    targets = receive_targets(head, parts, record, device, required_roles)   # in the receiving worker
+
+It lives with the teacher service (which makes handles) and the student worker imports it (imports point
+down only); the receiving side (`fetch_record`, `receive_targets`) is here too, so the wire format of a
+record is defined in one file.
 
 - object store: `head = {"transport": "object_store", "box": [ref]}`, no parts. The ref of the assembled
   numpy `TopKRecord` travels NESTED in the head, so Ray does not resolve it before the call: the worker
@@ -24,10 +28,11 @@ import torch
 from common.losses import SparseTargets, targets_from_record
 from common.losses.targets import targets_from_parts
 
-__all__ = ["RecordHandle", "OBJECT_STORE", "RDT", "fetch_record", "receive_targets"]
+__all__ = ["RecordHandle", "OBJECT_STORE", "RDT", "TRANSPORTS", "fetch_record", "receive_targets"]
 
 OBJECT_STORE = "object_store"
 RDT = "rdt"
+TRANSPORTS = (OBJECT_STORE, RDT)  # transport.kind
 
 
 @dataclass(frozen=True)
@@ -42,12 +47,13 @@ class RecordHandle:
 
     @classmethod
     def rdt(cls, meta: dict[str, Any], roles: list[str], parts: list[Any]) -> RecordHandle:
-        """The record's metadata and its role parts' RDT refs (`TeacherPool.submit_parts`)."""
+        """The record's metadata and its role parts' RDT refs (`TeacherPool.submit(..., transport="rdt")`)."""
         return cls({"transport": RDT, "meta": meta, "roles": list(roles)}, tuple(parts))
 
     @property
     def ref(self) -> Any:
-        """The object-store ref (e.g. for a cache write-through); RDT handles have none."""
+        """The object-store ref of the assembled TopKRecord (for callers that `ray.get` it, or a cache
+        write-through); RDT handles have none."""
         if self.head["transport"] != OBJECT_STORE:
             raise TypeError("an RDT record handle has no object-store ref")
         return self.head["box"][0]
