@@ -10,7 +10,7 @@ executor). The group reserves the GPUs before the actor starts, keeps a restarte
 is removed when the pool shuts down. A replica with one GPU or a fraction of one is a plain actor, as before.
 
 `check_layout` is pure (node resources in, a `PlacementError` naming the numbers out), so its refusals are
-unit-tested without Ray; `cluster_nodes` and `replica_group` are the Ray side.
+unit-tested without Ray; `cluster_nodes` and `reserve_groups` are the Ray side.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-__all__ = ["PlacementError", "replica_bundle", "needs_group", "check_layout", "cluster_nodes", "group_name",
-           "replica_group", "group_options", "find_group", "remove_groups"]
+__all__ = ["PlacementError", "RESERVE_MIN_S", "replica_bundle", "needs_group", "check_layout", "cluster_nodes", "group_name",
+           "reserve_groups", "group_options", "find_group", "remove_groups"]
 
 _EPS = 1e-9
+RESERVE_MIN_S = 30.0  # the shortest wait for a layout the nodes can hold to be reserved
 
 
 class PlacementError(ValueError):
@@ -93,23 +94,23 @@ def group_name(replica: str) -> str:
     return f"{replica}-pg"
 
 
-def replica_group(name: str, bundle: dict[str, float], detached: bool, wait_s: float) -> PlacementGroup:
-    """Create the replica's placement group (one bundle, STRICT_PACK) and wait until Ray has reserved it.
+def reserve_groups(names: list[str], bundle: dict[str, float], detached: bool, wait_s: float) -> list[PlacementGroup]:
+    """Create one placement group (one bundle, STRICT_PACK) per name, all at once, and wait until Ray has
+    reserved every one: an autoscaler sees the whole demand together and adds the nodes in one go.
 
-    wait_s: how long to wait for an autoscaler to add a node (at least a few seconds even on a cluster that
-    has room: the reservation itself takes a moment). Raises PlacementError naming the bundle if it is not
-    placed in time, after removing the group."""
-    pg = placement_group([bundle], strategy="STRICT_PACK", name=name,
-                         lifetime="detached" if detached else None)
-    deadline = max(wait_s, 30.0)
+    wait_s: how long to wait (the pool waits at least RESERVE_MIN_S even on a cluster with room: the
+    reservation itself takes a moment, longer on a loaded machine; longer for an autoscaler to add nodes). If
+    not all are placed in time, removes them all and raises PlacementError saying how many were placed."""
+    groups = [placement_group([bundle], strategy="STRICT_PACK", name=name, lifetime="detached" if detached else None)
+              for name in names]
     t0 = time.monotonic()
-    ready, _ = ray.wait([pg.ready()], timeout=deadline)
-    if not ready:
-        remove_placement_group(pg)
-        raise PlacementError(f"placement group {name!r} of {bundle} (STRICT_PACK: one node) was not placed in "
-                             f"{time.monotonic() - t0:.0f} s: no node has that much free; raise "
-                             f"teachers.placement_wait_s on an autoscaling cluster")
-    return pg
+    ready, _ = ray.wait([pg.ready() for pg in groups], num_returns=len(groups), timeout=wait_s)
+    if len(ready) < len(groups):
+        remove_groups(groups)
+        raise PlacementError(f"{len(ready)} of {len(groups)} teacher placement groups of {bundle} (STRICT_PACK: one "
+                             f"node each) were placed in {time.monotonic() - t0:.0f} s: the nodes lack free room "
+                             "(other actors hold it?); on an autoscaling cluster raise teachers.placement_wait_s")
+    return groups
 
 
 def group_options(pg: PlacementGroup) -> dict[str, Any]:

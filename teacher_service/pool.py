@@ -29,6 +29,7 @@ from .assemble import RecordAssembler, record_meta
 from .chain import call_chain, warmup_inputs
 from .naming import replica_name
 from .placement import (
+    RESERVE_MIN_S,
     PlacementError,
     check_layout,
     cluster_nodes,
@@ -38,7 +39,7 @@ from .placement import (
     needs_group,
     remove_groups,
     replica_bundle,
-    replica_group,
+    reserve_groups,
 )
 from .transport import choose_rdt_transport
 
@@ -103,14 +104,21 @@ class TeacherPool:
         except PlacementError as err:
             if t.placement_wait_s <= 0:
                 raise
-            print(f"WARNING: {err}; waiting up to teachers.placement_wait_s={t.placement_wait_s:g} s per "
-                  "replica for the autoscaler to add nodes", flush=True)
+            print(f"WARNING: {err} now; starting anyway (teachers.placement_wait_s={t.placement_wait_s:g}): "
+                  "waiting for an autoscaler to add nodes", flush=True)
         handles: dict[str, list[Any]] = {}
+        names = {role: [replica_name(t.name_prefix, role, i) for i in range(t.replicas.get(role, 1))]
+                 for role in teacher_role_specs(cfg)}
         groups: list[Any] = []
+        if needs_group(t.num_gpus):  # every replica's group reserved before any model loads
+            groups = reserve_groups([group_name(n) for ns in names.values() for n in ns],
+                                    replica_bundle(t.num_gpus, t.num_cpus, t.resources), detached,
+                                    max(t.placement_wait_s, RESERVE_MIN_S))
+        by_name = dict(zip([n for ns in names.values() for n in ns], groups))
         try:
             for role, spec in teacher_role_specs(cfg).items():
-                handles[role] = [cls._create(cfg, role, spec.model_dump(), i, detached, faults, groups)
-                                 for i in range(t.replicas.get(role, 1))]
+                handles[role] = [cls._create(cfg, role, spec.model_dump(), i, detached, faults, by_name.get(n))
+                                 for i, n in enumerate(names[role])]
                 if not handles[role]:
                     raise ValueError(f"teachers.replicas.{role}=0: every role needs at least one replica")
             for role, hs in handles.items():
@@ -131,9 +139,9 @@ class TeacherPool:
 
     @staticmethod
     def _create(cfg: RunConfig, role: str, spec: dict[str, Any], i: int, detached: bool,
-                faults: FaultPlan | None = None, groups: list[Any] | None = None) -> Any:
-        """Replica i of a role as a named actor with the configured resources and restart policy. A replica of
-        more than one GPU first gets its own placement group (appended to `groups`) and runs in its bundle."""
+                faults: FaultPlan | None = None, group: Any = None) -> Any:
+        """Replica i of a role as a named actor with the configured resources and restart policy; `group`: its
+        own placement group (a replica of more than one GPU), whose only bundle it takes."""
         t = cfg.teachers
         engine = t.engine if role == ROLE_SFT else "hf"  # vLLM cannot gather: only the sft role may use it
         gpus = int(t.num_gpus) if needs_group(t.num_gpus) else 1  # GPUs the engine spreads over
@@ -145,12 +153,8 @@ class TeacherPool:
             opts["resources"] = dict(t.resources)
         if detached:
             opts["lifetime"] = "detached"
-        if needs_group(t.num_gpus):
-            pg = replica_group(group_name(name), replica_bundle(t.num_gpus, t.num_cpus, t.resources), detached,
-                               t.placement_wait_s)
-            if groups is not None:
-                groups.append(pg)
-            opts.update(group_options(pg))
+        if group is not None:
+            opts.update(group_options(group))
         try:
             return TeacherActor.options(**opts).remote(
                 role, spec, engine, t.device, t.dtype, t.score_chunk_rows, t.wire_dtype,

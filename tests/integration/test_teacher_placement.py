@@ -21,7 +21,7 @@ from ray.util import placement_group_table
 from common.config import RunConfig, config_from_dict
 from common.topk import TopKRecord
 from teacher_service import TeacherPool
-from teacher_service.placement import PlacementError
+from teacher_service.placement import PlacementError, find_group, reserve_groups
 from tests.tiny import make_model_set
 
 NAMESPACE = "deltakd-test"
@@ -83,6 +83,11 @@ def test_four_gpu_replicas_are_placed_in_their_own_groups(ray_cluster: dict, mod
         mask = np.ones_like(ids)
         rec = ray.get(pool.submit(0, ids, mask, mask.astype(bool)))  # the replicas answer as any other
         assert isinstance(rec, TopKRecord) and rec.ids.shape == (12, 4)
+
+        # A group the nodes cannot reserve now (the replicas hold all 8 GPUs) is refused in time, and removed.
+        with pytest.raises(PlacementError, match=r"0 of 1 teacher placement groups of \{'GPU': 4.0\}"):
+            reserve_groups(["tp-extra-pg"], {"GPU": 4.0}, detached=False, wait_s=1.0)
+        assert find_group("tp-extra-pg") is None
 
         attached = TeacherPool.attach(cfg)  # what `stop` does: attach, then shut down with force
         assert {pg.id.hex() for pg in attached.groups} == set(by_id)
