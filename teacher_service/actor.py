@@ -74,8 +74,10 @@ def to_numpy_wire(x: torch.Tensor) -> np.ndarray:
 
 
 def make_engine(role: str, spec: ModelSpec, engine: str = "hf", device: str = "auto", dtype: str = "auto",
-                chunk_tokens: int = 1024, vllm_options: dict[str, Any] | None = None) -> Any:
-    """The engine of one teacher role: TeacherEngine ("hf") or VLLMEngine ("vllm", top-k only)."""
+                chunk_tokens: int = 1024, vllm_options: dict[str, Any] | None = None, num_gpus: int = 1) -> Any:
+    """The engine of one teacher role: TeacherEngine ("hf") or VLLMEngine ("vllm", top-k only).
+    num_gpus: the GPUs the replica holds and the hf engine spreads the model over (its device map); vLLM's
+    tensor_parallel_size comes in vllm_options."""
     if engine == "vllm":
         from .engine_vllm import VLLMEngine
 
@@ -83,7 +85,7 @@ def make_engine(role: str, spec: ModelSpec, engine: str = "hf", device: str = "a
     if engine == "hf":
         from .engine_hf import TeacherEngine
 
-        return TeacherEngine(spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens)
+        return TeacherEngine(spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens, num_gpus=num_gpus)
     raise ValueError(f"teacher role {role!r}: unknown engine {engine!r} (expected 'hf' or 'vllm')")
 
 
@@ -106,10 +108,11 @@ class TeacherActor:
     def __init__(self, role: str, spec: dict[str, Any], engine: str = "hf", device: str = "auto",
                  dtype: str = "auto", chunk_tokens: int = 1024, wire_dtype: str = "float32",
                  cache_size: int = 32, vllm_options: dict[str, Any] | None = None,
-                 compute: dict[str, Any] | None = None, faults: FaultPlan | None = None):
+                 compute: dict[str, Any] | None = None, faults: FaultPlan | None = None, num_gpus: int = 1):
         """compute: the run's reproducibility settings (None: their defaults), applied before any tensor op;
         faults: a test's FaultPlan (common/faults.py; its teacher_delay_s is a sleep in every top-k / gather
-        call, counted as busy time), None in production."""
+        call, counted as busy time), None in production; num_gpus: the whole GPUs this replica holds (1 for
+        one GPU, a fraction of one, or none), which the hf engine spreads the model over."""
         self.compute = apply_compute_settings(compute, where=f"teacher {role}")
         model_spec = ModelSpec.model_validate(spec)
         self.faults = faults
@@ -117,7 +120,7 @@ class TeacherActor:
         self.wire_dtype = wire_dtype
         self.torch_wire = TORCH_WIRE_DTYPES[wire_dtype]
         self.engine_kind = engine
-        self.engine: Any = make_engine(role, model_spec, engine, device, dtype, chunk_tokens, vllm_options)
+        self.engine: Any = make_engine(role, model_spec, engine, device, dtype, chunk_tokens, vllm_options, num_gpus)
         self.cache: OrderedDict[tuple, Part] = OrderedDict()
         self.cache_size = int(cache_size)
         self.started = time.time()
@@ -229,8 +232,11 @@ class TeacherActor:
 
     def health(self) -> dict[str, Any]:
         """Liveness plus what routing needs: node, GPUs, and whether the engine returns device tensors
-        (`tensor_engine`: an engine with a torch `.device`; the RDT path requires it)."""
+        (`tensor_engine`: an engine with a torch `.device`; the RDT path requires it); `placement_group`: the
+        hex id of the replica's own placement group (multi-GPU replicas), else None."""
+        pg = ray.util.get_current_placement_group()
         return {"ok": True, "role": self.role, "engine": self.engine_kind, "pid": os.getpid(),
+                "placement_group": None if pg is None else pg.id.hex(),
                 "wire_dtype": self.wire_dtype, "uptime_s": time.time() - self.started, **placement(),
                 "tensor_engine": isinstance(getattr(self.engine, "device", None), torch.device),
                 **self.engine.describe()}

@@ -29,7 +29,7 @@ from common.sparse import head_gather, head_topk, sparse_gather, sparse_topk
 
 from .errors import TeacherOutputError
 
-__all__ = ["TeacherEngine", "resolve_device", "resolve_dtype", "load_causal_lm", "ArrayLike"]
+__all__ = ["TeacherEngine", "resolve_device", "resolve_dtype", "load_causal_lm", "device_map_for", "ArrayLike"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,20 +60,59 @@ def resolve_dtype(dtype: str, spec_dtype: str, device: torch.device) -> torch.dt
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_causal_lm(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Any:
-    """AutoModelForCausalLM on `device` in `dtype`, in eval mode.
+# Share of each GPU a spread model's weights may fill: the rest is for activations and, on the last GPU, the
+# LM head's chunked log-softmax (score_chunk_rows x V x 4 bytes, 0.6 GB at 1024 x 152,064, plus temporaries).
+SPREAD_HEADROOM = 0.15
+
+
+def device_map_for(num_gpus: int, device: torch.device, gpu_bytes: list[int] | None = None,
+                   headroom: float = SPREAD_HEADROOM) -> dict[str, Any]:
+    """The `from_pretrained` placement arguments of a replica with `num_gpus` GPUs.
+
+    One GPU, or a CPU device: everything on `device` ({"device_map": {"": device}}). More than one GPU: the
+    layers spread evenly over cuda:0..num_gpus-1 (the GPUs Ray made visible to the replica) with
+    {"device_map": "balanced", "max_memory": {i: (1 - headroom) x gpu_bytes[i]}}: accelerate puts the
+    embedding on the first GPU, the layers in order, the final norm and LM head on the last; inputs go to the
+    first device and each layer's hook moves activations on. gpu_bytes: each visible GPU's total memory.
+    """
+    if num_gpus <= 1 or device.type != "cuda":
+        return {"device_map": {"": device}}
+    if gpu_bytes is None or len(gpu_bytes) < num_gpus:
+        raise ValueError(f"a teacher replica with num_gpus={num_gpus} sees {0 if gpu_bytes is None else len(gpu_bytes)} "
+                         f"GPUs (CUDA_VISIBLE_DEVICES): Ray should have made {num_gpus} visible to it")
+    return {"device_map": "balanced",
+            "max_memory": {i: int(gpu_bytes[i] * (1.0 - headroom)) for i in range(num_gpus)}}
+
+
+def _visible_gpu_bytes() -> list[int]:
+    return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+
+
+def load_causal_lm(spec: ModelSpec, device: torch.device, dtype: torch.dtype, num_gpus: int = 1) -> Any:
+    """AutoModelForCausalLM on `device` in `dtype` (with num_gpus > 1 on a cuda device: spread over that many
+    GPUs, `device_map_for`), in eval mode.
 
     With `accelerate` installed, `device_map={"": device}` makes transformers place each weight on the
     device as it is read, so a 7B model is never fully materialised on the host first. Without it (e.g. an
-    image that lacks the package) the model is loaded on the host and moved, with a warning saying so.
+    image that lacks the package) the model is loaded on the host and moved, with a warning saying so; a
+    model spread over several GPUs needs it.
     """
     # deferred: transformers costs ~1.6 s at import (measured); both CLIs' start-up imports this module
     from transformers import AutoModelForCausalLM
     from transformers.utils import is_accelerate_available
 
     kwargs: dict[str, Any] = dict(revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    spread = num_gpus > 1 and device.type == "cuda"
+    placement = device_map_for(num_gpus, device, _visible_gpu_bytes() if spread else None)
+    if spread and not is_accelerate_available():
+        raise ValueError(f"{spec.path}: spreading a teacher over {num_gpus} GPUs needs the `accelerate` package "
+                         "(transformers' device_map)")
     if is_accelerate_available():
-        model = AutoModelForCausalLM.from_pretrained(spec.path, device_map={"": device}, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, **placement, **kwargs)
+        off = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
+        if spread and off:
+            raise ValueError(f"{spec.path} does not fit {num_gpus} GPUs at {1 - SPREAD_HEADROOM:.0%} of their memory: "
+                             f"parts were placed on {off}; give the replica more GPUs (teachers.num_gpus)")
     else:
         warnings.warn(f"loading {spec.path} on the host, then moving it to {device}: the `accelerate` package "
                       "(needed for device_map) is not installed", stacklevel=2)
@@ -104,7 +143,10 @@ class TeacherEngine:
     Inputs are right padded: input_ids, attention_mask [B, T] (numpy or torch); rows [N] flat b * T + t.
     """
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", chunk_tokens: int = 1024):
+    def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", chunk_tokens: int = 1024,
+                 num_gpus: int = 1):
+        """num_gpus > 1 (on cuda): spread the model over cuda:0..num_gpus-1 (`device_map_for`); `device` is
+        then the first GPU, where inputs go and results are returned."""
         self.spec: ModelSpec | None = spec
         self.name = spec.path if spec.revision is None else f"{spec.path}@{spec.revision}"
         self.device = resolve_device(device)
@@ -117,7 +159,8 @@ class TeacherEngine:
             # Base LMs often ship without a pad token; padded positions are masked, so eos is a safe filler.
             # Set after the fingerprint, which describes the tokenizer as shipped.
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self._use_model(load_causal_lm(spec, self.device, self.dtype))
+        self.num_gpus = int(num_gpus)
+        self._use_model(load_causal_lm(spec, self.device, self.dtype, self.num_gpus))
 
     @classmethod
     def from_model(cls, model: Any, vocab_size: int, chunk_tokens: int = 1024, name: str | None = None,
@@ -130,6 +173,7 @@ class TeacherEngine:
         first = next(model.parameters())
         engine.device, engine.dtype = first.device, first.dtype
         engine.chunk_tokens = int(chunk_tokens)
+        engine.num_gpus = 1
         engine.tokenizer = None
         engine.vocab_size, engine.fingerprint = int(vocab_size), fingerprint
         engine._use_model(model.eval())
@@ -137,6 +181,9 @@ class TeacherEngine:
 
     def _use_model(self, model: Any) -> None:
         self.model = model
+        # Inputs go where the embedding is (the first GPU of a spread model); `devices` names every device used.
+        self.device = model.get_input_embeddings().weight.device
+        self.devices = sorted({str(p.device) for p in model.parameters()})
         self.model_vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         if self.model_vocab_size < self.vocab_size:
             raise ValueError(f"model {self.name} has {self.model_vocab_size} output rows, fewer than its "
@@ -161,7 +208,7 @@ class TeacherEngine:
         try:
             want = self.model(input_ids=probe, attention_mask=ones, use_cache=False).logits[0].float()
             hidden = backbone(input_ids=probe, attention_mask=ones, use_cache=False).last_hidden_state[0]
-            got = head(hidden).float()
+            got = head(hidden.to(head.weight.device)).float().to(want.device)
         except Exception as err:  # an exotic backbone signature: the full forward still works
             return f"full_forward (backbone probe failed: {type(err).__name__}: {err})"
         finite = want[torch.isfinite(want)]
@@ -209,11 +256,12 @@ class TeacherEngine:
     # ------------------------------------------------------------------ forward
     def _at_rows(self, ids_t: torch.Tensor, mask_t: torch.Tensor, rows_t: torch.Tensor) -> torch.Tensor:
         """The backbone's last hidden states [N, H] at the rows, or (full-forward path) the logits [N, V']."""
-        if self.backbone is not None:
+        if self.backbone is not None:  # a spread model's hidden states come out of the last GPU: to the head's
             hidden = self.backbone(input_ids=ids_t, attention_mask=mask_t, use_cache=False).last_hidden_state
-            return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows_t)
+            rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows_t.to(hidden.device))
+            return rows_h.to(self.head.weight.device)  # type: ignore[union-attr]
         logits = self.model(input_ids=ids_t, attention_mask=mask_t, use_cache=False).logits
-        return logits.reshape(-1, logits.shape[-1]).index_select(0, rows_t)
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, rows_t.to(logits.device))
 
     @torch.inference_mode()
     def full_logits(self, input_ids: ArrayLike, attention_mask: ArrayLike) -> torch.Tensor:
@@ -253,11 +301,14 @@ class TeacherEngine:
         if x is None:  # no counted row: nothing to run
             ids, lps, tail = (torch.empty(0, width, dtype=torch.long, device=self.device),
                               torch.empty(0, width, device=self.device), torch.empty(0, device=self.device))
-        elif self.head is not None:
-            ids, lps, tail = head_topk(x, self.head.weight, self.head.bias, k, tau, self.vocab_size,
-                                       self.chunk_tokens, forced)
         else:
-            ids, lps, tail = sparse_topk(x, k, tau, self.vocab_size, self.chunk_tokens, forced)
+            f = None if forced is None else forced.to(x.device)
+            if self.head is not None:
+                ids, lps, tail = head_topk(x, self.head.weight, self.head.bias, k, tau, self.vocab_size,
+                                           self.chunk_tokens, f)
+            else:
+                ids, lps, tail = sparse_topk(x, k, tau, self.vocab_size, self.chunk_tokens, f)
+            ids, lps, tail = ids.to(self.device), lps.to(self.device), tail.to(self.device)  # no-ops on one device
         self._check_output(lps, tail, rows_t, ids_t.shape[1], batch_id)
         return ids.to(torch.int32), lps, tail
 
@@ -278,10 +329,11 @@ class TeacherEngine:
             return torch.empty(0, support.shape[1], device=self.device), torch.empty(0, device=self.device)
         x = self._at_rows(ids_t, mask_t, rows_t)
         if self.head is not None:
-            lps, tail = head_gather(x, self.head.weight, self.head.bias, support, tau, self.vocab_size,
+            lps, tail = head_gather(x, self.head.weight, self.head.bias, support.to(x.device), tau, self.vocab_size,
                                     self.chunk_tokens)
         else:
-            lps, tail = sparse_gather(x, support, tau, self.vocab_size, self.chunk_tokens)
+            lps, tail = sparse_gather(x, support.to(x.device), tau, self.vocab_size, self.chunk_tokens)
+        lps, tail = lps.to(self.device), tail.to(self.device)  # no-ops on one device
         self._check_output(lps, tail, rows_t, ids_t.shape[1], batch_id)
         return lps, tail
 
@@ -297,4 +349,5 @@ class TeacherEngine:
     def describe(self) -> dict[str, Any]:
         return {"model": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "vocab_size": self.vocab_size, "model_vocab_size": self.model_vocab_size,
-                "fingerprint": self.fingerprint, "rows_path": self.rows_path}
+                "fingerprint": self.fingerprint, "rows_path": self.rows_path, "num_gpus": self.num_gpus,
+                "devices": self.devices}

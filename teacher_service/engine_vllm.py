@@ -40,7 +40,36 @@ from common.data.tokenizer_check import load_tokenizer, tokenizer_fingerprint
 from .vocab_cut import cut_vocab_checkpoint
 
 __all__ = ["VLLMEngine", "prompt_logprobs_block", "rows_topk", "rows_gather", "sampling_params_fields",
-           "as_numpy_rows"]
+           "as_numpy_rows", "vllm_parallel_options"]
+
+
+def vllm_parallel_options(tensor_parallel_size: int) -> dict[str, Any]:
+    """vLLM's `LLM(...)` parallel arguments for a teacher replica that holds `tensor_parallel_size` GPUs.
+
+    One GPU: {"tensor_parallel_size": 1} (vLLM's in-process executor). More: tensor parallelism over the
+    replica's GPUs with vLLM's multiprocessing executor, {"tensor_parallel_size": n,
+    "distributed_executor_backend": "mp"}. Why "mp" and not vLLM's Ray executor:
+    - the pool gives a multi-GPU replica its own placement group whose one bundle holds all n GPUs, and the
+      actor takes that bundle (teacher_service/placement.py): Ray sets CUDA_VISIBLE_DEVICES in the actor to
+      exactly those GPUs, all on one node, and the "mp" executor starts its n workers as child processes on
+      them. This is the "actor holds the GPUs" layout of Ray Serve's and SkyRL's vLLM deployments.
+    - The other layout (actor with 0 GPUs inside a placement group of n {GPU: 1} bundles, vLLM's Ray
+      executor starting one Ray actor per bundle) depends on vLLM finding the placement group from its
+      engine-core process, which V1 starts as a separate (spawned) process: vLLM PR #14705 passes it along
+      (vllm/config/parallel.py `placement_group`), yet vLLM issue #30016 reports workers that cannot find it
+      on Ray Serve with TP > 1 and recommends "mp"; and a 0-GPU actor's CUDA_VISIBLE_DEVICES="" is inherited
+      by that engine process (agentscope-ai/TuFT PR #112: "KeyError: 'bundles'").
+    - The backend must be named: vllm/config/parallel.py picks "ray" by itself whenever Ray is initialised
+      and the caller runs in a placement group (`ray.util.get_current_placement_group()`), which a
+      multi-GPU replica does; its Ray executor would then wait for n more GPUs that the replica already holds.
+    Single node only: a teacher replica never spans nodes (its placement group is STRICT_PACK).
+    """
+    n = int(tensor_parallel_size)
+    if n < 1:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: a vLLM teacher needs at least one GPU")
+    if n == 1:
+        return {"tensor_parallel_size": 1}
+    return {"tensor_parallel_size": n, "distributed_executor_backend": "mp"}
 
 
 def sampling_params_fields(sampling_params_cls: Any) -> set[str]:
@@ -207,11 +236,12 @@ def rows_gather(scored: list[tuple[np.ndarray, np.ndarray]], rows: np.ndarray, l
 
 
 class VLLMEngine:
-    """A teacher served by vLLM (one GPU). See the module docstring for what it returns and why."""
+    """A teacher served by vLLM (one GPU, or tensor parallel over the replica's GPUs: `vllm_parallel_options`).
+    See the module docstring for what it returns and why."""
 
     def __init__(self, spec: ModelSpec, max_logprobs: int = 65, gpu_memory_utilization: float = 0.75,
                  max_model_len: int | None = None, dtype: str = "auto", max_num_batched_tokens: int | None = 2048,
-                 cut_dir: str | None = None):
+                 cut_dir: str | None = None, tensor_parallel_size: int = 1):
         from vllm import LLM, SamplingParams  # optional extra: pip install deltakd[vllm]
 
         self.spec = spec
@@ -232,7 +262,9 @@ class VLLMEngine:
         self.llm = LLM(model=self.model_dir, tokenizer=spec.path, tokenizer_revision=spec.revision,
                        trust_remote_code=spec.trust_remote_code, dtype=dtype, max_logprobs=self.max_logprobs,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       max_num_batched_tokens=max_num_batched_tokens, tensor_parallel_size=1)
+                       max_num_batched_tokens=max_num_batched_tokens,
+                       **vllm_parallel_options(tensor_parallel_size))
+        self.tensor_parallel_size = int(tensor_parallel_size)
 
     @staticmethod
     def _local_dir(spec: ModelSpec) -> str:
@@ -350,6 +382,7 @@ class VLLMEngine:
     def describe(self) -> dict[str, Any]:
         return {"model": self.name, "device": f"{self.device} (vllm)", "dtype": "vllm", "vocab_size": self.vocab_size,
                 "model_vocab_size": self.vocab_size, "fingerprint": self.fingerprint, "flat_logprobs": self.flat,
-                "gather": self.can_gather, "served_from": self.model_dir}
+                "gather": self.can_gather, "served_from": self.model_dir,
+                "tensor_parallel_size": self.tensor_parallel_size}
 
 

@@ -30,9 +30,22 @@ from .assemble import RecordAssembler, record_meta
 from .chain import call_chain, warmup_inputs
 from .naming import replica_name
 from .record_handle import OBJECT_STORE, TRANSPORTS, RecordHandle
+from .placement import (
+    RESERVE_MIN_S,
+    PlacementError,
+    check_layout,
+    cluster_nodes,
+    find_group,
+    group_name,
+    group_options,
+    needs_group,
+    remove_groups,
+    replica_bundle,
+    reserve_groups,
+)
 from .transport import choose_rdt_transport
 
-__all__ = ["TeacherPool", "vllm_options"]
+__all__ = ["TeacherPool", "vllm_options", "check_teacher_layout"]
 
 
 def vllm_options(cfg: RunConfig) -> dict[str, Any]:
@@ -44,13 +57,22 @@ def vllm_options(cfg: RunConfig) -> dict[str, Any]:
             "max_model_len": t.vllm.max_model_len, "dtype": t.dtype}
 
 
+def check_teacher_layout(cfg: RunConfig, nodes: list[dict[str, float]]) -> None:
+    """Refuse (PlacementError, naming the numbers) a teacher layout these nodes cannot hold at once: every
+    replica of every role `TeacherPool.start` would create, each on one node (`placement.check_layout`)."""
+    t = cfg.teachers
+    replicas = sum(t.replicas.get(role, 1) for role in teacher_role_specs(cfg))
+    check_layout(replicas, replica_bundle(t.num_gpus, t.num_cpus, t.resources), nodes)
+
+
 class TeacherPool:
     """Handles of every role's replicas plus the routing state. Build with `start` or `attach`."""
 
-    def __init__(self, cfg: RunConfig, handles: dict[str, list[Any]], owned: bool):
+    def __init__(self, cfg: RunConfig, handles: dict[str, list[Any]], owned: bool, groups: list[Any] | None = None):
         self.cfg = cfg
         self.handles = handles
         self.owned = owned
+        self.groups = list(groups or [])  # placement groups of multi-GPU replicas (removed with the actors)
         self.roles = list(handles)  # chain order: sft first
         if not self.roles or self.roles[0] != ROLE_SFT:
             raise ValueError(f"a teacher pool needs the 'sft' role first, got roles {self.roles}")
@@ -79,11 +101,26 @@ class TeacherPool:
         faults: a test's FaultPlan (common/faults.py) handed to every actor; None in production."""
         check_tokenizers(cfg)
         t = cfg.teachers
+        try:
+            check_teacher_layout(cfg, cluster_nodes())
+        except PlacementError as err:
+            if t.placement_wait_s <= 0:
+                raise
+            print(f"WARNING: {err} now; starting anyway (teachers.placement_wait_s={t.placement_wait_s:g}): "
+                  "waiting for an autoscaler to add nodes", flush=True)
         handles: dict[str, list[Any]] = {}
+        names = {role: [replica_name(t.name_prefix, role, i) for i in range(t.replicas.get(role, 1))]
+                 for role in teacher_role_specs(cfg)}
+        groups: list[Any] = []
+        if needs_group(t.num_gpus):  # every replica's group reserved before any model loads
+            groups = reserve_groups([group_name(n) for ns in names.values() for n in ns],
+                                    replica_bundle(t.num_gpus, t.num_cpus, t.resources), detached,
+                                    max(t.placement_wait_s, RESERVE_MIN_S))
+        by_name = dict(zip([n for ns in names.values() for n in ns], groups))
         try:
             for role, spec in teacher_role_specs(cfg).items():
-                handles[role] = [cls._create(cfg, role, spec.model_dump(), i, detached, faults)
-                                 for i in range(t.replicas.get(role, 1))]
+                handles[role] = [cls._create(cfg, role, spec.model_dump(), i, detached, faults, by_name.get(n))
+                                 for i, n in enumerate(names[role])]
                 if not handles[role]:
                     raise ValueError(f"teachers.replicas.{role}=0: every role needs at least one replica")
             for role, hs in handles.items():
@@ -93,21 +130,24 @@ class TeacherPool:
                     except Exception as err:
                         raise RuntimeError(f"teacher {replica_name(t.name_prefix, role, i)} "
                                            f"({teacher_role_specs(cfg)[role].path}) failed to start: {err}") from err
-            pool = cls(cfg, handles, owned=True)
+            pool = cls(cfg, handles, owned=True, groups=groups)
         except BaseException:
             for hs in handles.values():  # nothing half-started is left behind
                 for h in hs:
                     ray.kill(h, no_restart=True)
+            remove_groups(groups)
             raise
         return pool
 
     @staticmethod
     def _create(cfg: RunConfig, role: str, spec: dict[str, Any], i: int, detached: bool,
-                faults: FaultPlan | None = None) -> Any:
-        """Replica i of a role as a named actor with the configured resources and restart policy."""
+                faults: FaultPlan | None = None, group: Any = None) -> Any:
+        """Replica i of a role as a named actor with the configured resources and restart policy; `group`: its
+        own placement group (a replica of more than one GPU), whose only bundle it takes."""
         t = cfg.teachers
         engine = t.engine if role == ROLE_SFT else "hf"  # vLLM cannot gather: only the sft role may use it
-        options = vllm_options(cfg)
+        gpus = int(t.num_gpus) if needs_group(t.num_gpus) else 1  # GPUs the engine spreads over
+        options = {**vllm_options(cfg), "tensor_parallel_size": gpus}
         name = replica_name(t.name_prefix, role, i)
         opts: dict[str, Any] = dict(name=name, namespace=t.namespace, num_cpus=t.num_cpus, num_gpus=t.num_gpus,
                                     max_restarts=t.max_restarts, max_task_retries=t.max_task_retries)
@@ -115,11 +155,13 @@ class TeacherPool:
             opts["resources"] = dict(t.resources)
         if detached:
             opts["lifetime"] = "detached"
+        if group is not None:
+            opts.update(group_options(group))
         try:
             return TeacherActor.options(**opts).remote(
                 role, spec, engine, t.device, t.dtype, t.score_chunk_rows, t.wire_dtype,
                 max(32, 4 * t.max_inflight_per_replica), options if engine == "vllm" else None,
-                compute=cfg.reproducibility.model_dump(), faults=faults)
+                compute=cfg.reproducibility.model_dump(), faults=faults, num_gpus=gpus)
         except ValueError as err:  # a named actor of that name already exists
             raise ValueError(f"cannot start teacher {name!r} in namespace {t.namespace!r}: {err} "
                              f"(attach to it with teachers.attach=true, or stop it first)") from err
@@ -129,6 +171,7 @@ class TeacherPool:
         """Find the running named actors `{prefix}-{role}-{i}` of every role the config asks for."""
         t = cfg.teachers
         handles: dict[str, list[Any]] = {}
+        groups: list[Any] = []
         for role in teacher_role_specs(cfg):
             found = []
             while True:
@@ -141,7 +184,9 @@ class TeacherPool:
                                  f"{replica_name(t.name_prefix, role, 0)!r} not found in namespace {t.namespace!r} "
                                  f"(start one with `python -m teacher_service serve --config ...`)")
             handles[role] = found
-        return cls(cfg, handles, owned=False)
+            groups += [pg for i in range(len(found))
+                       if (pg := find_group(group_name(replica_name(t.name_prefix, role, i)))) is not None]
+        return cls(cfg, handles, owned=False, groups=groups)
 
     # ------------------------------------------------------------------ routing
     def _route(self, role: str) -> tuple[int, Any]:
@@ -288,3 +333,5 @@ class TeacherPool:
             for h in hs:
                 ray.kill(h, no_restart=True)
         self.handles = {r: [] for r in self.handles}
+        remove_groups(self.groups)  # after their actors: a group removed first would kill them anyway
+        self.groups = []

@@ -61,7 +61,14 @@ class TeachersConfig(Strict):
     engine: Literal["hf", "vllm"] = "hf"  # engine of the SFT teacher (it picks the support); others use hf
     replicas: dict[str, int] = Field(default_factory=lambda: {"sft": 1, "base": 1})
     num_cpus: float = Field(default=1.0, ge=0)
+    # GPUs per replica: a fraction of one GPU (< 1, replicas share it) or whole GPUs (1, 2, 4, ...). Above 1 the
+    # replica is placed in its own placement group on ONE node and its engine spreads over those GPUs (hf: a
+    # device map; vllm: tensor parallelism); docs/CLUSTER.md "Teachers larger than one GPU".
     num_gpus: float = Field(default=0.0, ge=0)
+    # Before it starts any teacher the pool checks the layout against the cluster's nodes. 0: refuse at once a
+    # layout the nodes present now cannot hold (a fixed cluster). > 0: an autoscaling cluster (GPU nodes start
+    # on demand): warn, then wait up to this many seconds for each multi-GPU replica's placement group.
+    placement_wait_s: float = Field(default=0.0, ge=0, json_schema_extra=policy(RESUME_FREE, RUNTIME))
     # Custom Ray resources each teacher actor asks for, e.g. {teacher_gpu: 1} to land on teacher nodes.
     resources: dict[str, float] = Field(default_factory=dict)
     dtype: DType = "auto"
@@ -88,6 +95,15 @@ class TeachersConfig(Strict):
     # Rows per chunk of a teacher's LM head and log-softmax when it scores a batch (was teachers.chunk_tokens).
     score_chunk_rows: int = Field(default=1024, gt=0)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_or_fraction(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"teachers.num_gpus={v:g}: a replica takes a fraction of one GPU (< 1) or whole GPUs "
+                             f"(1, 2, 4, ...), not {v:g}: Ray gives a multi-GPU actor whole GPUs, and a tensor-"
+                             f"parallel engine needs them; use {int(v)} or {int(v) + 1}")
+        return v
 
 
 class TransportConfig(Strict):

@@ -14,6 +14,17 @@ from collections.abc import Iterator
 import pytest
 
 RAY_NUM_CPUS = 16  # logical slots: teachers and workers each ask for 1; the machine has 2 real cores
+# Logical GPUs Ray declares on a host without CUDA, so that multi-GPU teacher placement (placement groups, the
+# GPU ids Ray hands a replica) is exercised here: two replicas of 4 (test_teacher_placement.py). Only actors
+# that ask for GPUs get any; every other test asks for none and runs on the CPU as before. On a CUDA host Ray
+# counts the real GPUs instead (a declared count would hand out ids of devices that do not exist).
+RAY_FAKE_GPUS = 8
+
+
+def _declared_gpus() -> int | None:
+    import torch
+
+    return None if torch.cuda.is_available() else RAY_FAKE_GPUS
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +35,7 @@ def ray_cluster() -> Iterator[dict]:
     ctx = ray.init(
         address="local",
         num_cpus=RAY_NUM_CPUS,
+        num_gpus=_declared_gpus(),
         include_dashboard=False,
         _temp_dir=temp_dir,
         logging_level="ERROR",

@@ -203,6 +203,45 @@ def test_paper_config_is_the_paper_setup() -> None:
     assert (cfg.teachers.dtype, cfg.teachers.wire_dtype, cfg.training.bf16) == ("bfloat16", "float16", "on")
 
 
+def _qwen2_params(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int) -> int:
+    """Parameters of a Qwen2 decoder with untied embeddings, from its config.json numbers."""
+    head_dim = hidden // heads
+    attention = 2 * hidden * hidden + hidden + 2 * (hidden * kv_heads * head_dim + kv_heads * head_dim)
+    layer = attention + 3 * hidden * intermediate + 2 * hidden
+    return layers * layer + 2 * vocab * hidden + hidden
+
+
+def test_72b_teacher_layout_fits_its_nodes() -> None:
+    """docs/CLUSTER.md section 11: each Qwen2-72B replica's bf16 weights fit its 2 H200s within the HF device
+    map's share; 12 + 12 replicas fill six 8-GPU teacher nodes (and not five); the 8 student ranks fit one
+    node; the teacher is not evaluated on one device."""
+    from teacher_service.engine_hf import SPREAD_HEADROOM
+    from teacher_service.placement import PlacementError
+    from teacher_service.pool import check_teacher_layout
+
+    cfg = load_config(DEPLOY / "configs" / "qwen2_72b_teachers.yaml")
+    assert cfg.models.base_teacher.path == "Qwen/Qwen2-72B" and cfg.models.student.path == "Qwen/Qwen2-7B"
+    t = cfg.teachers
+    teacher = _qwen2_params(8192, 29568, 80, 64, 8, 152064)
+    assert round(teacher / 1e9, 2) == 72.71  # Qwen2-72B's published size
+    h200 = 141e9
+    assert 2 * teacher / t.num_gpus <= (1 - SPREAD_HEADROOM) * h200  # 72.7 GB of 119.9 GB per GPU
+    # on 80 GB GPUs it needs 4 per replica: 72.7 GB each on 2 is more than their 68 GB share, 36.4 GB on 4 fits
+    assert 2 * teacher / 2 > (1 - SPREAD_HEADROOM) * 80e9 and 2 * teacher / 4 <= (1 - SPREAD_HEADROOM) * 80e9
+    teacher_node = {"CPU": 192.0, "GPU": 8.0, "teacher_gpu": 8.0}
+    student_node = {"CPU": 192.0, "GPU": 8.0, "student_gpu": 8.0}
+    check_teacher_layout(cfg, [teacher_node] * 6 + [student_node])
+    with pytest.raises(PlacementError, match=r"24 replicas of .* do not fit: the nodes hold 20 at once"):
+        check_teacher_layout(cfg, [teacher_node] * 5 + [student_node])
+    assert t.resources == {"teacher_gpu": t.num_gpus} and t.placement_wait_s > 0
+    student = _qwen2_params(3584, 18944, 28, 28, 4, 152064)
+    assert round(student / 1e9, 2) == 7.62
+    # bf16 weights + gradients + AdamW's 2 moments + the frozen lp_S0 copy + DDP's gradient buckets
+    assert 6 * 2 * student < 0.75 * h200 and cfg.training.gradient_checkpointing
+    assert cfg.training.num_workers * cfg.training.num_gpus_per_worker <= student_node["GPU"]
+    assert cfg.evaluation.evaluate_teacher is False
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_config_validates_and_says_its_command(path: Path) -> None:
     load_config(path)

@@ -127,3 +127,17 @@ def test_topk_at_rows_equals_the_hf_cut_normaliser(engine) -> None:
         eng.topk(ids, mask, rows, 9, include=labels)
     with pytest.raises(NotImplementedError, match="gather roles use the hf engine"):
         eng.gather(ids, mask, rows, inc_ids)
+
+
+def test_a_four_gpu_replica_asks_vllm_for_tensor_parallelism(engine, tmp_path: Path) -> None:
+    """The pool hands a replica of teachers.num_gpus: 4 tensor_parallel_size=4: vLLM gets TP 4 over the
+    multiprocessing executor (engine_vllm.vllm_parallel_options says why not its Ray executor); one GPU
+    stays on vLLM's default executor."""
+    from teacher_service.engine_vllm import VLLMEngine
+
+    eng, padded = engine
+    assert _LLM.created[-1]["tensor_parallel_size"] == 1 and "distributed_executor_backend" not in _LLM.created[-1]
+    tp = VLLMEngine(ModelSpec(path=str(padded)), max_logprobs=9, cut_dir=str(tmp_path / "cut"), tensor_parallel_size=4)
+    made = _LLM.created[-1]
+    assert made["tensor_parallel_size"] == 4 and made["distributed_executor_backend"] == "mp"
+    assert tp.describe()["tensor_parallel_size"] == 4 and eng.describe()["tensor_parallel_size"] == 1
