@@ -12,6 +12,11 @@ torch wire dtype once, here):
 - Ray Direct Transport (`topk_tensors`, `gather_tensors`): dicts of the engine's tensors as they are (CUDA
   on GPUs), sent with the tensor transport the caller picks per call (`cuda_ipc`, `nccl`, `gloo`). Only a
   `gloo` call with CUDA tensors moves them to the host first (gloo carries CPU tensors only).
+
+A LoRA pair (`pair_base` given; teacher_service/engine_pair.py) is one actor that serves two roles, `sft` with
+the adapter on and `base` with it off: every call may name its `role` (default: the actor's own), and
+`pair_gather` / `pair_gather_tensors` score the base role at this actor's own cached SFT support, so the
+support never leaves the actor.
 """
 
 from __future__ import annotations
@@ -70,8 +75,16 @@ def to_numpy_wire(x: torch.Tensor) -> np.ndarray:
 
 
 def make_engine(role: str, spec: ModelSpec, engine: str = "hf", device: str = "auto", dtype: str = "auto",
-                chunk_tokens: int = 1024, vllm_options: dict[str, Any] | None = None) -> Any:
-    """The engine of one teacher role: TeacherEngine ("hf") or VLLMEngine ("vllm", top-k only)."""
+                chunk_tokens: int = 1024, vllm_options: dict[str, Any] | None = None,
+                pair_base: ModelSpec | None = None) -> Any:
+    """The engine of one teacher role: TeacherEngine ("hf") or VLLMEngine ("vllm", top-k only); with
+    pair_base, a PairEngine of that base and the adapter `spec` (hf only; common/lora.py refuses vllm)."""
+    if pair_base is not None:
+        if engine != "hf":
+            raise ValueError(f"teacher role {role!r}: a LoRA pair runs on the hf engine, not {engine!r}")
+        from .engine_pair import PairEngine  # deferred: imports peft (only a pair needs it)
+
+        return PairEngine(pair_base, spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens)
     if engine == "vllm":
         from .engine_vllm import VLLMEngine
 
@@ -102,10 +115,12 @@ class TeacherActor:
     def __init__(self, role: str, spec: dict[str, Any], engine: str = "hf", device: str = "auto",
                  dtype: str = "auto", chunk_tokens: int = 1024, wire_dtype: str = "float32",
                  cache_size: int = 32, vllm_options: dict[str, Any] | None = None,
-                 compute: dict[str, Any] | None = None, faults: FaultPlan | None = None):
+                 compute: dict[str, Any] | None = None, faults: FaultPlan | None = None,
+                 pair_base: dict[str, Any] | None = None):
         """compute: the run's reproducibility settings (None: their defaults), applied before any tensor op;
         faults: a test's FaultPlan (common/faults.py; its teacher_delay_s is a sleep in every top-k / gather
-        call, counted as busy time), None in production."""
+        call, counted as busy time), None in production; pair_base: the base teacher's spec when `spec` is a
+        LoRA adapter of it (this actor then serves `sft` and `base`)."""
         self.compute = apply_compute_settings(compute, where=f"teacher {role}")
         model_spec = ModelSpec.model_validate(spec)
         self.faults = faults
@@ -113,7 +128,9 @@ class TeacherActor:
         self.wire_dtype = wire_dtype
         self.torch_wire = TORCH_WIRE_DTYPES[wire_dtype]
         self.engine_kind = engine
-        self.engine: Any = make_engine(role, model_spec, engine, device, dtype, chunk_tokens, vllm_options)
+        self.engine: Any = make_engine(role, model_spec, engine, device, dtype, chunk_tokens, vllm_options,
+                                       None if pair_base is None else ModelSpec.model_validate(pair_base))
+        self.roles = list(getattr(self.engine, "roles", [role]))  # the roles this actor answers for
         self.cache: OrderedDict[tuple, Part] = OrderedDict()
         self.cache_size = int(cache_size)
         self.started = time.time()
@@ -133,6 +150,14 @@ class TeacherActor:
             self.counters["cache_hits"] += 1
         return hit
 
+    def _role(self, role: str | None) -> dict[str, Any]:
+        """The engine's role keyword for a call: {} for a one-role actor (which checks the name)."""
+        if role is not None and role not in self.roles:
+            raise ValueError(f"teacher {self.role} ({self.engine.name}) serves roles {self.roles}, not {role!r}")
+        if len(self.roles) == 1:
+            return {}
+        return {"role": role or self.role}
+
     def _count(self, attention_mask: Any, rows: Any, t0: float) -> None:
         self.counters["calls"] += 1
         self.counters["tokens"] += int(np.asarray(attention_mask).sum())  # the backbone runs over these
@@ -140,9 +165,11 @@ class TeacherActor:
         self.counters["busy_s"] += time.perf_counter() - t0
 
     def _topk(self, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, k: int, tau: float,
-              include: Any) -> Part:
+              include: Any, role: str | None = None) -> Part:
         """{"ids": int32 [N, K], "logprobs": fp32 [N, K], "tail": fp32 [N]} on the engine's device."""
-        key = ("topk", batch_id, _digest(input_ids, attention_mask, rows, include), int(k), float(tau))
+        by_role = self._role(role)
+        key = ("topk", batch_id, _digest(input_ids, attention_mask, rows, include), int(k), float(tau),
+               by_role.get("role"))
         hit = self._cached(key)
         if hit is not None:
             return hit
@@ -150,43 +177,64 @@ class TeacherActor:
         if self.faults is not None:
             self.faults.teacher_call()  # FaultPlan.teacher_delay_s
         ids, lps, tail = self.engine.topk(input_ids, attention_mask, rows, k, tau, include=include,
-                                          batch_id=batch_id)
+                                          batch_id=batch_id, **by_role)
         self._count(attention_mask, rows, t0)
         return self._remember(key, {"ids": torch.as_tensor(ids), "logprobs": torch.as_tensor(lps),
                                     "tail": torch.as_tensor(tail)})
 
     def _gather(self, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, support: Any,
-                tau: float) -> Part:
+                tau: float, role: str | None = None) -> Part:
         """{"logprobs": fp32 [N, K], "tail": fp32 [N]} at the support's ids."""
+        by_role = self._role(role)
         ids = support["ids"] if isinstance(support, dict) else support
-        key = ("gather", batch_id, _digest(input_ids, attention_mask, rows), _support_key(ids), float(tau))
+        key = ("gather", batch_id, _digest(input_ids, attention_mask, rows), _support_key(ids), float(tau),
+               by_role.get("role"))
         hit = self._cached(key)
         if hit is not None:
             return hit
         t0 = time.perf_counter()
         if self.faults is not None:
             self.faults.teacher_call()  # FaultPlan.teacher_delay_s
-        lps, tail = self.engine.gather(input_ids, attention_mask, rows, ids, tau, batch_id=batch_id)
+        lps, tail = self.engine.gather(input_ids, attention_mask, rows, ids, tau, batch_id=batch_id, **by_role)
         self._count(attention_mask, rows, t0)
         return self._remember(key, {"logprobs": torch.as_tensor(lps), "tail": torch.as_tensor(tail)})
 
     # ------------------------------------------------------------------ object-store calls (numpy)
     def topk(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray, k: int,
-             tau: float, include: np.ndarray | None = None, wire: bool = True) -> dict[str, np.ndarray]:
+             tau: float, include: np.ndarray | None = None, wire: bool = True, role: str | None = None,
+             ) -> dict[str, np.ndarray]:
         """{"ids": int32 [N,K], "logprobs": [N,K] wire dtype (fp32 if not wire), "tail": fp32 [N]} at the rows.
 
-        include: optional [N] ids forced into the support (K = k + 1; `TeacherEngine.topk`).
+        include: optional [N] ids forced into the support (K = k + 1; `TeacherEngine.topk`). role: which of
+        this actor's roles answers (a pair serves two; default the actor's own).
         """
-        out = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include)
+        out = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include, role)
         lps = out["logprobs"].to(self.torch_wire) if wire else out["logprobs"]
         return {"ids": to_numpy_wire(out["ids"]), "logprobs": to_numpy_wire(lps), "tail": to_numpy_wire(out["tail"])}
 
     def gather(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
-               support: Any, tau: float, wire: bool = True) -> dict[str, np.ndarray]:
+               support: Any, tau: float, wire: bool = True, role: str | None = None) -> dict[str, np.ndarray]:
         """{"logprobs": [N,K], "tail": fp32 [N]} at the support's ids. `support`: sft result or ids [N, K]."""
-        out = self._gather(batch_id, input_ids, attention_mask, rows, support, tau)
+        return self._gather_wire(self._gather(batch_id, input_ids, attention_mask, rows, support, tau, role), wire)
+
+    def _gather_wire(self, out: Part, wire: bool) -> dict[str, np.ndarray]:
         lps = out["logprobs"].to(self.torch_wire) if wire else out["logprobs"]
         return {"logprobs": to_numpy_wire(lps), "tail": to_numpy_wire(out["tail"])}
+
+    def _pair_gather(self, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, k: int, tau: float,
+                     include: Any, role: str) -> Part:
+        """`role` (a pair's other role) at this actor's own SFT support of the batch: the top-k comes from the
+        result cache (the chain's `topk` call ran just before on this actor), or is computed here."""
+        support = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include)["ids"]
+        return self._gather(batch_id, input_ids, attention_mask, rows, support, tau, role)
+
+    def pair_gather(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
+                    k: int, tau: float, include: np.ndarray | None = None, wire: bool = True,
+                    role: str = "base") -> dict[str, np.ndarray]:
+        """A LoRA pair's `role` (default base) at its own SFT support (arguments as `topk`): `gather` without
+        the support crossing the wire. {"logprobs": [N,K], "tail": fp32 [N]}."""
+        return self._gather_wire(self._pair_gather(batch_id, input_ids, attention_mask, rows, k, tau, include,
+                                                   role), wire)
 
     # ------------------------------------------------------------------ RDT calls (torch tensors)
     def _for_transport(self, out: Part, transport: str) -> Part:
@@ -199,9 +247,10 @@ class TeacherActor:
 
     @ray.method(tensor_transport="gloo")
     def topk_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
-                     k: int, tau: float, include: np.ndarray | None = None, transport: str = "gloo") -> Part:
+                     k: int, tau: float, include: np.ndarray | None = None, transport: str = "gloo",
+                     role: str | None = None) -> Part:
         """`topk` as the engine's tensors, for Ray Direct Transport. `transport`: the one this call uses."""
-        return self._for_transport(self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include),
+        return self._for_transport(self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include, role),
                                    transport)
 
     @ray.method(tensor_transport="gloo")
@@ -214,11 +263,19 @@ class TeacherActor:
 
     @ray.method(tensor_transport="gloo")
     def gather_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
-                       support: Any, tau: float, transport: str = "gloo") -> Part:
+                       support: Any, tau: float, transport: str = "gloo", role: str | None = None) -> Part:
         """`gather` as the engine's tensors, for RDT; `support` is this gatherer's support part (received as
         tensors: `support_tensors`)."""
-        return self._for_transport(self._gather(batch_id, input_ids, attention_mask, rows, support, tau),
+        return self._for_transport(self._gather(batch_id, input_ids, attention_mask, rows, support, tau, role),
                                    transport)
+
+    @ray.method(tensor_transport="gloo")
+    def pair_gather_tensors(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
+                            rows: np.ndarray, k: int, tau: float, include: np.ndarray | None = None,
+                            transport: str = "gloo", role: str = "base") -> Part:
+        """`pair_gather` as the engine's tensors, for RDT (one reader: the receiving worker)."""
+        return self._for_transport(self._pair_gather(batch_id, input_ids, attention_mask, rows, k, tau, include,
+                                                     role), transport)
 
     # ------------------------------------------------------------------ service
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -228,7 +285,7 @@ class TeacherActor:
     def health(self) -> dict[str, Any]:
         """Liveness plus what routing needs: node, GPUs, and whether the engine returns device tensors
         (`tensor_engine`: an engine with a torch `.device`; the RDT path requires it)."""
-        return {"ok": True, "role": self.role, "engine": self.engine_kind, "pid": os.getpid(),
+        return {"ok": True, "role": self.role, "roles": self.roles, "engine": self.engine_kind, "pid": os.getpid(),
                 "wire_dtype": self.wire_dtype, "uptime_s": time.time() - self.started, **placement(),
                 "tensor_engine": isinstance(getattr(self.engine, "device", None), torch.device),
                 **self.engine.describe()}
@@ -236,4 +293,4 @@ class TeacherActor:
     def stats(self) -> dict[str, Any]:
         """Tokens served (attended, through the backbone), rows scored, busy seconds, calls (cache hits not
         included), role and model path."""
-        return {"role": self.role, "model": self.engine.name, **self.counters}
+        return {"role": self.role, "roles": self.roles, "model": self.engine.name, **self.counters}
