@@ -14,6 +14,11 @@ torch wire dtype once, here):
 - Ray Direct Transport (`transport` = the call's `.options(tensor_transport=...)`: `cuda_ipc`, `nccl`,
   `gloo`): dicts of the engine's tensors as they are (CUDA on GPUs). Only a `gloo` call with CUDA tensors
   moves them to the host first (gloo carries CPU tensors only).
+
+A LoRA pair (`pair_base` given; teacher_service/engine_pair.py) is one actor that serves two roles, `sft` with
+the adapter on and `base` with it off: every call may name its `role` (default: the actor's own), and
+`pair_gather` scores the base role at this actor's own cached SFT support, so the support never leaves the
+actor.
 """
 
 from __future__ import annotations
@@ -74,10 +79,18 @@ def to_numpy_wire(x: torch.Tensor) -> np.ndarray:
 
 
 def make_engine(role: str, spec: ModelSpec, engine: str = "hf", device: str = "auto", dtype: str = "auto",
-                chunk_tokens: int = 1024, vllm_options: dict[str, Any] | None = None, num_gpus: int = 1) -> Any:
-    """The engine of one teacher role: TeacherEngine ("hf") or VLLMEngine ("vllm", top-k only).
+                chunk_tokens: int = 1024, vllm_options: dict[str, Any] | None = None, num_gpus: int = 1,
+                pair_base: ModelSpec | None = None) -> Any:
+    """The engine of one teacher role: TeacherEngine ("hf") or VLLMEngine ("vllm", top-k only); with
+    pair_base, a PairEngine of that base and the adapter `spec` (hf only; common/lora.py refuses vllm).
     num_gpus: the GPUs the replica holds and the hf engine spreads the model over (its device map); vLLM's
     tensor_parallel_size comes in vllm_options."""
+    if pair_base is not None:
+        if engine != "hf":
+            raise ValueError(f"teacher role {role!r}: a LoRA pair runs on the hf engine, not {engine!r}")
+        from .engine_pair import PairEngine  # deferred: imports peft (only a pair needs it)
+
+        return PairEngine(pair_base, spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens)
     if engine == "vllm":
         from .engine_vllm import VLLMEngine
 
@@ -108,11 +121,13 @@ class TeacherActor:
     def __init__(self, role: str, spec: dict[str, Any], engine: str = "hf", device: str = "auto",
                  dtype: str = "auto", chunk_tokens: int = 1024, wire_dtype: str = "float32",
                  cache_size: int = 32, vllm_options: dict[str, Any] | None = None,
-                 compute: dict[str, Any] | None = None, faults: FaultPlan | None = None, num_gpus: int = 1):
+                 compute: dict[str, Any] | None = None, faults: FaultPlan | None = None, num_gpus: int = 1,
+                 pair_base: dict[str, Any] | None = None):
         """compute: the run's reproducibility settings (None: their defaults), applied before any tensor op;
         faults: a test's FaultPlan (common/faults.py; its teacher_delay_s is a sleep in every top-k / gather
         call, counted as busy time), None in production; num_gpus: the whole GPUs this replica holds (1 for
-        one GPU, a fraction of one, or none), which the hf engine spreads the model over."""
+        one GPU, a fraction of one, or none), which the hf engine spreads the model over; pair_base: the base
+        teacher's spec when `spec` is a LoRA adapter of it (this actor then serves `sft` and `base`)."""
         self.compute = apply_compute_settings(compute, where=f"teacher {role}")
         model_spec = ModelSpec.model_validate(spec)
         self.faults = faults
@@ -120,7 +135,9 @@ class TeacherActor:
         self.wire_dtype = wire_dtype
         self.torch_wire = TORCH_WIRE_DTYPES[wire_dtype]
         self.engine_kind = engine
-        self.engine: Any = make_engine(role, model_spec, engine, device, dtype, chunk_tokens, vllm_options, num_gpus)
+        self.engine: Any = make_engine(role, model_spec, engine, device, dtype, chunk_tokens, vllm_options, num_gpus,
+                                       None if pair_base is None else ModelSpec.model_validate(pair_base))
+        self.roles = list(getattr(self.engine, "roles", [role]))  # the roles this actor answers for
         self.cache: OrderedDict[tuple, Part] = OrderedDict()
         self.cache_size = int(cache_size)
         self.started = time.time()
@@ -140,6 +157,14 @@ class TeacherActor:
             self.counters["cache_hits"] += 1
         return hit
 
+    def _role(self, role: str | None) -> dict[str, Any]:
+        """The engine's role keyword for a call: {} for a one-role actor (which checks the name)."""
+        if role is not None and role not in self.roles:
+            raise ValueError(f"teacher {self.role} ({self.engine.name}) serves roles {self.roles}, not {role!r}")
+        if len(self.roles) == 1:
+            return {}
+        return {"role": role or self.role}
+
     def _count(self, attention_mask: Any, rows: Any, t0: float) -> None:
         self.counters["calls"] += 1
         self.counters["tokens"] += int(np.asarray(attention_mask).sum())  # the backbone runs over these
@@ -147,9 +172,11 @@ class TeacherActor:
         self.counters["busy_s"] += time.perf_counter() - t0
 
     def _topk(self, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, k: int, tau: float,
-              include: Any) -> Part:
+              include: Any, role: str | None = None) -> Part:
         """{"ids": int32 [N, K], "logprobs": fp32 [N, K], "tail": fp32 [N]} on the engine's device."""
-        key = ("topk", batch_id, _digest(input_ids, attention_mask, rows, include), int(k), float(tau))
+        by_role = self._role(role)
+        key = ("topk", batch_id, _digest(input_ids, attention_mask, rows, include), int(k), float(tau),
+               by_role.get("role"))
         hit = self._cached(key)
         if hit is not None:
             return hit
@@ -157,23 +184,25 @@ class TeacherActor:
         if self.faults is not None:
             self.faults.teacher_call()  # FaultPlan.teacher_delay_s
         ids, lps, tail = self.engine.topk(input_ids, attention_mask, rows, k, tau, include=include,
-                                          batch_id=batch_id)
+                                          batch_id=batch_id, **by_role)
         self._count(attention_mask, rows, t0)
         return self._remember(key, {"ids": torch.as_tensor(ids), "logprobs": torch.as_tensor(lps),
                                     "tail": torch.as_tensor(tail)})
 
     def _gather(self, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, support: Any,
-                tau: float) -> Part:
+                tau: float, role: str | None = None) -> Part:
         """{"logprobs": fp32 [N, K], "tail": fp32 [N]} at the support's ids."""
+        by_role = self._role(role)
         ids = support["ids"] if isinstance(support, dict) else support
-        key = ("gather", batch_id, _digest(input_ids, attention_mask, rows), _support_key(ids), float(tau))
+        key = ("gather", batch_id, _digest(input_ids, attention_mask, rows), _support_key(ids), float(tau),
+               by_role.get("role"))
         hit = self._cached(key)
         if hit is not None:
             return hit
         t0 = time.perf_counter()
         if self.faults is not None:
             self.faults.teacher_call()  # FaultPlan.teacher_delay_s
-        lps, tail = self.engine.gather(input_ids, attention_mask, rows, ids, tau, batch_id=batch_id)
+        lps, tail = self.engine.gather(input_ids, attention_mask, rows, ids, tau, batch_id=batch_id, **by_role)
         self._count(attention_mask, rows, t0)
         return self._remember(key, {"logprobs": torch.as_tensor(lps), "tail": torch.as_tensor(tail)})
 
@@ -183,13 +212,14 @@ class TeacherActor:
     # tensors). teacher_service/chain.py makes both kinds of call.
     def topk(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray, k: int,
              tau: float, include: np.ndarray | None = None, wire: bool = True,
-             transport: str = OBJECT_STORE) -> dict[str, Any]:
+             transport: str = OBJECT_STORE, role: str | None = None) -> dict[str, Any]:
         """{"ids": int32 [N,K], "logprobs": [N,K] wire dtype (fp32 if not wire; object store only), "tail":
         fp32 [N]} at the rows: numpy for the object store, the engine's tensors for RDT.
 
-        include: optional [N] ids forced into the support (K = k + 1; `TeacherEngine.topk`).
+        include: optional [N] ids forced into the support (K = k + 1; `TeacherEngine.topk`). role: which of
+        this actor's roles answers (a pair serves two; default the actor's own).
         """
-        out = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include)
+        out = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include, role)
         if transport != OBJECT_STORE:
             return self._for_transport(out, transport)
         lps = out["logprobs"].to(self.torch_wire) if wire else out["logprobs"]
@@ -206,15 +236,36 @@ class TeacherActor:
         return {"ids": ids.cpu() if transport == "gloo" and ids.is_cuda else ids}
 
     def gather(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
-               support: Any, tau: float, wire: bool = True, transport: str = OBJECT_STORE) -> dict[str, Any]:
+               support: Any, tau: float, wire: bool = True, transport: str = OBJECT_STORE,
+               role: str | None = None) -> dict[str, Any]:
         """{"logprobs": [N,K], "tail": fp32 [N]} at the support's ids: numpy for the object store, the engine's
         tensors for RDT. `support`: the sft result or ids [N, K] (object store), this gatherer's support part
         received as tensors (RDT: `support`)."""
-        out = self._gather(batch_id, input_ids, attention_mask, rows, support, tau)
+        return self._leave(self._gather(batch_id, input_ids, attention_mask, rows, support, tau, role), wire,
+                           transport)
+
+    def _leave(self, out: Part, wire: bool, transport: str) -> dict[str, Any]:
+        """A gathered part as it leaves: the engine's tensors for RDT, numpy wire arrays for the object store."""
         if transport != OBJECT_STORE:
             return self._for_transport(out, transport)
         lps = out["logprobs"].to(self.torch_wire) if wire else out["logprobs"]
         return {"logprobs": to_numpy_wire(lps), "tail": to_numpy_wire(out["tail"])}
+
+    def _pair_gather(self, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, k: int, tau: float,
+                     include: Any, role: str) -> Part:
+        """`role` (a pair's other role) at this actor's own SFT support of the batch: the top-k comes from the
+        result cache (the chain's `topk` call ran just before on this actor), or is computed here."""
+        support = self._topk(batch_id, input_ids, attention_mask, rows, k, tau, include)["ids"]
+        return self._gather(batch_id, input_ids, attention_mask, rows, support, tau, role)
+
+    def pair_gather(self, batch_id: Any, input_ids: np.ndarray, attention_mask: np.ndarray, rows: np.ndarray,
+                    k: int, tau: float, include: np.ndarray | None = None, wire: bool = True,
+                    transport: str = OBJECT_STORE, role: str = "base") -> dict[str, Any]:
+        """A LoRA pair's `role` (default base) at its own SFT support (arguments as `topk`): `gather` without
+        the support crossing the wire. {"logprobs": [N,K], "tail": fp32 [N]}; over RDT one reader (the
+        receiving worker)."""
+        return self._leave(self._pair_gather(batch_id, input_ids, attention_mask, rows, k, tau, include, role),
+                           wire, transport)
 
     def _for_transport(self, out: Part, transport: str) -> Part:
         """The part as sent over RDT: log-probs in the torch wire dtype (the same cast as the object store's),
@@ -235,7 +286,7 @@ class TeacherActor:
         (`tensor_engine`: an engine with a torch `.device`; the RDT path requires it); `placement_group`: the
         hex id of the replica's own placement group (multi-GPU replicas), else None."""
         pg = ray.util.get_current_placement_group()
-        return {"ok": True, "role": self.role, "engine": self.engine_kind, "pid": os.getpid(),
+        return {"ok": True, "role": self.role, "roles": self.roles, "engine": self.engine_kind, "pid": os.getpid(),
                 "placement_group": None if pg is None else pg.id.hex(),
                 "wire_dtype": self.wire_dtype, "uptime_s": time.time() - self.started, **placement(),
                 "tensor_engine": isinstance(getattr(self.engine, "device", None), torch.device),
@@ -244,4 +295,4 @@ class TeacherActor:
     def stats(self) -> dict[str, Any]:
         """Tokens served (attended, through the backbone), rows scored, busy seconds, calls (cache hits not
         included), role and model path."""
-        return {"role": self.role, "model": self.engine.name, **self.counters}
+        return {"role": self.role, "roles": self.roles, "model": self.engine.name, **self.counters}

@@ -7,11 +7,15 @@ number of readers). RDT: each gathering role gets its own support part from the 
 served from the actor's result cache), so every RDT object has exactly one reader: the sft part is read by the
 student worker alone. (A cuda_ipc object read twice is never freed: Ray sends its IPC handle to every reader,
 while PyTorch's IPC reference count expects one release, so the sender keeps every such part alive.)
+
+A LoRA pair (`paired`: roles the SFT actor serves itself, e.g. base with the adapter off) short-circuits the
+gather: the role's call goes to the same replica as the top-k (`pair_gather`), which scores it at its own
+cached support; no support is sent at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -27,7 +31,7 @@ Pick = Callable[[str], tuple[int, Any]]  # role -> (replica index, actor handle)
 
 def call_chain(roles: list[str], pick: Pick, batch_id: Any, input_ids: Any, attention_mask: Any, rows: Any, k: int,
                tau: float, *, include: Any = None, wire: bool = True, tensor_transport: str | None = None,
-               ) -> list[tuple[str, int, ray.ObjectRef]]:
+               paired: Collection[str] = (), ) -> list[tuple[str, int, ray.ObjectRef]]:
     """Submit sft top-k and the gathers of `gather_roles(roles)`; returns (role, replica, ref) in chain order.
 
     input_ids / attention_mask: [B, T] arrays or object refs to them; rows: [N] flat b * T + t (or a ref);
@@ -35,7 +39,7 @@ def call_chain(roles: list[str], pick: Pick, batch_id: Any, input_ids: Any, atte
     (object-store calls only). tensor_transport ("gloo", "nccl", "cuda_ipc") makes every call an RDT call
     (the same actor methods with `.options(tensor_transport=...)` and `transport=`): every part goes with that
     transport, and each RDT object (the sft part, each gatherer's support part) has
-    exactly one reader.
+    exactly one reader. paired: the gathering roles the sft replica answers itself (a LoRA pair's base).
     """
     def call(handle: Any, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         if tensor_transport is None:
@@ -43,10 +47,14 @@ def call_chain(roles: list[str], pick: Pick, batch_id: Any, input_ids: Any, atte
         return getattr(handle, method).options(tensor_transport=tensor_transport).remote(
             *args, transport=tensor_transport, **kwargs)
 
-    i, sft = pick(ROLE_SFT)
+    i_sft, sft = pick(ROLE_SFT)
     sft_ref = call(sft, "topk", batch_id, input_ids, attention_mask, rows, k, tau, include=include)
-    calls = [(ROLE_SFT, i, sft_ref)]
+    calls = [(ROLE_SFT, i_sft, sft_ref)]
     for role in gather_roles(roles):
+        if role in paired:  # the same replica, at its own support: nothing crosses the wire
+            calls.append((role, i_sft, call(sft, "pair_gather", batch_id, input_ids, attention_mask, rows, k, tau,
+                                             include=include, role=role)))
+            continue
         support = sft_ref if tensor_transport is None else call(sft, "support", batch_id, input_ids, attention_mask,
                                                                 rows, k, tau, include=include)
         i, h = pick(role)

@@ -63,7 +63,7 @@ def _status(cfg: RunConfig, address: str, timeout_s: float | None = None) -> dic
     pool = TeacherPool.attach(cfg)
     health, stats = pool.health(), pool.stats()
     out: dict[str, Any] = {}
-    for role in pool.roles:
+    for role in (r for r in pool.roles if r not in pool.paired):  # a LoRA pair's base role is its sft replicas
         out[role] = [{**h, **s} for h, s in zip(health[role], stats["roles"][role])]
         print(f"{role}: {len(out[role])} replica(s)")
         for i, r in enumerate(out[role]):

@@ -62,6 +62,11 @@ class TeacherClient:
             raise ValueError(f"no teacher service found: actor {replica_name(name_prefix, ROLE_SFT, 0)!r} is not "
                              f"running in namespace {namespace!r} (start it with `python -m teacher_service serve`)")
         info = ray.get(self.handles[ROLE_SFT][0].health.remote())
+        # a LoRA pair: the sft replicas answer for base too (adapter off); the roles keep their usual order
+        self.paired = [r for r in info.get("roles", [ROLE_SFT]) if r != ROLE_SFT and r not in self.handles]
+        if self.paired:
+            found = dict(self.handles)
+            self.handles = {r: found.get(r, found[ROLE_SFT]) for r in candidates if r in found or r in self.paired}
         self.vocab_size, self.fingerprint = int(info["vocab_size"]), str(info["fingerprint"])
         self._turn = itertools.count()
 
@@ -116,7 +121,7 @@ class TeacherClient:
         rows = self._rows(am, positions)
         forced = None if include is None else np.asarray(include).reshape(-1)[rows].astype(np.int64)
         out = ray.get(self._pick(role).topk.remote(f"client-{uuid.uuid4().hex}", ids, am, rows, k, tau,
-                                                   include=forced, wire=False))
+                                                   include=forced, wire=False, role=role))
         shape = ids.shape
         return (scatter_rows(out["ids"], rows, shape, -1), scatter_rows(out["logprobs"], rows, shape, np.nan),
                 scatter_rows(out["tail"], rows, shape, np.nan))
@@ -132,7 +137,7 @@ class TeacherClient:
             raise ValueError(f"ids must be [B, T, K] with [B, T] = {am.shape}, got shape {support.shape}")
         at_rows = np.ascontiguousarray(support.reshape(-1, support.shape[2])[rows], dtype=np.int32)
         out = ray.get(self._pick(role).gather.remote(f"client-{uuid.uuid4().hex}", input_ids, am, rows, at_rows,
-                                                     tau, wire=False))
+                                                     tau, wire=False, role=role))
         return (scatter_rows(out["logprobs"], rows, am.shape, np.nan),
                 scatter_rows(out["tail"], rows, am.shape, np.nan))
 
@@ -147,7 +152,7 @@ class TeacherClient:
         meta = record_meta(f"client-{uuid.uuid4().hex}", lm, tau, self.vocab_size, self.fingerprint, "float32")
         forced = None if include is None else np.asarray(include)[lm].astype(np.int64)
         calls = call_chain(self.roles, lambda role: (0, self._pick(role)), meta["batch_id"], ids, am, meta["rows"],
-                           k, tau, include=forced, wire=False)
+                           k, tau, include=forced, wire=False, paired=self.paired)
         rec: TopKRecord = ray.get(assemble_task.remote(meta, self.roles, [ref for _, _, ref in calls]))
         if wire_dtype == "float32":
             return rec

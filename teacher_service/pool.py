@@ -9,6 +9,11 @@ its ref), or the handle holds the role refs for the driver to pass to the receiv
 Routing: each call goes to the replica of its role with the fewest calls in flight; a replica holds at most
 `teachers.max_inflight_per_replica`; when all are full the pool waits (`ray.wait`) for one to finish, which
 is the backpressure that keeps queues bounded.
+
+A LoRA pair (models.sft_teacher an adapter of models.base_teacher; common/lora.py): the replicas of one pair
+actor serve `sft` and `base` from one copy of the base weights. Both roles map to the same handles, the base
+role's call of a batch goes to the replica that did its top-k (`call_chain(paired=...)`), and the two roles
+share one in-flight count per replica.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import ray
 from common.config import RunConfig
 from common.data.tokenizer_check import check_tokenizers
 from common.faults import FaultPlan
+from common.lora import lora_pair_base
 from common.roles import teacher_role_specs
-from common.topk import ROLE_SFT, rows_from_mask
+from common.topk import ROLE_BASE, ROLE_SFT, rows_from_mask
 
 from .actor import TeacherActor
 from .assemble import RecordAssembler, record_meta
@@ -57,11 +63,18 @@ def vllm_options(cfg: RunConfig) -> dict[str, Any]:
             "max_model_len": t.vllm.max_model_len, "dtype": t.dtype}
 
 
+def actor_roles(cfg: RunConfig) -> list[str]:
+    """The roles that get actors of their own: every teacher role, less the base of a LoRA pair (its sft
+    replicas answer for it)."""
+    paired = lora_pair_base(cfg) is not None
+    return [r for r in teacher_role_specs(cfg) if not (paired and r == ROLE_BASE)]
+
+
 def check_teacher_layout(cfg: RunConfig, nodes: list[dict[str, float]]) -> None:
     """Refuse (PlacementError, naming the numbers) a teacher layout these nodes cannot hold at once: every
     replica of every role `TeacherPool.start` would create, each on one node (`placement.check_layout`)."""
     t = cfg.teachers
-    replicas = sum(t.replicas.get(role, 1) for role in teacher_role_specs(cfg))
+    replicas = sum(t.replicas.get(role, 1) for role in actor_roles(cfg))
     check_layout(replicas, replica_bundle(t.num_gpus, t.num_cpus, t.resources), nodes)
 
 
@@ -81,8 +94,13 @@ class TeacherPool:
         self._assembler: Any = None  # RecordAssembler, started on the first submit, always owned by this pool
         self._rdt_transport: str | None = None  # fixed by the first rdt_backend(receivers) call
         health = {r: ray.get([h.health.remote() for h in hs]) for r, hs in handles.items()}
-        self.placements = [h for hs in health.values() for h in hs]  # node, GPUs and device of every replica
         info = health[ROLE_SFT][0]
+        # roles the sft replicas answer themselves (a LoRA pair's base): same handles, one in-flight count
+        self.paired = [r for r in info.get("roles", [ROLE_SFT]) if r != ROLE_SFT and r in handles]
+        for r in self.paired:
+            self.handles[r], self.inflight[r] = handles[ROLE_SFT], self.inflight[ROLE_SFT]
+        # node, GPUs and device of every replica
+        self.placements = [h for r, hs in health.items() if r not in self.paired for h in hs]
         if cfg.transport.kind == "rdt" and cfg.loss.method != "sft":
             plain = [f"{h['role']} ({h['engine']})" for h in self.placements if not h.get("tensor_engine")]
             if plain:
@@ -108,9 +126,10 @@ class TeacherPool:
                 raise
             print(f"WARNING: {err} now; starting anyway (teachers.placement_wait_s={t.placement_wait_s:g}): "
                   "waiting for an autoscaler to add nodes", flush=True)
+        pair_base = lora_pair_base(cfg)  # the base teacher, when the SFT teacher is a LoRA adapter of it
         handles: dict[str, list[Any]] = {}
         names = {role: [replica_name(t.name_prefix, role, i) for i in range(t.replicas.get(role, 1))]
-                 for role in teacher_role_specs(cfg)}
+                 for role in actor_roles(cfg)}
         groups: list[Any] = []
         if needs_group(t.num_gpus):  # every replica's group reserved before any model loads
             groups = reserve_groups([group_name(n) for ns in names.values() for n in ns],
@@ -119,7 +138,11 @@ class TeacherPool:
         by_name = dict(zip([n for ns in names.values() for n in ns], groups))
         try:
             for role, spec in teacher_role_specs(cfg).items():
-                handles[role] = [cls._create(cfg, role, spec.model_dump(), i, detached, faults, by_name.get(n))
+                if pair_base is not None and role == ROLE_BASE:
+                    handles[role] = handles[ROLE_SFT]  # the pair answers for base: no second copy of the weights
+                    continue
+                pair = pair_base.model_dump() if pair_base is not None and role == ROLE_SFT else None
+                handles[role] = [cls._create(cfg, role, spec.model_dump(), i, detached, faults, by_name.get(n), pair)
                                  for i, n in enumerate(names[role])]
                 if not handles[role]:
                     raise ValueError(f"teachers.replicas.{role}=0: every role needs at least one replica")
@@ -141,9 +164,10 @@ class TeacherPool:
 
     @staticmethod
     def _create(cfg: RunConfig, role: str, spec: dict[str, Any], i: int, detached: bool,
-                faults: FaultPlan | None = None, group: Any = None) -> Any:
+                faults: FaultPlan | None = None, group: Any = None, pair_base: dict[str, Any] | None = None) -> Any:
         """Replica i of a role as a named actor with the configured resources and restart policy; `group`: its
-        own placement group (a replica of more than one GPU), whose only bundle it takes."""
+        own placement group (a replica of more than one GPU), whose only bundle it takes; pair_base: the base
+        teacher's spec, when this sft replica is a LoRA pair."""
         t = cfg.teachers
         engine = t.engine if role == ROLE_SFT else "hf"  # vLLM cannot gather: only the sft role may use it
         gpus = int(t.num_gpus) if needs_group(t.num_gpus) else 1  # GPUs the engine spreads over
@@ -161,7 +185,7 @@ class TeacherPool:
             return TeacherActor.options(**opts).remote(
                 role, spec, engine, t.device, t.dtype, t.score_chunk_rows, t.wire_dtype,
                 max(32, 4 * t.max_inflight_per_replica), options if engine == "vllm" else None,
-                compute=cfg.reproducibility.model_dump(), faults=faults, num_gpus=gpus)
+                compute=cfg.reproducibility.model_dump(), faults=faults, num_gpus=gpus, pair_base=pair_base)
         except ValueError as err:  # a named actor of that name already exists
             raise ValueError(f"cannot start teacher {name!r} in namespace {t.namespace!r}: {err} "
                              f"(attach to it with teachers.attach=true, or stop it first)") from err
@@ -173,6 +197,9 @@ class TeacherPool:
         handles: dict[str, list[Any]] = {}
         groups: list[Any] = []
         for role in teacher_role_specs(cfg):
+            if role != ROLE_SFT and role in ray.get(handles[ROLE_SFT][0].health.remote()).get("roles", ()):
+                handles[role] = handles[ROLE_SFT]  # a LoRA pair answers for this role
+                continue
             found = []
             while True:
                 try:
@@ -266,7 +293,7 @@ class TeacherPool:
                tensor_transport: str | None = None) -> list[ray.ObjectRef]:
         """The role calls of one batch (routed; each counted in flight on its replica), in chain order."""
         calls = call_chain(self.roles, self._route, batch_id, ids, am, rows, self.cfg.loss.k, self.cfg.loss.tau,
-                           include=forced, tensor_transport=tensor_transport)
+                           include=forced, tensor_transport=tensor_transport, paired=self.paired)
         for role, i, ref in calls:
             self.inflight[role][i].append(ref)
         return [ref for _, _, ref in calls]
@@ -309,18 +336,19 @@ class TeacherPool:
     # ------------------------------------------------------------------ service
     def actors(self) -> list[Any]:
         """Every replica handle, roles in chain order (for the driver's collective group)."""
-        return [h for role in self.roles for h in self.handles[role]]
+        return [h for role in self.roles if role not in self.paired for h in self.handles[role]]
 
     def stats(self) -> dict[str, Any]:
         """Per-replica actor stats plus totals: {"submitted", "roles": {role: [stats...]}, "tokens", "busy_s"}."""
-        per_role = {r: ray.get([h.stats.remote() for h in hs]) for r, hs in self.handles.items()}
+        per_role = {r: ray.get([h.stats.remote() for h in hs]) for r, hs in self.handles.items()
+                    if r not in self.paired}  # a pair's counts are its sft role's (both roles' work)
         inflight = {r: [len(s) for s in slots] for r, slots in self.inflight.items()}
         return {"submitted": self.submitted, "roles": per_role, "inflight": inflight,
                 "tokens": {r: sum(s["tokens"] for s in ss) for r, ss in per_role.items()},
                 "busy_s": {r: sum(s["busy_s"] for s in ss) for r, ss in per_role.items()}}
 
     def health(self) -> dict[str, list[dict[str, Any]]]:
-        return {r: ray.get([h.health.remote() for h in hs]) for r, hs in self.handles.items()}
+        return {r: ray.get([h.health.remote() for h in hs]) for r, hs in self.handles.items() if r not in self.paired}
 
     def shutdown(self, force: bool = False) -> None:
         """Kill the actors this pool started (attached ones only with force=True, e.g. `stop`)."""
@@ -329,8 +357,8 @@ class TeacherPool:
             self._assembler = None
         if not (self.owned or force):
             return
-        for hs in self.handles.values():
-            for h in hs:
+        for r, hs in self.handles.items():
+            for h in hs if r not in self.paired else ():
                 ray.kill(h, no_restart=True)
         self.handles = {r: [] for r in self.handles}
         remove_groups(self.groups)  # after their actors: a group removed first would kill them anyway

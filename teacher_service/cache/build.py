@@ -27,7 +27,7 @@ from typing import Any
 
 from common.config import ModelSpec, RunConfig
 from common.faults import FaultPlan
-from common.topk import ROLE_SFT, ROLE_STUDENT_BASE
+from common.topk import ROLE_BASE, ROLE_SFT, ROLE_STUDENT_BASE
 
 from .errors import CacheError
 from .fs import CacheLocation
@@ -98,6 +98,7 @@ def build_cache(cfg: RunConfig, uri: str, *, encoding: str | None = None, progre
     (`embedded:` paths built) before. faults: a test's FaultPlan (common/faults.py) for the engine stages."""
     from common.data.batching import load_training_set
     from common.data.tokenizer_check import check_tokenizers
+    from common.lora import lora_pair_base
     from common.roles import teacher_role_specs
     from teacher_service.pool import vllm_options
 
@@ -115,14 +116,18 @@ def build_cache(cfg: RunConfig, uri: str, *, encoding: str | None = None, progre
         _data_context(progress)
         specs = teacher_role_specs(cfg)
         roles = build_roles(cfg)
+        pair_base = lora_pair_base(cfg)  # a LoRA pair: the top-k stage scores base too, from the same weights
+        paired = [ROLE_BASE] if pair_base is not None else []
         common = dict(scoring=head.scoring, k=cfg.loss.k, tau=cfg.loss.tau, pad_id=ts.pad_id,
                       faults=faults)
         ds = _inputs(head, pending, ts.examples)
         ds = ds.map_batches(TopKStage, batch_size=1, batch_format="numpy", **_stage_args(cfg, ROLE_SFT),
                             fn_constructor_kwargs=dict(role=ROLE_SFT, spec=specs[ROLE_SFT].model_dump(),
                                                        engine=cfg.teachers.engine,
-                                                       vllm_options=vllm_options(cfg), **common))
-        for role in roles[1:]:
+                                                       vllm_options=vllm_options(cfg), paired=paired,
+                                                       pair_base=None if pair_base is None else pair_base.model_dump(),
+                                                       **common))
+        for role in (r for r in roles[1:] if r not in paired):
             ds = ds.map_batches(GatherStage, batch_size=1, batch_format="numpy", **_stage_args(cfg, role),
                                 fn_constructor_kwargs=dict(role=role, spec=specs[role].model_dump(), **common))
         ds = ds.map_batches(WriteShard, batch_size=1, batch_format="numpy", num_cpus=0.5, compute=_one(),

@@ -53,7 +53,7 @@ def weights_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """sha256 (hex) of a local model folder's config and sampled weights (module docstring)."""
     root = Path(model_dir)
     files = sorted(p for p in root.iterdir() if p.is_file() and (
-        p.name == "config.json" or p.name.endswith(".index.json") or p.name.endswith(_WEIGHT_SUFFIXES)))
+        p.name in ("config.json", "adapter_config.json") or p.name.endswith(".index.json") or p.name.endswith(_WEIGHT_SUFFIXES)))
     if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in files):
         raise CacheError(f"{root}: no weight files (*.safetensors, *.bin, *.pt) to fingerprint")
     h = hashlib.sha256()

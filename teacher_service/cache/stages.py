@@ -4,7 +4,7 @@ A row is one shard (plan.ShardInput's fields, as bytes) and gains columns stage 
 int32 bytes over the shard's rows in stored order (example by example, positions ascending, which is also
 the concatenation of its build batches' rows):
 
-    TopKStage    (actor pool of the SFT role)      + ids, lp.sft, tail.sft
+    TopKStage    (actor pool of the SFT role)      + ids, lp.sft, tail.sft (+ lp.base, tail.base: a LoRA pair)
     CachedIds    (task; `add-role`)                + ids, read from the finished cache's shard
     GatherStage  (actor pool per gathering role)   + lp.<role>, tail.<role> at those ids
     WriteShard   (task)                            -> shard, info (the ShardInfo as JSON), tokens
@@ -63,7 +63,8 @@ class _EngineStage:
     """Shared set-up: compute settings, then the role's engine (teacher_service.actor.make_engine)."""
 
     def __init__(self, role: str, spec: dict[str, Any], scoring: dict[str, Any], k: int, tau: float, pad_id: int,
-                 engine: str = "hf", vllm_options: dict[str, Any] | None = None, faults: FaultPlan | None = None):
+                 engine: str = "hf", vllm_options: dict[str, Any] | None = None, faults: FaultPlan | None = None,
+                 pair_base: dict[str, Any] | None = None, paired: list[str] | tuple[str, ...] = ()):
         from common.config import ModelSpec
         from teacher_service.actor import make_engine
 
@@ -73,7 +74,8 @@ class _EngineStage:
         self.faults = faults  # a test's FaultPlan (common/faults.py): its teacher_delay_s sleeps per batch
         self.engine = make_engine(role, ModelSpec.model_validate(spec), engine, str(scoring.get("device", "auto")),
                                   str(scoring.get("dtype", "auto")), int(scoring.get("chunk_tokens", 1024)),
-                                  vllm_options)
+                                  vllm_options, None if pair_base is None else ModelSpec.model_validate(pair_base))
+        self.paired = list(paired)  # TopKStage of a LoRA pair: roles it scores itself at its own support
 
     def _sleep(self) -> None:
         if self.faults is not None:
@@ -81,24 +83,33 @@ class _EngineStage:
 
 
 class TopKStage(_EngineStage):
-    """The SFT role's top-k of every build batch of the shard."""
+    """The SFT role's top-k of every build batch of the shard (and, for a LoRA pair, its `paired` roles at
+    that support, from the same engine: the pool's `pair_gather`)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
         for row in _rows(batch):
             inp = ShardInput.from_row(row)
-            ids, lps, tails = [], [], []
+            ids: list[np.ndarray] = []
+            lps: dict[str, list[np.ndarray]] = {r: [] for r in [self.role, *self.paired]}
+            tails: dict[str, list[np.ndarray]] = {r: [] for r in lps}
             for j, b in enumerate(batch_inputs(inp, self.pad_id)):
                 self._sleep()
+                batch_id = f"cache-shard-{inp.shard}-batch-{j}"
                 i_t, lp_t, tail_t = self.engine.topk(b["input_ids"], b["attention_mask"], b["rows"], self.k, self.tau,
-                                                     batch_id=f"cache-shard-{inp.shard}-batch-{j}")
+                                                     batch_id=batch_id)
+                parts = {self.role: (lp_t, tail_t)}
+                for r in self.paired:
+                    parts[r] = self.engine.gather(b["input_ids"], b["attention_mask"], b["rows"], i_t, self.tau,
+                                                  batch_id=batch_id, role=r)
                 ids.append(np.asarray(i_t.cpu().numpy(), dtype=np.int32))
-                lps.append(_wire_fp32(lp_t, self.wire))
-                tails.append(tail_t.float().cpu().numpy())
+                for r, (lp_r, tail_r) in parts.items():
+                    lps[r].append(_wire_fp32(lp_r, self.wire))
+                    tails[r].append(tail_r.float().cpu().numpy())
             width = ids[0].shape[1] if ids else self.k
-            out.append({**row, "width": width, "ids": np.concatenate(ids).astype(np.int32).tobytes(),
-                        f"lp.{self.role}": np.concatenate(lps).astype(np.float32).tobytes(),
-                        f"tail.{self.role}": np.concatenate(tails).astype(np.float32).tobytes()})
+            cols = {f"{c}.{r}": np.concatenate(v[r]).astype(np.float32).tobytes()
+                    for c, v in (("lp", lps), ("tail", tails)) for r in lps}
+            out.append({**row, "width": width, "ids": np.concatenate(ids).astype(np.int32).tobytes(), **cols})
         return _batch(out)
 
 
