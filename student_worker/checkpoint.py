@@ -7,6 +7,10 @@ Layout of one checkpoint (`<out>/checkpoints/ckpt-000042/`):
     rng-rank<r>.json    torch / numpy / python RNG states of rank r (and CUDA when present)
     state.json          step, data cursor (= step), config hash, resolved config, metrics so far
 
+An FSDP2 student (`training.strategy: fsdp2`) writes `sharded/` (torch.distributed.checkpoint), `scheduler.json`
+and `sharding.json` in place of `model/` and `optimizer.pt` (student_worker/fsdp_checkpoint.py); the rest is
+the same, and so is everything below.
+
 A checkpoint is built in `ckpt-XXXXXX.tmp`, every file in it is fsynced (a full disk or an I/O error that the
 filesystem reports late, at flush, surfaces here), and only then renamed with `os.replace`, so a directory
 named `ckpt-XXXXXX` is complete by construction and a failed write never touches an earlier checkpoint (the
@@ -20,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -61,12 +66,19 @@ __all__ = [
     "read_state",
     "check_resume_config",
     "RESUME_IGNORED_KEYS",
+    "SHARDED_DIR",
+    "SHARDING_FILE",
+    "SCHEDULER_FILE",
 ]
 
 CKPT_DIR_RE = re.compile(r"^ckpt-(\d{6})$")
 STATE_FILE = "state.json"
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
+# the sharded layout (student_worker/fsdp_checkpoint.py)
+SHARDED_DIR = "sharded"
+SHARDING_FILE = "sharding.json"
+SCHEDULER_FILE = "scheduler.json"
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming from it: the schema's
 # RESUME_FREE fields and sections (common/config/base.py says which and why; a trailing '.' is a section).
@@ -208,6 +220,9 @@ def verify_checkpoint(ckpt_dir: str | Path) -> None:
 
     root = Path(ckpt_dir)
     read_state(root)
+    if _is_sharded(root):
+        _verify_sharded(root)
+        return
     weights = sorted((root / MODEL_DIR).glob("*.safetensors"))
     if not weights:
         raise CheckpointError(f"{root / MODEL_DIR}: no safetensors weights")
@@ -232,7 +247,8 @@ def finalize_checkpoint(tmp_dir: str | Path, state: dict[str, Any], keep: int) -
     tmp = Path(tmp_dir)
     if not tmp.name.endswith(".tmp"):
         raise CheckpointError(f"{tmp}: not a temporary checkpoint directory (expected a .tmp suffix)")
-    missing = [p for p in (MODEL_DIR, OPTIMIZER_FILE) if not (tmp / p).exists()]
+    parts = (SHARDED_DIR, SHARDING_FILE, SCHEDULER_FILE) if _is_sharded(tmp) else (MODEL_DIR, OPTIMIZER_FILE)
+    missing = [p for p in parts if not (tmp / p).exists()]
     if missing:
         raise CheckpointError(f"{tmp}: incomplete checkpoint, missing {missing}")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
@@ -267,7 +283,48 @@ def _fsync_tree(root: Path) -> None:
         _fsync(d)
 
 
+def _is_sharded(path: Path) -> bool:
+    return (path / SHARDED_DIR).is_dir()
+
+
+def _verify_sharded(root: Path) -> None:
+    """The sharded layout: its JSON files parse, and DCP's `.metadata` index (a pickle) holds only DCP's
+    metadata classes and torch sizes/dtypes (checked with an allow-list unpickler, nothing else constructed)."""
+    for name in (SHARDING_FILE, SCHEDULER_FILE):
+        try:
+            json.loads((root / name).read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{root / name}: missing or not JSON ({exc})") from None
+    meta = root / SHARDED_DIR / ".metadata"
+    try:
+        with open(meta, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as exc:  # OSError, UnpicklingError, ...: all mean "refused"
+        raise CheckpointError(f"{meta}: refused to load (not a torch.distributed.checkpoint index of tensors; "
+                              f"nothing untrusted is unpickled): {type(exc).__name__}: {exc}") from None
+    if not any((root / SHARDED_DIR).glob("*.distcp")):
+        raise CheckpointError(f"{root / SHARDED_DIR}: no .distcp shard files")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits the globals a DCP `.metadata` of tensors names, nothing else (no callables of torch or builtins)."""
+
+    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                "torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint._extension")
+    _TORCH = {("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
+              ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in self._MODULES or (module, name) in self._TORCH or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
 def _is_complete(path: Path) -> bool:
+    if _is_sharded(path):
+        return ((path / SHARDED_DIR / ".metadata").is_file() and (path / SHARDING_FILE).is_file()
+                and (path / STATE_FILE).is_file())
     model = path / MODEL_DIR
     has_weights = model.is_dir() and any(model.glob("*.safetensors"))
     return has_weights and (path / OPTIMIZER_FILE).is_file() and (path / STATE_FILE).is_file()

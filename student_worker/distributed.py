@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistributedError", "AllReduceTimer", "free_port", "node_ip", "open_rendezvous_store", "make_process_group",
-           "wrap_ddp",
+           "make_default_group", "wrap_ddp",
            "bf16_allreduce_hook", "compression_hook"]
 
 
@@ -112,6 +112,37 @@ def make_process_group(
     group._set_group_name(group_name)
     group._set_group_desc(group_name)
     return group
+
+
+def make_default_group(
+    init_method: str, rank: int, world_size: int, backend: str, timeout_s: float = 1800.0,
+    group_name: str = "deltakd-students", store: dist.Store | None = None,
+) -> dist.ProcessGroup:
+    """The student ranks as torch's DEFAULT process group (training.strategy: fsdp2).
+
+    FSDP2's device mesh, DTensor and torch.distributed.checkpoint ask the default group for this process's
+    rank (`dist.get_rank()`), so a private group (`make_process_group`) cannot carry them. The price: Ray's
+    gloo RDT transport, which would reuse the default group, cannot run beside it (the config refuses
+    `transport.rdt_backend: gloo` with fsdp2; the worker group refuses `auto` when it resolves to gloo).
+    Arguments as for `make_process_group`; the store's keys are prefixed with `group_name` likewise.
+    """
+    if not init_method.startswith("tcp://"):
+        raise DistributedError(f"rank {rank}: init_method must be tcp://host:port, got {init_method!r}")
+    if dist.is_initialized():
+        raise DistributedError(f"rank {rank}: torch's default process group already exists in this process "
+                               "(an RDT gloo group?); training.strategy=fsdp2 needs it for the student ranks")
+    host, _, port = init_method[len("tcp://"):].rpartition(":")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        if store is None:
+            store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"{group_name}/", store), rank=rank,
+                                world_size=world_size, timeout=timeout, group_name=group_name)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise DistributedError(
+            f"rank {rank}/{world_size}: cannot form the {backend} default group at {init_method}: {exc}"
+        ) from exc
+    return dist.group.WORLD
 
 
 class AllReduceTimer:

@@ -203,7 +203,7 @@ class Driver:
             self._record_step(item, per_rank, submit_s)
             step += 1
             if self.selection.due(step):  # validation ROUGE-L; the best weights are kept (no step queued past)
-                self.tracker.log_scalars("validation", self.selection.update(step, self.group.rank0), step)
+                self.tracker.log_scalars("validation", self.selection.update(step, self.group), step)
             if step % t.checkpoint_every == 0 or step == end_step:
                 try:
                     if item.save is not None:
@@ -347,7 +347,7 @@ class Driver:
         """The final model, the evaluations and the report. The teachers are released before the SFT teacher's
         ceiling is evaluated (in a Ray task, which gets a GPU when the teachers had one)."""
         e = self.cfg.evaluation
-        ray.get(self.group.rank0.save_model.remote(str(self.out / "final_model")))
+        self.group.call_whole("save_model", str(self.out / "final_model"))
         best = self.selection.final_spec()  # None unless evaluation.select_best chose a step
         if self.eval_examples and best is None:
             self.rouge["student_after"] = self._evaluate_student()
@@ -370,7 +370,7 @@ class Driver:
 
     def _evaluate_student(self) -> dict[str, Any]:
         e = self.cfg.evaluation
-        return ray.get(self.group.rank0.evaluate.remote(self.eval_examples, e.max_new_tokens, e.batch_size))
+        return self.group.call_whole("evaluate", self.eval_examples, e.max_new_tokens, e.batch_size)
 
     def _release(self) -> None:
         """Kill the workers and the teachers this run started (attached teachers stay up)."""

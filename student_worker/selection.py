@@ -25,8 +25,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from common.config import ModelSpec, RunConfig
 from common.data.examples import load_examples
 
@@ -82,17 +80,18 @@ class BestModelSelection:
         """After `step` completed steps: every `select_every` steps and after the last one."""
         return self.enabled and step > 0 and (step % self.every == 0 or step == self.cfg.training.max_steps)
 
-    def update(self, step: int, worker: Any) -> dict[str, Any]:
-        """Score rank 0's current weights on the validation set; keep them when they are the best so far."""
+    def update(self, step: int, group: Any) -> dict[str, Any]:
+        """Score the current weights (rank 0's; a WorkerGroup's `call_whole`) on the validation set; keep them
+        when they are the best so far."""
         e = self.cfg.evaluation
-        result = ray.get(worker.evaluate.remote(self.examples, e.max_new_tokens, e.batch_size))
+        result = group.call_whole("evaluate", self.examples, e.max_new_tokens, e.batch_size)
         entry = {"step": step, **{k: float(result[k]) for k in ("rougeL", "rouge1", "rouge2")},
                  "num_examples": int(result["num_examples"])}
         self.history = [h for h in self.history if h["step"] != step] + [entry]
         if self.best is None or entry["rougeL"] > self.best["rougeL"]:
             tmp = self.out_dir / f".{BEST_DIR}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            ray.get(worker.save_model.remote(str(tmp)))
+            group.call_whole("save_model", str(tmp))
             (tmp / SELECTION_FILE).write_text(json.dumps(entry, indent=1))
             self._replace_best(tmp)
             self.best = entry

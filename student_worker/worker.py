@@ -1,4 +1,4 @@
-"""StudentWorker: the Ray actor that trains one rank of the DDP student.
+"""StudentWorker: the Ray actor that trains one rank of the student (DDP replica, or FSDP2 shard).
 
 Each worker holds the student (master weights in `models.student.dtype`, fp32 when "auto"), optionally a
 frozen copy of its starting weights for lp_S0 (same dtype, so S0 = S exactly at step 0), AdamW with linear
@@ -24,6 +24,10 @@ Timing (one metrics row per step, student_worker/report.py): each step call retu
 the end of the previous step call of this worker (calls outside the loop, e.g. evaluation, excluded), and
 `step_parts`, named consecutive intervals that sum to it (STEP_PARTS).
 
+`training.strategy: fsdp2` (student_worker/sharding.py): the student (and its frozen base) is sharded over the
+ranks instead of replicated; checkpoints are sharded (student_worker/fsdp_checkpoint.py); what needs the whole
+model (sampling, evaluation, final_model/) gathers it, on every rank at once (WorkerGroup.call_whole).
+
 Faults (tests and benchmarks only): the driver hands its `common.faults.FaultPlan` to each worker; without
 one (production) no fault code runs.
 """
@@ -45,9 +49,11 @@ from common.losses import SparseTargets
 from common.reproducibility import apply_compute_settings
 from common.roles import needs_student_base, record_roles
 from student_worker import checkpoint as ckpt
+from student_worker import fsdp_checkpoint, sharding
 from student_worker.distributed import (
     AllReduceTimer,
     compression_hook,
+    make_default_group,
     make_process_group,
     node_ip,
     open_rendezvous_store,
@@ -145,6 +151,7 @@ class StudentWorkerImpl:
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision,
                                                        trust_remote_code=spec.trust_remote_code)
         self.base_model: torch.nn.Module | None = None
+        self.fsdp = cfg.training.strategy == "fsdp2"
         if (cfg.loss.method != "sft" and needs_student_base(cfg.loss)
                 and cfg.teachers.student_base_source == "worker"):
             # Always the run's STARTING weights (also on resume: the checkpoint holds the trained student), in
@@ -156,14 +163,22 @@ class StudentWorkerImpl:
             # backbone only when the fused loss applies (train_step.py): lp_S0 at the counted rows only
             self.base_model = loss_forward_module(base_lm, cfg.loss, base.path)
         t = cfg.training
-        self.group = make_process_group(init_method, self.rank, self.world_size, "nccl" if use_cuda else "gloo",
-                                        timeout_s=t.collective_timeout_s,
-                                        group_name=f"{cfg.run_name}-students-g{self.generation}",
-                                        store=self._rendezvous_store if self.rank == 0 else None)
-        self.allreduce_timer = AllReduceTimer()
-        # DDP wraps what the step's forward runs: the backbone-only module on the fused path (train_step.py)
-        self.ddp = wrap_ddp(loss_forward_module(self.model, cfg.loss, spec.path), self.group, self.device,
-                            comm_hook=compression_hook(t.grad_compression), timer=self.allreduce_timer)
+        self.group = (make_default_group if self.fsdp else make_process_group)(
+            init_method, self.rank, self.world_size, "nccl" if use_cuda else "gloo", timeout_s=t.collective_timeout_s,
+            group_name=f"{cfg.run_name}-students-g{self.generation}",
+            store=self._rendezvous_store if self.rank == 0 else None)
+        self.allreduce_timer = AllReduceTimer()  # DDP's hook times the all-reduce; FSDP2's overlaps are not split
+        # DDP wraps (FSDP2 shards) what the step's forward runs: the backbone-only module on the fused path
+        # (train_step.py); `self.ddp` is that wrapped module either way
+        if self.fsdp:
+            mesh = sharding.student_mesh(self.device, self.world_size)
+            self.ddp = sharding.shard_student(loss_forward_module(self.model, cfg.loss, spec.path), self.model, mesh,
+                                              self.device, spec.path)
+            if self.base_model is not None:
+                sharding.shard_student(self.base_model, base_lm, mesh, self.device, base.path)
+        else:
+            self.ddp = wrap_ddp(loss_forward_module(self.model, cfg.loss, spec.path), self.group, self.device,
+                                comm_hook=compression_hook(t.grad_compression), timer=self.allreduce_timer)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
@@ -221,7 +236,8 @@ class StudentWorkerImpl:
             self._mark = time.perf_counter()
             raise StepOrderError(f"rank {self.rank}: the sample of step {step} (on_policy.lag {op.lag}) asked for "
                                  f"after {self.next_step} completed steps; nothing drawn")
-        out = generate_samples(self.model, prompts, eos_ids=self.eos_ids, pad_id=self.pad_id,
+        model = sharding.gathered_copy(self.model, self.device) if self.fsdp else self.model
+        out = generate_samples(model, prompts, eos_ids=self.eos_ids, pad_id=self.pad_id,
                                temperature=op.temperature, top_p=op.top_p, max_new_tokens=op.max_new_tokens,
                                seed=sample_seed(self.cfg.seed, batch_id), autocast=self.autocast)
         out["batch_id"] = batch_id
@@ -292,6 +308,10 @@ class StudentWorkerImpl:
         clock.add("allreduce_s", exposed)
         clock.last = t_done
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip)
+        if self.fsdp:  # the norm over every rank's shards (a DTensor); the frozen base's gathered root freed
+            grad_norm = grad_norm.full_tensor()
+            if self.base_model is not None:
+                self.base_model.reshard()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -335,7 +355,10 @@ class StudentWorkerImpl:
             raise StepOrderError(f"rank {self.rank}: checkpoint of {step} steps asked for, but this worker has "
                                  f"completed {self.next_step}; nothing written")
         try:
-            if self.rank == 0:
+            if self.fsdp:
+                fsdp_checkpoint.save_sharded(tmp_dir, self.model, self.optimizer, self.scheduler, self.rank,
+                                             self.world_size)
+            elif self.rank == 0:
                 self.model.save_pretrained(f"{tmp_dir}/{ckpt.MODEL_DIR}", safe_serialization=True)
                 self.tokenizer.save_pretrained(f"{tmp_dir}/{ckpt.MODEL_DIR}")
                 ckpt.write_optimizer_state(tmp_dir, self.optimizer, self.scheduler)
@@ -348,21 +371,30 @@ class StudentWorkerImpl:
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
         """Load weights, optimizer, scheduler and this rank's RNG states; returns the checkpoint's step."""
+        if self.fsdp:
+            fsdp_checkpoint.load_sharded(ckpt_dir, self.model, self.optimizer, self.scheduler, self.world_size)
+            return self._load_run_state(ckpt_dir)
         # Our own checkpoint: safetensors only, never remote code (whatever the config says for hub models).
         src = load_causal_lm(self.cfg.models.student.model_copy(update={"trust_remote_code": False}), self.device,
                              self.dtype, path=f"{ckpt_dir}/{ckpt.MODEL_DIR}", use_safetensors=True)
         self.model.load_state_dict(src.state_dict())
         del src
         ckpt.read_optimizer_state(ckpt_dir, self.optimizer, self.scheduler)
+        return self._load_run_state(ckpt_dir)
+
+    def _load_run_state(self, ckpt_dir: str) -> int:
         ckpt.read_rng_state(ckpt_dir, self.rank)
         self.next_step = int(ckpt.read_state(ckpt_dir)["step"])
         return self.next_step
 
     def save_model(self, path: str) -> None:
-        """Save the student in HF format (safetensors + tokenizer) at `path` (rank 0's copy)."""
+        """Save the student in HF format (safetensors + tokenizer) at `path` (rank 0's copy; under fsdp2 every
+        rank must call it: the weights are gathered on rank 0, which writes them)."""
         try:
-            self.model.save_pretrained(path, safe_serialization=True)
-            self.tokenizer.save_pretrained(path)
+            state = sharding.full_state_dict(self.model, rank0_only=True) if self.fsdp else None
+            if self.rank == 0:
+                self.model.save_pretrained(path, safe_serialization=True, state_dict=state)
+                self.tokenizer.save_pretrained(path)
         except Exception as exc:  # a full disk / EIO reaches the driver as a plain OSError naming path
             ckpt.raise_io_error(exc, path)
             raise
@@ -370,9 +402,15 @@ class StudentWorkerImpl:
             self._end_call()  # not part of any step (e.g. the best model of a selection pass)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, examples: list[dict[str, str]], max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    def evaluate(self, examples: list[dict[str, str]], max_new_tokens: int,
+                 batch_size: int) -> dict[str, Any] | None:
+        """ROUGE of the current weights on `examples` (under fsdp2 every rank calls it to gather the weights; rank
+        0 evaluates, the others return None)."""
         try:
-            return evaluate_model(self.model, self.tokenizer, examples, max_new_tokens, batch_size)
+            model = sharding.gathered_copy(self.model, self.device) if self.fsdp else self.model
+            if self.rank != 0 and self.fsdp:
+                return None
+            return evaluate_model(model, self.tokenizer, examples, max_new_tokens, batch_size)
         finally:
             self._end_call()
 

@@ -4,6 +4,7 @@
     group.create()                      # actors start and import while the teachers load (non-blocking)
     group.start(resume_dir, pool, rdt)  # process group, DDP, optimizer, checkpoint; RDT group when used
     group.call("begin", step)           # one call per rank, in rank order: their refs
+    group.call_whole("save_model", path)  # a call that needs the whole model: rank 0's result
     group.replace(resume_dir, pool, rdt)  # kill every rank at once, start a new generation from a checkpoint
     group.stop()
 
@@ -84,6 +85,10 @@ class WorkerGroup:
             # the ranks' placements decide `auto` (and fix the run's transport); cuda_ipc is one-sided and
             # needs no collective group (Ray refuses one with that backend)
             backend = pool.rdt_backend(self.workers)
+            if backend == "gloo" and self.cfg.training.strategy == "fsdp2":
+                raise RuntimeError("transport.rdt_backend=auto chose gloo, whose RDT group would take over torch's "
+                                   "default process group, which training.strategy=fsdp2 uses for the student "
+                                   "ranks: use transport.kind=object_store (or an nccl / cuda_ipc RDT backend)")
             if backend != "cuda_ipc":
                 self._rdt_group = f"deltakd-rdt-{time.time_ns()}"
                 create_collective_group(pool.actors() + self.workers, backend=backend, name=self._rdt_group)
@@ -91,6 +96,14 @@ class WorkerGroup:
     def call(self, method: str, *args: Any) -> list[Any]:
         """`method(*args)` queued on every rank, in rank order; returns the refs (not waited for)."""
         return [getattr(w, method).remote(*args) for w in self.workers]
+
+    def call_whole(self, method: str, *args: Any) -> Any:
+        """Rank 0's result of `method(*args)` for a call that needs the whole model (save_model, evaluate): on
+        rank 0 alone under ddp (it holds the whole model); on every rank under fsdp2 (each rank's shards are
+        gathered), waiting for all."""
+        if self.cfg.training.strategy == "fsdp2":
+            return ray.get(self.call(method, *args))[0]
+        return ray.get(getattr(self.rank0, method).remote(*args))
 
     def call_each(self, method: str, per_rank: list[tuple[Any, ...]]) -> list[Any]:
         """`method(*per_rank[r])` queued on rank r; returns the refs."""

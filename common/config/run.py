@@ -52,6 +52,15 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _fsdp2_transport(self) -> RunConfig:
+        tr = self.transport
+        if self.training.strategy == "fsdp2" and tr.kind == "rdt" and tr.rdt_backend == "gloo":
+            raise ValueError("training.strategy=fsdp2 makes the student ranks' group torch's default process "
+                             "group, which Ray's gloo RDT transport would take over: use transport.kind="
+                             "object_store, or transport.rdt_backend=nccl / cuda_ipc")
+        return self
+
+    @model_validator(mode="after")
     def _delta_form_pairs(self) -> RunConfig:
         if self.loss.delta_form == "paper" and self.models.extra_pairs and self.loss.reads_pair_shift:
             raise ValueError(

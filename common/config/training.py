@@ -66,6 +66,12 @@ class TrainingConfig(Strict):
     # DDP gradient all-reduce: "bf16" sends gradients as bfloat16 (half the bytes; a bf16 all-reduce hook on
     # the students' own group, student_worker/distributed.py), "none" as they are.
     grad_compression: Literal["none", "bf16"] = "none"
+    # How the student ranks share the work (student_worker/sharding.py): "ddp" replicates the student on every
+    # rank and averages gradients; "fsdp2" shards each decoder layer and the rest of the model (and its
+    # gradients and AdamW state, and the frozen student base) over the ranks with torch's fully_shard, and
+    # checkpoints with torch.distributed.checkpoint (each rank writes its shards). For students larger than
+    # one GPU; docs/CLUSTER.md has the per-rank arithmetic.
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
     # The progress bar's figures refresh, or (no bar: --no-progress) one console line is printed, every
     # log_every steps; metrics.jsonl always gets every step.
     log_every: int = Field(default=10, gt=0, json_schema_extra=policy(RESUME_FREE))
@@ -86,6 +92,16 @@ class TrainingConfig(Strict):
             raise ValueError(
                 f"training.batch_size={self.batch_size} must be a multiple of "
                 f"training.num_workers={self.num_workers}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp2_reduction(self) -> TrainingConfig:
+        if self.strategy == "fsdp2" and self.grad_compression != "none":
+            raise ValueError(
+                f"training.grad_compression={self.grad_compression!r} is a DDP communication hook; with "
+                "training.strategy=fsdp2 the gradients are reduce-scattered in fp32 (bf16 compute on GPU): "
+                "set training.grad_compression=none"
             )
         return self
 

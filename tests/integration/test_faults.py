@@ -17,6 +17,9 @@ metrics rows (loss, parts, grad norm, lr, batch ids) and the final weights must 
 - a full disk while a checkpoint is written (the output dir on a real tmpfs shrunk to what it holds, when
   this process may mount one): exit 74 and one message; the previous checkpoint is intact, the partial one
   removed, and once there is space again resuming gives the same weights;
+- the same faults under `training.strategy=fsdp2` (a sharded student, sharded checkpoints): a killed student
+  worker and a SIGKILLed driver give the uninterrupted fsdp2 run's weights bit for bit, and that run matches
+  the DDP reference within FSDP2_RTOL (a different reduction order of the same fp32 sums);
 - a teacher that stays dead (LAST: it kills the shared service): exit code 3, TeacherUnavailableError naming
   role and batch on stderr, a checkpoint of the completed steps; once teachers are back, resume completes.
 
@@ -61,7 +64,14 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 RUN_OVERRIDES = [f"training.max_steps={STEPS}", "training.checkpoint_every=2", "training.keep_checkpoints=8",
                  "training.batch_size=4", "output.plot=false"]
+FSDP2 = ["training.strategy=fsdp2"]
 DELAYED = FaultPlan(step_delay_s=0.25)
+# fsdp2 vs ddp, fp32 on CPU: the same gradient sums in another order (FSDP2 reduce-scatters per layer and
+# takes the clipping norm from per-shard partial sums; DDP all-reduces buckets), so each step differs by a
+# few fp32 ulps, compounded by AdamW over the run's steps (measured over 8 steps: losses and grad norms within
+# 1.2e-7 relative, weights within 6e-8 absolute; the bounds leave ~10x).
+FSDP2_RTOL = 1e-6
+FSDP2_ATOL = 1e-6
 SUBPROCESS_TIMEOUT_S = 180
 
 pytestmark = pytest.mark.timeout(600)
@@ -84,16 +94,32 @@ def _cfg(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, extra
     return make_cfg(tiny, out, attach + RUN_OVERRIDES + (extra or []), tag=tag)
 
 
+def _reference_run(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path,
+                   extra: list[str] | None = None) -> dict[str, Any]:
+    from student_worker.driver import run_training
+
+    run_training(_cfg(tiny, service, out, extra), progress=False)
+    rows = read_rows(out)
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    return {"rows": comparable(rows), "weights": load_weights(out / "final_model"), "out": out, "extra": extra or []}
+
+
 @pytest.fixture(scope="module")
 def reference(tiny, service, tmp_path_factory) -> dict[str, Any]:
     """The uninterrupted run every fault run must reproduce exactly."""
-    from student_worker.driver import run_training
+    return _reference_run(tiny, service, tmp_path_factory.mktemp("reference") / "run")
 
-    out = tmp_path_factory.mktemp("reference") / "run"
-    run_training(_cfg(tiny, service, out), progress=False)
-    rows = read_rows(out)
-    assert [r["step"] for r in rows] == list(range(STEPS))
-    return {"rows": comparable(rows), "weights": load_weights(out / "final_model"), "out": out}
+
+@pytest.fixture(scope="module")
+def fsdp2_reference(tiny, service, tmp_path_factory) -> dict[str, Any]:
+    """The same run with a sharded student (training.strategy=fsdp2), uninterrupted."""
+    return _reference_run(tiny, service, tmp_path_factory.mktemp("fsdp2-reference") / "run", FSDP2)
+
+
+@pytest.fixture(params=["ddp", "fsdp2"])
+def strategy_reference(request) -> dict[str, Any]:
+    """The uninterrupted run of the strategy a parametrised fault test runs with."""
+    return request.getfixturevalue("reference" if request.param == "ddp" else "fsdp2_reference")
 
 
 def _assert_same_as_reference(out: Path, reference: dict[str, Any]) -> None:
@@ -207,9 +233,10 @@ def test_rank_raising_mid_step_kills_the_group_and_restores_it_at_once(tiny, ser
 
 
 def test_killed_student_worker_is_restored_from_the_last_checkpoint(
-        tiny, service, reference, tmp_path) -> None:
+        tiny, service, strategy_reference, tmp_path) -> None:
+    reference = strategy_reference
     out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out)
+    cfg = _cfg(tiny, service, out, reference["extra"])
     thread, box = _in_thread(cfg, faults=DELAYED)
     _wait_for_step(out, 3, thread.is_alive, "the run")  # checkpoint 2 exists, step 3 is done
     names = _student_worker_names(cfg)
@@ -223,9 +250,11 @@ def test_killed_student_worker_is_restored_from_the_last_checkpoint(
     _assert_same_as_reference(out, reference)  # rows of the replayed steps replaced, not duplicated
 
 
-def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, reference, ray_cluster, tmp_path) -> None:
+def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, strategy_reference, ray_cluster,
+                                                         tmp_path) -> None:
+    reference = strategy_reference
     out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out)
+    cfg = _cfg(tiny, service, out, reference["extra"])
     proc, _ = _train_cli(cfg, tmp_path, ray_cluster, log_name="a.log", faults=DELAYED)
     try:
         _wait_for_step(out, 3, lambda: proc.poll() is None, "the CLI driver")
@@ -241,6 +270,37 @@ def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, reference
     _, stderr = resumed.communicate(timeout=SUBPROCESS_TIMEOUT_S)
     assert resumed.returncode == 0, f"--resume failed:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
     _assert_same_as_reference(out, reference)
+
+
+def test_fsdp2_matches_ddp(reference, fsdp2_reference) -> None:
+    """The sharded student trains the same run as the DDP one: losses, grad norms and final weights within
+    FSDP2_RTOL / FSDP2_ATOL (fp32 on CPU, the same sums in another order), lr and batch ids exactly; its
+    checkpoints are sharded (DCP) and its final_model/ an HF safetensors model like DDP's."""
+    ddp_rows, fsdp_rows = reference["rows"], fsdp2_reference["rows"]
+    for key in ("step", "lr", "batch_ids", "tokens"):
+        assert [r[key] for r in fsdp_rows] == [r[key] for r in ddp_rows], key
+    worst: dict[str, float] = {}
+    for key in ("loss", "grad_norm"):
+        a, b = np.array([r[key] for r in fsdp_rows]), np.array([r[key] for r in ddp_rows])
+        worst[key] = float(np.max(np.abs(a - b) / np.abs(b)))
+        np.testing.assert_allclose(a, b, rtol=FSDP2_RTOL, err_msg=key)
+    w_ddp, w_fsdp = reference["weights"], fsdp2_reference["weights"]
+    assert w_fsdp.keys() == w_ddp.keys()
+    worst["weights_abs"] = max(float(np.max(np.abs(w_fsdp[k] - w_ddp[k]))) for k in w_ddp)
+    for name in w_ddp:
+        np.testing.assert_allclose(w_fsdp[name], w_ddp[name], rtol=FSDP2_RTOL, atol=FSDP2_ATOL, err_msg=name)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(fsdp2_reference["out"] / "final_model")
+    for name, tensor in loaded.state_dict().items():
+        if name in w_fsdp:
+            assert np.array_equal(tensor.numpy(), w_fsdp[name]), name
+    print(f"\nfsdp2 vs ddp over {STEPS} steps: max relative diff {worst}")
+    latest = ckpt.latest_checkpoint(fsdp2_reference["out"] / "checkpoints")
+    assert latest is not None and (latest / ckpt.SHARDED_DIR / ".metadata").is_file()
+    assert sorted(p.name for p in (latest / ckpt.SHARDED_DIR).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (latest / ckpt.MODEL_DIR).exists() and not (latest / ckpt.OPTIMIZER_FILE).exists()
+    ckpt.verify_checkpoint(latest)
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
