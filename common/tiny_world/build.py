@@ -191,11 +191,13 @@ def _model_complete(model_dir: Path, key: str) -> bool:
     return True
 
 
-def build_student_plus(ecfg: EmbeddedConfig, steps: int = STUDENT_PLUS_STEPS, progress: bool = True) -> Path:
+def build_student_plus(ecfg: EmbeddedConfig, steps: int | None = None, progress: bool = True) -> Path:
     """S0+ of the style_shift build `ecfg` (its student base further trained on the terse answers for
     `steps` steps; common/tiny_world/style.py), built once and cached in
     `<cache_root>/embedded-<base key>-student_plus-<key>` with the base build's lock, temp-dir and marker
-    discipline. Deterministic from ecfg.seed. Builds the base models first if they are not cached."""
+    discipline. Deterministic from ecfg.seed. Builds the base models first if they are not cached.
+    steps: None is STUDENT_PLUS_STEPS (what `embedded:student_plus` names)."""
+    steps = STUDENT_PLUS_STEPS if steps is None else steps
     if ecfg.preset != "style_shift":
         raise ConfigError(f"embedded:student_plus is built on the style_shift preset only (terse answers); "
                           f"embedded.preset is {ecfg.preset!r}")
