@@ -40,7 +40,7 @@ from safetensors import safe_open
 from common.config import ConfigError, DataConfig, EmbeddedConfig, ModelSpec, RunConfig
 from common.reproducibility import apply_compute_settings, compute_info
 from common.tiny_world.format_shift import build_format_into
-from common.tiny_world.style import build_style_into
+from common.tiny_world.style import STUDENT_PLUS_STEPS, build_style_into, train_student_plus_into
 from common.tiny_world.training import EMBEDDED_ROLES, EmbeddedBuildError, role_paths
 
 __all__ = [
@@ -52,6 +52,9 @@ __all__ = [
     "cache_root",
     "build_embedded_models",
     "resolve_model_paths",
+    "EXTRA_ROLES",
+    "student_plus_key",
+    "build_student_plus",
 ]
 
 # Bump when the build code changes what it produces: old caches are then ignored, never reused.
@@ -62,6 +65,10 @@ STYLE_BUILD_VERSION = "1"  # style_shift
 _NOT_BUILD_KEYS = {"cache_dir", "build_threads", "num_test_extra"}
 _STYLE_ONLY_KEYS = {"preset", "num_pretrain", "teacher_instruct_fraction", "student_instruct_fraction"}
 EMBEDDED_PREFIX = "embedded:"
+# Roles built on demand on top of a complete build, each in its own cache directory (never by the default
+# build): `student_plus` is S0+, style_shift only (issue 23's world B; style.py).
+EXTRA_ROLES = ("student_plus",)
+STUDENT_PLUS_VERSION = "1"
 _MARKER = "COMPLETE"
 
 
@@ -163,6 +170,67 @@ def build_embedded_models(ecfg: EmbeddedConfig, progress: bool = True) -> dict[s
     return role_paths(final)
 
 
+def student_plus_key(ecfg: EmbeddedConfig, steps: int) -> str:
+    """16 hex chars of sha256 over the base build's key, S0+'s steps and its build version."""
+    payload = {"base": build_key(ecfg), "steps": steps, "version": STUDENT_PLUS_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_complete(model_dir: Path, key: str) -> bool:
+    """True when the marker in model_dir names `key` and its config, tokenizer and weights read back."""
+    try:
+        if json.loads((model_dir / _MARKER).read_text()).get("key") != key:
+            return False
+        if not (model_dir / "config.json").is_file() or not (model_dir / "tokenizer.json").is_file():
+            return False
+        with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                f.get_tensor(name)
+    except Exception:  # unreadable marker or weights: the cache cannot be trusted
+        return False
+    return True
+
+
+def build_student_plus(ecfg: EmbeddedConfig, steps: int | None = None, progress: bool = True) -> Path:
+    """S0+ of the style_shift build `ecfg` (its student base further trained on the terse answers for
+    `steps` steps; common/tiny_world/style.py), built once and cached in
+    `<cache_root>/embedded-<base key>-student_plus-<key>` with the base build's lock, temp-dir and marker
+    discipline. Deterministic from ecfg.seed. Builds the base models first if they are not cached.
+    steps: None is STUDENT_PLUS_STEPS (what `embedded:student_plus` names)."""
+    steps = STUDENT_PLUS_STEPS if steps is None else steps
+    if ecfg.preset != "style_shift":
+        raise ConfigError(f"embedded:student_plus is built on the style_shift preset only (terse answers); "
+                          f"embedded.preset is {ecfg.preset!r}")
+    base = build_embedded_models(ecfg, progress)
+    root = cache_root(ecfg)
+    key = student_plus_key(ecfg, steps)
+    name = f"embedded-{build_key(ecfg)}-student_plus-{key}"
+    final = root / name
+    if _model_complete(final, key):
+        return final
+    with _file_lock(root / f"{name}.lock"):
+        if _model_complete(final, key):
+            return final
+        if final.exists():
+            shutil.rmtree(final)
+        for stale in root.glob(f".tmp-{name}-*"):
+            shutil.rmtree(stale)
+        tmp = root / f".tmp-{name}-{os.getpid()}"
+        try:
+            with _torch_threads(ecfg.build_threads):
+                info = train_student_plus_into(ecfg, base["student"], tmp, steps, progress)
+                info["compute"] = compute_info()
+            (tmp / _MARKER).write_text(json.dumps({"key": key, "version": STUDENT_PLUS_VERSION,
+                                                   "base": str(base["student"]), **info}, indent=2))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if not _model_complete(final, key):
+        raise EmbeddedBuildError(f"S0+ build in {final} finished but does not read back")
+    return final
+
+
 def resolve_model_paths(cfg: RunConfig) -> RunConfig:
     """A copy of cfg with every `embedded:<role>` model path replaced by the built local path."""
     out = cfg.model_copy(deep=True)
@@ -178,12 +246,18 @@ def resolve_model_paths(cfg: RunConfig) -> RunConfig:
     embedded = [(where, s) for where, s in specs if s.path.startswith(EMBEDDED_PREFIX)]
     for where, spec in embedded:
         role = spec.path[len(EMBEDDED_PREFIX):]
-        if role not in EMBEDDED_ROLES:
-            raise ConfigError(f"{where}.path: unknown embedded role {role!r}; expected one of {list(EMBEDDED_ROLES)}")
+        if role not in EMBEDDED_ROLES + EXTRA_ROLES:
+            raise ConfigError(f"{where}.path: unknown embedded role {role!r}; expected one of "
+                              f"{list(EMBEDDED_ROLES + EXTRA_ROLES)}")
+        if role == "student_plus" and out.embedded.preset != "style_shift":
+            raise ConfigError(f"{where}.path: embedded:student_plus exists on the style_shift preset only "
+                              f"(embedded.preset is {out.embedded.preset!r})")
     if embedded:
         # This process may build the models: it computes like every other process of the run.
         apply_compute_settings(out.reproducibility, where="embedded build")
-        paths = build_embedded_models(out.embedded)
+        paths: dict[str, Path] = dict(build_embedded_models(out.embedded))
+        if any(spec.path == EMBEDDED_PREFIX + "student_plus" for _, spec in embedded):
+            paths["student_plus"] = build_student_plus(out.embedded)
         for _, spec in embedded:
             spec.path = str(paths[spec.path[len(EMBEDDED_PREFIX):]])
     return out

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from common.config import DataConfig, EmbeddedConfig
+from common.data.batching import collate, tokenize_examples
 from common.data.examples import format_prompt
 from common.tiny_world.suite import generate_corpus, generate_style_suite
 from common.tiny_world.training import (
@@ -37,7 +38,8 @@ from common.tiny_world.training import (
     train_tokenizer,
 )
 
-__all__ = ["INIT_STD", "portable_init", "pretraining_documents", "build_style_into"]
+__all__ = ["INIT_STD", "portable_init", "pretraining_documents", "build_style_into", "STUDENT_PLUS_STEPS",
+           "STUDENT_PLUS_LADDER", "train_student_plus_into"]
 
 INIT_STD = 0.02
 
@@ -114,3 +116,44 @@ def build_style_into(ecfg: EmbeddedConfig, out: Path, progress: bool) -> dict[st
     info["sft_teacher_train_loss"] = train_sft_teacher(paths, prompts, suite, tokenizer, data_cfg, ecfg, progress)
     info["build_seconds"] = round(time.monotonic() - t0, 1)
     return info
+
+
+# ----------------------------------------------------------------------------------------------------
+# S0+ (issue 23, world B): the style_shift student base further trained on the train split's questions
+# answered in its own terse style with the right content. Pre-registered: the fewest steps of the ladder
+# that give >= 80 % exact terse answers on the validation split. Measured (scripts/student_plus_ladder.py,
+# docs/results/paper_axis/style-B1/student_plus_ladder.md): no rung up to 6400 reaches it (0.685 at
+# 6400, the highest), so S0+ is the 6400-step model (docs/EXPERIMENT.md, world B, says so). The cache
+# (build.py `build_student_plus`) keys on the steps.
+STUDENT_PLUS_STEPS = 6400
+STUDENT_PLUS_LADDER = (50, 100, 200, 400, 800, 1600, 3200, 6400)
+
+
+def train_student_plus_into(ecfg: EmbeddedConfig, student_dir: Path, out: Path, steps: int,
+                            progress: bool) -> dict[str, Any]:
+    """Fine-tune the student base in `student_dir` on `prompt + " " + terse` for every train example
+    (loss on the answer and its eos only; batches of ecfg.batch_size drawn by a generator seeded from
+    ecfg.seed, AdamW at ecfg.lr with train_causal_lm's schedule) for `steps` steps; save it with its
+    tokenizer into `out`. Returns the marker's info."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.monotonic()
+    suite = generate_style_suite(ecfg.seed, ecfg.num_train, ecfg.num_val, ecfg.num_test, ecfg.num_pretrain)
+    data_cfg = DataConfig(max_length=ecfg.max_length, overlong="truncate")
+    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+    examples = [{"prompt": format_prompt(e["instruction"], e["context"], data_cfg), "response": e["terse"]}
+                for e in suite["train"]]
+    tokenized = tokenize_examples(examples, tokenizer, data_cfg)
+    model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(ecfg.seed * 1000 + 4)
+
+    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(tokenized), (ecfg.batch_size,), generator=gen).tolist()
+        b = collate([tokenized[i] for i in idx], tokenizer.pad_token_id)
+        return (torch.from_numpy(b["input_ids"]).long(), torch.from_numpy(b["attention_mask"]).long(),
+                torch.from_numpy(b["labels"]))
+
+    out.mkdir(parents=True)
+    loss = train_causal_lm(model, batches, steps, ecfg.lr, "S0+ (terse answers)", progress)
+    save_built(model, tokenizer, out)
+    return {"role": "student_plus", "steps": steps, "train_loss": loss, "build_seconds": round(time.monotonic() - t0, 1)}

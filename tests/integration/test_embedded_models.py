@@ -189,3 +189,44 @@ def test_style_shift_reduced_build(tmp_path: Path) -> None:
     for role in ("base_teacher", "sft_teacher", "student"):
         model = AutoModelForCausalLM.from_pretrained(str(paths[role]), dtype=torch.float32)
         assert model.config.vocab_size == len(tok)
+
+
+def test_student_plus_is_cached_deterministic_and_style_shift_only(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """S0+ (issue 23, world B): the student base fine-tuned on the terse answers, in its own cache dir
+    keyed by the base build and the steps; the same bits when rebuilt elsewhere from the same seed; the
+    `embedded:student_plus` role resolves to it, and refuses format_shift (no terse answers there)."""
+    from safetensors.torch import load_file
+
+    from common.tiny_world.build import build_student_plus, student_plus_key
+
+    ecfg = _reduced(tmp_path / "a", preset="style_shift", num_pretrain=100)
+    plus = build_student_plus(ecfg, steps=6, progress=False)
+    base = build_embedded_models(ecfg, progress=False)["student"]
+    assert plus.name == f"embedded-{build_key(ecfg)}-student_plus-{student_plus_key(ecfg, 6)}"
+    assert student_plus_key(ecfg, 6) != student_plus_key(ecfg, 7)
+    marker = json.loads((plus / "COMPLETE").read_text())
+    assert marker["steps"] == 6 and marker["base"] == str(base)
+    w_plus, w_base = load_file(str(plus / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    assert w_plus.keys() == w_base.keys() and any(not torch.equal(w_plus[k], w_base[k]) for k in w_plus)
+    assert (plus / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    stamp = {p: p.stat().st_mtime_ns for p in plus.rglob("*") if p.is_file()}
+    assert build_student_plus(ecfg, steps=6, progress=False) == plus
+    assert stamp == {p: p.stat().st_mtime_ns for p in plus.rglob("*") if p.is_file()}  # not rebuilt
+    again = build_student_plus(_reduced(tmp_path / "b", preset="style_shift", num_pretrain=100), steps=6,
+                               progress=False)
+    w_again = load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(w_plus[k], w_again[k]) for k in w_plus)
+
+    raw = {"models": {"base_teacher": {"path": "embedded:base_teacher"}, "sft_teacher": {"path": "embedded:sft_teacher"},
+                      "student": {"path": "embedded:student"}, "student_base": {"path": "embedded:student_plus"}},
+           "embedded": ecfg.model_dump(mode="json")}
+    import common.tiny_world.build as build_mod
+
+    monkeypatch.setattr(build_mod, "STUDENT_PLUS_STEPS", 6)  # the role's steps; 6 keeps the test seconds long
+    out = resolve_model_paths(config_from_dict(raw))
+    assert out.models.student_base is not None and out.models.student_base.path == str(plus)
+    assert out.models.student.path == str(base)
+    raw["embedded"] = _reduced(tmp_path / "a").model_dump(mode="json")
+    with pytest.raises(ConfigError, match="student_plus exists on the style_shift preset only"):
+        resolve_model_paths(config_from_dict(raw))
