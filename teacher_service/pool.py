@@ -35,7 +35,6 @@ from .actor import TeacherActor
 from .assemble import RecordAssembler, record_meta
 from .chain import call_chain, warmup_inputs
 from .naming import replica_name
-from .record_handle import OBJECT_STORE, TRANSPORTS, RecordHandle
 from .placement import (
     RESERVE_MIN_S,
     PlacementError,
@@ -49,6 +48,7 @@ from .placement import (
     replica_bundle,
     reserve_groups,
 )
+from .record_handle import OBJECT_STORE, TRANSPORTS, RecordHandle
 from .transport import choose_rdt_transport
 
 __all__ = ["TeacherPool", "vllm_options", "check_teacher_layout"]
