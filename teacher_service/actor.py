@@ -90,7 +90,7 @@ def make_engine(role: str, spec: ModelSpec, engine: str = "hf", device: str = "a
             raise ValueError(f"teacher role {role!r}: a LoRA pair runs on the hf engine, not {engine!r}")
         from .engine_pair import PairEngine  # deferred: imports peft (only a pair needs it)
 
-        return PairEngine(pair_base, spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens)
+        return PairEngine(pair_base, spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens, num_gpus=num_gpus)
     if engine == "vllm":
         from .engine_vllm import VLLMEngine
 

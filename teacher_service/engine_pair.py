@@ -41,7 +41,8 @@ class PairEngine(TeacherEngine):
     roles = PAIR_ROLES
 
     def __init__(self, base: ModelSpec, adapter: ModelSpec, device: str = "auto", dtype: str = "auto",
-                 chunk_tokens: int = 1024):
+                 chunk_tokens: int = 1024, num_gpus: int = 1):
+        """num_gpus > 1 (on cuda): the base model spread over that many GPUs, as `TeacherEngine`."""
         # deferred: peft imports transformers' model classes (~2 s, measured with transformers'); only a pair needs it
         from peft import PeftModel
 
@@ -57,7 +58,8 @@ class PairEngine(TeacherEngine):
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # as TeacherEngine: after the fingerprint
-        model = load_causal_lm(base, self.device, self.dtype)
+        self.num_gpus = int(num_gpus)
+        model = load_causal_lm(base, self.device, self.dtype, self.num_gpus)
         self.peft = PeftModel.from_pretrained(model, adapter.path, revision=adapter.revision, is_trainable=False)
         self.peft.eval()
         self._use_model(self.peft.get_base_model())  # the base model with the LoRA layers injected in place
@@ -72,6 +74,7 @@ class PairEngine(TeacherEngine):
         first = next(peft_model.parameters())
         engine.device, engine.dtype = first.device, first.dtype
         engine.chunk_tokens = int(chunk_tokens)
+        engine.num_gpus = 1
         engine.tokenizer = None
         engine.vocab_size, engine.fingerprint = int(vocab_size), fingerprint
         engine.peft = peft_model.eval()

@@ -208,7 +208,9 @@ def test_resume_and_run_identity_policy_comes_from_the_schema() -> None:
 
     assert set(keys_with_policy(RunConfig, RESUME_FREE)) == {
         "training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.", "teachers.namespace",
-        "teachers.name_prefix", "teachers.attach", "teachers.source", "teachers.cache.", "training.log_every",
+        "teachers.name_prefix", "teachers.attach", "teachers.placement_wait_s", "teachers.source", "teachers.cache.",
+        "training.log_every",
         "training.collective_timeout_s", "training.gradient_checkpointing", "logging."}
     assert set(keys_with_policy(RunConfig, RUNTIME)) == {
-        "teachers.namespace", "teachers.name_prefix", "teachers.attach", "output.dir", "run_name", "logging."}
+        "teachers.namespace", "teachers.name_prefix", "teachers.attach", "teachers.placement_wait_s", "output.dir",
+        "run_name", "logging."}
