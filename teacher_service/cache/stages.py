@@ -63,7 +63,8 @@ class _EngineStage:
     """Shared set-up: compute settings, then the role's engine (teacher_service.actor.make_engine)."""
 
     def __init__(self, role: str, spec: dict[str, Any], scoring: dict[str, Any], k: int, tau: float, pad_id: int,
-                 engine: str = "hf", vllm_options: dict[str, Any] | None = None, faults: FaultPlan | None = None):
+                 engine: str = "hf", vllm_options: dict[str, Any] | None = None, faults: FaultPlan | None = None,
+                 num_gpus: int = 1):
         from common.config import ModelSpec
         from teacher_service.actor import make_engine
 
@@ -73,7 +74,7 @@ class _EngineStage:
         self.faults = faults  # a test's FaultPlan (common/faults.py): its teacher_delay_s sleeps per batch
         self.engine = make_engine(role, ModelSpec.model_validate(spec), engine, str(scoring.get("device", "auto")),
                                   str(scoring.get("dtype", "auto")), int(scoring.get("chunk_tokens", 1024)),
-                                  vllm_options)
+                                  vllm_options, num_gpus)
 
     def _sleep(self) -> None:
         if self.faults is not None:

@@ -133,6 +133,7 @@ def test_resume_and_run_identity_policy_comes_from_the_schema() -> None:
         "training.max_steps", "output.dir", "output.require_shared_dir", "evaluation.", "teachers.namespace",
         "teachers.name_prefix", "teachers.attach", "teachers.source", "teachers.cache", "teachers.cache_encoding",
         "teachers.cache_shard_size", "teachers.cache_on_error", "teachers.cache_memory_mb", "training.log_every",
-        "training.collective_timeout_s", "training.gradient_checkpointing", "logging."}
+        "training.collective_timeout_s", "training.gradient_checkpointing", "logging.", "teachers.placement_wait_s"}
     assert set(keys_with_policy(RunConfig, RUNTIME)) == {
-        "teachers.namespace", "teachers.name_prefix", "teachers.attach", "output.dir", "run_name", "logging."}
+        "teachers.namespace", "teachers.name_prefix", "teachers.attach", "output.dir", "run_name", "logging.",
+        "teachers.placement_wait_s"}
