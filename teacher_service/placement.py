@@ -23,7 +23,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-__all__ = ["PlacementError", "RESERVE_MIN_S", "replica_bundle", "needs_group", "check_layout", "cluster_nodes", "group_name",
+__all__ = ["PlacementError", "RESERVE_MIN_S", "replica_bundle", "needs_group", "engine_gpus", "check_layout", "cluster_nodes", "group_name",
            "reserve_groups", "group_options", "find_group", "remove_groups"]
 
 _EPS = 1e-9
@@ -37,6 +37,12 @@ class PlacementError(ValueError):
 def needs_group(num_gpus: float) -> bool:
     """A replica of more than one GPU gets its own placement group."""
     return num_gpus > 1
+
+
+def engine_gpus(num_gpus: float) -> int:
+    """The GPUs a replica's engine spreads over (hf device map, vLLM tensor_parallel_size): teachers.num_gpus
+    when it is more than one, else 1 (one GPU, a share of one, or the CPU)."""
+    return int(num_gpus) if needs_group(num_gpus) else 1
 
 
 def replica_bundle(num_gpus: float, num_cpus: float, resources: dict[str, float] | None = None) -> dict[str, float]:

@@ -40,6 +40,7 @@ from .placement import (
     PlacementError,
     check_layout,
     cluster_nodes,
+    engine_gpus,
     find_group,
     group_name,
     group_options,
@@ -170,7 +171,7 @@ class TeacherPool:
         teacher's spec, when this sft replica is a LoRA pair."""
         t = cfg.teachers
         engine = t.engine if role == ROLE_SFT else "hf"  # vLLM cannot gather: only the sft role may use it
-        gpus = int(t.num_gpus) if needs_group(t.num_gpus) else 1  # GPUs the engine spreads over
+        gpus = engine_gpus(t.num_gpus)  # the GPUs the engine spreads over
         options = {**vllm_options(cfg), "tensor_parallel_size": gpus}
         name = replica_name(t.name_prefix, role, i)
         opts: dict[str, Any] = dict(name=name, namespace=t.namespace, num_cpus=t.num_cpus, num_gpus=t.num_gpus,

@@ -67,7 +67,8 @@ class TeachersConfig(Strict):
     num_gpus: float = Field(default=0.0, ge=0)
     # Before it starts any teacher the pool checks the layout against the cluster's nodes. 0: refuse at once a
     # layout the nodes present now cannot hold (a fixed cluster). > 0: an autoscaling cluster (GPU nodes start
-    # on demand): warn, then wait up to this many seconds for each multi-GPU replica's placement group.
+    # on demand): warn, start anyway, and wait up to this many seconds for the multi-GPU replicas' placement
+    # groups (reserved together; replicas of one GPU or less have none: Ray waits for their nodes as ever).
     placement_wait_s: float = Field(default=0.0, ge=0, json_schema_extra=policy(RESUME_FREE, RUNTIME))
     # Custom Ray resources each teacher actor asks for, e.g. {teacher_gpu: 1} to land on teacher nodes.
     resources: dict[str, float] = Field(default_factory=dict)

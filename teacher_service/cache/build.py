@@ -100,6 +100,7 @@ def build_cache(cfg: RunConfig, uri: str, *, encoding: str | None = None, progre
     from common.data.tokenizer_check import check_tokenizers
     from common.lora import lora_pair_base
     from common.roles import teacher_role_specs
+    from teacher_service.placement import engine_gpus
     from teacher_service.pool import vllm_options
 
     check_tokenizers(cfg)  # tokenizer files only: no weights loaded yet
@@ -118,13 +119,17 @@ def build_cache(cfg: RunConfig, uri: str, *, encoding: str | None = None, progre
         roles = build_roles(cfg)
         pair_base = lora_pair_base(cfg)  # a LoRA pair: the top-k stage scores base too, from the same weights
         paired = [ROLE_BASE] if pair_base is not None else []
+        # a stage actor of teachers.num_gpus > 1 holds those GPUs (Ray Data places one actor on one node) and
+        # its engine spreads over them, as a pool replica's does
+        gpus = engine_gpus(cfg.teachers.num_gpus)
         common = dict(scoring=head.scoring, k=cfg.loss.k, tau=cfg.loss.tau, pad_id=ts.pad_id,
-                      faults=faults)
+                      faults=faults, num_gpus=gpus)
         ds = _inputs(head, pending, ts.examples)
         ds = ds.map_batches(TopKStage, batch_size=1, batch_format="numpy", **_stage_args(cfg, ROLE_SFT),
                             fn_constructor_kwargs=dict(role=ROLE_SFT, spec=specs[ROLE_SFT].model_dump(),
                                                        engine=cfg.teachers.engine,
-                                                       vllm_options=vllm_options(cfg), paired=paired,
+                                                       vllm_options={**vllm_options(cfg),
+                                                                     "tensor_parallel_size": gpus}, paired=paired,
                                                        pair_base=None if pair_base is None else pair_base.model_dump(),
                                                        **common))
         for role in (r for r in roles[1:] if r not in paired):
@@ -163,6 +168,7 @@ def add_role(cfg: RunConfig, uri: str, role: str = ROLE_STUDENT_BASE, student: M
     from common.data.batching import load_training_set
     from common.data.model_loading import student_dtype
     from common.data.tokenizer_check import tokenizer_fingerprint
+    from teacher_service.placement import engine_gpus
 
     if role not in ADDABLE_ROLES:
         raise CacheError(f"cannot add role {role!r}: only {list(ADDABLE_ROLES)} can be added to a cache")
@@ -204,7 +210,8 @@ def add_role(cfg: RunConfig, uri: str, role: str = ROLE_STUDENT_BASE, student: M
         ds = ds.map_batches(GatherStage, batch_size=1, batch_format="numpy", **_stage_args(cfg, ROLE_SFT),
                             fn_constructor_kwargs=dict(role=role, spec=spec.model_dump(), scoring=scoring,
                                                        k=head.k, tau=float(head.valid_for.get("tau", 1.0)),
-                                                       pad_id=ts.pad_id, faults=faults))
+                                                       pad_id=ts.pad_id, faults=faults,
+                                                       num_gpus=engine_gpus(cfg.teachers.num_gpus)))
         ds = ds.map_batches(WriteShard, batch_size=1, batch_format="numpy", num_cpus=0.5, compute=_one(),
                             fn_constructor_kwargs=dict(uri=uri, layout=asdict(layout), order=head.order,
                                                        shard_size=head.shard_size, num_examples=head.num_examples,

@@ -64,7 +64,8 @@ class _EngineStage:
 
     def __init__(self, role: str, spec: dict[str, Any], scoring: dict[str, Any], k: int, tau: float, pad_id: int,
                  engine: str = "hf", vllm_options: dict[str, Any] | None = None, faults: FaultPlan | None = None,
-                 pair_base: dict[str, Any] | None = None, paired: list[str] | tuple[str, ...] = ()):
+                 pair_base: dict[str, Any] | None = None, paired: list[str] | tuple[str, ...] = (),
+                 num_gpus: int = 1):
         from common.config import ModelSpec
         from teacher_service.actor import make_engine
 
@@ -74,7 +75,8 @@ class _EngineStage:
         self.faults = faults  # a test's FaultPlan (common/faults.py): its teacher_delay_s sleeps per batch
         self.engine = make_engine(role, ModelSpec.model_validate(spec), engine, str(scoring.get("device", "auto")),
                                   str(scoring.get("dtype", "auto")), int(scoring.get("chunk_tokens", 1024)),
-                                  vllm_options, None if pair_base is None else ModelSpec.model_validate(pair_base))
+                                  vllm_options, num_gpus,
+                                  None if pair_base is None else ModelSpec.model_validate(pair_base))
         self.paired = list(paired)  # TopKStage of a LoRA pair: roles it scores itself at its own support
 
     def _sleep(self) -> None:

@@ -11,7 +11,7 @@ import torch
 from common.config import ConfigError, config_from_dict
 from teacher_service.engine_hf import SPREAD_HEADROOM, device_map_for
 from teacher_service.engine_vllm import vllm_parallel_options
-from teacher_service.placement import PlacementError, check_layout, needs_group, replica_bundle
+from teacher_service.placement import PlacementError, check_layout, engine_gpus, needs_group, replica_bundle
 from teacher_service.pool import check_teacher_layout
 
 BASE = {"models": {"base_teacher": {"path": "b"}, "sft_teacher": {"path": "s"}, "student": {"path": "st"}}}
@@ -33,6 +33,7 @@ def test_replica_bundle_and_group() -> None:
     assert replica_bundle(4, 1, {"teacher_gpu": 1}) == {"CPU": 1.0, "GPU": 4.0, "teacher_gpu": 1.0}
     assert replica_bundle(4, 0) == {"GPU": 4.0}  # zero entries left out
     assert [needs_group(g) for g in (0, 0.5, 1, 2, 4)] == [False, False, False, True, True]
+    assert [engine_gpus(g) for g in (0, 0.5, 1, 2, 4)] == [1, 1, 1, 2, 4]
 
 
 NODE8 = {"CPU": 96.0, "GPU": 8.0}
