@@ -97,8 +97,8 @@ def test_pair_records_equal_two_actors(pools: dict[str, Any]) -> None:
     pair, two = pools["pair"], pools["two"]
     ids, am, lm, labels = _batch(pair.vocab_size)
     for bid, include in ((1, None), (2, labels)):  # on-policy batches force the label into the support
-        got = ray.get(pair.submit(bid, ids, am, lm, include=include))
-        want = ray.get(two.submit(bid, ids, am, lm, include=include))
+        got = ray.get(pair.submit(bid, ids, am, lm, include=include).ref)
+        want = ray.get(two.submit(bid, ids, am, lm, include=include).ref)
         assert got.shape == (int(lm.sum()), 16 if include is None else 17)
         _assert_records_match(got, want)
     stats = pair.stats()
@@ -123,10 +123,10 @@ def test_pair_rdt_parts_equal_the_object_store_record(pools: dict[str, Any]) -> 
         with _group([*pair.actors(), receiver]):
             ids, am, lm, labels = _batch(pair.vocab_size)
             for bid, include in ((11, None), (12, labels)):
-                meta, roles, refs = pair.submit_parts(bid, ids, am, lm, include=include)
-                assert roles == ["sft", "base"] and len(refs) == 2
-                via_rdt = ray.get(receiver.take.remote(meta, roles, *refs))
-                record = ray.get(pair.submit(bid, ids, am, lm, include=include))
+                handle = pair.submit(bid, ids, am, lm, include=include, transport="rdt")
+                assert handle.head["roles"] == ["sft", "base"] and len(handle.parts) == 2
+                via_rdt = ray.get(receiver.take.remote(handle.head["meta"], handle.head["roles"], *handle.parts))
+                record = ray.get(pair.submit(bid, ids, am, lm, include=include).ref)
                 _assert_same_targets(via_rdt, targets_from_record(record))
     finally:
         ray.kill(receiver)
@@ -139,7 +139,7 @@ def test_client_serves_the_pair(pools: dict[str, Any]) -> None:
     assert client.roles == ["sft", "base"] and client.paired == ["base"]
     ids, am, lm, _ = _batch(pair.vocab_size)
     rec = client.record(ids, k=16, attention_mask=am, loss_mask=lm)
-    _assert_records_match(rec, ray.get(two.submit(21, ids, am, lm)))
+    _assert_records_match(rec, ray.get(two.submit(21, ids, am, lm).ref))
     sft_ids, _, _ = client.topk(ids, k=16, attention_mask=am, positions=lm)
     lp_base, _ = client.gather(ids, sft_ids, attention_mask=am, positions=lm, role="base")
     lp_sft, _ = client.gather(ids, sft_ids, attention_mask=am, positions=lm, role="sft")
@@ -158,8 +158,8 @@ def test_cache_build_with_the_pair_stores_the_two_actor_records(pools: dict[str,
     from teacher_service.cache.encoded import read_shard
     from teacher_service.cache.fs import CacheLocation
 
-    cfg = make_cfg(tiny["pair"], tmp_path / "run", ["teachers.num_cpus=0.5", "teachers.cache_encoding=fp32",
-                                                    "teachers.cache_shard_size=24", "output.plot=false"])
+    cfg = make_cfg(tiny["pair"], tmp_path / "run", ["teachers.num_cpus=0.5", "teachers.cache.encoding=fp32",
+                                                    "teachers.cache.shard_size=24", "output.plot=false"])
     manifest, stats = build_cache(cfg, str(tmp_path / "cache"), progress=False, say=lambda _: None)
     head = manifest.head
     assert stats["shards_written"] == 2 and head.role_names == ("base", "sft")
@@ -172,7 +172,7 @@ def test_cache_build_with_the_pair_stores_the_two_actor_records(pools: dict[str,
         ids = np.asarray(examples[example].input_ids, dtype=np.int32)[None]
         lm = np.zeros(ids.shape, dtype=bool)
         lm[0, rec.t] = True
-        want = ray.get(pools["two"].submit(100 + example, ids, np.ones_like(ids), lm))
+        want = ray.get(pools["two"].submit(100 + example, ids, np.ones_like(ids), lm).ref)
         np.testing.assert_array_equal(rec.ids, want.ids)
         for role in ("sft", "base"):
             np.testing.assert_allclose(rec.logprobs[role], want.role_logprobs(role), rtol=0, atol=SFT_ATOL)

@@ -81,7 +81,7 @@ def test_four_gpu_replicas_are_placed_in_their_own_groups(ray_cluster: dict, mod
         assert len({g for h in health for g in h["gpu_ids"]}) == 8  # no GPU given to two replicas
         ids = np.arange(4, 4 + 12, dtype=np.int32).reshape(2, 6) % pool.vocab_size
         mask = np.ones_like(ids)
-        rec = ray.get(pool.submit(0, ids, mask, mask.astype(bool)))  # the replicas answer as any other
+        rec = ray.get(pool.submit(0, ids, mask, mask.astype(bool)).ref)  # the replicas answer as any other
         assert isinstance(rec, TopKRecord) and rec.ids.shape == (12, 4)
 
         # A group the nodes cannot reserve now (the replicas hold all 8 GPUs) is refused in time, and removed.
