@@ -14,7 +14,7 @@ The LM head and the fused loss: the root unit (embeddings, final norm, LM head) 
 forward (FSDP2 keeps the root's parameters gathered until backward), so after `model(...)` the head's
 weight is the full, unsharded parameter: the fused loss reads it ([V, H], never [B, T, V]), adds its
 gradient there, and FSDP's post-backward reduce-scatters that gradient to the shards like any other.
-`train_step.model_output` refuses a head weight that is still a sharded DTensor and needs a gradient.
+`train_step.model_output` refuses a head weight that is still a sharded DTensor (TrainStepError).
 
 Generation and whole-model outputs need every parameter at once: `full_state_dict` (a collective: every rank
 calls it) gathers them, and `gathered_copy` builds a plain, unsharded copy of the student from them (on-policy

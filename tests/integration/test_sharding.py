@@ -1,4 +1,5 @@
-"""FSDP2 pieces of the student (student_worker/sharding.py), on 2 gloo ranks in spawned processes (no Ray).
+"""FSDP2 pieces of the student (student_worker/sharding.py), on 2 gloo ranks in spawned processes (no Ray; here,
+not in tests/unit, because two spawned interpreters importing transformers take tens of seconds).
 
 One 2-rank run checks, against the same tiny random Llama unsharded in this process:
 - the fused step's loss and every gradient (the LM head's included: gathered for the loss, its gradient
