@@ -23,7 +23,7 @@ __all__ = ["performance_rows", "performance_markdown", "main"]
 DOC = REPO_ROOT / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
 ORDER = ["bench_wire", "bench_overlap", "bench_transport", "bench_loss", "bench_e2e", "bench_on_policy",
-         "bench_cache", "bench_vllm_convert", "gpu_check"]
+         "bench_cache", "bench_vllm_convert", "bench_fsdp_memory", "gpu_check"]
 
 
 def _fmt(x: Any) -> str:
@@ -81,6 +81,8 @@ _EXTRA: dict[str, list[tuple[str, Callable[[dict[str, Any]], Any]]]] = {
                     ("steps/s over sft (whole loop): delta_kd live, from the cache, from the cache with "
                      "student_base cached", lambda f: _pair(f.get("pipeline", {}).get("steps_per_s_over_sft"),
                                                             ("delta_kd_live", "delta_kd_cache", "delta_kd_cache_s0")))],
+    "bench_fsdp_memory": [("fsdp2 / ddp, 2 ranks on CPU: peak RSS above start per rank; steps/s",
+                           lambda f: f"{f['ratio_peak_rss_delta']:.3g}; {f['ratio_steps_per_s']:.3g}")],
     "gpu_check": [("device", lambda f: f["device"] + (" (scaled down)" if f["scaled_down"] else "")),
                   ("teacher top-k tokens/s / bare forward, per shape",
                    lambda f: ", ".join(f"{s} {v['topk_tokens_per_s_over_bare']:.3g}"

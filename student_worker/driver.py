@@ -301,15 +301,22 @@ class Driver:
         """Wait for the workers' parts (queued saves), then write state.json and rename the directory.
         A storage failure (full disk, EIO) in any part removes `tmp` and raises CheckpointWriteError."""
         failed: BaseException | None = None
+        errors: list[tuple[int, BaseException]] = []
         for rank, ref in enumerate(saves):
             try:
                 ray.get(ref)
-            except ACTOR_GONE as exc:  # the .tmp directory is left behind and never read
+            except Exception as exc:  # every rank's part is waited for before deciding (see below)
+                errors.append((rank, exc))
+        for rank, exc in errors:
+            if isinstance(exc, ACTOR_GONE):  # the .tmp directory is left behind and never read
                 raise WorkerCrash(rank, exc) from exc
-            except Exception as exc:
-                if ckpt.io_error_of(exc) is None:
-                    raise
-                failed = failed or exc  # the other ranks' parts are waited for before tmp is removed
+        for rank, exc in errors:
+            if ckpt.io_error_of(exc) is not None:
+                failed = failed or exc
+            elif self.cfg.training.strategy == "fsdp2":  # a sharded save is a collective: a rank that broke
+                raise WorkerCrash(rank, exc, raised=True) from exc  # it is a mid-step error (recovery.py)
+            else:
+                raise exc
         try:
             if failed is not None:
                 raise failed

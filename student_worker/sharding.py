@@ -14,7 +14,7 @@ The LM head and the fused loss: the root unit (embeddings, final norm, LM head) 
 forward (FSDP2 keeps the root's parameters gathered until backward), so after `model(...)` the head's
 weight is the full, unsharded parameter: the fused loss reads it ([V, H], never [B, T, V]), adds its
 gradient there, and FSDP's post-backward reduce-scatters that gradient to the shards like any other.
-`train_step.model_output` refuses a head weight that is still a sharded DTensor and needs a gradient.
+`train_step.model_output` refuses a head weight that is still a sharded DTensor (TrainStepError).
 
 Generation and whole-model outputs need every parameter at once: `full_state_dict` (a collective: every rank
 calls it) gathers them, and `gathered_copy` builds a plain, unsharded copy of the student from them (on-policy
@@ -84,25 +84,32 @@ def full_state_dict(lm: torch.nn.Module, rank0_only: bool = False) -> dict[str, 
 
 
 def gathered_copy(lm: Any, device: torch.device) -> Any:
-    """A plain (unsharded) copy of the sharded causal LM `lm` on `device`, with its weights and generation
-    config, for generation (which runs a varying number of forwards per rank, so it cannot all-gather layer
-    by layer). A collective: every rank must call it. Costs one full copy of the student while it lives."""
+    """A plain (unsharded) copy of the sharded causal LM `lm`, with its weights and generation config, for
+    generation (which runs a varying number of forwards per rank, so it cannot all-gather layer by layer).
+    A collective: every rank must call it. Costs one full copy of the student (on `device`) while it lives:
+    the copy is built on the meta device and takes the gathered tensors themselves."""
     # deferred: transformers costs ~1.6 s at import (measured in common/data/model_loading.py)
     from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
 
     state = full_state_dict(lm)
-    dtype = next(iter(state.values())).dtype
-    with no_init_weights():  # every weight is overwritten below: skip the random initialisation
-        copy = AutoModelForCausalLM.from_config(lm.config, dtype=dtype)
-    copy.to(device)
-    missing, unexpected = copy.load_state_dict(state, strict=False)
+    with torch.device("meta"):
+        copy = AutoModelForCausalLM.from_config(lm.config, dtype=next(iter(state.values())).dtype)
+    missing, unexpected = copy.load_state_dict(state, strict=False, assign=True)
     if unexpected or [k for k in missing if k not in _tied_keys(copy)]:
         raise ShardingError(f"gathered copy of the student: missing {missing}, unexpected {unexpected}")
+    del state
     copy.tie_weights()
+    own_buffers = dict(lm.named_buffers())  # non-persistent buffers (rotary inv_freq): not in the state dict
+    for name, buf in list(copy.named_buffers()):
+        if buf.is_meta:
+            module_name, _, attr = name.rpartition(".")
+            copy.get_submodule(module_name).register_buffer(attr, own_buffers[name].to(device), persistent=False)
+    still_meta = [n for n, t in [*copy.named_parameters(), *copy.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise ShardingError(f"gathered copy of the student: {still_meta} not filled")
     copy.generation_config = lm.generation_config
     copy.train(lm.training)
-    return copy
+    return copy.to(device)
 
 
 def _tied_keys(model: Any) -> set[str]:

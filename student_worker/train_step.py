@@ -29,6 +29,7 @@ import math
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from common.config import LossConfig
 from common.losses import HiddenStates, SparseTargets, StudentInput, distillation_loss, support_logprobs
@@ -139,6 +140,9 @@ def model_output(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Stud
     if isinstance(inner, HiddenStatesLM):
         hidden = model(batch["input_ids"], batch["attention_mask"])
         weight, bias = inner.head()
+        if isinstance(weight, DTensor):  # fsdp2 (student_worker/sharding.py): the root unit must still be gathered
+            raise TrainStepError("the LM head is still sharded after the forward (its FSDP2 unit resharded): the "
+                                 "fused loss needs the gathered weight, whose gradient FSDP reduce-scatters")
         return HiddenStates(hidden, weight, bias)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 

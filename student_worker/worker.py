@@ -62,6 +62,7 @@ from student_worker.distributed import (
 from student_worker.evaluate import evaluate_model
 from student_worker.on_policy import generate_samples, generation_eos_ids, sample_seed
 from student_worker.step_clock import COMPUTE_PARTS, STEP_PARTS, TEACHER_WAIT_PARTS, StepClock
+from student_worker.step_errors import PeerInputError, StepOrderError, StepRejected
 from student_worker.train_step import (
     enable_gradient_checkpointing,
     loss_forward_module,
@@ -72,27 +73,6 @@ from teacher_service.record_handle import RDT, fetch_record, receive_targets
 
 __all__ = ["StudentWorker", "StudentWorkerImpl", "StepRejected", "PeerInputError", "StepOrderError",
            "STEP_PARTS", "TEACHER_WAIT_PARTS", "COMPUTE_PARTS"]
-
-
-
-class StepRejected(RuntimeError):
-    """Raised by EVERY rank at a step's input agreement when some rank had no valid teacher record: no rank
-    touched the model, and none is left in a collective. `cause`: this rank's own error (None on a rank
-    whose input was fine; see PeerInputError)."""
-
-    def __init__(self, message: str, cause: BaseException | None = None):
-        super().__init__(message)
-        self.cause = cause
-
-
-class PeerInputError(StepRejected):
-    """Another rank failed to receive or validate its teacher record for this step; nobody stepped."""
-
-
-class StepOrderError(RuntimeError):
-    """A queued call for a step (or a checkpoint) that is not this worker's next one: an earlier step
-    failed. Raised before any collective, on every rank alike; nothing was touched."""
-
 
 
 
@@ -295,6 +275,8 @@ class StudentWorkerImpl:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, metrics = train_step(self.ddp, self.base_model, batch, targets, self.cfg.loss,
                                        self.pair_alphas, global_tokens, self.world_size)
+        if self.fsdp and self.base_model is not None:  # the loss is formed: free the base's gathered root unit
+            self.base_model.reshard()
         if self.faults is not None:
             self.faults.mid_step(self.rank, step, self.generation)  # FaultPlan.rank_error
         clock.lap("forward_s")
@@ -308,10 +290,8 @@ class StudentWorkerImpl:
         clock.add("allreduce_s", exposed)
         clock.last = t_done
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip)
-        if self.fsdp:  # the norm over every rank's shards (a DTensor); the frozen base's gathered root freed
+        if self.fsdp:  # the norm over every rank's shards (a DTensor)
             grad_norm = grad_norm.full_tensor()
-            if self.base_model is not None:
-                self.base_model.reshard()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()

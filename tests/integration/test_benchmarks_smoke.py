@@ -46,6 +46,8 @@ SCRIPTS = {
                            "pipeline.build.fp32.tokens_per_s", "pipeline.build.q8d10.file_bytes_per_token",
                            "pipeline.steps_per_s_over_sft.delta_kd_cache_s0",
                            "pipeline.steady_steps_per_s_over_sft.delta_kd_cache_s0", "pipeline.read_per_rank"]),
+    "bench_fsdp_memory": (False, ["ddp.param_grad_optim_bytes", "fsdp2.param_grad_optim_bytes",
+                                  "ratio_param_grad_optim_bytes", "fsdp2.steps_per_s"]),
     "bench_vllm_convert": (False, ["cells.flat_topk_all.seconds.median", "cells.dicts_include_half.seconds.median"]),
 }
 # the scripts whose smoke builds the miniature embedded models (tiny.yaml's, reduced): one set for all

@@ -31,6 +31,7 @@ and comparisons. A CLI subprocess gets its plan through tests/integration/fault_
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -64,7 +65,10 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 RUN_OVERRIDES = [f"training.max_steps={STEPS}", "training.checkpoint_every=2", "training.keep_checkpoints=8",
                  "training.batch_size=4", "output.plot=false"]
-FSDP2 = ["training.strategy=fsdp2"]
+# fsdp2 runs also evaluate the final student once (a gathered copy generates on rank 0; evaluation is
+# RESUME_FREE and outside the compared rows and weights)
+FSDP2 = ["training.strategy=fsdp2", "evaluation.enabled=true", "evaluation.evaluate_before=false",
+         "evaluation.evaluate_teacher=false"]
 DELAYED = FaultPlan(step_delay_s=0.25)
 # fsdp2 vs ddp, fp32 on CPU: the same gradient sums in another order (FSDP2 reduce-scatters per layer and
 # takes the clipping norm from per-shard partial sums; DDP all-reduces buckets), so each step differs by a
@@ -296,6 +300,8 @@ def test_fsdp2_matches_ddp(reference, fsdp2_reference) -> None:
         if name in w_fsdp:
             assert np.array_equal(tensor.numpy(), w_fsdp[name]), name
     print(f"\nfsdp2 vs ddp over {STEPS} steps: max relative diff {worst}")
+    report = json.loads((fsdp2_reference["out"] / "report.json").read_text())
+    assert 0.0 <= report["rouge"]["student_after"]["rougeL"] <= 1.0, report["rouge"]
     latest = ckpt.latest_checkpoint(fsdp2_reference["out"] / "checkpoints")
     assert latest is not None and (latest / ckpt.SHARDED_DIR / ".metadata").is_file()
     assert sorted(p.name for p in (latest / ckpt.SHARDED_DIR).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

@@ -182,3 +182,69 @@ def test_resume_command_adds_resume_once() -> None:
     cmd = resume_command(["--config", "my run.yaml", "--set", "loss.alpha=0.5"])
     assert cmd.endswith("-m student_worker.train --config 'my run.yaml' --set loss.alpha=0.5 --resume")
     assert resume_command(["--resume"]).count("--resume") == 1
+
+
+def _write_sharded(root, step, world_size=2, metadata: bytes | None = None):
+    """A sharded (training.strategy=fsdp2) checkpoint's layout: a real single-process DCP save of a small
+    state dict in sharded/ (or `metadata` written over its index), scheduler.json, sharding.json."""
+    import json
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    tmp = ckpt.begin_checkpoint(root, step)
+    with warnings.catch_warnings():  # "no process group: saving in a single process" is the point here
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"w": torch.arange(6.0).reshape(2, 3)}}, checkpoint_id=str(tmp / ckpt.SHARDED_DIR))
+    if metadata is not None:
+        (tmp / ckpt.SHARDED_DIR / ".metadata").write_bytes(metadata)
+    (tmp / ckpt.SCHEDULER_FILE).write_text(json.dumps({"last_epoch": step}))
+    (tmp / ckpt.SHARDING_FILE).write_text(json.dumps({"strategy": "fsdp2", "world_size": world_size}))
+    ckpt.write_rng_state(tmp, 0)
+    return ckpt.finalize_checkpoint(tmp, {"step": step, "config": CFG, "metrics": []}, keep=2)
+
+
+def test_sharded_layout_is_complete_verified_and_kept_like_the_ddp_one(tmp_path):
+    root = tmp_path / "ckpts"
+    for step in (2, 4, 6):
+        _write_sharded(root, step)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["ckpt-000004", "ckpt-000006"]  # keep=2
+    latest = ckpt.latest_checkpoint(root)
+    assert not (latest / ckpt.MODEL_DIR).exists() and not (latest / ckpt.OPTIMIZER_FILE).exists()
+    ckpt.verify_checkpoint(latest)  # the index passes the allow-list unpickler
+    (latest / ckpt.SHARDING_FILE).unlink()  # half-copied by hand: skipped
+    assert ckpt.latest_checkpoint(root).name == "ckpt-000004"
+    tmp = ckpt.begin_checkpoint(root, 8)
+    (tmp / ckpt.SHARDED_DIR).mkdir()
+    with pytest.raises(ckpt.CheckpointError, match=r"incomplete checkpoint, missing \['sharding.json', 'scheduler.json'\]"):
+        ckpt.finalize_checkpoint(tmp, {"step": 8}, keep=2)
+
+
+def test_sharded_index_with_a_foreign_global_is_refused_and_never_runs(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    final = _write_sharded(tmp_path / "ckpts", 2, metadata=pickle.dumps({"state_dict_metadata": Evil()}))
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata: refused to load.*global io\.open is not allowed"):
+        ckpt.verify_checkpoint(final)
+    assert not marker.exists()
+
+
+def test_sharded_resume_on_another_number_of_ranks_is_refused_naming_both(tmp_path):
+    from student_worker import fsdp_checkpoint
+
+    final = _write_sharded(tmp_path / "ckpts", 2, world_size=2)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(ckpt.CheckpointError, match=r"written by 2 student ranks, this run has 4"):
+        fsdp_checkpoint.load_sharded(final, model, opt, sched, world_size=4)
+    ddp_like = tmp_path / "ddp"
+    ddp_like.mkdir()
+    with pytest.raises(ckpt.CheckpointError, match=r"not a sharded .*training.strategy=ddp"):
+        fsdp_checkpoint.load_sharded(ddp_like, model, opt, sched, world_size=2)

@@ -214,3 +214,15 @@ def test_resume_and_run_identity_policy_comes_from_the_schema() -> None:
     assert set(keys_with_policy(RunConfig, RUNTIME)) == {
         "teachers.namespace", "teachers.name_prefix", "teachers.attach", "teachers.placement_wait_s", "output.dir",
         "run_name", "logging."}
+
+
+def test_training_strategy_ddp_by_default_fsdp2_on_request_and_its_refusals():
+    assert config_from_dict(MINIMAL).training.strategy == "ddp"
+    assert config_from_dict(MINIMAL, ["training.strategy=fsdp2"]).training.strategy == "fsdp2"
+    with pytest.raises(ConfigError, match=r"training\.strategy"):
+        config_from_dict(MINIMAL, ["training.strategy=fsdp"])
+    with pytest.raises(ConfigError, match=r"grad_compression='bf16' is a DDP communication hook.*fsdp2"):
+        config_from_dict(MINIMAL, ["training.strategy=fsdp2", "training.grad_compression=bf16"])
+    with pytest.raises(ConfigError, match=r"fsdp2 makes the student ranks' group torch's default process group"):
+        config_from_dict(MINIMAL, ["training.strategy=fsdp2", "transport.kind=rdt", "transport.rdt_backend=gloo"])
+    config_from_dict(MINIMAL, ["training.strategy=fsdp2", "transport.kind=rdt", "transport.rdt_backend=nccl"])

@@ -1,0 +1,129 @@
+"""FSDP2 pieces of the student (student_worker/sharding.py), on 2 gloo ranks in spawned processes (no Ray; here,
+not in tests/unit, because two spawned interpreters importing transformers take tens of seconds).
+
+One 2-rank run checks, against the same tiny random Llama unsharded in this process:
+- the fused step's loss and every gradient (the LM head's included: gathered for the loss, its gradient
+  reduce-scattered back to the shards) equal a single process's on the whole batch, to fp32 rounding;
+- `gathered_copy` (what on-policy sampling and evaluation use) is the unsharded model: identical logits and
+  the same greedy generation on every rank, and the sharded model is untouched;
+- `full_state_dict(rank0_only=True)` gives rank 0 every weight, the other rank nothing.
+The end-to-end runs (fsdp2 vs ddp, faults, resume) are in tests/integration/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from student_worker.sharding import ShardingError, decoder_layers
+
+WORLD = 2
+# fp32 sums in another order (two half-batches reduce-scattered vs one batch): a few ulps
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _tiny_llama(tie: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie,
+                                        max_position_embeddings=32))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 40, (2 * WORLD, 6), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.roll(-1, 1)}
+
+
+def _rank(rank: int, address: str, out: str) -> None:
+    from student_worker.distributed import make_default_group
+
+    torch.set_num_threads(1)
+    make_default_group(address, rank, WORLD, "gloo", timeout_s=120, group_name="test-sharding")
+    result = {}
+    for tie in (False, True):
+        result[str(tie)] = _rank_run(rank, tie)
+    Path(out).write_text(json.dumps(result))
+
+
+def _rank_run(rank: int, tie: bool) -> dict:
+    from common.config import LossConfig
+    from student_worker import sharding
+    from student_worker.train_step import loss_forward_module, train_step
+
+    device = torch.device("cpu")
+    lm = _tiny_llama(tie)
+    cfg = LossConfig(method="sft")
+    root = sharding.shard_student(loss_forward_module(lm, cfg, "tiny"), lm, sharding.student_mesh(device, WORLD),
+                                  device, "tiny")
+    full = _batch()
+    mine = {k: v[2 * rank:2 * rank + 2] for k, v in full.items()}
+    tokens = int(full["labels"].numel())
+    loss, metrics = train_step(root, None, mine, None, cfg, None, tokens, WORLD)
+    loss.backward()
+    grads = {n: p.grad.full_tensor().tolist() for n, p in lm.named_parameters()}
+    copy = sharding.gathered_copy(lm, device)
+    with torch.no_grad():
+        logits = copy(input_ids=full["input_ids"]).logits.tolist()
+        generated = copy.generate(input_ids=full["input_ids"][:1], max_new_tokens=4, do_sample=False,
+                                  pad_token_id=0).tolist()
+    still_sharded = all(hasattr(p, "to_local") for p in lm.parameters())
+    state = sharding.full_state_dict(lm, rank0_only=True)
+    return {"loss_sum": metrics["loss_sum"], "grads": grads, "logits": logits, "generated": generated,
+            "still_sharded": still_sharded, "state_keys": sorted(state)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """One run of 2 spawned ranks (both variants, untied and tied embeddings): each rank's results."""
+    import torch.multiprocessing as mp
+
+    from student_worker.distributed import free_port
+
+    tmp = tmp_path_factory.mktemp("sharding")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    ctx = mp.get_context("spawn")
+    outs = [tmp / f"rank{r}.json" for r in range(WORLD)]
+    procs = [ctx.Process(target=_rank, args=(r, address, str(outs[r]))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    return [json.loads(o.read_text()) for o in outs]
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_sharded_step_gathered_copy_and_full_state_dict(two_ranks: list[dict], tie: bool) -> None:
+    from common.config import LossConfig
+    from student_worker.train_step import loss_forward_module, train_step
+
+    got = [r[str(tie)] for r in two_ranks]
+
+    lm = _tiny_llama(tie)  # the reference: one process, the whole batch
+    cfg = LossConfig(method="sft")
+    full = _batch()
+    loss, metrics = train_step(loss_forward_module(lm, cfg, "tiny"), None, full, None, cfg, None,
+                               int(full["labels"].numel()), 1)
+    loss.backward()
+    torch.testing.assert_close(sum(g["loss_sum"] for g in got), metrics["loss_sum"], rtol=RTOL, atol=ATOL)
+    for name, p in lm.named_parameters():
+        for g in got:
+            torch.testing.assert_close(torch.tensor(g["grads"][name]), p.grad, rtol=RTOL, atol=ATOL, msg=name)
+    with torch.no_grad():
+        logits = lm(input_ids=full["input_ids"]).logits
+        generated = lm.generate(input_ids=full["input_ids"][:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for g in got:
+        assert torch.equal(torch.tensor(g["logits"]), logits)  # the same weights, the same kernels: exact
+        assert g["generated"] == generated.tolist() and g["still_sharded"]
+    assert got[0]["state_keys"] == sorted(lm.state_dict()) and got[1]["state_keys"] == []
+
+
+def test_a_model_without_decoder_layers_is_refused_naming_it() -> None:
+    with pytest.raises(ShardingError, match="model toy: no decoder layer list.*training.strategy=ddp"):
+        decoder_layers(torch.nn.Linear(2, 2), "toy")
