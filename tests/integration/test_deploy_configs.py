@@ -274,6 +274,25 @@ def test_tiny_lora_is_tiny_with_a_lora_pair() -> None:
     assert a == b
 
 
+def _check_lora_build(adapter: Path, base_dir: Path) -> None:
+    """The embedded LoRA build: an adapter (no full copy) that names its final base, loads on it and moved it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(base_dir) and conf["r"] == 8
+    assert not (adapter / "model.safetensors").exists() and (adapter / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    prompt = torch.arange(4, 12)[None]
+    want = base(input_ids=prompt).logits
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+                                    str(adapter))
+    assert not torch.allclose(sft(input_ids=prompt).logits, want, atol=1e-4)  # the adapter learned something
+    with sft.disable_adapter():
+        assert torch.equal(sft(input_ids=prompt).logits, want)
+
+
 def test_tiny_lora_trains_with_one_pair_actor(ray_cluster: dict, tmp_path: Path, monkeypatch) -> None:
     """The main job on tiny_lora.yaml (its world reduced to seconds, 3 steps): the pool starts one actor, the
     pair of the base teacher and the adapter, and no base actor."""
@@ -298,6 +317,7 @@ def test_tiny_lora_trains_with_one_pair_actor(ray_cluster: dict, tmp_path: Path,
            "data.max_length=64", f"output.dir={tmp_path / 'run'}", "output.plot=false",
            f"teachers.namespace=lora-{tmp_path.name}"]
     cfg = resolve_model_paths(load_config(DEPLOY / "configs" / "tiny_lora.yaml", reduced + run))
+    _check_lora_build(Path(cfg.models.sft_teacher.path), Path(cfg.models.base_teacher.path))
     report = run_training(cfg, progress=False)
     assert [(role, base["path"]) for role, base in created] == [("sft", cfg.models.base_teacher.path)]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -195,32 +195,12 @@ def test_style_shift_reduced_build(tmp_path: Path) -> None:
 # The SFT teacher as a LoRA adapter (embedded.sft_teacher: lora)
 
 
-def test_lora_sft_teacher_build(built: tuple[EmbeddedConfig, dict[str, Path]], tmp_path: Path) -> None:
-    """A reduced build with a LoRA SFT teacher: the adapter (no full copy) names the final base, loads on it,
-    moved it; the run is a LoRA pair; the full build's key ignores the lora keys."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from common.lora import lora_pair_base
-
-    full_cfg, full_paths = built
-    assert build_key(full_cfg) == build_key(full_cfg.model_copy(update={"lora_rank": 4}))  # not read by a full build
-    ecfg = _reduced(tmp_path, sft_teacher="lora", lora_rank=4)
-    assert build_key(ecfg) != build_key(_reduced(tmp_path)) != build_key(_reduced(tmp_path, sft_teacher="lora"))
-    paths = build_embedded_models(ecfg, progress=False)
-    adapter = paths["sft_teacher"]
-    conf = json.loads((adapter / "adapter_config.json").read_text())
-    assert conf["base_model_name_or_path"] == str(paths["base_teacher"]) and conf["r"] == 4
-    assert not (adapter / "model.safetensors").exists() and (adapter / "adapter_model.safetensors").is_file()
-    assert build_embedded_models(ecfg, progress=False) == paths  # reads back as complete: reused
-    base = AutoModelForCausalLM.from_pretrained(str(paths["base_teacher"]), dtype=torch.float32)
-    prompt = torch.arange(4, 12)[None]
-    want = base(input_ids=prompt).logits
-    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(paths["base_teacher"])), str(adapter))
-    assert not torch.allclose(sft(input_ids=prompt).logits, want, atol=1e-4)  # the adapter learned something
-    with sft.disable_adapter():
-        assert torch.equal(sft(input_ids=prompt).logits, want)
-    raw = {"models": {"base_teacher": {"path": "embedded:base_teacher"}, "sft_teacher": {"path": "embedded:sft_teacher"},
-                      "student": {"path": "embedded:student"}}, "embedded": ecfg.model_dump(mode="json")}
-    cfg = resolve_model_paths(config_from_dict(raw))
-    assert lora_pair_base(cfg) == cfg.models.base_teacher
+def test_lora_keys_enter_the_build_key_only_for_a_lora_build(tmp_path: Path) -> None:
+    """embedded.sft_teacher: lora gets its own directory; a full build ignores the lora keys (its directory, and
+    every existing cache, stay as they were). The LoRA build itself runs in test_deploy_configs.py
+    (`test_tiny_lora_trains_with_one_pair_actor`)."""
+    full = _reduced(tmp_path)
+    assert build_key(full) == build_key(_reduced(tmp_path, lora_rank=4, lora_lr=1.0))
+    lora = _reduced(tmp_path, sft_teacher="lora")
+    assert build_key(lora) != build_key(full) and build_key(lora) != build_key(_reduced(tmp_path, sft_teacher="lora",
+                                                                                         lora_rank=4))
