@@ -96,9 +96,11 @@ def lora_pair_base(cfg: RunConfig) -> ModelSpec | None:
                           f"models.base_teacher is {m.base_teacher.path!r}: the adapter's base must be the base "
                           "teacher (set models.base_teacher to the adapter's base, or use a merged SFT model)")
     if cfg.teachers.engine == "vllm":
-        raise ConfigError(f"teachers.engine=vllm with a LoRA SFT teacher ({m.sft_teacher.path!r}): vLLM can apply "
-                          "the adapter for the sft role's top-k, but it cannot score the base role (adapter off) at "
-                          "the SFT support ids (its prompt log-probs give the top-n and the prompt token only), so "
-                          "the pair could not share one engine; use teachers.engine=hf, or a merged SFT model with "
-                          "vllm (docs/TEACHER_SERVICE.md, 'A LoRA teacher pair')")
+        raise ConfigError(f"teachers.engine=vllm with a LoRA SFT teacher ({m.sft_teacher.path!r}) is not supported: "
+                          "vLLM can apply the adapter for the sft role's top-k, but the base role (adapter off) must be "
+                          "scored at the SFT support ids, which vLLM's prompt log-probs (the top-n and the prompt "
+                          "token) do not give; only vLLM builds with per-position candidate ids "
+                          "(SamplingParams.prompt_logprob_token_ids) could, and that pair is not implemented. Use "
+                          "teachers.engine=hf, or a merged SFT model with vllm (docs/TEACHER_SERVICE.md, 'A LoRA "
+                          "teacher pair')")
     return m.base_teacher

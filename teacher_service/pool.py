@@ -156,7 +156,8 @@ class TeacherPool:
                                            f"({teacher_role_specs(cfg)[role].path}) failed to start: {err}") from err
             pool = cls(cfg, handles, owned=True, groups=groups)
         except BaseException:
-            for hs in handles.values():  # nothing half-started is left behind
+            # nothing half-started is left behind (a pair's base role shares the sft list: each actor once)
+            for hs in {id(hs): hs for hs in handles.values()}.values():
                 for h in hs:
                     ray.kill(h, no_restart=True)
             remove_groups(groups)

@@ -62,6 +62,15 @@ class EmbeddedConfig(Strict):
     batch_size: int = Field(default=16, gt=0)
     lr: float = Field(default=2e-3, gt=0)
     max_length: int = Field(default=128, gt=8)
+    # The SFT teacher: a full fine-tune of the base teacher, or a LoRA adapter of it (the teacher service then
+    # serves base and SFT from one copy of the base weights: docs/TEACHER_SERVICE.md, "A LoRA teacher pair").
+    # LoRA: rank and alpha of the adapter on every linear layer of the blocks (q, k, v, o, gate, up, down; the
+    # LM head stays the base's), trained with its own learning rate (adapters take a larger one than a full
+    # fine-tune). The lora_* keys are only read (and only in the build's cache key) with sft_teacher: lora.
+    sft_teacher: Literal["full", "lora"] = "full"
+    lora_rank: int = Field(default=8, gt=0)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_lr: float = Field(default=1e-2, gt=0)
     cache_dir: str | None = None  # default: $DELTAKD_CACHE or ~/.cache/deltakd
     # torch intra-op threads during the build (restored after); None keeps the caller's. Not in the cache key.
     build_threads: int | None = Field(default=1, gt=0)

@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 
 from common.config import ConfigError, DataConfig, EmbeddedConfig, ModelSpec, RunConfig
+from common.lora import ADAPTER_CONFIG
 from common.reproducibility import apply_compute_settings, compute_info
 from common.tiny_world.format_shift import build_format_into
 from common.tiny_world.style import STUDENT_PLUS_STEPS, build_style_into, train_student_plus_into
@@ -64,6 +65,8 @@ STYLE_BUILD_VERSION = "1"  # style_shift
 # format_shift's key, so its cache directories keep the names they had before presets existed).
 _NOT_BUILD_KEYS = {"cache_dir", "build_threads", "num_test_extra"}
 _STYLE_ONLY_KEYS = {"preset", "num_pretrain", "teacher_instruct_fraction", "student_instruct_fraction"}
+# The LoRA SFT teacher's keys: in the key only with sft_teacher: lora (a full build keeps its directory name).
+_LORA_KEYS = {"sft_teacher", "lora_rank", "lora_alpha", "lora_lr"}
 EMBEDDED_PREFIX = "embedded:"
 # Roles built on demand on top of a complete build, each in its own cache directory (never by the default
 # build): `student_plus` is S0+, style_shift only (issue 23's world B; style.py).
@@ -75,7 +78,9 @@ _MARKER = "COMPLETE"
 def build_key(ecfg: EmbeddedConfig) -> str:
     """16 hex chars of sha256 over the build-relevant config and the preset's build version."""
     style = ecfg.preset == "style_shift"
-    fields = ecfg.model_dump(mode="json", exclude=_NOT_BUILD_KEYS | (set() if style else _STYLE_ONLY_KEYS))
+    lora = ecfg.sft_teacher == "lora"
+    fields = ecfg.model_dump(mode="json", exclude=_NOT_BUILD_KEYS | (set() if style else _STYLE_ONLY_KEYS)
+                             | (set() if lora else _LORA_KEYS))
     payload = {"version": BUILD_VERSION, "embedded": fields, "prompt": DataConfig().prompt_template,
                "context": DataConfig().context_template}
     if style:
@@ -101,8 +106,10 @@ def _is_complete(build_dir: Path, key: str) -> bool:
     if not (paths["tokenizer"] / "tokenizer.json").is_file():
         return False
     for role in EMBEDDED_ROLES:
-        weights = paths[role] / "model.safetensors"
-        if not (paths[role] / "config.json").is_file() or not (paths[role] / "tokenizer.json").is_file():
+        adapter = (paths[role] / ADAPTER_CONFIG).is_file()  # a LoRA SFT teacher (embedded.sft_teacher: lora)
+        weights = paths[role] / ("adapter_model.safetensors" if adapter else "model.safetensors")
+        config = paths[role] / (ADAPTER_CONFIG if adapter else "config.json")
+        if not config.is_file() or not (paths[role] / "tokenizer.json").is_file():
             return False
         try:  # reading every tensor catches truncated files too; the models are a few MB
             with safe_open(str(weights), framework="pt") as f:
@@ -138,6 +145,15 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _name_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
+    """Write the base teacher's final path into the adapter's config (what transformers and peft load the
+    base from when they are given the adapter alone, e.g. the SFT teacher's evaluation)."""
+    file = adapter_dir / ADAPTER_CONFIG
+    conf = json.loads(file.read_text())
+    conf["base_model_name_or_path"] = str(base_dir)
+    file.write_text(json.dumps(conf, indent=2, sort_keys=True))
+
+
 def build_embedded_models(ecfg: EmbeddedConfig, progress: bool = True) -> dict[str, Path]:
     """Paths by role (tokenizer, base_teacher, sft_teacher, student) of the cached build, building if needed."""
     root = cache_root(ecfg)
@@ -159,6 +175,8 @@ def build_embedded_models(ecfg: EmbeddedConfig, progress: bool = True) -> dict[s
                 build_into = build_style_into if ecfg.preset == "style_shift" else build_format_into
                 info = build_into(ecfg, tmp, progress)
                 info["compute"] = compute_info()
+            if ecfg.sft_teacher == "lora":  # the adapter names its base where the base will be, not in tmp
+                _name_adapter_base(role_paths(tmp)["sft_teacher"], role_paths(final)["base_teacher"])
             (tmp / _MARKER).write_text(json.dumps({"key": key, "version": BUILD_VERSION,
                                                    "embedded": ecfg.model_dump(mode="json"), **info}, indent=2))
             os.replace(tmp, final)

@@ -21,6 +21,8 @@ __all__ = ["EMBEDDED_ROLES", "EmbeddedBuildError", "role_paths", "train_tokenize
            "packed_blocks", "train_sft_teacher", "save_built"]
 
 EMBEDDED_ROLES = ("base_teacher", "sft_teacher", "student")
+# embedded.sft_teacher: lora puts the adapter on every linear layer of the Llama blocks (not the LM head)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]", "eos_token": "[EOS]"}
 
 
@@ -126,7 +128,9 @@ def train_sft_teacher(paths: dict, prompts: list[str], suite: dict, tokenizer: A
     """SFT: the base teacher learns the format and tasks from the train split (loss on response tokens only).
 
     Loads `paths["base_teacher"]`, saves `paths["sft_teacher"]`; returns the last training loss. Shared by
-    both presets (format_shift.py, style.py).
+    both presets (format_shift.py, style.py). ecfg.sft_teacher: "full" fine-tunes every weight; "lora" trains
+    a LoRA adapter (rank ecfg.lora_rank, alpha ecfg.lora_alpha, lr ecfg.lora_lr; LORA_TARGETS) and saves the
+    adapter alone with the tokenizer beside it (the base stays at `paths["base_teacher"]`).
     """
     # deferred: transformers costs ~1.6 s at import (measured); build.py imports this module on every run,
     # also when the models are already built
@@ -143,8 +147,23 @@ def train_sft_teacher(paths: dict, prompts: list[str], suite: dict, tokenizer: A
         return (torch.from_numpy(b["input_ids"]).long(), torch.from_numpy(b["attention_mask"]).long(),
                 torch.from_numpy(b["labels"]))
 
+    if ecfg.sft_teacher == "lora":
+        return _train_lora(teacher, sft_batches, tokenizer, paths["sft_teacher"], ecfg, progress)
     loss = train_causal_lm(teacher, sft_batches, ecfg.sft_steps, ecfg.lr, "SFT teacher", progress)
     save_built(teacher, tokenizer, paths["sft_teacher"])
+    return loss
+
+
+def _train_lora(base: Any, batches: Any, tokenizer: Any, out: Path, ecfg: Any, progress: bool) -> float:
+    """A LoRA adapter of `base` trained on the SFT batches (the base weights frozen); saved with the tokenizer."""
+    # deferred: peft imports transformers' model classes; only a LoRA build needs it
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=ecfg.lora_rank, lora_alpha=ecfg.lora_alpha, lora_dropout=0.0,
+                                            target_modules=LORA_TARGETS))
+    loss = train_causal_lm(model, batches, ecfg.sft_steps, ecfg.lora_lr, "SFT teacher (LoRA)", progress)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
     return loss
 
 

@@ -49,6 +49,9 @@ SCRIPTS = {
     "bench_fsdp_memory": (False, ["ddp.param_grad_optim_bytes", "fsdp2.param_grad_optim_bytes",
                                   "ratio_param_grad_optim_bytes", "fsdp2.steps_per_s"]),
     "bench_vllm_convert": (False, ["cells.flat_topk_all.seconds.median", "cells.dicts_include_half.seconds.median"]),
+    "bench_lora_pair": (True, ["weight_bytes.pair", "weight_bytes.two_actors", "weight_bytes_ratio_pair_over_two",
+                               "engine.tokens_per_s_ratio_pair_over_two.median",
+                               "pool.tokens_per_s_ratio_pair_over_two.median", "pool.actors.pair"]),
 }
 # the scripts whose smoke builds the miniature embedded models (tiny.yaml's, reduced): one set for all
 SHARED_MODELS = {"bench_e2e", "bench_on_policy", "bench_cache"}
@@ -132,6 +135,11 @@ def test_benchmark_smoke_writes_json(script: str, tmp_path: Path, request: pytes
         else:
             assert math.isfinite(t["value"])
             assert t["met"] == (t["value"] <= t["threshold"] if t["op"] == "<=" else t["value"] >= t["threshold"]), t
+
+    if script == "bench_lora_pair":  # one copy of the base: the pair holds base + adapter, two actors two bases
+        w = doc["figures"]["weight_bytes"]
+        assert w["pair"] == w["base"] + w["adapter"] and w["two_actors"] == 2 * w["base"] and w["adapter"] > 0
+        assert doc["figures"]["pool"]["actors"] == {"pair": 1, "two": 2}
 
     if script == "bench_wire":
         # Exact arithmetic, per counted token: ids int32 k + row index int32 + per role (k log-probs + fp32 tail).

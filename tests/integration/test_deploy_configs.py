@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import math
 import re
 import shlex
 import subprocess
@@ -292,3 +294,71 @@ def test_cluster_doc_names_only_existing_files() -> None:
     assert paths, "docs/CLUSTER.md names no deploy files"
     missing = sorted(p for p in paths if not (REPO / p).exists())
     assert not missing, f"docs/CLUSTER.md names files that do not exist: {missing}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# tiny_lora.yaml: the embedded default with its SFT teacher as a LoRA adapter (one pair actor)
+
+
+def test_tiny_lora_is_tiny_with_a_lora_pair() -> None:
+    lora, tiny = load_config(DEPLOY / "configs" / "tiny_lora.yaml"), load_config(DEPLOY / "configs" / "tiny.yaml")
+    assert lora.embedded.sft_teacher == "lora" and tiny.embedded.sft_teacher == "full"
+    assert lora.teachers.replicas == {"sft": 1}
+    a, b = lora.model_dump(), tiny.model_dump()
+    for d in (a, b):  # everything else is tiny.yaml's, so the two stay comparable
+        d.pop("run_name")
+        for key in ("namespace", "replicas"):
+            d["teachers"].pop(key)
+        d["embedded"].pop("sft_teacher")
+    assert a == b
+
+
+def _check_lora_build(adapter: Path, base_dir: Path) -> None:
+    """The embedded LoRA build: an adapter (no full copy) that names its final base, loads on it and moved it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(base_dir) and conf["r"] == 8
+    assert not (adapter / "model.safetensors").exists() and (adapter / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    prompt = torch.arange(4, 12)[None]
+    want = base(input_ids=prompt).logits
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+                                    str(adapter))
+    assert not torch.allclose(sft(input_ids=prompt).logits, want, atol=1e-4)  # the adapter learned something
+    with sft.disable_adapter():
+        assert torch.equal(sft(input_ids=prompt).logits, want)
+
+
+def test_tiny_lora_trains_with_one_pair_actor(ray_cluster: dict, tmp_path: Path, monkeypatch) -> None:
+    """The main job on tiny_lora.yaml (its world reduced to seconds, 3 steps): the pool starts one actor, the
+    pair of the base teacher and the adapter, and no base actor."""
+    from common.tiny_world.build import resolve_model_paths
+    from student_worker.driver import run_training
+    from teacher_service import TeacherPool
+
+    created: list[tuple[str, Any]] = []
+    create = TeacherPool._create
+
+    def spy(cfg, role, spec, i, detached, faults=None, pair_base=None):
+        created.append((role, pair_base))
+        return create(cfg, role, spec, i, detached, faults, pair_base)
+
+    monkeypatch.setattr(TeacherPool, "_create", staticmethod(spy))
+    shape = "{hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32}"
+    reduced = ["embedded.num_train=32", "embedded.num_val=4", "embedded.num_test=4", "embedded.num_pretrain=100",
+               "embedded.corpus_sentences=200", "embedded.pretrain_steps=8", "embedded.sft_steps=8",
+               "embedded.batch_size=4", "embedded.max_length=64", f"embedded.teacher={shape}",
+               f"embedded.student={shape}", f"embedded.cache_dir={tmp_path / 'models'}"]
+    run = ["training.max_steps=3", "training.batch_size=8", "training.checkpoint_every=3", "evaluation.enabled=false",
+           "data.max_length=64", f"output.dir={tmp_path / 'run'}", "output.plot=false",
+           f"teachers.namespace=lora-{tmp_path.name}"]
+    cfg = resolve_model_paths(load_config(DEPLOY / "configs" / "tiny_lora.yaml", reduced + run))
+    _check_lora_build(Path(cfg.models.sft_teacher.path), Path(cfg.models.base_teacher.path))
+    report = run_training(cfg, progress=False)
+    assert [(role, base["path"]) for role, base in created] == [("sft", cfg.models.base_teacher.path)]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert report is not None

@@ -230,3 +230,18 @@ def test_student_plus_is_cached_deterministic_and_style_shift_only(tmp_path: Pat
     raw["embedded"] = _reduced(tmp_path / "a").model_dump(mode="json")
     with pytest.raises(ConfigError, match="student_plus exists on the style_shift preset only"):
         resolve_model_paths(config_from_dict(raw))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The SFT teacher as a LoRA adapter (embedded.sft_teacher: lora)
+
+
+def test_lora_keys_enter_the_build_key_only_for_a_lora_build(tmp_path: Path) -> None:
+    """embedded.sft_teacher: lora gets its own directory; a full build ignores the lora keys (its directory, and
+    every existing cache, stay as they were). The LoRA build itself runs in test_deploy_configs.py
+    (`test_tiny_lora_trains_with_one_pair_actor`)."""
+    full = _reduced(tmp_path)
+    assert build_key(full) == build_key(_reduced(tmp_path, lora_rank=4, lora_lr=1.0))
+    lora = _reduced(tmp_path, sft_teacher="lora")
+    assert build_key(lora) != build_key(full) and build_key(lora) != build_key(_reduced(tmp_path, sft_teacher="lora",
+                                                                                         lora_rank=4))
