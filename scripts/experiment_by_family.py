@@ -10,6 +10,9 @@ config.yaml and final_model); writes a markdown report (stdout, or --out).
   each method's seed-`--seed` final model, the student base and the SFT teacher; per model the share of
   answers that are the reference exactly, that are the terse (base-style) answer exactly (style_shift
   only), and that end with " ." (the sentence style). CPU, a few seconds to a minute per model.
+- `--gaps`: per family, each method's difference from the baseline (`--baseline`, kd by default) with the
+  experiment's 95 % paired t-interval (seeds x that family's examples; `student_worker.research.stats`),
+  raw, no multiplicity correction (a family table is read beside the overall Holm verdicts, not instead).
 
 Embedded data only (the families are the generator's). Numbers are what the models print on this machine.
 """
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("experiment_dir", type=Path)
     p.add_argument("--styles", action="store_true", help="decode with each method's final model (see above)")
     p.add_argument("--seed", type=int, default=0, help="the seed whose final models --styles decodes with")
+    p.add_argument("--gaps", action="store_true", help="per-family paired differences from --baseline (see above)")
+    p.add_argument("--baseline", default="kd")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     exp = json.loads((args.experiment_dir / "experiment.json").read_text())
@@ -99,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
           "mean over seeds and the family's examples", "",
           "| model | " + " | ".join(f"{f} ({counts[f]})" for f in fams) + " |", "|---" * (len(fams) + 1) + "|"]
     md += [f"| {m} | " + " | ".join(f"{v[f]:.3f}" for f in fams) + " |" for m, v in table.items()]
+    if args.gaps and args.baseline in by_method:
+        from student_worker.research.stats import paired_t
+
+        mats = {m: np.asarray([s for _, s in sorted(runs)]) for m, runs in by_method.items()}
+        md += ["", f"## Differences from {args.baseline} per family (95 % paired t-interval, raw)", "",
+               "| method | " + " | ".join(f"{f} ({counts[f]})" for f in fams) + " |", "|---" * (len(fams) + 1) + "|"]
+        for method, mat in mats.items():
+            if method == args.baseline or mat.shape != mats[args.baseline].shape:
+                continue
+            cells = []
+            for f in fams:
+                cols = list(range(len(families))) if f == "all" else [i for i, g in enumerate(families) if g == f]
+                iv = paired_t(mat[:, cols], mats[args.baseline][:, cols])
+                cells.append(f"{iv.mean:+.3f} [{iv.lo:+.3f}, {iv.hi:+.3f}]")
+            md += [f"| {method} | " + " | ".join(cells) + " |"]
     if args.styles:
         models = {"student base": str(cfg.models.student.path), "SFT teacher": str(cfg.models.sft_teacher.path)}
         for method in by_method:

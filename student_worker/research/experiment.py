@@ -14,6 +14,12 @@ in every table and in experiment.json (`methods`, `variants`: its overrides); it
 training are in student_worker/research/diagnostics.py; the aggregates, table, experiment.md and plot in
 student_worker/research/outputs.py (their public names are importable from here too).
 
+Worlds are `--set` keys, shared by every run (a variant may not change the models): issue 23's world B puts
+S0+ (the style_shift student base fine-tuned on its own terse answers, built and cached on first use by
+common.tiny_world.build.build_student_plus) in place with `--set "models.student={path: 'embedded:student_plus'}"`
+(start and frozen base) or `--set "models.student_base={path: 'embedded:student_plus'}"` (frozen scorer
+only); docs/EXPERIMENT.md has the commands. Without them nothing changes.
+
 Every run uses the same config (same student base, data and budget) except `loss.method`, `seed`
 (seeds `seed, seed+1, ...`) and a variant's own overrides. Runs go one after another in this process
 through `run_training`, on one Ray cluster, attached to ONE teacher pool that the experiment starts (or, with `teachers.attach: true` in the
