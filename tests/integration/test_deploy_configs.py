@@ -342,9 +342,9 @@ def test_tiny_lora_trains_with_one_pair_actor(ray_cluster: dict, tmp_path: Path,
     created: list[tuple[str, Any]] = []
     create = TeacherPool._create
 
-    def spy(cfg, role, spec, i, detached, faults=None, pair_base=None):
+    def spy(cfg, role, spec, i, detached, faults=None, group=None, pair_base=None):
         created.append((role, pair_base))
-        return create(cfg, role, spec, i, detached, faults, pair_base)
+        return create(cfg, role, spec, i, detached, faults, group, pair_base)
 
     monkeypatch.setattr(TeacherPool, "_create", staticmethod(spy))
     shape = "{hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32}"
