@@ -302,15 +302,14 @@ class Driver:
         A storage failure (full disk, EIO) in any part removes `tmp` and raises CheckpointWriteError."""
         failed: BaseException | None = None
         errors: list[tuple[int, BaseException]] = []
-        for rank, ref in enumerate(saves):
+        for rank, ref in enumerate(saves):  # every rank's part is waited for before deciding
             try:
                 ray.get(ref)
-            except Exception as exc:  # every rank's part is waited for before deciding (see below)
+            except Exception as exc:
                 errors.append((rank, exc))
-        for rank, exc in errors:
+        for rank, exc in sorted(errors, key=lambda e: not isinstance(e[1], ACTOR_GONE)):  # a dead rank first
             if isinstance(exc, ACTOR_GONE):  # the .tmp directory is left behind and never read
                 raise WorkerCrash(rank, exc) from exc
-        for rank, exc in errors:
             if ckpt.io_error_of(exc) is not None:
                 failed = failed or exc
             elif self.cfg.training.strategy == "fsdp2":  # a sharded save is a collective: a rank that broke

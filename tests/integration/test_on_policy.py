@@ -149,8 +149,10 @@ def _regenerate_and_gather(cfg_dict: dict[str, Any], prompts: list[list[list[int
     return {"samples": samples, "base_logprobs": lp.numpy(), "base_tail": tail.numpy()}
 
 
-def test_teachers_score_the_students_own_samples(tiny, service, tmp_path) -> None:
-    """seed 2, fraction 0.5: steps 0, 1 and 3 are on-policy, step 2 is not (is_on_policy_step)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_teachers_score_the_students_own_samples(tiny, service, tmp_path, strategy: str) -> None:
+    """seed 2, fraction 0.5: steps 0, 1 and 3 are on-policy, step 2 is not (is_on_policy_step). fsdp2: each
+    rank samples from a gathered copy of the sharded student; the samples must be the plain model's."""
     from student_worker.driver import Driver
     from student_worker.on_policy import is_on_policy_step, sampled_batch
 
@@ -173,7 +175,7 @@ def test_teachers_score_the_students_own_samples(tiny, service, tmp_path) -> Non
 
     out = tmp_path / "mixed"
     cfg = _cfg(tiny, service, out, "seed=2", "training.max_steps=4", "training.on_policy.fraction=0.5",
-               "training.on_policy.max_new_tokens=6", "loss.objective=sampled_token")
+               "training.on_policy.max_new_tokens=6", "loss.objective=sampled_token", f"training.strategy={strategy}")
     kinds = [is_on_policy_step(cfg.training.on_policy, cfg.seed, s) for s in range(4)]
     assert kinds == [True, True, False, True]
     driver = RecordingDriver(cfg, progress=False)

@@ -6,7 +6,8 @@ One 2-rank run checks, against the same tiny random Llama unsharded in this proc
   reduce-scattered back to the shards) equal a single process's on the whole batch, to fp32 rounding;
 - `gathered_copy` (what on-policy sampling and evaluation use) is the unsharded model: identical logits and
   the same greedy generation on every rank, and the sharded model is untouched;
-- `full_state_dict(rank0_only=True)` gives rank 0 every weight, the other rank nothing.
+- `full_state_dict(rank0_only=True)` gives rank 0 every weight, the other rank nothing;
+- a root unit set to reshard after its forward leaves the LM head sharded: `model_output` refuses it.
 The end-to-end runs (fsdp2 vs ddp, faults, resume) are in tests/integration/test_faults.py.
 """
 
@@ -54,7 +55,7 @@ def _rank(rank: int, address: str, out: str) -> None:
 def _rank_run(rank: int, tie: bool) -> dict:
     from common.config import LossConfig
     from student_worker import sharding
-    from student_worker.train_step import loss_forward_module, train_step
+    from student_worker.train_step import TrainStepError, loss_forward_module, model_output, train_step
 
     device = torch.device("cpu")
     lm = _tiny_llama(tie)
@@ -74,8 +75,15 @@ def _rank_run(rank: int, tie: bool) -> dict:
                                   pad_token_id=0).tolist()
     still_sharded = all(hasattr(p, "to_local") for p in lm.parameters())
     state = sharding.full_state_dict(lm, rank0_only=True)
+    root.set_reshard_after_forward(True)  # the root unit would reshard after its forward: the head is a shard
+    try:
+        with torch.no_grad():
+            model_output(root, mine)
+        refused = ""
+    except TrainStepError as exc:
+        refused = str(exc)
     return {"loss_sum": metrics["loss_sum"], "grads": grads, "logits": logits, "generated": generated,
-            "still_sharded": still_sharded, "state_keys": sorted(state)}
+            "still_sharded": still_sharded, "state_keys": sorted(state), "refused": refused}
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +130,8 @@ def test_sharded_step_gathered_copy_and_full_state_dict(two_ranks: list[dict], t
         assert torch.equal(torch.tensor(g["logits"]), logits)  # the same weights, the same kernels: exact
         assert g["generated"] == generated.tolist() and g["still_sharded"]
     assert got[0]["state_keys"] == sorted(lm.state_dict()) and got[1]["state_keys"] == []
+    for g in got:  # a head that is still a shard is refused, not used with a gradient that skips the reduction
+        assert "the LM head is still sharded after the forward" in g["refused"]
 
 
 def test_a_model_without_decoder_layers_is_refused_naming_it() -> None:
