@@ -24,7 +24,7 @@ import pytest
 import ray
 
 from common.config import RunConfig, dump_config
-from tests.integration.test_student_training import make_cfg, read_rows, tiny_setup, write_jsonl
+from tests.integration.test_student_training import make_cfg, read_rows, write_jsonl
 from tests.tiny import make_llama, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,8 +85,8 @@ def test_unwritable_output_dir_exits_2_through_the_cli(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- CLI in-process
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("bad_input"))
+def tiny(tiny_world):
+    return tiny_world  # the session's tiny world (tests/integration/conftest.py); read only here
 
 
 def _main(cfg: RunConfig, tmp: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

@@ -53,8 +53,6 @@ from tests.integration.test_student_training import (
     load_weights,
     make_cfg,
     read_rows,
-    teacher_service,
-    tiny_setup,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,15 +66,15 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("faults"))
+def tiny(tiny_world):
+    return tiny_world  # the session's tiny world (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tiny, tmp_path_factory):
-    """A restartable teacher service shared by every run of the module: (tag, overrides that attach)."""
-    yield from teacher_service(tiny, tmp_path_factory.mktemp("svc"),
-                               ["teachers.max_restarts=2", "teachers.max_task_retries=-1"])
+def service(session_teachers):
+    """The session's restartable teacher service (tests/integration/session_teachers.py), shared by every run
+    of the module: (tag, overrides that attach)."""
+    return session_teachers.ensure()
 
 
 def _cfg(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, extra: list[str] | None = None) -> RunConfig:
@@ -388,10 +386,10 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
 
 
 def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
-        tiny, service, reference, ray_cluster, tmp_path) -> None:
-    """Runs LAST: kills the module's teacher service for good, then starts it again for the resume."""
+        tiny, service, reference, ray_cluster, session_teachers, tmp_path) -> None:
+    """Runs LAST: kills the module's teacher service for good, then starts it again for the resume (and for
+    the service's later users: it is the session's, tests/integration/session_teachers.py)."""
     from student_worker.driver import run_training
-    from teacher_service import TeacherPool
     from teacher_service.naming import replica_name
 
     out = tmp_path / "run"
@@ -413,17 +411,9 @@ def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     assert latest is not None and ckpt.read_state(latest)["step"] == done  # every completed step kept
 
-    # The service comes back (same names): stop what is left of it, start it again, resume.
-    ray.kill(ray.get_actor(replica_name(prefix, "sft", 0), namespace=ns), no_restart=True)
-    deadline = time.monotonic() + 60
-    while any(a["namespace"] == ns and a["name"].startswith(prefix)
-              for a in ray.util.list_named_actors(all_namespaces=True)):
-        assert time.monotonic() < deadline, "old teacher names were not released"
-        time.sleep(0.1)
-    pool = TeacherPool.start(make_cfg(tiny, tmp_path / "svc2", RUN_OVERRIDES, tag=service[0]))
-    try:
-        report = run_training(cfg, resume=True, progress=False)
-    finally:
-        pool.shutdown()
+    # The service comes back (same names): stop what is left of it (the sft replica), wait until the names
+    # are released, start it again (SessionTeachers.restart), resume.
+    assert session_teachers.restart() == service
+    report = run_training(cfg, resume=True, progress=False)
     assert report["steps"] == STEPS
     _assert_same_as_reference(out, reference)
