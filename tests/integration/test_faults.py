@@ -221,7 +221,8 @@ def test_killed_student_worker_is_restored_from_the_last_checkpoint(
     _assert_same_as_reference(out, reference)  # rows of the replayed steps replaced, not duplicated
 
 
-def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, reference, ray_cluster, tmp_path) -> None:
+def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, reference, ray_cluster, tmp_path,
+                                                        capsys) -> None:
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out)
     proc, _ = _train_cli(cfg, tmp_path, ray_cluster, log_name="a.log", faults=DELAYED)
@@ -235,9 +236,13 @@ def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, reference
     assert (out / "final_model").exists() is False
     assert ckpt.latest_checkpoint(out / "checkpoints") is not None
 
-    resumed, log = _train_cli(cfg, tmp_path, ray_cluster, "--resume", log_name="b.log")
-    _, stderr = resumed.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    assert resumed.returncode == 0, f"--resume failed:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
+    # `--resume` through the CLI's main() in this process, with the config file the killed driver ran (on the
+    # session cluster: no second interpreter start-up to pay; the killed driver was the real CLI process)
+    from student_worker.train import main
+
+    capsys.readouterr()
+    code = main(["--config", str(tmp_path / "a.log.yaml"), "--resume", "--no-progress"])
+    assert code == 0, f"--resume failed:\n{capsys.readouterr().err[-3000:]}"
     _assert_same_as_reference(out, reference)
 
 
