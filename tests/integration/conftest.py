@@ -101,6 +101,33 @@ def end_groups(groups: list[int], grace_s: float = 5.0) -> None:
     signal_all(signal.SIGKILL)  # the stack's teardown then reaps each leader and removes the temp dirs
 
 
+# The shared tiny world and its one teacher service (tests/integration/session_teachers.py): every module that
+# trains against attached teachers uses these instead of building models and starting teachers of its own.
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """tiny_setup's models and data, built once (read-only: a test that needs a changed copy makes one)."""
+    from tests.integration.test_student_training import tiny_setup
+
+    return tiny_setup(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture(scope="session")
+def session_teachers(ray_cluster, tiny_world, tmp_path_factory) -> Iterator:
+    from tests.integration.session_teachers import SessionTeachers
+
+    teachers = SessionTeachers(tiny_world, tmp_path_factory.mktemp("session_svc"))
+    try:
+        yield teachers
+    finally:
+        teachers.shutdown()
+
+
+# Modules that end the shared teacher service for good without starting it again run after its other users.
+KILLS_SESSION_TEACHERS = ("test_resume.py",)
+
+
 def pytest_collection_modifyitems(items: list) -> None:
-    """Tests on the dashboard head last (stable order otherwise), so the head starts once and late."""
-    items.sort(key=lambda item: "dashboard_head" in getattr(item, "fixturenames", ()))
+    """Tests on the dashboard head last (stable order otherwise), so the head starts once and late; before
+    them, the modules that end the session's teacher service for good."""
+    items.sort(key=lambda item: ("dashboard_head" in getattr(item, "fixturenames", ()),
+                                 item.path.name in KILLS_SESSION_TEACHERS))

@@ -1,10 +1,11 @@
 """Bad input: a clear error naming the culprit, a non-zero exit, and nothing already written lost.
 
 Config and argument errors go through the real CLI in a subprocess (`python -m student_worker.train`; they
-fail in about a second, before Ray or any model). Data, tokenizer, k and resume errors go through the same
-CLI entry point in-process (`student_worker.train.main`, stderr captured), attached to the session cluster:
-they fail in the driver's preflight, before anything is written. Every failing command runs against an
-output directory that already holds a previous run's files, and must leave them byte-identical.
+fail in about a second, before Ray or any model; the module's CLI runs start together). Data, tokenizer, k
+and resume errors go through the same CLI entry point in-process (`student_worker.train.main`, stderr
+captured), attached to the session cluster: they fail in the driver's preflight, before anything is
+written. Every failing command runs against an output directory that already holds a previous run's files,
+and must leave them byte-identical.
 
 Two inputs must NOT be rejected: over-long examples under `data.overlong=truncate` are cut, and models whose
 padded embedding rows differ (152064 vs 151936 style) train. A teacher returning NaN stops the run (exit 3)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import pytest
 import ray
 
 from common.config import RunConfig, dump_config
-from tests.integration.test_student_training import make_cfg, read_rows, tiny_setup, write_jsonl
+from tests.integration.test_student_training import make_cfg, read_rows, write_jsonl
 from tests.tiny import make_llama, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,38 +57,73 @@ CONFIG_CASES = {
 }
 
 
+UNWRITABLE = "unwritable output dir"
+CLI_TESTS = ("test_config_errors_exit_2_through_the_cli", "test_unwritable_output_dir_exits_2_through_the_cli")
+
+
+@pytest.fixture(scope="module")
+def cli_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The CLI subprocesses of the tests below, all started when the first of those tests runs: each is a
+    fresh interpreter that imports torch and Ray and then fails its check, so on 2 cores two side by side take
+    about the time of one. Only the cases pytest selected are started; each test waits for and checks its own."""
+    wanted = {item.callspec.params["case"] if hasattr(item, "callspec") else UNWRITABLE
+              for item in request.session.items if getattr(item, "originalname", None) in CLI_TESTS}
+    root = tmp_path_factory.mktemp("cli")
+    runs: dict[str, Any] = {}
+    try:
+        for i, case in enumerate(sorted(wanted)):
+            tmp = root / f"case{i}"
+            tmp.mkdir()
+            if case == UNWRITABLE:  # tests run as root, so chmod cannot make a directory unwritable: put the
+                afile = tmp / "afile"  # output under a regular FILE
+                afile.write_text("a file, not a directory")
+                args, out, before = [], afile / "out", None
+            else:
+                args, out = CONFIG_CASES[case][0], tmp / "out"
+                before = _previous_run(out)
+            argv = [sys.executable, "-m", "student_worker.train", "--config", str(TINY_YAML), *args,
+                    "--output-dir", str(out), "--no-progress"]
+            proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            runs[case] = {"argv": argv, "proc": proc, "out": out, "before": before, "tmp": tmp}
+        yield runs
+    finally:
+        for run in runs.values():
+            if run["proc"].poll() is None:
+                run["proc"].kill()
+                run["proc"].wait()
+
+
+def _finished(run: dict[str, Any]) -> subprocess.CompletedProcess:
+    if "done" not in run:
+        stdout, stderr = run["proc"].communicate(timeout=120)
+        run["done"] = subprocess.CompletedProcess(run["argv"], run["proc"].returncode, stdout, stderr)
+    return run["done"]
+
+
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
-def test_config_errors_exit_2_through_the_cli(case: str, tmp_path: Path) -> None:
-    args, expected = CONFIG_CASES[case]
-    out = tmp_path / "out"
-    before = _previous_run(out)
-    proc = subprocess.run([sys.executable, "-m", "student_worker.train", "--config", str(TINY_YAML), *args,
-                           "--output-dir", str(out), "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_config_errors_exit_2_through_the_cli(case: str, cli_runs: dict[str, Any]) -> None:
+    _, expected = CONFIG_CASES[case]
+    run = cli_runs[case]
+    proc = _finished(run)
     assert proc.returncode == 2, f"{case}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     for text in expected:
         assert text in proc.stderr, f"{case}: {text!r} not in stderr:\n{proc.stderr}"
-    assert _snapshot(out) == before
+    assert _snapshot(run["out"]) == run["before"]
 
 
-def test_unwritable_output_dir_exits_2_through_the_cli(tmp_path: Path) -> None:
-    """Tests run as root, so chmod cannot make a directory unwritable: put the output under a regular FILE."""
-    afile = tmp_path / "afile"
-    afile.write_text("a file, not a directory")
-    out = afile / "out"
-    proc = subprocess.run([sys.executable, "-m", "student_worker.train", "--config", str(TINY_YAML),
-                           "--output-dir", str(out), "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_unwritable_output_dir_exits_2_through_the_cli(cli_runs: dict[str, Any]) -> None:
+    run = cli_runs[UNWRITABLE]
+    proc = _finished(run)
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert f"output directory {out} is not writable" in proc.stderr, proc.stderr
-    assert afile.read_text() == "a file, not a directory"
+    assert f"output directory {run['out']} is not writable" in proc.stderr, proc.stderr
+    assert (run["tmp"] / "afile").read_text() == "a file, not a directory"
 
 
 # ---------------------------------------------------------------------------------------------- CLI in-process
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("bad_input"))
+def tiny(tiny_world):
+    return tiny_world  # the session's tiny world (tests/integration/conftest.py); read only here
 
 
 def _main(cfg: RunConfig, tmp: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

@@ -27,7 +27,7 @@ import pytest
 
 from common.config import dump_config
 from tests.integration.ray_head import free_ports
-from tests.integration.test_student_training import make_cfg, tiny_setup
+from tests.integration.test_student_training import make_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 300
@@ -35,8 +35,8 @@ BOUND_S = 30.0  # issue 22: an attaching run stops in under 30 s (the probe's ow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("discovery"))
+def tiny(tiny_world):
+    return tiny_world  # the session's tiny world (tests/integration/conftest.py); read only here
 
 
 @pytest.fixture

@@ -57,8 +57,6 @@ from tests.integration.test_student_training import (
     load_weights,
     make_cfg,
     read_rows,
-    teacher_service,
-    tiny_setup,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,15 +80,15 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("faults"))
+def tiny(tiny_world):
+    return tiny_world  # the session's tiny world (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tiny, tmp_path_factory):
-    """A restartable teacher service shared by every run of the module: (tag, overrides that attach)."""
-    yield from teacher_service(tiny, tmp_path_factory.mktemp("svc"),
-                               ["teachers.max_restarts=2", "teachers.max_task_retries=-1"])
+def service(session_teachers):
+    """The session's restartable teacher service (tests/integration/session_teachers.py), shared by every run
+    of the module: (tag, overrides that attach)."""
+    return session_teachers.ensure()
 
 
 def _cfg(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, extra: list[str] | None = None) -> RunConfig:
@@ -255,7 +253,7 @@ def test_killed_student_worker_is_restored_from_the_last_checkpoint(
 
 
 def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, strategy_reference, ray_cluster,
-                                                         tmp_path) -> None:
+                                                         tmp_path, capsys) -> None:
     reference = strategy_reference
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out, reference["extra"])
@@ -270,9 +268,13 @@ def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, strategy_
     assert (out / "final_model").exists() is False
     assert ckpt.latest_checkpoint(out / "checkpoints") is not None
 
-    resumed, log = _train_cli(cfg, tmp_path, ray_cluster, "--resume", log_name="b.log")
-    _, stderr = resumed.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    assert resumed.returncode == 0, f"--resume failed:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
+    # `--resume` through the CLI's main() in this process, with the config file the killed driver ran (on the
+    # session cluster: no second interpreter start-up to pay; the killed driver was the real CLI process)
+    from student_worker.train import main
+
+    capsys.readouterr()
+    code = main(["--config", str(tmp_path / "a.log.yaml"), "--resume", "--no-progress"])
+    assert code == 0, f"--resume failed:\n{capsys.readouterr().err[-3000:]}"
     _assert_same_as_reference(out, reference)
 
 
@@ -454,10 +456,10 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
 
 
 def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
-        tiny, service, reference, ray_cluster, tmp_path) -> None:
-    """Runs LAST: kills the module's teacher service for good, then starts it again for the resume."""
+        tiny, service, reference, ray_cluster, session_teachers, tmp_path) -> None:
+    """Runs LAST: kills the module's teacher service for good, then starts it again for the resume (and for
+    the service's later users: it is the session's, tests/integration/session_teachers.py)."""
     from student_worker.driver import run_training
-    from teacher_service import TeacherPool
     from teacher_service.naming import replica_name
 
     out = tmp_path / "run"
@@ -479,17 +481,9 @@ def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     assert latest is not None and ckpt.read_state(latest)["step"] == done  # every completed step kept
 
-    # The service comes back (same names): stop what is left of it, start it again, resume.
-    ray.kill(ray.get_actor(replica_name(prefix, "sft", 0), namespace=ns), no_restart=True)
-    deadline = time.monotonic() + 60
-    while any(a["namespace"] == ns and a["name"].startswith(prefix)
-              for a in ray.util.list_named_actors(all_namespaces=True)):
-        assert time.monotonic() < deadline, "old teacher names were not released"
-        time.sleep(0.1)
-    pool = TeacherPool.start(make_cfg(tiny, tmp_path / "svc2", RUN_OVERRIDES, tag=service[0]))
-    try:
-        report = run_training(cfg, resume=True, progress=False)
-    finally:
-        pool.shutdown()
+    # The service comes back (same names): stop what is left of it (the sft replica), wait until the names
+    # are released, start it again (SessionTeachers.restart), resume.
+    assert session_teachers.restart() == service
+    report = run_training(cfg, resume=True, progress=False)
     assert report["steps"] == STEPS
     _assert_same_as_reference(out, reference)

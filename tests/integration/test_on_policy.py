@@ -39,8 +39,6 @@ from tests.integration.test_student_training import (
     load_weights,
     make_cfg,
     read_rows,
-    teacher_service,
-    tiny_setup,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,15 +52,15 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("onpolicy"))
+def tiny(tiny_world):
+    return tiny_world  # the session's tiny world (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tiny, tmp_path_factory):
-    """A restartable teacher service every run attaches to: (tag, overrides that attach)."""
-    yield from teacher_service(tiny, tmp_path_factory.mktemp("svc"),
-                               ["teachers.max_restarts=2", "teachers.max_task_retries=-1"])
+def service(session_teachers):
+    """The session's restartable teacher service every run attaches to (tests/integration/session_teachers.py):
+    (tag, overrides that attach)."""
+    return session_teachers.ensure()
 
 
 def _cfg(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, *overrides: str) -> RunConfig:

@@ -14,21 +14,19 @@ from tests.integration.test_student_training import (
     load_weights,
     make_cfg,
     read_rows,
-    teacher_service,
-    tiny_setup,
 )
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("resume"))
+def tiny(tiny_world):
+    return tiny_world  # the session's tiny world (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def teachers(ray_cluster, tiny, tmp_path_factory):
-    # No restarts: the last test kills a teacher and expects it to stay dead.
-    yield from teacher_service(tiny, tmp_path_factory.mktemp("svc"),
-                               ["teachers.max_restarts=0", "teachers.max_task_retries=0"])
+def teachers(session_teachers):
+    # The session's teacher service: the last test kills a teacher with no_restart=True, so it stays dead
+    # (this module runs after the service's other users: KILLS_SESSION_TEACHERS in conftest.py).
+    return session_teachers.ensure()
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(ray_cluster, tiny, teachers, tmp_path):

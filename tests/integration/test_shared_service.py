@@ -3,12 +3,12 @@
 On the session's private head (`dashboard_head`, tests/integration/conftest.py; token auth on, its own
 token): the README's "teacher service, from Python" lines run as written (`.venv/bin/python` -> this
 interpreter; the lines that create the token, start and stop the head are what `local_ray_head` does, and
-RAY_ADDRESS stands in for the address `ray start` records on the host). First, `serve` from a shell
-without RAY_AUTH_MODE=token must stop with exit 2 and the one message saying what to set. Then `serve`
-starts the tiny teachers as detached named actors; `status` answers; the README's Python client block
-runs; the README's training command (attach) and a second job with another seed run at the same time
-and both finish; `status` counts the calls of both; `stop` ends the service, after which `status`
-fails naming the namespace.
+RAY_ADDRESS stands in for the address `ray start` records on the host). `serve` from a shell without
+RAY_AUTH_MODE=token must stop with exit 2 and the one message saying what to set, while `serve` (beside it)
+starts the tiny teachers as detached named actors; `status` answers and the README's Python client block
+runs (side by side); the README's training command (attach) and a second job with another seed run at the
+same time and both finish; `status` counts the calls of both; `stop` ends the service, after which
+`status` fails naming the namespace.
 """
 
 from __future__ import annotations
@@ -64,6 +64,24 @@ def _run(argv: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProc
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, **kw)
 
 
+def _run_together(*commands: tuple[list[str], dict[str, str]]) -> list[subprocess.CompletedProcess]:
+    """Independent commands at once (each is a fresh interpreter importing torch and Ray: on 2 cores two of
+    them side by side take about the time of one); their results in the given order."""
+    procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv, env in commands]
+    done = []
+    try:
+        for (argv, _), proc in zip(commands, procs):
+            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+            done.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
 def test_readme_flow_and_two_students_share_one_teacher_service(dashboard_head: LocalHead, tmp_path: Path) -> None:
     from common.config import load_config
     from common.tiny_world.build import resolve_model_paths
@@ -79,21 +97,22 @@ def test_readme_flow_and_two_students_share_one_teacher_service(dashboard_head: 
     env = {**head.env, "RAY_ADDRESS": head.gcs_address}
     # 1. A shell without RAY_AUTH_MODE=token: one clear message, exit 2. Ray would retry the refused
     # connection 20 times, 1 s apart (RAY_NUM_REDIS_GET_RETRIES); 3 tries are refused the same way.
+    # It runs beside step 2's `serve` (it cannot connect, so it changes nothing there).
     no_auth = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"} | {"RAY_NUM_REDIS_GET_RETRIES": "3"}
-    refused = _run(_argv(serve, namespace), no_auth)
+    refused, served = _run_together((_argv(serve, namespace), no_auth), (_argv(serve, namespace), env))
     assert refused.returncode == 2, f"{refused.returncode}\n{refused.stdout}\n{refused.stderr[-3000:]}"
     err = refused.stderr.strip().splitlines()
     assert any(line.startswith(f"error: cannot connect to the Ray cluster at '{head.gcs_address}'") for line in err)
     assert "export RAY_AUTH_MODE=token" in refused.stderr and "Traceback" not in refused.stderr
 
-    # 2. The README's lines as typed.
-    served = _run(_argv(serve, namespace), env)
+    # 2. The README's lines as typed (`status` and the Python client only read the service: side by side).
     assert served.returncode == 0, f"serve failed:\n{served.stdout}\n{served.stderr}"
     assert namespace in served.stdout
-    status = _run(_argv(status_cmd, namespace), env)
+    status, client = _run_together(
+        (_argv(status_cmd, namespace), env),
+        ([sys.executable, "-c", python_block.replace('"deltakd-tiny"', repr(namespace))
+          + "\nprint('shapes', ids.shape, base_logprobs.shape, record.batch_id is not None)"], env))
     assert status.returncode == 0 and "sft: 1 replica(s)" in status.stdout, status.stdout + status.stderr
-    client = _run([sys.executable, "-c", python_block.replace('"deltakd-tiny"', repr(namespace))
-                   + "\nprint('shapes', ids.shape, base_logprobs.shape, record.batch_id is not None)"], env)
     assert client.returncode == 0 and "shapes" in client.stdout, f"{client.stdout}\n{client.stderr[-3000:]}"
 
     # 3. The README's training command and a second job (another seed) at once, both attached.

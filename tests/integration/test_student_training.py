@@ -84,15 +84,16 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_setup(tmp_path_factory.mktemp("student"))
+def tiny(tiny_world):
+    return tiny_world  # the session's tiny world (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def shared_teachers(ray_cluster, tiny, tmp_path_factory):
-    """One teacher pool for several runs (they attach by namespace, as to a long-lived service): starting
-    teachers costs ~20 s on 2 cores, training a few steps ~1 s each. Yields the overrides that attach."""
-    yield from teacher_service(tiny, tmp_path_factory.mktemp("svc"))
+def shared_teachers(session_teachers):
+    """One teacher service for several runs (they attach by namespace, as to a long-lived service): starting
+    teachers costs ~20 s on 2 cores, training a few steps ~1 s each. The session's service
+    (tests/integration/session_teachers.py); (tag, overrides that attach)."""
+    return session_teachers.ensure()
 
 
 def teacher_service(paths: dict[str, Path], out: Path, overrides: list[str] | None = None):

@@ -37,8 +37,6 @@ from tests.integration.test_student_training import (
     comparable,
     make_cfg,
     read_rows,
-    teacher_service,
-    tiny_setup,
 )
 from tests.tiny import make_llama
 
@@ -51,18 +49,18 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    paths = tiny_setup(root)
-    # a second student of another size with the same tokenizer
-    paths["student_big"] = make_llama(root / "models" / "student_big", paths["tokenizer"], seed=4, hidden_size=24,
-                                      num_layers=3, num_heads=2, intermediate_size=48)
-    return paths
+    # the session's tiny world (tests/integration/conftest.py) and a second student of another size with the
+    # same tokenizer
+    big = make_llama(root / "student_big", tiny_world["tokenizer"], seed=4, hidden_size=24, num_layers=3,
+                     num_heads=2, intermediate_size=48)
+    return {**tiny_world, "student_big": big}
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tiny, tmp_path_factory):
-    yield from teacher_service(tiny, tmp_path_factory.mktemp("svc"))
+def service(session_teachers):
+    return session_teachers.ensure()  # the session's teacher service (tests/integration/session_teachers.py)
 
 
 def cfg_for(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, extra: list[str] | None = None,

@@ -1,0 +1,90 @@
+"""One tiny model set and ONE restartable teacher service for the whole session's training modules.
+
+test_faults, test_on_policy, test_student_training, test_teacher_cache and test_resume all train the same
+tiny world (tests/integration/test_student_training.py's `tiny_setup`: seeded models, the same data) against
+teachers they attach to. Starting a teacher pair costs ~20 s on 2 cores (two processes importing torch and
+loading models), so they share one: the `session_teachers` fixture (tests/integration/conftest.py).
+
+The service is restartable (teachers.max_restarts=2, max_task_retries=-1): tests that kill a teacher with
+`no_restart=False` see Ray restart it. Tests that kill it for good either bring it back with `restart()`
+(test_faults' last test) or run last among its users (test_resume, ordered by conftest); `ensure()` at each
+module's start brings it back if a replica is gone, so a module never depends on what an earlier one did.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+
+OVERRIDES = ["teachers.max_restarts=2", "teachers.max_task_retries=-1"]
+ROLES = ("sft", "base")
+RELEASE_TIMEOUT_S = 60.0
+
+
+class SessionTeachers:
+    """The shared service: `ensure()` -> (tag, overrides that attach), started or restarted as needed."""
+
+    def __init__(self, paths: dict[str, Path], root: Path) -> None:
+        self.paths, self.root = paths, root
+        self.tag = uuid.uuid4().hex[:8]
+        self.pool: Any = None
+        self.starts = 0
+
+    def _cfg(self) -> Any:
+        from tests.integration.test_student_training import make_cfg
+
+        return make_cfg(self.paths, self.root / f"svc{self.starts}", OVERRIDES, tag=self.tag)
+
+    def _handles(self) -> list[Any]:
+        from teacher_service.naming import replica_name
+
+        cfg = self._cfg()
+        found = []
+        for role in ROLES:
+            try:
+                found.append(ray.get_actor(replica_name(cfg.teachers.name_prefix, role, 0),
+                                           namespace=cfg.teachers.namespace))
+            except ValueError:
+                pass
+        return found
+
+    def alive(self) -> bool:
+        handles = self._handles()
+        if len(handles) < len(ROLES):
+            return False
+        try:
+            ray.get([h.health.remote() for h in handles], timeout=60)
+        except Exception:  # dead for good (or not answering): restart
+            return False
+        return True
+
+    def ensure(self) -> tuple[str, list[str]]:
+        if self.pool is None or not self.alive():
+            self.restart()
+        return self.tag, ["teachers.attach=true"]
+
+    def restart(self) -> tuple[str, list[str]]:
+        """Kill what is left of the service (same names), wait until the names are released, start it again."""
+        from teacher_service import TeacherPool
+
+        cfg = self._cfg()
+        ns, prefix = cfg.teachers.namespace, cfg.teachers.name_prefix
+        for h in self._handles():
+            ray.kill(h, no_restart=True)
+        deadline = time.monotonic() + RELEASE_TIMEOUT_S
+        while any(a["namespace"] == ns and a["name"].startswith(prefix)
+                  for a in ray.util.list_named_actors(all_namespaces=True)):
+            assert time.monotonic() < deadline, "old teacher names were not released"
+            time.sleep(0.1)
+        self.starts += 1
+        self.pool = TeacherPool.start(self._cfg())
+        return self.tag, ["teachers.attach=true"]
+
+    def shutdown(self) -> None:
+        for h in self._handles():
+            ray.kill(h, no_restart=True)
+        self.pool = None
