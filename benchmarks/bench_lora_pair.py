@@ -140,7 +140,7 @@ def _pool_figures(paths: dict[str, Path], batch: tuple[np.ndarray, np.ndarray, n
         for _ in range(repeats):
             for kind, p in pools.items():
                 t0 = time.perf_counter()
-                ray.get([p.submit(next(counter), ids, am, lm) for _ in range(batches)])
+                ray.get([p.submit(next(counter), ids, am, lm).ref for _ in range(batches)])
                 times[kind].append(time.perf_counter() - t0)
         tokens = int(am.sum()) * batches
         rates = {n: [tokens / t for t in ts] for n, ts in times.items()}

@@ -64,18 +64,18 @@ def vllm_options(cfg: RunConfig) -> dict[str, Any]:
             "max_model_len": t.vllm.max_model_len, "dtype": t.dtype}
 
 
-def actor_roles(cfg: RunConfig) -> list[str]:
-    """The roles that get actors of their own: every teacher role, less the base of a LoRA pair (its sft
-    replicas answer for it)."""
-    paired = lora_pair_base(cfg) is not None
+def actor_roles(cfg: RunConfig, paired: bool = False) -> list[str]:
+    """The roles that get actors of their own: every teacher role, less the base of a LoRA pair (`paired`:
+    `common.lora.lora_pair_base(cfg)` found one; its sft replicas answer for the base role)."""
     return [r for r in teacher_role_specs(cfg) if not (paired and r == ROLE_BASE)]
 
 
-def check_teacher_layout(cfg: RunConfig, nodes: list[dict[str, float]]) -> None:
+def check_teacher_layout(cfg: RunConfig, nodes: list[dict[str, float]], paired: bool = False) -> None:
     """Refuse (PlacementError, naming the numbers) a teacher layout these nodes cannot hold at once: every
-    replica of every role `TeacherPool.start` would create, each on one node (`placement.check_layout`)."""
+    replica of every role `TeacherPool.start` would create, each on one node (`placement.check_layout`);
+    paired: the SFT teacher is a LoRA adapter of the base (no base replicas of their own)."""
     t = cfg.teachers
-    replicas = sum(t.replicas.get(role, 1) for role in actor_roles(cfg))
+    replicas = sum(t.replicas.get(role, 1) for role in actor_roles(cfg, paired))
     check_layout(replicas, replica_bundle(t.num_gpus, t.num_cpus, t.resources), nodes)
 
 
@@ -120,17 +120,17 @@ class TeacherPool:
         faults: a test's FaultPlan (common/faults.py) handed to every actor; None in production."""
         check_tokenizers(cfg)
         t = cfg.teachers
+        pair_base = lora_pair_base(cfg)  # the base teacher, when the SFT teacher is a LoRA adapter of it
         try:
-            check_teacher_layout(cfg, cluster_nodes())
+            check_teacher_layout(cfg, cluster_nodes(), paired=pair_base is not None)
         except PlacementError as err:
             if t.placement_wait_s <= 0:
                 raise
             print(f"WARNING: {err} now; starting anyway (teachers.placement_wait_s={t.placement_wait_s:g}): "
                   "waiting for an autoscaler to add nodes", flush=True)
-        pair_base = lora_pair_base(cfg)  # the base teacher, when the SFT teacher is a LoRA adapter of it
         handles: dict[str, list[Any]] = {}
         names = {role: [replica_name(t.name_prefix, role, i) for i in range(t.replicas.get(role, 1))]
-                 for role in actor_roles(cfg)}
+                 for role in actor_roles(cfg, pair_base is not None)}
         groups: list[Any] = []
         if needs_group(t.num_gpus):  # every replica's group reserved before any model loads
             groups = reserve_groups([group_name(n) for ns in names.values() for n in ns],

@@ -12,6 +12,7 @@ the Ray actors is a `common.faults.FaultPlan`, which every worker imports from t
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from common.faults import FaultPlan
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("entry", choices=ENTRIES, help="train: student_worker.train; cache: teacher_service.cache")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the entry's own command line")
     args = p.parse_args(argv)
+    # Ctrl-C as a terminal delivers it: a suite started in the background by a non-interactive shell (`cmd &`)
+    # hands its children SIGINT ignored, which Python keeps, and the Ctrl-C test's SIGINT would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         faults = FaultPlan.from_json(args.faults)
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError

@@ -73,6 +73,8 @@ def test_the_pool_counts_every_role() -> None:
     more = config_from_dict(BASE, ["teachers.num_gpus=2", "teachers.replicas={sft: 3, base: 2}"])
     with pytest.raises(PlacementError, match=r"5 x 2 = 10 > 8 GPUs"):
         check_teacher_layout(more, [NODE8])
+    # a LoRA pair: the sft replicas answer for base, so only they take GPUs (3 x 2 = 6 fit where 10 did not)
+    check_teacher_layout(more, [NODE8], paired=True)
 
 
 def test_hf_device_map_of_a_four_gpu_replica() -> None:
