@@ -113,7 +113,7 @@ def test_delta_kd_two_workers_trains_and_writes_everything(ray_cluster, tiny, sh
     from student_worker.driver import run_training
 
     # attached to the module's teachers (it only reads them); runs that start their own teachers:
-    # test_job_submit, test_cluster_topology, the bench_e2e smoke
+    # test_job_submit, the bench_e2e smoke
     tag, attach = shared_teachers
     out = tmp_path / "run"
     cfg = make_cfg(tiny, out, attach + ["evaluation.enabled=true", "training.max_steps=12",
