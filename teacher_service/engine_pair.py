@@ -68,17 +68,11 @@ class PairEngine(TeacherEngine):
     def from_peft(cls, peft_model: Any, vocab_size: int, chunk_tokens: int = 1024, name: str | None = None,
                   fingerprint: str = "") -> PairEngine:
         """A pair over a PeftModel already in memory (tests, benchmarks): no tokenizer, `encode` unavailable."""
-        engine = cls.__new__(cls)
-        engine.spec = engine.base_spec = None
-        engine.name = name or f"in-memory-pair-{type(peft_model.get_base_model()).__name__}"
-        first = next(peft_model.parameters())
-        engine.device, engine.dtype = first.device, first.dtype
-        engine.chunk_tokens = int(chunk_tokens)
-        engine.num_gpus = 1
-        engine.tokenizer = None
-        engine.vocab_size, engine.fingerprint = int(vocab_size), fingerprint
+        base = peft_model.get_base_model()  # the base model with the LoRA layers injected in place
+        engine = cls.from_model(base, vocab_size, chunk_tokens, name or f"in-memory-pair-{type(base).__name__}",
+                                fingerprint)
+        engine.base_spec = None
         engine.peft = peft_model.eval()
-        engine._use_model(peft_model.get_base_model())
         return engine
 
     @contextmanager

@@ -30,9 +30,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -154,37 +155,52 @@ def _name_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
     file.write_text(json.dumps(conf, indent=2, sort_keys=True))
 
 
-def build_embedded_models(ecfg: EmbeddedConfig, progress: bool = True) -> dict[str, Path]:
-    """Paths by role (tokenizer, base_teacher, sft_teacher, student) of the cached build, building if needed."""
-    root = cache_root(ecfg)
-    key = build_key(ecfg)
-    final = root / f"embedded-{key}"
-    if _is_complete(final, key):
-        return role_paths(final)
-    with _file_lock(root / f"embedded-{key}.lock"):
-        if _is_complete(final, key):  # another process finished it while we waited
-            return role_paths(final)
+def _build_once(root: Path, name: str, complete: Callable[[Path], bool],
+                build: Callable[[Path, Path], dict[str, Any]], threads: int | None, what: str) -> Path:
+    """`root/name`, built at most once across processes: `complete(dir)` says whether a finished copy reads
+    back; `build(tmp, final)` writes the models into `tmp` (with `threads` torch threads) and returns the
+    marker's fields (the compute settings are added), then `tmp` is renamed to `final` in one step. Under the
+    lock a half-written `final` and the temp dirs of a killed builder are removed first."""
+    final = root / name
+    if complete(final):
+        return final
+    with _file_lock(root / f"{name}.lock"):
+        if complete(final):  # another process finished it while we waited
+            return final
         if final.exists():  # half-written or corrupted: never used, rebuilt from scratch
             shutil.rmtree(final)
-        # Holding the lock, no one else builds this key: temp dirs left by a killed builder are garbage.
-        for stale in root.glob(f".tmp-embedded-{key}-*"):
+        # Holding the lock, no one else builds this name: temp dirs left by a killed builder are garbage.
+        for stale in root.glob(f".tmp-{name}-*"):
             shutil.rmtree(stale)
-        tmp = root / f".tmp-embedded-{key}-{os.getpid()}"
+        tmp = root / f".tmp-{name}-{os.getpid()}"
         try:
-            with _torch_threads(ecfg.build_threads):
-                build_into = build_style_into if ecfg.preset == "style_shift" else build_format_into
-                info = build_into(ecfg, tmp, progress)
-                info["compute"] = compute_info()
-            if ecfg.sft_teacher == "lora":  # the adapter names its base where the base will be, not in tmp
-                _name_adapter_base(role_paths(tmp)["sft_teacher"], role_paths(final)["base_teacher"])
-            (tmp / _MARKER).write_text(json.dumps({"key": key, "version": BUILD_VERSION,
-                                                   "embedded": ecfg.model_dump(mode="json"), **info}, indent=2))
+            with _torch_threads(threads):
+                marker = build(tmp, final)
+                marker["compute"] = compute_info()
+            (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    if not _is_complete(final, key):
-        raise EmbeddedBuildError(f"embedded build in {final} finished but does not read back")
+    if not complete(final):
+        raise EmbeddedBuildError(f"{what} in {final} finished but does not read back")
+    return final
+
+
+def build_embedded_models(ecfg: EmbeddedConfig, progress: bool = True) -> dict[str, Path]:
+    """Paths by role (tokenizer, base_teacher, sft_teacher, student) of the cached build, building if needed."""
+    root = cache_root(ecfg)
+    key = build_key(ecfg)
+
+    def build(tmp: Path, final: Path) -> dict[str, Any]:
+        build_into = build_style_into if ecfg.preset == "style_shift" else build_format_into
+        info = build_into(ecfg, tmp, progress)
+        if ecfg.sft_teacher == "lora":  # the adapter names its base where the base will be, not in tmp
+            _name_adapter_base(role_paths(tmp)["sft_teacher"], role_paths(final)["base_teacher"])
+        return {"key": key, "version": BUILD_VERSION, "embedded": ecfg.model_dump(mode="json"), **info}
+
+    final = _build_once(root, f"embedded-{key}", lambda d: _is_complete(d, key), build, ecfg.build_threads,
+                        "embedded build")
     return role_paths(final)
 
 
@@ -222,31 +238,13 @@ def build_student_plus(ecfg: EmbeddedConfig, steps: int | None = None, progress:
     base = build_embedded_models(ecfg, progress)
     root = cache_root(ecfg)
     key = student_plus_key(ecfg, steps)
-    name = f"embedded-{build_key(ecfg)}-student_plus-{key}"
-    final = root / name
-    if _model_complete(final, key):
-        return final
-    with _file_lock(root / f"{name}.lock"):
-        if _model_complete(final, key):
-            return final
-        if final.exists():
-            shutil.rmtree(final)
-        for stale in root.glob(f".tmp-{name}-*"):
-            shutil.rmtree(stale)
-        tmp = root / f".tmp-{name}-{os.getpid()}"
-        try:
-            with _torch_threads(ecfg.build_threads):
-                info = train_student_plus_into(ecfg, base["student"], tmp, steps, progress)
-                info["compute"] = compute_info()
-            (tmp / _MARKER).write_text(json.dumps({"key": key, "version": STUDENT_PLUS_VERSION,
-                                                   "base": str(base["student"]), **info}, indent=2))
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    if not _model_complete(final, key):
-        raise EmbeddedBuildError(f"S0+ build in {final} finished but does not read back")
-    return final
+
+    def build(tmp: Path, final: Path) -> dict[str, Any]:
+        info = train_student_plus_into(ecfg, base["student"], tmp, steps, progress)
+        return {"key": key, "version": STUDENT_PLUS_VERSION, "base": str(base["student"]), **info}
+
+    return _build_once(root, f"embedded-{build_key(ecfg)}-student_plus-{key}", lambda d: _model_complete(d, key),
+                       build, ecfg.build_threads, "S0+ build")
 
 
 def resolve_model_paths(cfg: RunConfig) -> RunConfig:
