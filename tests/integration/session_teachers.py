@@ -34,15 +34,17 @@ class SessionTeachers:
         self.pool: Any = None
         self.starts = 0
 
-    def _cfg(self) -> Any:
+    def config(self) -> Any:
+        """The service's RunConfig (its namespace and name prefix are what a client attaches by)."""
         from tests.integration.test_student_training import make_cfg
 
         return make_cfg(self.paths, self.root / f"svc{self.starts}", OVERRIDES, tag=self.tag)
 
+
     def _handles(self) -> list[Any]:
         from teacher_service.naming import replica_name
 
-        cfg = self._cfg()
+        cfg = self.config()
         found = []
         for role in ROLES:
             try:
@@ -71,7 +73,7 @@ class SessionTeachers:
         """Kill what is left of the service (same names), wait until the names are released, start it again."""
         from teacher_service import TeacherPool
 
-        cfg = self._cfg()
+        cfg = self.config()
         ns, prefix = cfg.teachers.namespace, cfg.teachers.name_prefix
         for h in self._handles():
             ray.kill(h, no_restart=True)
@@ -81,7 +83,7 @@ class SessionTeachers:
             assert time.monotonic() < deadline, "old teacher names were not released"
             time.sleep(0.1)
         self.starts += 1
-        self.pool = TeacherPool.start(self._cfg())
+        self.pool = TeacherPool.start(self.config())
         return self.tag, ["teachers.attach=true"]
 
     def shutdown(self) -> None:

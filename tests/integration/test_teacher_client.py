@@ -1,4 +1,10 @@
-"""The CLI serves detached teachers; a client in a separate Python process gets the engines' numbers."""
+"""A client in a separate Python process gets the engines' numbers from a running service, and the `status`
+CLI reports it.
+
+The service is the session's (tests/integration/session_teachers.py: the tiny world's teachers, started once
+for every module that only reads them); `serve` and `stop` from the CLI are test_shared_service's, on the
+dashboard head. Both subprocesses here only read the service, so they run side by side.
+"""
 
 from __future__ import annotations
 
@@ -10,51 +16,51 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from common.config import ModelSpec
+from common.config import ModelSpec, dump_config
 from common.topk import rows_from_mask
 from teacher_service import TeacherEngine
-from tests.tiny import make_model_set
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5  # fp32 CPU, same model and math on both sides
+TIMEOUT_S = 120
 
 
-def _run(args: list[str], timeout: int = 120) -> str:
+def _run_together(*argvs: list[str]) -> list[str]:
+    """Independent commands at once (each a fresh interpreter importing torch and Ray); their stdouts."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{args} failed:\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    return proc.stdout
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in argvs]
+    outs = []
+    try:
+        for args, proc in zip(argvs, procs):
+            out, err = proc.communicate(timeout=TIMEOUT_S)
+            assert proc.returncode == 0, f"{args} failed:\nstdout:\n{out}\nstderr:\n{err[-4000:]}"
+            outs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outs
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def served(ray_cluster: dict, session_teachers, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The session's service, its config file (what `status --config` reads) and a client's numbers from it."""
+    session_teachers.ensure()
+    cfg = session_teachers.config()
     root = tmp_path_factory.mktemp("client")
-    paths = make_model_set(root)
     cfg_path = root / "teachers.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "models": {"base_teacher": {"path": str(paths["base_teacher"])},
-                   "sft_teacher": {"path": str(paths["sft_teacher"])}, "student": {"path": str(paths["student"])}},
-        "loss": {"k": 8},
-        "teachers": {"namespace": "deltakd-client-test", "name_prefix": "svc", "num_cpus": 0.5},
-    }))
+    dump_config(cfg, cfg_path)
     gcs = ray_cluster["gcs_address"]
-    out = _run(["-m", "teacher_service", "serve", "--config", str(cfg_path), "--address", gcs])
-    assert "namespace='deltakd-client-test'" in out and "TeacherClient(" in out
-    info = {"cfg": str(cfg_path), "gcs": gcs, "paths": paths, "root": root}
-    yield info
-    _run(["-m", "teacher_service", "stop", "--config", str(cfg_path), "--address", gcs])
-
-
-def test_client_in_other_process_matches_engine(served: dict) -> None:
-    out_file = served["root"] / "client_out.npz"
+    ns, prefix = cfg.teachers.namespace, cfg.teachers.name_prefix
+    out_file = root / "client_out.npz"
     script = textwrap.dedent(f"""
         import numpy as np, ray
         from teacher_service import TeacherClient
-        ray.init(address={served['gcs']!r}, namespace="deltakd-client-test", logging_level="ERROR")
-        c = TeacherClient(namespace="deltakd-client-test", address={served['gcs']!r}, name_prefix="svc")
+        ray.init(address={gcs!r}, namespace={ns!r}, logging_level="ERROR")
+        c = TeacherClient(namespace={ns!r}, address={gcs!r}, name_prefix={prefix!r})
         texts = ["the quick brown fox jumps", "red green"]
         ids, am = c.encode(texts)
         t_ids, t_lp, t_tail = c.topk(texts, k=8, tau=1.5)
@@ -64,8 +70,13 @@ def test_client_in_other_process_matches_engine(served: dict) -> None:
                  g_tail=g_tail, rec_ids=rec.ids, rec_rows=rec.rows, rec_base=rec.role_logprobs("base"),
                  roles=np.array(rec.roles))
     """)
-    _run(["-c", script])
-    got = np.load(out_file)
+    status, _ = _run_together(["-m", "teacher_service", "status", "--config", str(cfg_path), "--address", gcs],
+                              ["-c", script])
+    return {"paths": session_teachers.paths, "status": status, "client": np.load(out_file)}
+
+
+def test_client_in_other_process_matches_engine(served: dict) -> None:
+    got = served["client"]
     sft = TeacherEngine(ModelSpec(path=str(served["paths"]["sft_teacher"])))
     base = TeacherEngine(ModelSpec(path=str(served["paths"]["base_teacher"])))
     ids, am = sft.encode(["the quick brown fox jumps", "red green"])
@@ -90,6 +101,6 @@ def test_client_in_other_process_matches_engine(served: dict) -> None:
 
 
 def test_cli_status_reports_replicas_and_stats(served: dict) -> None:
-    out = _run(["-m", "teacher_service", "status", "--config", served["cfg"], "--address", served["gcs"]])
+    out = served["status"]
     assert "sft: 1 replica(s)" in out and "base: 1 replica(s)" in out
     assert "ok=True" in out and str(served["paths"]["sft_teacher"]) in out
