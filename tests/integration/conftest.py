@@ -75,12 +75,14 @@ def dashboard_head() -> Iterator:
             end_groups(groups)
 
 
-def end_groups(groups: list[int], grace_s: float = 5.0) -> None:
+def end_groups(groups: list[int], grace_s: float = 1.0) -> None:
     """SIGTERM every process group at once; SIGKILL what is left after `grace_s`.
 
     After SIGTERM each `ray start --block` group took about 30 s to exit here (30.3, 31.4 and 33.3 s,
     signalled together), and the per-group teardown (ray_head.py) waits 30 s, then SIGKILLs the group
-    anyway; this ends the same groups the same way, without that wait."""
+    anyway; this ends the same groups the same way, without that wait. The leaders stay unreaped until the
+    stack's teardown, so the grace is always spent in full: it is the short moment SIGTERM gets, nothing
+    at the end of a test session needs more."""
     import signal
     import time
 
