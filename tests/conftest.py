@@ -10,3 +10,20 @@ import torch  # noqa: E402
 
 # On a loaded 2-core machine, intra-op threads make tiny ops 100x slower (thread hand-off dominates).
 torch.set_num_threads(1)
+
+
+TYPE_CHECK_TEST = "tests/unit/test_type_check.py"
+
+
+def pytest_collection_finish(session) -> None:
+    """Start `mypy common` beside the tests when its test was collected (tests/type_check.py)."""
+    if any(item.nodeid.startswith(TYPE_CHECK_TEST) for item in session.items):
+        from tests import type_check
+
+        type_check.start()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    from tests import type_check
+
+    type_check.stop()
