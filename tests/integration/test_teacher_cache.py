@@ -142,7 +142,8 @@ def test_auto_writes_epoch_zero_through_then_reads_the_cache(tiny, service, refe
 
     monkeypatch.setattr(TeacherPool, "attach", classmethod(lambda *a, **k: pytest.fail("attached to teachers")))
     report = run_training(cfg_for(tiny, service, tmp_path / "b", FP32 + ["teachers.source=auto", f"teachers.cache.uri={uri}",
-                                                                        "training.max_steps=2"]), progress=False)
+                                                                        "training.max_steps=2",
+                                                                        "training.num_workers=1"]), progress=False)
     assert report["record_source"]["source"] == "cache"
 
 
@@ -164,7 +165,8 @@ def test_a_compact_cache_serves_two_students_of_different_sizes(tiny, service, r
     assert len(got) == len(want) == STEPS
     for g, w in zip(got, want):  # q8d10 teachers and lp_S0 against live fp32 teachers and the frozen copy
         assert g["batch_ids"] == w["batch_ids"] and g["loss"] == pytest.approx(w["loss"], rel=2e-3)
-    big = [f"models.student.path={tiny['student_big']}", "training.max_steps=3"]
+    # one worker, batches of 8: the cache serves a run batched unlike its build (epoch 1 of the others does too)
+    big = [f"models.student.path={tiny['student_big']}", "training.max_steps=3", "training.num_workers=1"]
     report = run_training(cfg_for(tiny, service, tmp_path / "big", cached(uri) + big), progress=False)
     rows = read_rows(tmp_path / "big")
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows) and report["record_source"]["source"] == "cache"
