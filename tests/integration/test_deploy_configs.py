@@ -352,7 +352,9 @@ def test_tiny_lora_trains_with_one_pair_actor(ray_cluster: dict, tmp_path: Path,
                "embedded.corpus_sentences=200", "embedded.pretrain_steps=8", "embedded.sft_steps=8",
                "embedded.batch_size=4", "embedded.max_length=64", f"embedded.teacher={shape}",
                f"embedded.student={shape}", f"embedded.cache_dir={tmp_path / 'models'}"]
-    run = ["training.max_steps=3", "training.batch_size=8", "training.checkpoint_every=3", "evaluation.enabled=false",
+    # one student worker: what is checked is the pool's one pair actor (a second worker adds a process start)
+    run = ["training.max_steps=3", "training.batch_size=8", "training.num_workers=1", "training.checkpoint_every=3",
+           "evaluation.enabled=false",
            "data.max_length=64", f"output.dir={tmp_path / 'run'}", "output.plot=false",
            f"teachers.namespace=lora-{tmp_path.name}"]
     cfg = resolve_model_paths(load_config(DEPLOY / "configs" / "tiny_lora.yaml", reduced + run))

@@ -24,7 +24,7 @@ from common.losses.targets import targets_from_record
 from common.topk import rows_from_mask
 from teacher_service import TeacherClient, TeacherPool
 from tests.integration.test_rdt import _assert_same_targets, _Receiver
-from tests.integration.test_student_training import make_cfg, tiny_setup
+from tests.integration.test_student_training import make_cfg
 from tests.lora_models import make_lora_adapter, merge_adapter
 
 # fp32 on CPU: the sft role runs W x + s B (A x) in the pair and (W + s B A) x in the merged copy, the same value
@@ -34,9 +34,11 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+def tiny(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """The session's tiny world (read-only, tests/integration/conftest.py) plus an adapter on its base teacher
+    and that adapter merged into a full copy, both written here."""
     root = tmp_path_factory.mktemp("lora")
-    paths = tiny_setup(root)
+    paths = dict(tiny_world)
     adapter = make_lora_adapter(root / "models" / "sft_adapter", paths["base_teacher"], paths["tokenizer"])
     merged = merge_adapter(root / "models" / "sft_merged", paths["base_teacher"], adapter)
     return {"pair": {**paths, "sft_teacher": adapter}, "two": {**paths, "sft_teacher": merged}}

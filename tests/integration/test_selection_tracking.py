@@ -21,7 +21,6 @@ from tests.integration.test_student_training import (
     load_weights,
     make_cfg,
     read_rows,
-    tiny_setup,
     write_jsonl,
 )
 
@@ -42,9 +41,10 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The session's tiny world (read-only, tests/integration/conftest.py) and a validation set of our own."""
     root = tmp_path_factory.mktemp("sel")
-    paths = tiny_setup(root)
+    paths = dict(tiny_world)
     paths["validation"] = write_jsonl(root / "validation.jsonl", 6, seed=2)
     paths["root"] = root
     return paths
