@@ -3,6 +3,7 @@
 A run config never carries faults. A test or benchmark builds a plan and passes it to the entry it calls:
 
     plan = FaultPlan(step_delay_s=0.25)                        # or FaultPlan.from_json('{"step_delay_s": 0.25}')
+    plan = FaultPlan(holds=(Hold(step=3),), hold_dir=str(tmp))   # every rank waits after step 3 for the test
     run_training(cfg, faults=plan)                             # student_worker.driver: Driver(cfg, faults=plan)
     TeacherPool.start(cfg, faults=plan)                        # teacher_service.pool (its TeacherActors)
     build_cache(cfg, uri, faults=plan)                         # teacher_service.cache.build (its engine stages)
@@ -11,8 +12,12 @@ The driver hands its plan to the student workers and to the teacher pool it star
 whatever plan they were started with). A test that needs the plan in a subprocess (to SIGKILL a driver)
 runs `python -m tests.integration.fault_run --faults '<json>' train|cache <the CLI's arguments>`.
 
+A hold lets a run go at full speed and still be acted on at a known point: every student rank stops at the end
+of the held step (outside its clock), the test sees `plan.held(hold, ranks)`, kills what it kills, and
+`plan.release(hold)` lets the ranks go on (a rank that was killed never does).
+
 Production code holds `faults: FaultPlan | None` and calls a hook below only when a plan is present, so a run
-without one sleeps, raises and exits nowhere. Pure: stdlib only.
+without one sleeps, raises, waits and exits nowhere. Pure: stdlib only.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FaultPlan", "RankError", "InjectedRankError"]
+__all__ = ["FaultPlan", "RankError", "Hold", "InjectedRankError", "HOLD_TIMEOUT_S"]
+
+HOLD_TIMEOUT_S = 600.0  # a held rank gives up (raises) after this long without a release: a test that died
+HOLD_POLL_S = 0.05  # how often a held rank looks for its release file (a stat call)
 
 
 class InjectedRankError(RuntimeError):
@@ -49,6 +57,27 @@ class RankError:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Every student rank stops at the end of step `step` (0-based: after it trained that step, before the
+    driver has its result) in worker group `generation` (0: the run's first group; each restore starts the
+    next), outside the step's clock, until the test releases it. A replay of that step in another generation,
+    and the same step after the release, pass straight on."""
+
+    step: int
+    generation: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("step", "generation"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"FaultPlan.holds: Hold.{name} must be an integer >= 0, got {value!r}")
+
+    @property
+    def key(self) -> str:
+        return f"step{self.step}-gen{self.generation}"
+
+
+@dataclass(frozen=True)
 class FaultPlan:
     """The faults and slow-downs of one test run; every field off by default.
 
@@ -59,12 +88,16 @@ class FaultPlan:
     crash_in_checkpoint: when the driver writes the checkpoint of this many completed steps, the workers
       write their parts, half of state.json is written, then the driver process exits (exit code 1).
     rank_error: one rank raises mid-step once (the fail-fast recovery path).
+    holds: points (Hold) where every student rank waits for the test (`held`, `release`); hold_dir: the
+      directory (on the ranks' host) where ranks say they wait and the test releases them; needed with holds.
     """
 
     step_delay_s: float = 0.0
     teacher_delay_s: float = 0.0
     crash_in_checkpoint: int | None = None
     rank_error: RankError | None = None
+    holds: tuple[Hold, ...] = ()
+    hold_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("step_delay_s", "teacher_delay_s"):
@@ -79,6 +112,17 @@ class FaultPlan:
             object.__setattr__(self, "rank_error", RankError(**self.rank_error))
         if self.rank_error is not None and not isinstance(self.rank_error, RankError):
             raise ValueError(f"FaultPlan.rank_error must be a RankError or None, got {self.rank_error!r}")
+        if not isinstance(self.holds, list | tuple):
+            raise ValueError(f"FaultPlan.holds must be a list of Hold, got {self.holds!r}")
+        holds = tuple(Hold(**h) if isinstance(h, dict) else h for h in self.holds)
+        for h in holds:
+            if not isinstance(h, Hold):
+                raise ValueError(f"FaultPlan.holds must be a list of Hold, got {h!r} in it")
+        object.__setattr__(self, "holds", holds)
+        if self.hold_dir is not None:
+            object.__setattr__(self, "hold_dir", str(self.hold_dir))
+        if holds and not self.hold_dir:
+            raise ValueError("FaultPlan.holds needs FaultPlan.hold_dir: where the ranks wait and are released")
 
     # ------------------------------------------------------------------ building and passing on
     @classmethod
@@ -96,6 +140,10 @@ class FaultPlan:
             unknown = set(rank_error) - {"rank", "step"}
             if unknown:
                 raise ValueError(f"unknown key(s) {sorted(unknown)} in rank_error: expected 'rank' and 'step'")
+        for hold in data.get("holds") or ():
+            if isinstance(hold, dict) and set(hold) - {"step", "generation"}:
+                raise ValueError(f"unknown key(s) {sorted(set(hold) - {'step', 'generation'})} in a hold: "
+                                 "expected 'step' and 'generation'")
         return cls(**data)
 
     @classmethod
@@ -111,10 +159,34 @@ class FaultPlan:
         if self.teacher_delay_s > 0:
             time.sleep(self.teacher_delay_s)
 
-    def step_done(self) -> None:
-        """At the end of every student step call: `step_delay_s`."""
+    def step_done(self, rank: int, step: int, generation: int) -> None:
+        """At the end of every student step call (outside its clock): `step_delay_s`, then a hold at this step
+        and generation: say so in hold_dir and wait for the test's release."""
         if self.step_delay_s > 0:
             time.sleep(self.step_delay_s)
+        hold = Hold(step, generation)
+        if hold not in self.holds:
+            return
+        assert self.hold_dir is not None  # __post_init__
+        released = Path(self.hold_dir) / f"{hold.key}.released"
+        (Path(self.hold_dir) / f"{hold.key}.rank{rank}.held").touch()
+        deadline = time.monotonic() + HOLD_TIMEOUT_S
+        while not released.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"FaultPlan hold at step {step} (worker group {generation}): rank {rank} was "
+                                   f"not released within {HOLD_TIMEOUT_S:g} s ({released} never appeared)")
+            time.sleep(HOLD_POLL_S)
+
+    # ------------------------------------------------------------------ the test's side of a hold
+    def held(self, hold: Hold, ranks: int) -> bool:
+        """True once `ranks` student ranks wait at `hold` (ranks 0 .. ranks - 1)."""
+        assert self.hold_dir is not None and hold in self.holds, hold
+        return all((Path(self.hold_dir) / f"{hold.key}.rank{r}.held").exists() for r in range(ranks))
+
+    def release(self, hold: Hold) -> None:
+        """Let the ranks waiting at `hold` go on (and any that reach it later)."""
+        assert self.hold_dir is not None and hold in self.holds, hold
+        (Path(self.hold_dir) / f"{hold.key}.released").touch()
 
     def mid_step(self, rank: int, step: int, generation: int) -> None:
         """In the step after the input agreement: raise InjectedRankError for `rank_error` (first group only)."""

@@ -306,10 +306,10 @@ class StudentWorkerImpl:
                         "teacher_wait_s": sum(parts[k] for k in TEACHER_WAIT_PARTS),
                         "compute_s": sum(parts[k] for k in COMPUTE_PARTS)})
         if self.faults is not None:
-            # FaultPlan.step_delay_s sleeps outside every step's clock: after this step's last part, and the
-            # next step's clock starts after it (as after a call outside the loop), so the parts still sum to
-            # step_s, no part is test-named, and the rows measure the system alone, not the injected pause.
-            self.faults.step_done()
+            # FaultPlan.step_delay_s and a FaultPlan hold wait outside every step's clock: after this step's last
+            # part, and the next step's clock starts after them (as after a call outside the loop), so the parts
+            # still sum to step_s, no part is test-named, and the rows measure the system alone, not the pause.
+            self.faults.step_done(self.rank, step, self.generation)
             self._mark = time.perf_counter()
         return metrics
 

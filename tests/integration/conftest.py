@@ -124,12 +124,6 @@ def session_teachers(ray_cluster, tiny_world, tmp_path_factory) -> Iterator:
         teachers.shutdown()
 
 
-# Modules that end the shared teacher service for good without starting it again run after its other users.
-KILLS_SESSION_TEACHERS = ("test_resume.py",)
-
-
 def pytest_collection_modifyitems(items: list) -> None:
-    """Tests on the dashboard head last (stable order otherwise), so the head starts once and late; before
-    them, the modules that end the session's teacher service for good."""
-    items.sort(key=lambda item: ("dashboard_head" in getattr(item, "fixturenames", ()),
-                                 item.path.name in KILLS_SESSION_TEACHERS))
+    """Tests on the dashboard head last (stable order otherwise), so the head starts once and late."""
+    items.sort(key=lambda item: "dashboard_head" in getattr(item, "fixturenames", ()))

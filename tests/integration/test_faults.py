@@ -3,30 +3,36 @@
 Every run here trains the same config on one shared, restartable teacher service (max_restarts=2,
 max_task_retries=-1), and is compared with ONE uninterrupted reference run of this module: on CPU the
 metrics rows (loss, parts, grad norm, lr, batch ids) and the final weights must be bit-for-bit equal.
+Several faults share one run where they can (starting student workers and CLI drivers is what costs here);
+each check's message names the fault it is about.
 
-- a teacher actor killed mid-run (Ray restarts it, its calls are retried): same rows, every batch id once;
-- a student worker killed mid-run: the driver restores the group from the last checkpoint; same weights,
-  the replayed steps' rows replaced, not duplicated;
-- the driver SIGKILLed mid-run (a CLI subprocess attached with --address): `--resume` gives the same weights;
-- one rank raising mid-step (after the input agreement: the other rank sits in DDP's all-reduce): the driver
-  kills the group at once and restores it from the last checkpoint; same weights, recovered in seconds;
-- a crash while a checkpoint is written (FaultPlan.crash_in_checkpoint): the previous checkpoint is
-  intact, and resuming from it gives the same weights;
-- Ctrl-C (SIGINT to the CLI driver) mid-run: exit 130 and one message (steps reached, last checkpoint, the
-  command with --resume), the traceback in error.log; resuming gives the same weights;
+- one in-process run with three faults in turn: rank 1 raising mid-step at step 3 (after the input agreement:
+  rank 0 sits in DDP's all-reduce; the driver kills the group at once and restores it from checkpoint 2), a
+  student worker killed at step 5 of the restored group (restored again, from checkpoint 4; the replayed
+  steps' rows replaced, not duplicated), then the base teacher killed (Ray restarts it, its calls are retried;
+  no worker restart; the restart shows as the slowest step's teacher wait): same rows, every batch id once;
+- one chain of stops and driver deaths, each resumed by the next (test_resume's stop/resume is its first link):
+  `stop_after=3` (and a resume with another config refused, naming the key); a CLI `--resume` that crashes
+  while writing checkpoint 4 (FaultPlan.crash_in_checkpoint: the previous checkpoint is intact); a CLI
+  `--resume` SIGKILLed mid-run; a CLI `--resume` Ctrl-C'd mid-run (exit 130 and one message: steps reached,
+  last checkpoint, the command with --resume, the traceback in error.log); a last `--resume` ends with the
+  reference's rows and weights;
 - a full disk while a checkpoint is written (the output dir on a real tmpfs shrunk to what it holds, when
   this process may mount one): exit 74 and one message; the previous checkpoint is intact, the partial one
   removed, and once there is space again resuming gives the same weights;
-- the same faults under `training.strategy=fsdp2` (a sharded student, sharded checkpoints): a killed student
-  worker and a SIGKILLed driver give the uninterrupted fsdp2 run's weights bit for bit, and that run matches
-  the DDP reference within FSDP2_RTOL (a different reduction order of the same fp32 sums);
-- a teacher that stays dead (LAST: it kills the shared service): exit code 3, TeacherUnavailableError naming
-  role and batch on stderr, a checkpoint of the completed steps; once teachers are back, resume completes.
+- the same faults under `training.strategy=fsdp2` (a sharded student, sharded checkpoints): one CLI run in
+  which a student worker is killed (restored from a sharded checkpoint) and then the driver is SIGKILLed;
+  `--resume` gives the uninterrupted fsdp2 run's rows and weights bit for bit, and that run matches the DDP
+  reference within FSDP2_RTOL (a different reduction order of the same fp32 sums);
+- a teacher that stays dead (LAST: it kills the shared service's base replica for good): exit code 3
+  (TrainingRunError), the message naming role and batch, a checkpoint of the completed steps; once the replica
+  is started again, resume completes.
 
-Kills are timed by polling metrics.jsonl; a FaultPlan's `step_delay_s` (common/faults.py) slows each step a
-little so "mid-run" is reliable without sleeps in production code. Faults are handed to the driver, not
-written in the config, so the runs with them and the reference run without are the same run for resume
-and comparisons. A CLI subprocess gets its plan through tests/integration/fault_run.py.
+Faults land at known points of runs that go at full speed: a FaultPlan hold (common/faults.py) stops every
+student rank at the end of a given step of a given worker group until the test has acted and releases it.
+Faults are handed to the driver, not written in the config, so the runs with them and the reference run
+without are the same run for resume and comparisons. A CLI subprocess gets its plan through
+tests/integration/fault_run.py.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import pytest
 import ray
 
 from common.config import RunConfig, dump_config
-from common.faults import FaultPlan, RankError
+from common.faults import FaultPlan, Hold, RankError
 from student_worker import checkpoint as ckpt
 from tests.integration.test_student_training import (
     comparable,
@@ -67,7 +73,7 @@ RUN_OVERRIDES = [f"training.max_steps={STEPS}", "training.checkpoint_every=2", "
 # RESUME_FREE and outside the compared rows and weights)
 FSDP2 = ["training.strategy=fsdp2", "evaluation.enabled=true", "evaluation.evaluate_before=false",
          "evaluation.evaluate_teacher=false"]
-DELAYED = FaultPlan(step_delay_s=0.25)
+RANKS = 2  # make_cfg's training.num_workers
 # fsdp2 vs ddp, fp32 on CPU: the same gradient sums in another order (FSDP2 reduce-scatters per layer and
 # takes the clipping norm from per-shard partial sums; DDP all-reduces buckets), so each step differs by a
 # few fp32 ulps, compounded by AdamW over the run's steps (measured over 8 steps: losses and grad norms within
@@ -75,6 +81,7 @@ DELAYED = FaultPlan(step_delay_s=0.25)
 FSDP2_RTOL = 1e-6
 FSDP2_ATOL = 1e-6
 SUBPROCESS_TIMEOUT_S = 180
+POLL_S = 0.1
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -118,45 +125,60 @@ def fsdp2_reference(tiny, service, tmp_path_factory) -> dict[str, Any]:
     return _reference_run(tiny, service, tmp_path_factory.mktemp("fsdp2-reference") / "run", FSDP2)
 
 
-@pytest.fixture(params=["ddp", "fsdp2"])
-def strategy_reference(request) -> dict[str, Any]:
-    """The uninterrupted run of the strategy a parametrised fault test runs with."""
-    return request.getfixturevalue("reference" if request.param == "ddp" else "fsdp2_reference")
-
-
-def _assert_same_as_reference(out: Path, reference: dict[str, Any]) -> None:
+def _assert_same_as_reference(out: Path, reference: dict[str, Any], what: str,
+                              origin: Callable[[int], str] | None = None) -> None:
+    """Rows and final weights bit for bit. `what` names the run's faults; `origin(step)` says which part of a
+    run with several faults trained that step's final row (which fault a differing row follows)."""
     rows = read_rows(out)
-    assert [r["step"] for r in rows] == list(range(STEPS)), "a step is missing or was logged twice"
+    assert [r["step"] for r in rows] == list(range(STEPS)), f"{what}: a step is missing or was logged twice"
     ids = sorted(b for r in rows for b in r["batch_ids"])
-    assert ids == list(range(2 * STEPS)), f"batch ids not trained exactly once: {ids}"
-    assert comparable(rows) == reference["rows"]  # loss trajectory, grad norms, lr: bit for bit
+    assert ids == list(range(2 * STEPS)), f"{what}: batch ids not trained exactly once: {ids}"
+    got = comparable(rows)
+    for step, (mine, ref) in enumerate(zip(got, reference["rows"], strict=True)):
+        where = f" ({origin(step)})" if origin is not None else ""
+        assert mine == ref, f"{what}: step {step}{where} differs from the uninterrupted run"  # bit for bit
     weights = load_weights(out / "final_model")
-    assert weights.keys() == reference["weights"].keys()
+    assert weights.keys() == reference["weights"].keys(), what
     for name, w in weights.items():
-        assert np.array_equal(w, reference["weights"][name]), name
+        assert np.array_equal(w, reference["weights"][name]), f"{what}: final weight {name}"
 
 
-def _wait_for_step(out: Path, step: int, alive: Callable[[], bool], what: str) -> None:
-    """Poll metrics.jsonl until a row with `step` or more is logged (the run must still be alive)."""
+def _wait_until(cond: Callable[[], bool], alive: Callable[[], bool], what: str) -> None:
+    """Poll `cond` until it holds; the run must stay alive meanwhile."""
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if (out / "metrics.jsonl").is_file():
-            rows = [r for r in read_rows(out) if r["step"] >= step]
-            if rows:
-                return
-        assert alive(), f"{what} ended before step {step} was logged"
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: step {step} not logged within {SUBPROCESS_TIMEOUT_S} s")
+    while not cond():
+        assert alive(), f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"{what}: not within {SUBPROCESS_TIMEOUT_S} s"
+        time.sleep(POLL_S)
 
 
-def _in_thread(cfg: RunConfig, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    from student_worker.driver import run_training
+def _latest_is(out: Path, step: int) -> Callable[[], bool]:
+    """True once the newest complete checkpoint is the one of `step` completed steps."""
+    def check() -> bool:
+        latest = ckpt.latest_checkpoint(out / "checkpoints")
+        return latest is not None and latest.name == ckpt.checkpoint_name(step)
+    return check
 
+
+def _at_hold(plan: FaultPlan, hold: Hold, alive: Callable[[], bool], what: str) -> None:
+    """Wait until every rank waits at `hold` (the run is stopped there until `plan.release(hold)`)."""
+    _wait_until(lambda: plan.held(hold, RANKS), alive, f"{what}: every rank at step {hold.step} "
+                                                       f"(worker group {hold.generation})")
+
+
+def _holding(tmp: Path, *holds: Hold, **faults: Any) -> FaultPlan:
+    hold_dir = tmp / "holds"
+    hold_dir.mkdir(parents=True)
+    return FaultPlan(holds=holds, hold_dir=str(hold_dir), **faults)
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """fn(*args, **kwargs) in a thread: box["result"], or box["error"] with what it raised."""
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["report"] = run_training(cfg, progress=False, **kwargs)
+            box["result"] = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the test thread, which asserts on it
             box["error"] = exc
 
@@ -165,21 +187,24 @@ def _in_thread(cfg: RunConfig, **kwargs: Any) -> tuple[threading.Thread, dict[st
     return thread, box
 
 
-def _train_cli(cfg: RunConfig, tmp: Path, ray_cluster: dict, *args: str, log_name: str = "driver.log",
-               faults: FaultPlan | None = None) -> tuple[subprocess.Popen, Path]:
-    """`python -m student_worker.train` on this config, attached to the session cluster with --address; with
-    `faults`, the same entry through tests/integration/fault_run.py."""
-    config_path = tmp / f"{log_name}.yaml"
-    dump_config(cfg, config_path)
-    env = dict(os.environ)
-    log = tmp / log_name
+def _train_cli(config_path: Path, log: Path, ray_cluster: dict, *args: str,
+               faults: FaultPlan | None = None) -> subprocess.Popen:
+    """`python -m student_worker.train --config config_path`, attached to the session cluster with --address;
+    with `faults`, the same entry through tests/integration/fault_run.py. stdout goes to `log`."""
     entry = ["student_worker.train"] if faults is None else [
         "tests.integration.fault_run", "--faults", faults.to_json(), "train"]
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", *entry, "--config", str(config_path),
+        return subprocess.Popen([sys.executable, "-m", *entry, "--config", str(config_path),
                                  "--address", ray_cluster["gcs_address"], "--no-progress", *args],
-                                cwd=REPO, env=env, stdout=f, stderr=subprocess.PIPE, text=True)
-    return proc, log
+                                cwd=REPO, env=dict(os.environ), stdout=f, stderr=subprocess.PIPE, text=True)
+
+
+def _end(proc: subprocess.Popen) -> str:
+    """Make sure the CLI process is gone; its stderr."""
+    if proc.poll() is None:
+        proc.kill()
+    _, stderr = proc.communicate(timeout=60)
+    return stderr
 
 
 def _student_worker_names(cfg: RunConfig) -> list[str]:
@@ -188,25 +213,75 @@ def _student_worker_names(cfg: RunConfig) -> list[str]:
                   if a["namespace"] == cfg.teachers.namespace and a["name"].startswith(prefix))
 
 
-def test_killed_teacher_is_restarted_and_the_run_equals_the_uninterrupted_one(
+def _no_workers_left(cfg: RunConfig, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while _student_worker_names(cfg):  # a driver kills its workers on the way out (Ray those of a dead one)
+        assert time.monotonic() < deadline, f"{what}: workers left behind: {_student_worker_names(cfg)}"
+        time.sleep(POLL_S)
+
+
+def _kill_rank(cfg: RunConfig, rank: int, what: str) -> None:
+    names = _student_worker_names(cfg)
+    assert len(names) == RANKS and names[rank].startswith(f"{cfg.run_name}-student-{rank}-"), f"{what}: {names}"
+    ray.kill(ray.get_actor(names[rank], namespace=cfg.teachers.namespace), no_restart=True)
+
+
+def _files(directory: Path) -> dict[Path, bytes]:
+    return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_rank_error_killed_worker_and_killed_teacher_in_one_run_equal_the_uninterrupted_one(
         tiny, service, reference, tmp_path) -> None:
+    """Three faults in turn, each in its own worker group (FaultPlan holds stop the ranks where one lands):
+    1. rank 1 raises at step 3 after the input agreement (rank 0 goes on into DDP's all-reduce and would wait
+       there for the collective timeout): the driver kills both at once, restores from checkpoint 2;
+    2. rank 1 of the restored group is killed at the end of step 5: restored again, from checkpoint 4;
+    3. the base teacher is killed at the end of step 4 of the third group: Ray restarts it, its calls are
+       retried, no worker restarts; the steps after it wait for the restarted teacher."""
+    from student_worker.driver import run_training
     from student_worker.worker import STEP_PARTS
     from teacher_service.naming import replica_name
 
     out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out)
-    sft = ray.get_actor(replica_name(cfg.teachers.name_prefix, "sft", 0), namespace=cfg.teachers.namespace)
-    pid_before = ray.get(sft.health.remote())["pid"]
-    thread, box = _in_thread(cfg, faults=DELAYED)
-    _wait_for_step(out, 2, thread.is_alive, "the run")
-    ray.kill(sft, no_restart=False)  # Ray restarts it; calls in flight are retried on the new process
-    thread.join()
+    cfg = _cfg(tiny, service, out, ["training.collective_timeout_s=600"])
+    killed_worker, killed_teacher = Hold(step=5, generation=1), Hold(step=4, generation=2)
+    plan = _holding(tmp_path, killed_worker, killed_teacher, rank_error=RankError(rank=1, step=3))
+    base = ray.get_actor(replica_name(cfg.teachers.name_prefix, "base", 0), namespace=cfg.teachers.namespace)
+    pid_before = ray.get(base.health.remote())["pid"]
+    thread, box = _in_thread(run_training, cfg, progress=False, faults=plan)
+    try:
+        # (1) happens on its own; (2): checkpoint 4 is complete before rank 1 is killed
+        _at_hold(plan, killed_worker, thread.is_alive, "after the rank error's restore")
+        _wait_until(_latest_is(out, 4), thread.is_alive, "killed worker: checkpoint 4")
+        _kill_rank(cfg, 1, "killed worker")
+        plan.release(killed_worker)
+        # (3)
+        _at_hold(plan, killed_teacher, thread.is_alive, "after the killed worker's restore")
+        ray.kill(base, no_restart=False)  # Ray restarts it; calls in flight are retried on the new process
+        plan.release(killed_teacher)
+    finally:
+        for hold in plan.holds:  # whatever failed above: never leave the run waiting
+            plan.release(hold)
+        thread.join()
     assert "error" not in box, box.get("error")
-    assert ray.get(sft.health.remote())["pid"] != pid_before, "the sft teacher was not restarted"
-    assert box["report"]["worker_restarts"] == 0
-    _assert_same_as_reference(out, reference)
-    # The time adds up: every row's named parts sum to its step time, and the restart shows up as teacher
-    # wait: in the slowest step (the one that waited for the restarted teacher) the wait is the largest part.
+    report = box["result"]
+
+    rank_error, worker = report["recoveries"]  # exactly two restores: the killed teacher caused none
+    print(f"\nrank error at step 3: worker group killed and restored in {rank_error['seconds']:.1f} s; "
+          f"killed worker at step 5: restored in {worker['seconds']:.1f} s")
+    assert (rank_error["step"], rank_error["rank"], rank_error["restored_step"]) == (3, 1, 2), f"rank error: {rank_error}"
+    assert "InjectedRankError" in rank_error["cause"] and "raised mid-step" in rank_error["cause"], rank_error
+    assert (worker["step"], worker["rank"], worker["restored_step"]) == (5, 1, 4), f"killed worker: {worker}"
+    assert "student worker rank 1 died" in worker["cause"], f"killed worker: {worker}"
+    assert report["worker_restarts"] == 2, f"killed teacher: a worker restart too many: {report['recoveries']}"
+    assert ray.get(base.health.remote())["pid"] != pid_before, "killed teacher: the base teacher was not restarted"
+    assert _student_worker_names(cfg) == [], "workers of the run left behind"
+    origin = {0: "before any fault", 1: "before any fault", 2: "replayed after the rank error",
+              3: "replayed after the rank error"}
+    _assert_same_as_reference(out, reference, "rank error, killed worker, killed teacher",
+                              lambda s: origin.get(s, "replayed after the killed worker; the teacher killed after step 4"))
+    # The time adds up: every row's named parts sum to its step time, and the teacher's restart shows up as
+    # teacher wait: in the slowest step (one that waited for the restarted teacher) the wait is the largest part.
     rows = read_rows(out)
     for r in rows:
         assert set(r["step_parts"]) == set(STEP_PARTS)
@@ -214,68 +289,165 @@ def test_killed_teacher_is_restarted_and_the_run_equals_the_uninterrupted_one(
         assert r["teacher_wait_s"] == r["step_parts"]["record_wait_s"]
     slowest = max(rows, key=lambda r: r["step_s"])
     parts = slowest["step_parts"]
-    assert max(parts, key=parts.get) == "record_wait_s", slowest
+    assert slowest["step"] > 4 and max(parts, key=parts.get) == "record_wait_s", f"killed teacher: {slowest}"
 
 
-def test_rank_raising_mid_step_kills_the_group_and_restores_it_at_once(tiny, service, reference, tmp_path) -> None:
-    """Rank 1 raises after the input agreement at step 5 (rank 0 goes on into DDP's all-reduce and would wait
-    there for the collective timeout): the driver kills both at once and replays from checkpoint 4."""
-    out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out, ["training.collective_timeout_s=600"])
+def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
+        tiny, service, reference, ray_cluster, tmp_path, capsys) -> None:
+    """One run stopped or killed four times, each time resumed by the next link, the last resume compared:
+    1. stop_after=3 (in process), and a resume with another config refused, naming the differing key;
+    2. CLI --resume (from 3) crashing while it writes checkpoint 4: exit 1, half a state.json in
+       ckpt-000004.tmp, checkpoint 3 intact (and still byte for byte at the end);
+    3. CLI --resume (from 3, past the stale .tmp) SIGKILLed at the end of step 5 (checkpoint 4 written);
+    4. CLI --resume (from 4) Ctrl-C'd at the end of step 6: exit 130, one message, the traceback in error.log,
+       its workers gone;
+    5. the CLI's main() --resume (from 6) in this process ends with the reference's rows and weights."""
+    from student_worker.checkpoint import CheckpointError
     from student_worker.driver import run_training
-
-    report = run_training(cfg, progress=False, faults=FaultPlan(rank_error=RankError(rank=1, step=5)))
-    assert report["worker_restarts"] == 1
-    (recovery,) = report["recoveries"]
-    assert recovery["step"] == 5 and recovery["rank"] == 1 and recovery["restored_step"] == 4
-    assert "InjectedRankError" in recovery["cause"] and "raised mid-step" in recovery["cause"]
-    print(f"\nrank error at step 5: worker group killed and restored in {recovery['seconds']:.1f} s")
-    assert _student_worker_names(cfg) == [], "workers of the run left behind"
-    _assert_same_as_reference(out, reference)
-
-
-def test_killed_student_worker_is_restored_from_the_last_checkpoint(
-        tiny, service, strategy_reference, tmp_path) -> None:
-    reference = strategy_reference
-    out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out, reference["extra"])
-    thread, box = _in_thread(cfg, faults=DELAYED)
-    _wait_for_step(out, 3, thread.is_alive, "the run")  # checkpoint 2 exists, step 3 is done
-    names = _student_worker_names(cfg)
-    assert len(names) == 2 and names[1].startswith(f"{cfg.run_name}-student-1-"), names
-    ray.kill(ray.get_actor(names[1], namespace=cfg.teachers.namespace), no_restart=True)
-    thread.join()
-    assert "error" not in box, box.get("error")
-    assert box["report"]["worker_restarts"] == 1
-    after = _student_worker_names(cfg)
-    assert after == [], f"workers of the run left behind: {after}"
-    _assert_same_as_reference(out, reference)  # rows of the replayed steps replaced, not duplicated
-
-
-def test_sigkilled_driver_resumes_with_the_same_weights(tiny, service, strategy_reference, ray_cluster,
-                                                         tmp_path, capsys) -> None:
-    reference = strategy_reference
-    out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out, reference["extra"])
-    proc, _ = _train_cli(cfg, tmp_path, ray_cluster, log_name="a.log", faults=DELAYED)
-    try:
-        _wait_for_step(out, 3, lambda: proc.poll() is None, "the CLI driver")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert (out / "final_model").exists() is False
-    assert ckpt.latest_checkpoint(out / "checkpoints") is not None
-
-    # `--resume` through the CLI's main() in this process, with the config file the killed driver ran (on the
-    # session cluster: no second interpreter start-up to pay; the killed driver was the real CLI process)
     from student_worker.train import main
 
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, service, out)
+    config_path = tmp_path / "run.yaml"
+    dump_config(cfg, config_path)
+    root = out / "checkpoints"
+
+    # 1. stop after 3 steps: a checkpoint of 3, no final model; another config must not resume from it
+    stopped = run_training(cfg, stop_after=3, progress=False)
+    assert stopped["stopped_at"] == 3 and not (out / "final_model").exists(), f"stop_after: {stopped}"
+    assert len(read_rows(out)) == 3, "stop_after: rows"
+    with pytest.raises(CheckpointError, match="loss.alpha"):  # the error lists the differing keys
+        run_training(_cfg(tiny, service, out, ["loss.alpha=0.5"]), resume=True, progress=False)
+
+    # 2. a crash while checkpoint 4 is written
+    proc = _train_cli(config_path, tmp_path / "crash.log", ray_cluster, "--resume",
+                      faults=FaultPlan(crash_in_checkpoint=4))
+    _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    assert proc.returncode == 1, (f"crash in checkpoint: expected the fault's exit 1:\n"
+                                  f"{(tmp_path / 'crash.log').read_text()[-3000:]}\n{stderr[-3000:]}")
+    assert (root / "ckpt-000004.tmp" / "state.json").read_text() == '{"step": ', "crash: no half-written checkpoint"
+    previous = ckpt.latest_checkpoint(root)
+    assert previous is not None and previous.name == "ckpt-000003", f"crash: latest is {previous}"
+    ckpt.verify_checkpoint(previous)  # intact: JSON state, safetensors, weights-only optimizer state
+    intact = _files(previous)
+
+    # 3. the driver SIGKILLed mid-run
+    killed = Hold(step=5)
+    plan = _holding(tmp_path / "sigkill", killed)
+    proc = _train_cli(config_path, tmp_path / "sigkill.log", ray_cluster, "--resume", faults=plan)
+    try:
+        alive = lambda: proc.poll() is None  # noqa: E731
+        _at_hold(plan, killed, alive, "SIGKILL")
+        _wait_until(_latest_is(out, 4), alive, "SIGKILL: checkpoint 4")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        stderr = _end(proc)
+    assert proc.returncode == -signal.SIGKILL, f"SIGKILL: exit {proc.returncode}:\n{stderr[-3000:]}"
+    assert not (out / "final_model").exists(), "SIGKILL: a final model"
+    assert _latest_is(out, 4)(), f"SIGKILL: latest checkpoint {ckpt.latest_checkpoint(root)}"
+
+    # 4. Ctrl-C mid-run
+    interrupted = Hold(step=6)
+    plan = _holding(tmp_path / "ctrl_c", interrupted)
+    proc = _train_cli(config_path, tmp_path / "ctrl_c.log", ray_cluster, "--resume", faults=plan)
+    try:
+        alive = lambda: proc.poll() is None  # noqa: E731
+        _at_hold(plan, interrupted, alive, "Ctrl-C")
+        _wait_until(_latest_is(out, 6), alive, "Ctrl-C: checkpoint 6")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        ended_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            _end(proc)
+    log = (tmp_path / "ctrl_c.log").read_text()
+    assert proc.returncode == 130, f"Ctrl-C: exit {proc.returncode}:\n{log[-3000:]}\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, f"Ctrl-C:\n{stderr[-3000:]}"
+    lines = _message(stderr, "interrupted (Ctrl-C) ")
+    assert len(lines) == 4, lines  # the message ends stderr: what happened, checkpoint, command, traceback
+    reached = re.fullmatch(rf"interrupted \(Ctrl-C\) after (\d+) of {STEPS} steps", lines[0])
+    assert reached and int(reached[1]) == 6 == len(read_rows(out)), f"Ctrl-C: {lines}"
+    _assert_resume_message(lines, out, config_path)
+    assert "KeyboardInterrupt" in (out / "error.log").read_text(), "Ctrl-C: error.log"
+    print(f"\nSIGINT at step {reached[1]}: exit 130 after {ended_s:.1f} s")
+    _no_workers_left(cfg, "Ctrl-C")  # the driver killed its workers on the way out
+
+    # 5. `--resume` through the CLI's main() in this process, with the config file the CLI drivers ran (on the
+    # session cluster: no second interpreter start-up to pay)
     capsys.readouterr()
-    code = main(["--config", str(tmp_path / "a.log.yaml"), "--resume", "--no-progress"])
+    code = main(["--config", str(config_path), "--resume", "--no-progress"])
+    assert code == 0, f"last --resume failed:\n{capsys.readouterr().err[-3000:]}"
+    assert _files(previous) == intact, "crash: checkpoint 3 changed after the crash"
+    assert not (root / "ckpt-000004.tmp").exists() and (root / "ckpt-000004").is_dir(), "crash: checkpoint 4"
+    origin = {0: "before the stop", 1: "before the stop", 2: "before the stop", 3: "after the crash",
+              4: "after the SIGKILL", 5: "after the SIGKILL"}
+    _assert_same_as_reference(out, reference, "stop, crash, SIGKILL, Ctrl-C",
+                              lambda s: origin.get(s, "after the Ctrl-C"))
+
+
+def _message(stderr: str, first: str) -> list[str]:
+    """The CLI's closing message: the lines of stderr from the one starting with `first` (it must be last)."""
+    lines = stderr.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(first)]
+    assert starts, f"no line starting with {first!r} in stderr:\n{stderr[-3000:]}"
+    return lines[starts[-1]:]
+
+
+def _assert_resume_message(lines: list[str], out: Path, config_path: Path) -> None:
+    """The message names the last complete checkpoint (and its step) and the command that continues."""
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    assert latest is not None
+    assert f"  last complete checkpoint: {latest} (step {ckpt.read_state(latest)['step']})" in lines, lines
+    (cont,) = [line for line in lines if line.startswith("  continue with: ")]
+    assert cont.split().count("--resume") == 1 and f"--config {config_path}" in cont, cont
+    assert "-m student_worker.train" in cont, cont
+    assert f"  traceback: {out / 'error.log'}" in lines, lines
+
+
+def test_fsdp2_killed_worker_then_sigkilled_driver_resume_to_the_uninterrupted_run(
+        tiny, service, fsdp2_reference, ray_cluster, tmp_path, capsys) -> None:
+    """training.strategy=fsdp2, one CLI run: rank 1 killed at the end of step 3 (the group is restored from the
+    sharded checkpoint 2), then the driver SIGKILLed at the end of step 5 of the restored group (checkpoint 4
+    written); the CLI's main() --resume in this process ends with the uninterrupted fsdp2 run's rows and
+    weights bit for bit. (The ddp side of both faults: the tests above.)"""
+    from student_worker.train import main
+
+    reference = fsdp2_reference
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, service, out, reference["extra"])
+    config_path = tmp_path / "run.yaml"
+    dump_config(cfg, config_path)
+    killed_worker, killed_driver = Hold(step=3), Hold(step=5, generation=1)
+    plan = _holding(tmp_path, killed_worker, killed_driver)
+    log = tmp_path / "driver.log"
+    proc = _train_cli(config_path, log, ray_cluster, faults=plan)
+    try:
+        alive = lambda: proc.poll() is None  # noqa: E731
+        _at_hold(plan, killed_worker, alive, "killed worker")
+        _wait_until(_latest_is(out, 2), alive, "killed worker: checkpoint 2")
+        _kill_rank(cfg, 1, "killed worker")
+        plan.release(killed_worker)
+        _at_hold(plan, killed_driver, alive, "SIGKILL after the killed worker's restore")
+        _wait_until(_latest_is(out, 4), alive, "SIGKILL: checkpoint 4")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        stderr = _end(proc)
+    assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
+    restores = re.findall(r"worker group restored at step (\d+)", log.read_text())
+    assert restores == ["2"], f"killed worker: expected one restore, from checkpoint 2:\n{log.read_text()[-3000:]}"
+    assert not (out / "final_model").exists(), "SIGKILL: a final model"
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    assert latest is not None and latest.name == "ckpt-000004", f"SIGKILL: latest checkpoint {latest}"
+    assert (latest / ckpt.SHARDED_DIR / ".metadata").is_file(), "the fsdp2 checkpoint is not sharded"
+
+    capsys.readouterr()
+    code = main(["--config", str(config_path), "--resume", "--no-progress"])
     assert code == 0, f"--resume failed:\n{capsys.readouterr().err[-3000:]}"
-    _assert_same_as_reference(out, reference)
+    _no_workers_left(cfg, "fsdp2 killed worker and driver")
+    _assert_same_as_reference(out, reference, "fsdp2: killed worker, SIGKILLed driver",
+                              lambda s: "before any fault" if s < 2 else
+                              "replayed after the killed worker" if s < 4 else "resumed after the SIGKILL")
 
 
 def test_fsdp2_matches_ddp(reference, fsdp2_reference) -> None:
@@ -309,84 +481,6 @@ def test_fsdp2_matches_ddp(reference, fsdp2_reference) -> None:
     assert sorted(p.name for p in (latest / ckpt.SHARDED_DIR).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert not (latest / ckpt.MODEL_DIR).exists() and not (latest / ckpt.OPTIMIZER_FILE).exists()
     ckpt.verify_checkpoint(latest)
-
-
-def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
-        tiny, service, reference, ray_cluster, tmp_path) -> None:
-    from student_worker.driver import run_training
-
-    out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out)  # the resume below runs without the fault
-    proc, log = _train_cli(cfg, tmp_path, ray_cluster, faults=FaultPlan(crash_in_checkpoint=4))
-    _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    assert proc.returncode == 1, f"expected the fault's exit 1:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
-    root = out / "checkpoints"
-    assert (root / "ckpt-000004.tmp" / "state.json").read_text() == '{"step": ', "no half-written checkpoint"
-    previous = ckpt.latest_checkpoint(root)
-    assert previous is not None and previous.name == "ckpt-000002"
-    ckpt.verify_checkpoint(previous)  # intact: JSON state, safetensors, weights-only optimizer state
-    intact = {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()}
-
-    report = run_training(cfg, resume=True, progress=False)
-    assert report["steps"] == STEPS
-    assert {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()} == intact
-    assert not (root / "ckpt-000004.tmp").exists() and (root / "ckpt-000004").is_dir()
-    _assert_same_as_reference(out, reference)
-
-
-def _message(stderr: str, first: str) -> list[str]:
-    """The CLI's closing message: the lines of stderr from the one starting with `first` (it must be last)."""
-    lines = stderr.rstrip().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith(first)]
-    assert starts, f"no line starting with {first!r} in stderr:\n{stderr[-3000:]}"
-    return lines[starts[-1]:]
-
-
-def _assert_resume_message(lines: list[str], out: Path, config_path: Path) -> None:
-    """The message names the last complete checkpoint (and its step) and the command that continues."""
-    latest = ckpt.latest_checkpoint(out / "checkpoints")
-    assert latest is not None
-    assert f"  last complete checkpoint: {latest} (step {ckpt.read_state(latest)['step']})" in lines, lines
-    (cont,) = [line for line in lines if line.startswith("  continue with: ")]
-    assert cont.split().count("--resume") == 1 and f"--config {config_path}" in cont, cont
-    assert "-m student_worker.train" in cont, cont
-    assert f"  traceback: {out / 'error.log'}" in lines, lines
-
-
-def test_ctrl_c_ends_with_one_message_and_resume_continues_exactly(
-        tiny, service, reference, ray_cluster, tmp_path) -> None:
-    from student_worker.driver import run_training
-
-    out = tmp_path / "run"
-    cfg = _cfg(tiny, service, out)
-    proc, log = _train_cli(cfg, tmp_path, ray_cluster, log_name="a.log", faults=DELAYED)
-    try:
-        _wait_for_step(out, 3, lambda: proc.poll() is None, "the CLI driver")  # checkpoint 2 exists
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-        ended_s = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=60)
-    assert proc.returncode == 130, f"exit {proc.returncode}:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    lines = _message(stderr, "interrupted (Ctrl-C) ")
-    assert len(lines) == 4, lines  # the message ends stderr: what happened, checkpoint, command, traceback
-    reached = re.fullmatch(rf"interrupted \(Ctrl-C\) after (\d+) of {STEPS} steps", lines[0])
-    assert reached and 3 <= int(reached[1]) < STEPS and int(reached[1]) == len(read_rows(out)), lines
-    _assert_resume_message(lines, out, tmp_path / "a.log.yaml")
-    assert "KeyboardInterrupt" in (out / "error.log").read_text()
-    print(f"\nSIGINT at step {reached[1]}: exit 130 after {ended_s:.1f} s")
-    deadline = time.monotonic() + 60
-    while _student_worker_names(cfg):  # the driver killed its workers on the way out
-        assert time.monotonic() < deadline, f"workers left behind: {_student_worker_names(cfg)}"
-        time.sleep(0.1)
-
-    report = run_training(cfg, resume=True, progress=False)
-    assert report["steps"] == STEPS
-    _assert_same_as_reference(out, reference)
 
 
 @contextmanager
@@ -452,38 +546,47 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
         _resize_tmpfs(mnt, 64 << 20)  # space again: the command from the message continues the run
         report = run_training(cfg, resume=True, progress=False)
         assert report["steps"] == STEPS
-        _assert_same_as_reference(out, reference)
+        _assert_same_as_reference(out, reference, "full disk",
+                                  lambda s: "the reference's, from its checkpoint 4" if s < 4 else "resumed")
 
 
 def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
-        tiny, service, reference, ray_cluster, session_teachers, tmp_path) -> None:
-    """Runs LAST: kills the module's teacher service for good, then starts it again for the resume (and for
-    the service's later users: it is the session's, tests/integration/session_teachers.py)."""
+        tiny, service, reference, session_teachers, tmp_path, capsys) -> None:
+    """Runs LAST: kills the shared service's base replica for good (the session's service,
+    tests/integration/session_teachers.py), then starts that replica again for the resume (and for the
+    service's later users). The CLI's main() runs in this process (in a thread: the test kills the teacher
+    while the run is held after step 2): exit 3 is its TrainingRunError, whose message names role and batch."""
     from student_worker.driver import run_training
+    from student_worker.train import main
     from teacher_service.naming import replica_name
 
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out)
+    config_path = tmp_path / "run.yaml"
+    dump_config(cfg, config_path)
     ns, prefix = cfg.teachers.namespace, cfg.teachers.name_prefix
-    proc, log = _train_cli(cfg, tmp_path, ray_cluster, faults=DELAYED)
+    dies = Hold(step=2)
+    plan = _holding(tmp_path, dies)
+    capsys.readouterr()
+    thread, box = _in_thread(main, ["--config", str(config_path), "--no-progress"], faults=plan)
     try:
-        _wait_for_step(out, 2, lambda: proc.poll() is None, "the CLI driver")
+        _at_hold(plan, dies, thread.is_alive, "the dead teacher")
         ray.kill(ray.get_actor(replica_name(prefix, "base", 0), namespace=ns), no_restart=True)
-        _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=60)
-    assert proc.returncode == 3, f"exit {proc.returncode}:\n{log.read_text()[-3000:]}\n{stderr[-3000:]}"
-    assert "TeacherUnavailableError: teacher role 'base' unavailable for batch" in stderr, stderr[-3000:]
+        plan.release(dies)
+        thread.join()
+    stderr = capsys.readouterr().err
+    assert box.get("result") == 3, f"exit {box}:\n{stderr[-3000:]}"  # EXIT_RUN_FAILED: a TrainingRunError
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("error: step ")]
+    assert "TeacherUnavailableError: teacher role 'base' unavailable for batch" in line, stderr[-3000:]
     done = len(read_rows(out))
-    assert 0 < done < STEPS
+    assert 0 < done < STEPS and f"step {done} failed" in line, (done, line)
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     assert latest is not None and ckpt.read_state(latest)["step"] == done  # every completed step kept
 
-    # The service comes back (same names): stop what is left of it (the sft replica), wait until the names
-    # are released, start it again (SessionTeachers.restart), resume.
-    assert session_teachers.restart() == service
+    # The replica comes back (same name): once its name is released, it alone is started again; resume.
+    assert session_teachers.revive() == service
     report = run_training(cfg, resume=True, progress=False)
     assert report["steps"] == STEPS
-    _assert_same_as_reference(out, reference)
+    _assert_same_as_reference(out, reference, "a dead teacher, resumed",
+                              lambda s: "before the teacher died" if s < done else "resumed")

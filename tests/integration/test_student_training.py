@@ -1,6 +1,6 @@
 """The main job end to end on the shared local Ray cluster: tiny random Llamas, inline JSONL data.
 
-Helpers here (`tiny_setup`, `make_cfg`, `comparable`) are also used by test_resume.py.
+Helpers here (`tiny_setup`, `make_cfg`, `comparable`) are also used by the other training modules.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Teacher faults: a killed actor is restarted and its batches retried; a dead role and a NaN teacher give
-typed errors naming role / model and batch id."""
+typed errors naming role / model and batch id.
+
+The restart runs on the session's restartable teacher service (tests/integration/session_teachers.py: the same
+restart policy, max_restarts=2 and max_task_retries=-1, and no teachers of its own to start); the typed errors
+need a pool of their own (a NaN base teacher, no restarts)."""
 
 from __future__ import annotations
 
@@ -42,9 +46,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_model_set(tmp_path_factory.mktemp("faults"))
 
 
-def test_killed_teacher_is_restarted_and_batches_retried(ray_cluster: dict, models: dict[str, Path]) -> None:
-    pool = TeacherPool.start(_cfg(models, "restart", "teachers.max_restarts=2", "teachers.max_task_retries=-1",
-                                  "teachers.max_inflight_per_replica=16"))
+def test_killed_teacher_is_restarted_and_batches_retried(ray_cluster: dict, tiny_world: dict[str, Path],
+                                                         session_teachers, tmp_path: Path) -> None:
+    from tests.integration.session_teachers import OVERRIDES
+    from tests.integration.test_student_training import make_cfg
+
+    tag, attach = session_teachers.ensure()
+    cfg = make_cfg(tiny_world, tmp_path, attach + ["teachers.max_inflight_per_replica=16"], tag=tag)
+    assert OVERRIDES == ["teachers.max_restarts=2", "teachers.max_task_retries=-1"]  # what the service runs with
+    pool = TeacherPool.attach(cfg)
     try:
         batches = _batches(pool.vocab_size, 8)
         undisturbed = {i: ray.get(pool.submit(i, *b).ref) for i, b in batches.items()}
