@@ -28,7 +28,7 @@ Issue 14, second part (Ray; benchmarks/_cache_runs.py, on the tiny default's emb
    of the same budget (goal >= 0.9 with student_base cached); `pipeline.read_per_rank`: feeder rows/s.
 
     python benchmarks/bench_cache.py [--smoke] [--repeats N] [--steps N] [--ray-address ADDR] [--no-pipeline]
-                                     [--models-dir D]
+                                     [--models-dir D] [--teachers-namespace NS]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from _common import (
     time_repeats,
     write_result,
 )
-from bench_e2e import add_models_dir_arg
+from bench_e2e import add_models_dir_arg, add_teachers_namespace_arg
 
 from common.codec import DEFAULT_ENCODING, ENCODINGS, decode_rows, encode_rows
 
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     add_ray_args(p)
     add_models_dir_arg(p)
+    add_teachers_namespace_arg(p)
     p.add_argument("--steps", type=int, default=40, help="training.max_steps of each training run (part 7)")
     p.add_argument("--no-pipeline", action="store_true", help="skip the Ray part (6, 7)")
     args = p.parse_args(argv)
@@ -341,23 +342,25 @@ def main(argv: list[str] | None = None) -> int:
         "throughputs are single-process and noisy on a shared machine; compare encodings within one run.",
     ]
     if not args.no_pipeline:
-        pipe = pipeline(smoke, 4 if smoke else args.steps, args.ray_address, args.models_dir)
+        pipe = pipeline(smoke, 4 if smoke else args.steps, args.ray_address, args.models_dir, args.teachers_namespace)
         figures["pipeline"] = pipe
         targets.append(Target("delta_kd_from_cache_s0_steady_steps_per_s_over_sft", pipe["steady_steps_per_s_over_sft"]
                               ["delta_kd_cache_s0"], ">=", 0.9,
                               "delta_kd from the cache with student_base cached / sft, steady-state steps/s"))
-        notes.append("pipeline: tiny default's embedded models (smoke: miniature ones, 1 worker); each training run's "
-                     "steps/s covers its whole loop (report.json); build and pool times include model load.")
+        notes.append("pipeline: tiny default's embedded models (smoke: miniature ones, 1 worker, 16 examples, the sft "
+                     "and delta_kd_cache_s0 runs only); each training run's steps/s covers its whole loop "
+                     "(report.json); build and pool times include model load.")
     write_result("bench_cache", args, figures, targets, notes)
     return 0
 
 
-def pipeline(smoke: bool, steps: int, address: str | None, models_dir: Path | None = None) -> dict[str, Any]:
+def pipeline(smoke: bool, steps: int, address: str | None, models_dir: Path | None = None,
+             teachers_namespace: str | None = None) -> dict[str, Any]:
     """Parts 6 and 7 (benchmarks/_cache_runs.py) on the cluster at `address` or a private one."""
     from _cache_runs import cache_runs
 
     with ray_session(address, num_cpus=8):
-        pipe = cache_runs(smoke, steps, models_dir)
+        pipe = cache_runs(smoke, steps, models_dir, teachers_namespace)
     pool = pipe["live_pool"]
     print_table(["what", "tokens", "seconds", "tokens/s", "vs live pool", "file B/tok"],
                 [["live pool", pool["tokens"], pool["seconds"], pool["tokens_per_s"], 1.0, "-"]]

@@ -15,9 +15,12 @@ so they never find someone else's head through `address="auto"`. The embedded mo
 found in the cache) before the first timed run; `--smoke` builds miniature ones in a temp cache (or in
 `--models-dir`, where several smokes share them) and runs each training in this process
 (`student_worker.train.main` with the same arguments): it checks the plumbing, not the figures, and
-saves an interpreter start and a Ray attach per run.
+saves an interpreter start and a Ray attach per run. With `--teachers-namespace NS` its delta_kd run
+attaches to teachers already serving those models there (`shared_teachers`: the smoke suite starts one
+service for bench_e2e, bench_on_policy and bench_cache) instead of starting its own.
 
     python benchmarks/bench_e2e.py [--smoke] [--repeats N] [--steps N] [--ray-address ADDR] [--models-dir D]
+                                   [--teachers-namespace NS]
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +48,8 @@ from _common import (
     write_result,
 )
 
-__all__ = ["run_train", "smoke_models_dir", "add_models_dir_arg", "main"]
+__all__ = ["run_train", "smoke_models_dir", "add_models_dir_arg", "add_teachers_namespace_arg", "attach_sets",
+           "shared_teachers", "main"]
 
 TINY = REPO_ROOT / "deploy" / "configs" / "tiny.yaml"
 SMOKE_SETS = ["embedded.pretrain_steps=2", "embedded.sft_steps=2", "embedded.num_train=32", "embedded.num_val=8",
@@ -104,14 +111,45 @@ def add_models_dir_arg(p: Any) -> None:
                         "default: a temp dir of this run")
 
 
+def add_teachers_namespace_arg(p: Any) -> None:
+    p.add_argument("--teachers-namespace", default=None,
+                   help="--smoke: attach the runs to the teachers already serving the miniature models in this Ray "
+                        "namespace (started by `shared_teachers` with the same models, e.g. by the smoke suite, "
+                        "which shares one service between the smokes) instead of starting them here")
+
+
+def attach_sets(namespace: str) -> list[str]:
+    """The overrides that attach a run of tiny.yaml to the teachers `shared_teachers` started in `namespace`."""
+    return [f"teachers.namespace={namespace}", "teachers.attach=true"]
+
+
+@contextmanager
+def shared_teachers(sets: list[str], namespace: str | None = None) -> Iterator[str]:
+    """Teachers for every run of tiny.yaml + `sets` (delta_kd), in `namespace` (default: a fresh one), shut
+    down at the end; yields the namespace (runs attach with `attach_sets`). The models must exist (built)."""
+    from common.config import load_config
+    from common.tiny_world.build import resolve_model_paths
+    from teacher_service import TeacherPool
+
+    namespace = namespace or f"bench-teachers-{uuid.uuid4().hex[:8]}"
+    pool = TeacherPool.start(resolve_model_paths(load_config(TINY, sets + [f"teachers.namespace={namespace}"])))
+    try:
+        yield namespace
+    finally:
+        pool.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     add_ray_args(p)
     add_models_dir_arg(p)
+    add_teachers_namespace_arg(p)
     p.add_argument("--steps", type=int, default=40, help="training.max_steps of each run")
     args = p.parse_args(argv)
     repeats = 1 if args.smoke else args.repeats
     steps = 4 if args.smoke else args.steps
+    # --smoke --teachers-namespace: the delta_kd run attaches to running teachers (none start here)
+    attach = attach_sets(args.teachers_namespace) if args.smoke and args.teachers_namespace else []
 
     with tempfile.TemporaryDirectory(prefix="dkb-e2e-") as tmp:
         root = Path(tmp)
@@ -132,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict[str, Any]]] = {"delta_kd": [], "sft": []}
             for i in range(repeats):
                 for method in runs:  # alternate, so slow phases of a shared machine hit both
-                    runs[method].append(run_train(method, root / f"{method}-{i}", sets, address,
+                    runs[method].append(run_train(method, root / f"{method}-{i}",
+                                                  sets + (attach if method == "delta_kd" else []), address,
                                                   in_process=args.smoke))
 
     def med(method: str, key: str) -> float:
@@ -161,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = ["no target in the issue for this figure; reported as measured",
              "report.json figures cover each run's whole loop; steady = metrics.jsonl rows after prefetch + 2",
              f"embedded models built or found in cache in {build_s:.1f} s before the timed runs",
-             f"DELTAKD_CACHE={os.environ.get('DELTAKD_CACHE', '(unset)')}"]
+             f"DELTAKD_CACHE={os.environ.get('DELTAKD_CACHE', '(unset)')}"] + (
+        [f"--smoke: the delta_kd run attached to running teachers ({' '.join(attach)})"] if attach else [])
     write_result("bench_e2e", args, figures, [], notes)
     return 0
 

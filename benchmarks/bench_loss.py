@@ -24,8 +24,9 @@ with the parameter count: weights + gradients + AdamW's two moments (16 B/param)
 Memory method: each (variant, V) runs in a fresh subprocess; the child reads the kernel's peak resident
 set size (VmHWM, reset through /proc/self/clear_refs). Timings are medians of `--repeats` passes in that
 child; on a shared machine only ratios in one run mean anything. `--smoke` checks the plumbing only: one
-child per V runs every variant in turn (two interpreter starts instead of ten), so its memory figures are
-not each variant's own.
+child runs every variant at both V in turn (one interpreter start instead of ten), at the smallest shape
+of the same structure (hidden 64, intermediate 128, 4 heads / 2 KV heads), so its memory figures are not
+each variant's own.
 
     python benchmarks/bench_loss.py [--smoke] [--repeats N] [--tokens 1024] [--vocabs 75968,151936]
                                     [--chunks 256,128] [--batch 8] [--seq 128] [--layers 2] [--memory-only]
@@ -55,6 +56,9 @@ __all__ = ["naive_delta_kd", "random_targets", "run_variant", "main"]
 
 K = 64
 HIDDEN = 896
+# Qwen2-0.5B's block shape; the smoke's is the smallest with the same structure (grouped-query attention)
+SHAPE = {"hidden_size": HIDDEN, "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2}
+SMOKE_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
 LOSS_TARGET = 0.1  # fused loss temporaries <= 0.1 x the naive dense loss's
 
 
@@ -101,7 +105,7 @@ def random_targets(labels: Any, k: int, roles: list[str], vocab: int, seed: int 
     return SparseTargets(ids, lp, tail, rows, tuple(labels.shape), 1.0, vocab, "bench")
 
 
-def _loss_variant(variant: str, vocab: int, tokens: int, repeats: int) -> dict[str, Any]:
+def _loss_variant(variant: str, vocab: int, tokens: int, repeats: int, hidden_size: int = HIDDEN) -> dict[str, Any]:
     import torch
 
     from common.config import LossConfig
@@ -109,8 +113,8 @@ def _loss_variant(variant: str, vocab: int, tokens: int, repeats: int) -> dict[s
 
     rss0 = current_rss_bytes()
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, tokens, HIDDEN, generator=gen).requires_grad_(True)
-    weight = (torch.randn(vocab, HIDDEN, generator=gen) * (3.0 / HIDDEN**0.5)).requires_grad_(True)
+    hidden = torch.randn(1, tokens, hidden_size, generator=gen).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * (3.0 / hidden_size**0.5)).requires_grad_(True)
     labels = torch.randint(0, vocab, (1, tokens), generator=gen)
     labels[0, : tokens // 8] = -100  # a prompt: ignored positions, as in real batches
     chunk = int(variant.rsplit("_c", 1)[1]) if "_c" in variant else 256
@@ -148,7 +152,7 @@ def _loss_variant(variant: str, vocab: int, tokens: int, repeats: int) -> dict[s
         step()
         times.append(time.perf_counter() - t0)
     peak = peak_rss_bytes()
-    grads_bytes = 4 * (vocab * HIDDEN + tokens * HIDDEN)
+    grads_bytes = 4 * (vocab * hidden_size + tokens * hidden_size)
     return {"variant": variant, "vocab": vocab, "tokens": tokens, "counted": int((labels != -100).sum()),
             "chunk_tokens": chunk, "loss_sum": value, "seconds": summarize(times),
             "tokens_per_s": tokens / summarize(times)["median"],
@@ -156,16 +160,16 @@ def _loss_variant(variant: str, vocab: int, tokens: int, repeats: int) -> dict[s
             "grads_bytes": grads_bytes, "temporaries_bytes": peak - rss_inputs - grads_bytes}
 
 
-def _qwen2_like(vocab: int, layers: int) -> Any:
+def _qwen2_like(vocab: int, layers: int, shape: dict[str, int] = SHAPE) -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=4864, num_hidden_layers=layers,
-                      num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=4096)
+    cfg = Qwen2Config(vocab_size=vocab, num_hidden_layers=layers, tie_word_embeddings=True,
+                      max_position_embeddings=4096, **shape)
     return Qwen2ForCausalLM(cfg)
 
 
-def _step_variant(variant: str, vocab: int, batch: int, seq: int, layers: int, repeats: int) -> dict[str, Any]:
+def _step_variant(variant: str, vocab: int, batch: int, seq: int, layers: int, repeats: int,
+                  shape: dict[str, int] = SHAPE) -> dict[str, Any]:
     import torch
 
     from common.config import LossConfig
@@ -175,8 +179,8 @@ def _step_variant(variant: str, vocab: int, batch: int, seq: int, layers: int, r
         raise BenchError(f"unknown step variant {variant!r}")
     rss0 = current_rss_bytes()
     torch.manual_seed(0)
-    model = _qwen2_like(vocab, layers).train()
-    frozen = _qwen2_like(vocab, layers).eval().requires_grad_(False)
+    model = _qwen2_like(vocab, layers, shape).train()
+    frozen = _qwen2_like(vocab, layers, shape).eval().requires_grad_(False)
     frozen.load_state_dict(model.state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -213,19 +217,22 @@ def _step_variant(variant: str, vocab: int, batch: int, seq: int, layers: int, r
 
 
 def run_variant(variant: str, vocab: int, args: Any) -> dict[str, Any]:
+    shape = SMOKE_SHAPE if args.smoke else SHAPE  # the child gets --smoke from a smoke run
     if variant.startswith("loss_"):
-        return _loss_variant(variant, vocab, args.tokens, args.repeats)
-    return _step_variant(variant, vocab, args.batch, args.seq, args.layers, args.repeats)
+        return _loss_variant(variant, vocab, args.tokens, args.repeats, shape["hidden_size"])
+    return _step_variant(variant, vocab, args.batch, args.seq, args.layers, args.repeats, shape)
 
 
-def _child(variants: list[str], vocab: int, args: Any, repeats: int) -> dict[str, dict[str, Any]]:
-    # Each variant in its own interpreter (one variant per child): its peak RSS is its own.
-    cmd = [sys.executable, __file__, "--variant", ",".join(variants), "--vocab", str(vocab),
+def _child(variants: list[str], vocabs: list[int], args: Any, repeats: int) -> dict[str, dict[str, Any]]:
+    """{str(V): {variant: figures}} from one interpreter running `variants` at each of `vocabs` in turn.
+
+    A full run asks for one variant at one V per child: its peak RSS is its own."""
+    cmd = [sys.executable, __file__, "--variant", ",".join(variants), "--vocab", ",".join(map(str, vocabs)),
            "--tokens", str(args.tokens), "--repeats", str(repeats), "--batch", str(args.batch),
-           "--seq", str(args.seq), "--layers", str(args.layers)]
+           "--seq", str(args.seq), "--layers", str(args.layers)] + (["--smoke"] if args.smoke else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
-        raise BenchError(f"bench_loss child {variants} V={vocab} failed (rc {proc.returncode}):\n"
+        raise BenchError(f"bench_loss child {variants} V={vocabs} failed (rc {proc.returncode}):\n"
                          f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -241,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-only", action="store_true",
                    help="leave timings out of the result (memory does not depend on the machine's load)")
     p.add_argument("--variant", help="internal: run these variants (comma-separated) in this process, print JSON")
-    p.add_argument("--vocab", type=int, help="internal: the vocabulary of --variant")
+    p.add_argument("--vocab", help="internal: the vocabularies of --variant (comma-separated)")
     args = p.parse_args(argv)
     if args.variant:
-        print(json.dumps({v: run_variant(v, args.vocab, args) for v in args.variant.split(",")}))
+        print(json.dumps({str(vocab): {v: run_variant(v, vocab, args) for v in args.variant.split(",")}
+                          for vocab in (int(x) for x in args.vocab.split(","))}))
         return 0
     repeats = 1 if args.smoke else args.repeats
     if args.smoke:
@@ -254,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = ["loss_naive", "loss_logits"] + [f"loss_fused_c{c}" for c in chunks] + ["step_logits", "step_fused"]
     per_vocab: dict[str, dict[str, Any]] = {}
     rows = []
+    smoke_res = _child(variants, vocabs, args, repeats) if args.smoke else {}  # plumbing only: all in one child
     for vocab in vocabs:
-        if args.smoke:  # plumbing only: every variant of this V in one child
-            res = _child(variants, vocab, args, repeats)
+        if args.smoke:
+            res = smoke_res[str(vocab)]
         else:
-            res = {v: _child([v], vocab, args, repeats)[v] for v in variants}
+            res = {v: _child([v], [vocab], args, repeats)[str(vocab)][v] for v in variants}
         naive = res["loss_naive"]["temporaries_bytes"]
         res["ratios"] = {
             **{f"{v}_temporaries_over_naive": res[v]["temporaries_bytes"] / naive for v in variants
@@ -280,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     small, big = (per_vocab[str(v)] for v in (min(vocabs), max(vocabs)))
     growth = {v: big[v]["peak_beyond_weights_bytes"] - small[v]["peak_beyond_weights_bytes"]
               for v in ("step_logits", "step_fused")}
-    figures = {"tokens": args.tokens, "k": K, "hidden": HIDDEN, "per_vocab": per_vocab,
+    figures = {"tokens": args.tokens, "k": K, "hidden": (SMOKE_SHAPE if args.smoke else SHAPE)["hidden_size"],
+               "per_vocab": per_vocab,
                "step_growth_beyond_weights_bytes": growth, "vocabs": vocabs}
     bv = str(max(vocabs))
     targets = [Target(f"loss_fused_c{c}_temporaries_over_naive_V{bv}",
@@ -304,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         "step: Qwen2-shaped (hidden 896, intermediate 4864, 14/2 heads, tied embeddings), frozen copy as the "
         "student base, delta_kd, AdamW; the second step is measured. beyond weights = peak - 20 B/param.",
     ] + (["--memory-only: timings left out (measured on a loaded machine)."] if args.memory_only else []) + (
-        ["--smoke: every variant of one V ran in one child, so the memory figures are not each variant's own."]
+        ["--smoke: every variant of both V ran in one child at hidden 64 (intermediate 128, 4/2 heads), so the "
+         "memory figures are not each variant's own."]
         if args.smoke else [])
     write_result("bench_loss", args, figures, targets, notes)
     return 0

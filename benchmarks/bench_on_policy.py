@@ -15,11 +15,12 @@ tokens/s is not comparable with the off-policy run's). Ratios: lag0 / off_policy
 steps/s. No target is set for these figures in the issue; they are reported as measured.
 
 `--smoke` runs each training in this process and builds miniature models (in `--models-dir` if given), as
-bench_e2e's smoke does, and its three runs attach to one teacher service the script starts
-(`teachers.attach`), so the teachers start once; full runs each start their own.
+bench_e2e's smoke does, and its three runs attach to one teacher service (`teachers.attach`): the one in
+`--teachers-namespace` if given (the smoke suite's, shared with bench_e2e and bench_cache), else one the
+script starts (`bench_e2e.shared_teachers`), so the teachers start once; full runs each start their own.
 
     python benchmarks/bench_on_policy.py [--smoke] [--repeats N] [--steps N] [--max-new-tokens N]
-                                         [--ray-address ADDR] [--models-dir D]
+                                         [--ray-address ADDR] [--models-dir D] [--teachers-namespace NS]
 """
 
 from __future__ import annotations
@@ -27,14 +28,21 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from _common import add_ray_args, base_parser, print_table, ray_session, summarize, write_result
-from bench_e2e import SMOKE_SETS, TINY, add_models_dir_arg, run_train, smoke_models_dir
+from bench_e2e import (
+    SMOKE_SETS,
+    TINY,
+    add_models_dir_arg,
+    add_teachers_namespace_arg,
+    attach_sets,
+    run_train,
+    shared_teachers,
+    smoke_models_dir,
+)
 
 __all__ = ["MODES", "main"]
 
@@ -45,25 +53,11 @@ MODES: dict[str, list[str]] = {
 }
 
 
-@contextmanager
-def one_teacher_service(sets: list[str]) -> Iterator[list[str]]:
-    """Teachers for every run of `sets` (tiny.yaml, delta_kd): yields the overrides that attach to them."""
-    from common.config import load_config
-    from common.tiny_world.build import resolve_model_paths
-    from teacher_service import TeacherPool
-
-    named = [f"teachers.namespace=bench-on-policy-{uuid.uuid4().hex[:8]}"]
-    pool = TeacherPool.start(resolve_model_paths(load_config(TINY, sets + named)))
-    try:
-        yield named + ["teachers.attach=true"]
-    finally:
-        pool.shutdown()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     add_ray_args(p)
     add_models_dir_arg(p)
+    add_teachers_namespace_arg(p)
     p.add_argument("--steps", type=int, default=40, help="training.max_steps of each run")
     p.add_argument("--max-new-tokens", type=int, default=32, help="training.on_policy.max_new_tokens")
     args = p.parse_args(argv)
@@ -85,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         build_embedded_models(cfg.embedded, progress=False)  # outside the timed runs (cached afterwards)
         build_s = time.perf_counter() - t0
 
+        given = args.teachers_namespace if args.smoke else None  # running teachers to attach to
         with ray_session(args.ray_address, num_cpus=8) as ray, \
-                (one_teacher_service(sets) if args.smoke else nullcontext([])) as attach:
+                (nullcontext(given) if given or not args.smoke else shared_teachers(sets)) as namespace:
+            attach = attach_sets(namespace) if namespace else []
             address = args.ray_address or ray.get_runtime_context().gcs_address
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
             for i in range(repeats):
@@ -125,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
              "report.json figures cover each run's whole loop; steady = metrics.jsonl rows after prefetch + 2",
              "tokens/s counts trained positions: the sampled tokens in on-policy runs, the responses off-policy",
              f"embedded models built or found in cache in {build_s:.1f} s before the timed runs",
-             *(["--smoke: the runs attached to one teacher service started by this script"] if attach else []),
+             *([f"--smoke: the runs attached to one teacher service ({'given' if given else 'started here'}: "
+                f"{' '.join(attach)})"] if attach else []),
              f"DELTAKD_CACHE={os.environ.get('DELTAKD_CACHE', '(unset)')}"]
     write_result("bench_on_policy", args, figures, [], notes)
     return 0

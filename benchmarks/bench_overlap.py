@@ -25,6 +25,9 @@ Hooks into the driver (subclass `_BenchDriver`): `_start_pool` installs the cell
 `WorkerGroup` (its `stop` a no-op) and `_release` keep one worker group and one pool per delay across the runs
 (start-up costs seconds per run). The stepping loop itself is the driver's, unmodified.
 
+`--smoke`: teacher time 1x only, 8 steps of a hidden-32 student, one repeat, and no warm-up runs (the
+calibration and the first run on the real pool start their actors): five runs, every cell kind once.
+
     python benchmarks/bench_overlap.py [--smoke] [--repeats N] [--steps N] [--ray-address ADDR]
 """
 
@@ -251,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             return _steady_rate(out, skip=prefetch + 2)
 
         try:
-            run(SleepPool(sleeper, 0.0), window)  # warm-up: worker start, first-call allocations, record cache
+            if not args.smoke:  # the smoke's calibration run is its warm-up too: it checks plumbing, not figures
+                run(SleepPool(sleeper, 0.0), window)  # warm-up: worker start, first-call allocations, record cache
             calib_runs = [run(SleepPool(sleeper, 0.0), window) for _ in range(repeats)]
             student_s = statistics.median(1.0 / r[0] for r in calib_runs)
             cells: dict[str, Any] = {}
@@ -264,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = _config(student, teacher, root / f"pool{factor}", steps, window, batch_size, max_length)
                 pool = TeacherPool.start(cfg, faults=FaultPlan(teacher_delay_s=teacher_s))  # sleeps per call
                 pools.append(pool)
-                run(pool, window)  # warm-up of this pool's actors (and its assembler)
+                if not args.smoke:
+                    run(pool, window)  # warm-up of this pool's actors (and its assembler)
                 for prefetch in (0, window):
                     runs, call_s = [], []
                     for _ in range(repeats):

@@ -9,7 +9,10 @@ The smokes are one suite in this process: each test imports its script and calls
 command line a user would type (`--smoke --out-dir D [--ray-address A] [--models-dir M]`), so the interpreter,
 torch and Ray start once, not once per script. Scripts that use Ray get the session's cluster (`ray_session`
 keeps a connection it finds), and the end-to-end smokes share one set of miniature embedded models
-(`--models-dir`). Each script is still runnable on its own (`python benchmarks/<script>.py --smoke`).
+(`--models-dir`) and one teacher service serving them (`--teachers-namespace`: bench_e2e's delta_kd run,
+bench_on_policy's three runs and bench_cache's live pool attach to it, so the teachers start once; those
+smokes run last, so the service is up only while they run). Each script is still runnable on its own
+(`python benchmarks/<script>.py --smoke`), starting its own teachers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import importlib
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +29,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "benchmarks"
 
-# script -> (uses Ray, dotted figure keys that must exist)
+# script -> (uses Ray, dotted figure keys that must exist); the SHARED_MODELS ones last (the shared teachers)
 SCRIPTS = {
     "bench_wire": (True, ["sizes", "throughput.sparse_k64_fp32.tokens_per_s.median",
                           "throughput.dense_bf16.tokens_per_s.median", "sparse_over_dense_tokens_per_s"]),
@@ -35,23 +39,23 @@ SCRIPTS = {
                              "cells.pool_T1.0x_prefetch2.efficiency.median",
                              "cells.pool_T1.0x_prefetch2.teacher_call_s.median",
                              "cells.standin_T1.0x_prefetch2.efficiency.median", "serial_efficiency_T1x.pool"]),
-    "bench_e2e": (True, ["runs.delta_kd", "runs.sft", "steps_per_s_ratio_kd_over_sft",
-                         "teacher_wait_fraction_kd", "steady_step_parts_kd"]),
-    "bench_on_policy": (True, ["runs.off_policy", "runs.lag0", "runs.lag1", "steps_per_s_ratio_lag0_over_off",
-                               "steps_per_s_ratio_lag1_over_off", "steady_teacher_wait_fraction.lag1",
-                               "steady_sample_fraction.lag0"]),
     "gpu_check": (True, ["teacher", "loss.time_ratio", "student.kd_over_sft_time", "rdt.ratio_to_in_process",
                          "scaled_down"]),
-    "bench_cache": (True, ["encodings", "read", "batch_invariance", "pipeline.live_pool.tokens_per_s",
-                           "pipeline.build.fp32.tokens_per_s", "pipeline.build.q8d10.file_bytes_per_token",
-                           "pipeline.steps_per_s_over_sft.delta_kd_cache_s0",
-                           "pipeline.steady_steps_per_s_over_sft.delta_kd_cache_s0", "pipeline.read_per_rank"]),
     "bench_fsdp_memory": (False, ["ddp.param_grad_optim_bytes", "fsdp2.param_grad_optim_bytes",
                                   "ratio_param_grad_optim_bytes", "fsdp2.steps_per_s"]),
     "bench_vllm_convert": (False, ["cells.flat_topk_all.seconds.median", "cells.dicts_include_half.seconds.median"]),
     "bench_lora_pair": (True, ["weight_bytes.pair", "weight_bytes.two_actors", "weight_bytes_ratio_pair_over_two",
                                "engine.tokens_per_s_ratio_pair_over_two.median",
                                "pool.tokens_per_s_ratio_pair_over_two.median", "pool.actors.pair"]),
+    "bench_e2e": (True, ["runs.delta_kd", "runs.sft", "steps_per_s_ratio_kd_over_sft",
+                         "teacher_wait_fraction_kd", "steady_step_parts_kd"]),
+    "bench_on_policy": (True, ["runs.off_policy", "runs.lag0", "runs.lag1", "steps_per_s_ratio_lag0_over_off",
+                               "steps_per_s_ratio_lag1_over_off", "steady_teacher_wait_fraction.lag1",
+                               "steady_sample_fraction.lag0"]),
+    "bench_cache": (True, ["encodings", "read", "batch_invariance", "pipeline.live_pool.tokens_per_s",
+                           "pipeline.build.fp32.tokens_per_s", "pipeline.build.q8d10.file_bytes_per_token",
+                           "pipeline.steps_per_s_over_sft.delta_kd_cache_s0",
+                           "pipeline.steady_steps_per_s_over_sft.delta_kd_cache_s0", "pipeline.read_per_rank"]),
 }
 # the scripts whose smoke builds the miniature embedded models (tiny.yaml's, reduced): one set for all
 SHARED_MODELS = {"bench_e2e", "bench_on_policy", "bench_cache"}
@@ -78,6 +82,23 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("bench-models")
 
 
+@pytest.fixture(scope="module")
+def teachers_namespace(models_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """One teacher service on the shared miniature models (bench_e2e.shared_teachers), for the SHARED_MODELS
+    smokes; the first request builds the models."""
+    request.getfixturevalue("ray_cluster")
+    _main("bench_e2e")  # benchmarks/ on the path, its modules pickled by value
+    from bench_e2e import SMOKE_SETS, TINY, shared_teachers
+
+    from common.config import load_config
+    from common.tiny_world.build import build_embedded_models
+
+    sets = SMOKE_SETS + [f"embedded.cache_dir={models_dir}"]
+    build_embedded_models(load_config(TINY, sets).embedded, progress=False)
+    with shared_teachers(sets) as namespace:
+        yield namespace
+
+
 def _main(script: str):
     """The script's `main`, imported as `python benchmarks/<script>.py` would (benchmarks/ on the path).
 
@@ -99,12 +120,15 @@ def _main(script: str):
 _BY_VALUE: set[str] = set()
 
 
-def _run(script: str, out_dir: Path, ray_address: str | None, models_dir: Path | None) -> dict:
+def _run(script: str, out_dir: Path, ray_address: str | None, models_dir: Path | None,
+         teachers_namespace: str | None = None) -> dict:
     argv = ["--smoke", "--out-dir", str(out_dir)]
     if ray_address:
         argv += ["--ray-address", ray_address]
     if models_dir:
         argv += ["--models-dir", str(models_dir)]
+    if teachers_namespace:
+        argv += ["--teachers-namespace", teachers_namespace]
     rc = _main(script)(argv)
     assert rc == 0, f"{script} failed (rc {rc})"
     path = out_dir / f"{script}.json"
@@ -121,7 +145,8 @@ def test_benchmark_smoke_writes_json(script: str, tmp_path: Path, request: pytes
     uses_ray, keys = SCRIPTS[script]
     address = request.getfixturevalue("ray_cluster")["gcs_address"] if uses_ray else None
     shared = request.getfixturevalue("models_dir") if script in SHARED_MODELS else None
-    doc = _run(script, tmp_path, address, shared)
+    namespace = request.getfixturevalue("teachers_namespace") if script in SHARED_MODELS else None
+    doc = _run(script, tmp_path, address, shared, namespace)
 
     assert doc["name"] == script and doc["smoke"] is True
     assert doc["git"].get("sha") is None or len(doc["git"]["sha"]) == 40
