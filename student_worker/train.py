@@ -138,8 +138,8 @@ def _ended(exc: BaseException, code: int, args: argparse.Namespace, argv: list[s
 
     driver, out = run.get("driver"), run.get("out")
     if run.get("own_ray"):  # end this process's Ray now: the worker output it still forwards comes before the
-        import ray  # message, not after it (at exit); only when main connected (in-process callers keep theirs);
-        # deferred: Ray (see _main)
+        # message, not after it (at exit); only when main connected (in-process callers keep theirs).
+        import ray  # deferred: Ray (see _main)
 
         try:
             ray.shutdown()
