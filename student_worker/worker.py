@@ -61,6 +61,7 @@ from student_worker.distributed import (
 )
 from student_worker.evaluate import evaluate_model
 from student_worker.on_policy import generate_samples, generation_eos_ids, sample_seed
+from student_worker.shared_output import read_probe
 from student_worker.step_clock import COMPUTE_PARTS, STEP_PARTS, TEACHER_WAIT_PARTS, StepClock
 from student_worker.step_errors import PeerInputError, StepOrderError, StepRejected
 from student_worker.train_step import (
@@ -110,11 +111,11 @@ class StudentWorkerImpl:
 
     def read_probe(self, path: str) -> dict[str, Any]:
         """What this worker sees at the driver's probe file (student_worker/shared_output.py)."""
-        from student_worker.shared_output import read_probe
-
         return read_probe(path)
 
     def setup(self, init_method: str, resume_dir: str | None = None) -> dict[str, Any]:
+        # deferred: transformers costs seconds at import (1.6-6.5 s measured on the loaded 2-core host), and the
+        # driver imports this module (to define the actor) without needing it
         from transformers import AutoTokenizer
 
         cfg = self.cfg
@@ -227,6 +228,7 @@ class StudentWorkerImpl:
 
     def placement(self) -> dict[str, Any]:
         """{"node_id", "gpu_ids"} of this worker: the teacher pool picks the RDT transport from it."""
+        # deferred: teacher_service.actor (the teacher's actor class) adds ~20 ms (measured) to every worker start
         from teacher_service.actor import placement
 
         return placement()

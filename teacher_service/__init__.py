@@ -6,6 +6,7 @@ access, so `from teacher_service import TeacherEngine` does not import Ray.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from common.data.tokenizer_check import check_tokenizers, tokenizer_fingerprint
@@ -32,7 +33,5 @@ _LAZY = {"TeacherPool": "pool", "TeacherClient": "client", "TeacherActor": "acto
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,6 +37,7 @@ from common.config import ModelSpec
 from common.faults import FaultPlan
 from common.reproducibility import apply_compute_settings
 
+from .engine_hf import TeacherEngine
 from .record_handle import OBJECT_STORE
 
 __all__ = ["TeacherActor", "TORCH_WIRE_DTYPES", "to_numpy_wire", "placement", "make_engine"]
@@ -92,12 +93,10 @@ def make_engine(role: str, spec: ModelSpec, engine: str = "hf", device: str = "a
 
         return PairEngine(pair_base, spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens, num_gpus=num_gpus)
     if engine == "vllm":
-        from .engine_vllm import VLLMEngine
+        from .engine_vllm import VLLMEngine  # deferred: optional vLLM engine (~0.13 s an hf actor never pays)
 
         return VLLMEngine(spec, **(vllm_options or {}))
     if engine == "hf":
-        from .engine_hf import TeacherEngine
-
         return TeacherEngine(spec, device=device, dtype=dtype, chunk_tokens=chunk_tokens, num_gpus=num_gpus)
     raise ValueError(f"teacher role {role!r}: unknown engine {engine!r} (expected 'hf' or 'vllm')")
 

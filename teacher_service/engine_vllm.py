@@ -275,6 +275,7 @@ class VLLMEngine:
         return snapshot_download(spec.path, revision=spec.revision)
 
     def _generate(self, input_ids: np.ndarray, lengths: np.ndarray, **params: Any) -> list[Any]:
+        # deferred: vllm is an optional dependency (pip install deltakd[vllm])
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -356,6 +357,7 @@ class VLLMEngine:
         return torch.from_numpy(lps).to(self.device), torch.from_numpy(tail).to(self.device)
 
     def _generate_scoring(self, input_ids: np.ndarray, lengths: np.ndarray, asks: list[Any]) -> list[Any]:
+        # deferred: vllm is an optional dependency (pip install deltakd[vllm])
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

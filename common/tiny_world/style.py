@@ -135,6 +135,8 @@ def train_student_plus_into(ecfg: EmbeddedConfig, student_dir: Path, out: Path, 
     (loss on the answer and its eos only; batches of ecfg.batch_size drawn by a generator seeded from
     ecfg.seed, AdamW at ecfg.lr with train_causal_lm's schedule) for `steps` steps; save it with its
     tokenizer into `out`. Returns the marker's info."""
+    # deferred: transformers costs ~1.7 s at import (measured); a run whose tiny world is built already
+    # imports this module (through common/tiny_world/build.py) without needing it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.monotonic()

@@ -55,6 +55,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -64,12 +65,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from common.config import (
+    DEFAULT_CONFIG,
+    LOSS_METHODS,
     RUNTIME,
     ConfigError,
     RunConfig,
     config_from_dict,
     keys_with_policy,
+    load_config,
     with_legacy_delta_form,
     without_retired_keys,
 )
@@ -170,8 +176,6 @@ def saved_run_config(raw: dict[str, Any], source: str) -> RunConfig:
 
 def _reusable(run_dir: Path, key: str) -> dict[str, Any] | None:
     """The run's report when it finished with a config that hashes to `key`, else None."""
-    import yaml
-
     report_path, cfg_path = run_dir / "report.json", run_dir / "config.yaml"
     if not (report_path.is_file() and cfg_path.is_file()):
         return None
@@ -184,7 +188,7 @@ def _reusable(run_dir: Path, key: str) -> dict[str, Any] | None:
 
 def _resumable(rc: RunConfig) -> Path | None:
     """The newest complete checkpoint of an unfinished run made with this run's config, else None."""
-    from student_worker import checkpoint as ckpt
+    from student_worker import checkpoint as ckpt  # deferred: torch (~3 s measured); see main
 
     latest = ckpt.latest_checkpoint(rc.output_dir / "checkpoints") if rc.output_dir.is_dir() else None
     if latest is None:
@@ -214,7 +218,7 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
     method names or variants (strings are parsed as --methods entries). Raises ExperimentError, also for
     a variant whose config does not validate. `faults`: a test's FaultPlan for the pool it starts and every
     run (common/faults.py); not part of any run's identity."""
-    from student_worker.driver import run_training
+    from student_worker.driver import run_training  # deferred: torch and Ray (~9.5 s measured); see main
 
     if not cfg.evaluation.enabled or cfg.data.eval is None:
         raise ExperimentError("the comparison scores held-out ROUGE: it needs evaluation.enabled=true and data.eval")
@@ -271,7 +275,7 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
     pool = None
     try:
         if need_shift or any(by_label[m].method != "sft" for m, _ in todo):  # a rerun of finished runs starts no teacher
-            from teacher_service import TeacherPool
+            from teacher_service import TeacherPool  # deferred: torch (~5 s measured); see main
 
             try:
                 pool = TeacherPool.start(cfg, faults=faults) if started_pool else TeacherPool.attach(cfg)
@@ -322,8 +326,6 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
 
 def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
     """The CLI. `faults`: a test's FaultPlan (common/faults.py) for `run_experiment`; the CLI has none."""
-    from common.config import DEFAULT_CONFIG, LOSS_METHODS, load_config
-
     p = argparse.ArgumentParser(prog="python -m student_worker.research.experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sft,kd,delta_kd",
@@ -361,8 +363,8 @@ def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
         print("error: the comparison scores held-out ROUGE: set evaluation.enabled=true and data.eval",
               file=sys.stderr)
         return 2
-    import os
-
+    # deferred: Ray (~0.8 s) and the tiny world's builder (torch, ~3.5 s), measured on the loaded 2-core host:
+    # --help and the argument / config errors above exit without them
     import ray
 
     from common.tiny_world.build import resolve_model_paths

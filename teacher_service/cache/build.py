@@ -25,13 +25,22 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import ray.data  # at the top: only the build / add-role commands import this module (cache/cli.py defers it)
+
 from common.config import ModelSpec, RunConfig
+from common.data.batching import load_training_set
+from common.data.model_loading import student_dtype
+from common.data.tokenizer_check import check_tokenizers, tokenizer_fingerprint
 from common.faults import FaultPlan
+from common.lora import lora_pair_base
+from common.roles import teacher_role_specs
 from common.topk import ROLE_BASE, ROLE_SFT, ROLE_STUDENT_BASE
+from teacher_service.placement import engine_gpus
+from teacher_service.pool import vllm_options
 
 from .errors import CacheError
 from .fs import CacheLocation
-from .identity import model_identity
+from .identity import examples_fingerprint, model_identity
 from .manifest import AddedRole, BuildHead, Manifest, load_manifest
 from .plan import ShardInput, build_head, build_roles
 from .shard import ShardInfo, ShardLayout, ShardSpec
@@ -46,8 +55,6 @@ Progress = Callable[[str], None]
 
 
 def _data_context(progress: bool) -> None:
-    import ray.data
-
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = progress
@@ -55,8 +62,6 @@ def _data_context(progress: bool) -> None:
 
 def _stage_args(cfg: RunConfig, role: str) -> dict[str, Any]:
     """Actor options of a role's stage: its replicas, CPUs, GPUs and custom resources from `teachers`."""
-    import ray.data
-
     t = cfg.teachers
     opts: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(size=max(1, t.replicas.get(role, 1))),
                             "num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
@@ -66,8 +71,6 @@ def _stage_args(cfg: RunConfig, role: str) -> dict[str, Any]:
 
 
 def _one() -> Any:
-    import ray.data
-
     return ray.data.ActorPoolStrategy(size=1)
 
 
@@ -83,8 +86,6 @@ def _run(ds: Any, total: int, say: Progress) -> list[ShardInfo]:
 
 
 def _inputs(head: BuildHead, specs: list[ShardSpec], examples: list[Any]) -> Any:
-    import ray.data
-
     rows = [ShardInput.of(head, s, examples).to_row() for s in specs]
     return ray.data.from_items(rows, override_num_blocks=len(rows))  # one block (and one stage call) per shard
 
@@ -96,13 +97,6 @@ def build_cache(cfg: RunConfig, uri: str, *, encoding: str | None = None, progre
     Returns (manifest, stats: shards written, tokens, seconds, tokens_per_s). A location holding a finished
     cache or a build of other settings is refused (CacheError); model paths must be resolved
     (`embedded:` paths built) before. faults: a test's FaultPlan (common/faults.py) for the engine stages."""
-    from common.data.batching import load_training_set
-    from common.data.tokenizer_check import check_tokenizers
-    from common.lora import lora_pair_base
-    from common.roles import teacher_role_specs
-    from teacher_service.placement import engine_gpus
-    from teacher_service.pool import vllm_options
-
     check_tokenizers(cfg)  # tokenizer files only: no weights loaded yet
     ts = load_training_set(cfg)
     head = build_head(cfg, ts, encoding)
@@ -165,11 +159,6 @@ def add_role(cfg: RunConfig, uri: str, role: str = ROLE_STUDENT_BASE, student: M
     """Score `role` (the student base: `student`, default models.student_base or models.student) at the ids of
     the finished cache at `uri`, write its shards and list it in the manifest. A cache may hold the role
     for several models (students of different sizes); adding one it holds already is a no-op."""
-    from common.data.batching import load_training_set
-    from common.data.model_loading import student_dtype
-    from common.data.tokenizer_check import tokenizer_fingerprint
-    from teacher_service.placement import engine_gpus
-
     if role not in ADDABLE_ROLES:
         raise CacheError(f"cannot add role {role!r}: only {list(ADDABLE_ROLES)} can be added to a cache")
     spec = student or cfg.models.student_base or cfg.models.student
@@ -188,8 +177,6 @@ def add_role(cfg: RunConfig, uri: str, role: str = ROLE_STUDENT_BASE, student: M
         say(f"teacher cache {loc.display()} already holds role {role} of {spec.path} ({key})")
         return manifest, {"shards_written": 0, "tokens": 0, "seconds": 0.0, "tokens_per_s": None}
     ts = load_training_set(cfg)
-    from .identity import examples_fingerprint
-
     if examples_fingerprint(ts.examples) != head.valid_for["data"]["examples_sha256"]:
         raise CacheError(f"the config's tokenized training set differs from the one cache {loc.display()} was built "
                          "from (data.examples_sha256): use the config it was built with")

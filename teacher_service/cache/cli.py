@@ -21,7 +21,9 @@ import json
 import sys
 from typing import Any
 
+from common.config import DEFAULT_CONFIG, ConfigError, ModelSpec, load_config
 from common.faults import FaultPlan
+from teacher_service.errors import RayConnectionError
 
 from .encoded import read_shard
 from .errors import CacheError, CacheIncompleteError, ShardError
@@ -109,13 +111,14 @@ def _print(status: dict[str, Any]) -> None:
 
 
 def _load(config: str | None, overrides: list[str]) -> Any:
-    from common.config import DEFAULT_CONFIG, load_config
+    # deferred: teacher_service.cli imports Ray (~3 s measured); status and verify need none
     from teacher_service.cli import resolve_paths
 
     return resolve_paths(load_config(config or str(DEFAULT_CONFIG), overrides))
 
 
 def _build(args: argparse.Namespace, faults: FaultPlan | None = None) -> int:
+    # deferred: .build imports Ray Data (~9 s measured), ray_connect ~2.5 ms; status and verify need neither
     from teacher_service.ray_connect import connect_ray
 
     from .build import add_role, build_cache
@@ -126,8 +129,6 @@ def _build(args: argparse.Namespace, faults: FaultPlan | None = None) -> int:
         manifest, stats = build_cache(cfg, args.out, encoding=args.encoding, progress=not args.no_progress,
                                       faults=faults)
     else:
-        from common.config import ModelSpec
-
         student = ModelSpec(path=args.student) if args.student else None
         manifest, stats = add_role(cfg, args.cache, args.role, student, progress=not args.no_progress,
                                    faults=faults)
@@ -161,9 +162,6 @@ def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
         q.add_argument("--json", action="store_true", help="print the build's figures as JSON at the end")
     args = p.parse_args(argv)
     if args.command in ("build", "add-role"):
-        from common.config import ConfigError
-        from teacher_service.errors import RayConnectionError
-
         try:
             return _build(args, faults)
         except (ConfigError, RayConnectionError, CacheError, ValueError) as exc:  # bad input: nothing scored

@@ -22,11 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from common.config import ModelSpec
 from common.faults import FaultPlan
 from common.reproducibility import apply_compute_settings
 from common.topk import MASS_EPS
+from teacher_service.actor import TORCH_WIRE_DTYPES, make_engine
 
+from .encoded import read_shard
 from .fs import CacheLocation
+from .manifest import load_manifest
 from .plan import ShardInput, batch_inputs
 from .records import split_batch
 from .shard import ShardLayout, ShardSpec, write_shard
@@ -53,9 +57,6 @@ def _batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def _wire_fp32(lp: Any, wire_dtype: str) -> np.ndarray:
     """fp32 log-probs as the live record carries them: rounded to the wire dtype and back (exact)."""
-
-    from teacher_service.actor import TORCH_WIRE_DTYPES
-
     return lp.to(TORCH_WIRE_DTYPES[wire_dtype]).float().cpu().numpy()
 
 
@@ -66,9 +67,6 @@ class _EngineStage:
                  engine: str = "hf", vllm_options: dict[str, Any] | None = None, faults: FaultPlan | None = None,
                  pair_base: dict[str, Any] | None = None, paired: list[str] | tuple[str, ...] = (),
                  num_gpus: int = 1):
-        from common.config import ModelSpec
-        from teacher_service.actor import make_engine
-
         apply_compute_settings(scoring.get("compute"), where=f"cache build {role}")
         self.role, self.k, self.tau, self.pad_id = role, int(k), float(tau), int(pad_id)
         self.wire = str(scoring.get("wire_dtype", "float32"))
@@ -145,14 +143,10 @@ class CachedIds:
     """`add-role`: the support ids of each shard, read (and checked) from the finished cache."""
 
     def __init__(self, uri: str):
-        from .manifest import load_manifest
-
         self.loc = CacheLocation(uri)
         self.manifest = load_manifest(self.loc)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .encoded import read_shard
-
         head = self.manifest.head
         out = []
         for row in _rows(batch):
