@@ -89,14 +89,8 @@ def _assert_same_targets(a: Any, b: Any) -> None:
 
 @pytest.mark.parametrize("wire", ["float32", "bfloat16"])
 def test_rdt_targets_are_bit_identical_to_the_object_store(ray_cluster: dict, models: dict[str, Path],
-                                                           wire: str, request: pytest.FixtureRequest) -> None:
-    if wire == "float32":  # the session's service (tests/integration/session_teachers.py) sends fp32 wires
-        service = request.getfixturevalue("session_teachers")
-        service.ensure()
-        t = service.config().teachers
-        pool = TeacherPool.attach(_cfg(service.paths, t.name_prefix, f"teachers.namespace={t.namespace}"))
-    else:
-        pool = TeacherPool.start(_cfg(models, f"rdt-{wire}", f"teachers.wire_dtype={wire}"))
+                                                           wire: str) -> None:
+    pool = TeacherPool.start(_cfg(models, f"rdt-{wire}", f"teachers.wire_dtype={wire}"))
     receiver = _Receiver.options(num_cpus=0).remote()
     try:
         with _group(pool, [receiver]):
