@@ -4,7 +4,9 @@ test_faults, test_on_policy, test_student_training and test_teacher_cache all tr
 tiny world (tests/integration/test_student_training.py's `tiny_setup`: seeded models, the same data) against
 teachers they attach to. Starting a teacher pair costs ~20 s on 2 cores (two processes importing torch and
 loading models), so they share one: the `session_teachers` fixture (tests/integration/conftest.py);
-test_teacher_faults restarts a replica of it, and test_teacher_client and test_rdt's fp32 case only read it.
+test_teacher_faults restarts a replica of it, and test_teacher_client only reads it. (test_rdt keeps pools of its
+own: a teacher that joined a gloo RDT group of 3 cannot join a larger one later, Ray's gloo groups ride on torch's
+default process group.)
 
 The service is restartable (teachers.max_restarts=2, max_task_retries=-1): tests that kill a teacher with
 `no_restart=False` see Ray restart it. A test that kills a replica for good brings it back with `revive()`
