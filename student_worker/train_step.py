@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from common.config import LossConfig
 from common.losses import HiddenStates, SparseTargets, StudentInput, distillation_loss, support_logprobs
@@ -133,6 +133,13 @@ def enable_gradient_checkpointing(lm: torch.nn.Module) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def is_dtensor(x: Any) -> bool:
+    """isinstance(x, DTensor) without importing torch.distributed.tensor: that import costs ~0.5 s of CPU (sympy
+    among it, measured with -X importtime) in every rank of every run, and no DTensor can exist before it ran."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
 def model_output(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StudentInput:
     """Run `model` (HiddenStatesLM or a causal LM, optionally inside DDP) on the batch: HiddenStates for
     the fused path, else the logits [B, T, V']."""
@@ -140,7 +147,7 @@ def model_output(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Stud
     if isinstance(inner, HiddenStatesLM):
         hidden = model(batch["input_ids"], batch["attention_mask"])
         weight, bias = inner.head()
-        if isinstance(weight, DTensor):  # fsdp2 (student_worker/sharding.py): the root unit must still be gathered
+        if is_dtensor(weight):  # fsdp2 (student_worker/sharding.py): the root unit must still be gathered
             raise TrainStepError("the LM head is still sharded after the forward (its FSDP2 unit resharded): the "
                                  "fused loss needs the gathered weight, whose gradient FSDP reduce-scatters")
         return HiddenStates(hidden, weight, bias)

@@ -12,24 +12,20 @@ Before touching the model, all ranks agree (one tiny all-reduce) that every rank
 failed teacher makes every rank raise `StepRejected` instead of leaving the others blocked in DDP's gradient
 all-reduce. An error after that point leaves the other ranks in a collective: the driver kills the group.
 
-The driver queues a worker's next step call (and checkpoint saves) before the current call returns, so the
-worker never idles on the driver's bookkeeping. Calls must run in order: a step call whose step is not the
-worker's next one (an earlier step failed) raises `StepOrderError` at once, touching nothing; a checkpoint
-save checks the same, so a checkpoint always holds the state after exactly the steps it is named for.
-On-policy steps (`training.on_policy`) add a `sample` call per step, queued between the right train calls
-(student_worker/on_policy.py): it draws the rank's responses with the weights it holds and checks its place
-in the order the same way.
+The driver queues a worker's next step call (and checkpoint saves) before the current call returns. Calls must
+run in order: a step call whose step is not the worker's next one (an earlier step failed) raises
+`StepOrderError` at once, touching nothing; a checkpoint save and an on-policy `sample` call (queued between the
+right train calls, student_worker/on_policy.py) check the same, so a checkpoint always holds the state after
+exactly the steps it is named for.
 
-Timing (one metrics row per step, student_worker/report.py): each step call returns `step_s`, the time since
-the end of the previous step call of this worker (calls outside the loop, e.g. evaluation, excluded), and
-`step_parts`, named consecutive intervals that sum to it (STEP_PARTS).
+Timing (student_worker/report.py): each step call returns `step_s`, the time since the end of this worker's
+previous step call (evaluation excluded), and `step_parts`, named consecutive intervals summing to it.
 
 `training.strategy: fsdp2` (student_worker/sharding.py): the student (and its frozen base) is sharded over the
 ranks instead of replicated; checkpoints are sharded (student_worker/fsdp_checkpoint.py); what needs the whole
 model (sampling, evaluation, final_model/) gathers it, on every rank at once (WorkerGroup.call_whole).
 
-Faults (tests and benchmarks only): the driver hands its `common.faults.FaultPlan` to each worker; without
-one (production) no fault code runs.
+Faults (tests, benchmarks): the driver hands its `common.faults.FaultPlan` to each worker; None runs no fault code.
 """
 
 from __future__ import annotations
@@ -49,7 +45,6 @@ from common.losses import SparseTargets
 from common.reproducibility import apply_compute_settings
 from common.roles import needs_student_base, record_roles
 from student_worker import checkpoint as ckpt
-from student_worker import fsdp_checkpoint, sharding
 from student_worker.distributed import (
     AllReduceTimer,
     compression_hook,
@@ -152,6 +147,11 @@ class StudentWorkerImpl:
         # DDP wraps (FSDP2 shards) what the step's forward runs: the backbone-only module on the fused path
         # (train_step.py); `self.ddp` is that wrapped module either way
         if self.fsdp:
+            # deferred: torch.distributed.{fsdp,checkpoint,tensor} cost ~0.75 s of CPU at import (-X importtime),
+            # which the driver and CLI processes (they import this module) never need
+            from student_worker import fsdp_checkpoint, sharding
+
+            self.sharding, self.fsdp_checkpoint = sharding, fsdp_checkpoint
             mesh = sharding.student_mesh(self.device, self.world_size)
             self.ddp = sharding.shard_student(loss_forward_module(self.model, cfg.loss, spec.path), self.model, mesh,
                                               self.device, spec.path)
@@ -217,7 +217,7 @@ class StudentWorkerImpl:
             self._mark = time.perf_counter()
             raise StepOrderError(f"rank {self.rank}: the sample of step {step} (on_policy.lag {op.lag}) asked for "
                                  f"after {self.next_step} completed steps; nothing drawn")
-        model = sharding.gathered_copy(self.model, self.device) if self.fsdp else self.model
+        model = self.sharding.gathered_copy(self.model, self.device) if self.fsdp else self.model
         out = generate_samples(model, prompts, eos_ids=self.eos_ids, pad_id=self.pad_id,
                                temperature=op.temperature, top_p=op.top_p, max_new_tokens=op.max_new_tokens,
                                seed=sample_seed(self.cfg.seed, batch_id), autocast=self.autocast)
@@ -338,7 +338,7 @@ class StudentWorkerImpl:
                                  f"completed {self.next_step}; nothing written")
         try:
             if self.fsdp:
-                fsdp_checkpoint.save_sharded(tmp_dir, self.model, self.optimizer, self.scheduler, self.rank,
+                self.fsdp_checkpoint.save_sharded(tmp_dir, self.model, self.optimizer, self.scheduler, self.rank,
                                              self.world_size)
             elif self.rank == 0:
                 self.model.save_pretrained(f"{tmp_dir}/{ckpt.MODEL_DIR}", safe_serialization=True)
@@ -354,7 +354,7 @@ class StudentWorkerImpl:
     def load_checkpoint(self, ckpt_dir: str) -> int:
         """Load weights, optimizer, scheduler and this rank's RNG states; returns the checkpoint's step."""
         if self.fsdp:
-            fsdp_checkpoint.load_sharded(ckpt_dir, self.model, self.optimizer, self.scheduler, self.world_size)
+            self.fsdp_checkpoint.load_sharded(ckpt_dir, self.model, self.optimizer, self.scheduler, self.world_size)
             return self._load_run_state(ckpt_dir)
         # Our own checkpoint: safetensors only, never remote code (whatever the config says for hub models).
         src = load_causal_lm(self.cfg.models.student.model_copy(update={"trust_remote_code": False}), self.device,
@@ -373,7 +373,7 @@ class StudentWorkerImpl:
         """Save the student in HF format (safetensors + tokenizer) at `path` (rank 0's copy; under fsdp2 every
         rank must call it: the weights are gathered on rank 0, which writes them)."""
         try:
-            state = sharding.full_state_dict(self.model, rank0_only=True) if self.fsdp else None
+            state = self.sharding.full_state_dict(self.model, rank0_only=True) if self.fsdp else None
             if self.rank == 0:
                 self.model.save_pretrained(path, safe_serialization=True, state_dict=state)
                 self.tokenizer.save_pretrained(path)
@@ -389,7 +389,7 @@ class StudentWorkerImpl:
         """ROUGE of the current weights on `examples` (under fsdp2 every rank calls it to gather the weights; rank
         0 evaluates, the others return None)."""
         try:
-            model = sharding.gathered_copy(self.model, self.device) if self.fsdp else self.model
+            model = self.sharding.gathered_copy(self.model, self.device) if self.fsdp else self.model
             if self.rank != 0 and self.fsdp:
                 return None
             return evaluate_model(model, self.tokenizer, examples, max_new_tokens, batch_size)
