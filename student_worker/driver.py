@@ -53,10 +53,11 @@ from student_worker.recovery import (
 from student_worker.report import run_summary, step_row, write_report
 from student_worker.step_pipeline import StepInFlight, StepPipeline
 from student_worker.tracking import MetricsTracker
-from student_worker.worker_group import WorkerGroup
+from student_worker.worker_group import WarmRanks, WorkerGroup
 from teacher_service import TeacherPool
 
-__all__ = ["TrainingRunError", "InputError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS"]
+__all__ = ["TrainingRunError", "InputError", "Driver", "run_training", "find_cause", "MAX_WORKER_RESTARTS",
+           "WarmRanks"]
 
 
 class TrainingRunError(RuntimeError):
@@ -74,7 +75,7 @@ class Driver:
     teacher pool this driver starts; None (production) injects nothing."""
 
     def __init__(self, cfg: RunConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True,
-                 faults: FaultPlan | None = None):
+                 faults: FaultPlan | None = None, warm: WarmRanks | None = None):
         self.cfg, self.resume, self.stop_after, self.progress = cfg, resume, stop_after, progress
         self.faults = faults
         self.out = cfg.output_dir.resolve()  # workers get absolute paths, whatever their working directory
@@ -82,7 +83,7 @@ class Driver:
         self.cfg_dict = cfg.model_dump(mode="json")
         # RDT carries live teachers' tensors; cache and auto records go through the object store
         self.rdt = cfg.transport.kind == "rdt" and cfg.loss.method != "sft" and cfg.teachers.source == "live"
-        self.group = WorkerGroup(cfg, self.out, faults)
+        self.group = WorkerGroup(cfg, self.out, faults, warm=None if self.rdt else warm)  # RDT: see WarmRanks
         self.pool: Any = None  # the live TeacherPool, when the record source started or attached one
         self.source: RecordSource | None = None  # None for sft: no teacher at all
         self.pipeline: StepPipeline | None = None
@@ -127,6 +128,7 @@ class Driver:
             step = self._train(start_step, end_step)
             loop_s = time.perf_counter() - t_loop
             if step < t.max_steps:  # stopped early on purpose (--stop-after): as if interrupted
+                self._release(keep_workers=True)
                 return {"stopped_at": step, "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))}
             return self._finish(start_step, step, loop_s)
         finally:
@@ -359,7 +361,7 @@ class Driver:
             self.rouge["student_after"] = self._evaluate_student()
         teacher_stats = self.source.stats() if self.source is not None else None
         self.source_info = self.source.describe() if self.source is not None else None
-        self._release()  # frees the CPU/GPU slots the teacher's evaluation task needs on small machines
+        self._release(keep_workers=True)  # frees the CPU/GPU slots the teacher's evaluation task needs on small machines
         tc = self.cfg.teachers
         task = evaluate_spec_task.options(num_cpus=min(1.0, tc.num_cpus), num_gpus=tc.num_gpus)
         compute = self.cfg.reproducibility.model_dump()
@@ -378,9 +380,10 @@ class Driver:
         e = self.cfg.evaluation
         return self.group.call_whole("evaluate", self.eval_examples, e.max_new_tokens, e.batch_size)
 
-    def _release(self) -> None:
-        """Kill the workers and the teachers this run started (attached teachers stay up)."""
-        self.group.stop()
+    def _release(self, keep_workers: bool = False) -> None:
+        """Kill the workers (`keep_workers`: a clean end hands them to the WarmRanks, if any) and the teachers this
+        run started (attached teachers stay up)."""
+        self.group.stop(keep=keep_workers)
         if self.source is not None:
             self.source.shutdown()  # kills only the actors it started (not attached teachers)
             self.source = None
@@ -400,8 +403,8 @@ class Driver:
         return report
 
 
-def run_training(cfg: RunConfig, resume: bool = False, stop_after: int | None = None,
-                 progress: bool = True, faults: FaultPlan | None = None) -> dict[str, Any]:
+def run_training(cfg: RunConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+                 faults: FaultPlan | None = None, warm: WarmRanks | None = None) -> dict[str, Any]:
     """Run one training job on the already-initialised Ray cluster; returns the report dict. `faults`: a
-    test's FaultPlan (common/faults.py); None injects nothing."""
-    return Driver(cfg, resume=resume, stop_after=stop_after, progress=progress, faults=faults).run()
+    test's FaultPlan (common/faults.py); None injects nothing. `warm`: student ranks shared between runs."""
+    return Driver(cfg, resume=resume, stop_after=stop_after, progress=progress, faults=faults, warm=warm).run()

@@ -16,7 +16,7 @@ The driver queues a worker's next step call (and checkpoint saves) before the cu
 run in order: a step call whose step is not the worker's next one (an earlier step failed) raises
 `StepOrderError` at once, touching nothing; a checkpoint save and an on-policy `sample` call (queued between the
 right train calls, student_worker/on_policy.py) check the same, so a checkpoint always holds the state after
-exactly the steps it is named for.
+exactly the steps it is named for. `reset` makes a worker a rank of another run (WarmRanks, worker_group.py).
 
 Timing (student_worker/report.py): each step call returns `step_s`, the time since the end of this worker's
 previous step call (evaluation excluded), and `step_parts`, named consecutive intervals summing to it.
@@ -30,6 +30,7 @@ Faults (tests, benchmarks): the driver hands its `common.faults.FaultPlan` to ea
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -90,6 +91,14 @@ class StudentWorkerImpl:
         self._idle_s = 0.0  # idle time before calls that count into the next step (checkpoint saves, samples)
         self._checkpoint_s = 0.0
         self._sample_s = 0.0
+
+    def reset(self, cfg_dict: dict[str, Any], rank: int, world_size: int, generation: int = 0,
+              faults: FaultPlan | None = None) -> None:
+        """Start over as a new rank of another run: drop the last run's model, optimizer and process group
+        (collected now: the gloo group's sockets close before the next rendezvous); then `setup` as usual."""
+        self.__dict__.clear()
+        gc.collect()
+        self.__init__(cfg_dict, rank, world_size, generation, faults)  # type: ignore[misc]
 
     def _end_call(self) -> None:
         """End of a call that is not part of any step (set-up, evaluation): the next step starts here."""

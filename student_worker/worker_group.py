@@ -6,15 +6,17 @@
     group.call("begin", step)           # one call per rank, in rank order: their refs
     group.call_whole("save_model", path)  # a call that needs the whole model: rank 0's result
     group.replace(resume_dir, pool, rdt)  # kill every rank at once, start a new generation from a checkpoint
-    group.stop()
+    group.stop()                        # kill them; stop(keep=True) hands them to the group's WarmRanks
 
 Ranks are NAMED actors, `{run_name}-student-{rank}-{run_uid}` in the namespace `teachers.namespace`, with a
 fresh `run_uid` per generation (student_worker/recovery.py), so an operator can find them and a restored
-group never collides with the one it replaces. `generation` counts the groups before this one.
+group never collides with the one it replaces (ranks of a WarmRanks: see there). `generation` counts the groups
+before this one.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,15 +31,75 @@ from student_worker.recovery import find_cause, new_run_uid, worker_actor_name
 from student_worker.shared_output import check_shared_output
 from student_worker.worker import StudentWorker
 
-__all__ = ["WorkerGroup"]
+__all__ = ["WorkerGroup", "WarmRanks"]
+
+
+class WarmRanks:
+    """Student worker processes kept between the runs of one driver process (run_experiment's runs, a test
+    session's): a run takes its ranks from here when an earlier run of the same kind left them, instead of
+    starting processes that import torch and transformers again (~4 CPU-s per rank on the 2-core host).
+
+    A run hands its ranks back only when it ends cleanly (finished, or stopped by `stop_after`); a failure kills
+    them, as without WarmRanks. A taken rank is reset (`StudentWorkerImpl.reset`) and set up like a new one.
+    Only CPU DDP ranks are kept (`key`): fsdp2 and gloo RDT groups take over torch's default process group, which
+    a process cannot leave, and NCCL communicators are not torn down in-process here. Equal worker resources and
+    reproducibility settings are required (threads, kernel set and determinism are per process). Ranks started
+    for a WarmRanks are named `student-<n>-<uid>` in ITS namespace (they outlive runs: no run's name fits them);
+    idle ranks keep their Ray resources; `close()` kills them."""
+
+    def __init__(self, namespace: str = "deltakd-warm-ranks") -> None:
+        self.namespace = namespace
+        self._uid, self._started = new_run_uid(), 0
+        self._idle: dict[str, list[tuple[Any, str]]] = {}
+
+    def new_name(self) -> str:
+        self._started += 1
+        return f"student-{self._started}-{self._uid}"
+
+    @staticmethod
+    def key(cfg: RunConfig) -> str | None:
+        """Which runs can share ranks (None: this run's ranks are never kept)."""
+        t = cfg.training
+        if t.strategy != "ddp" or t.num_gpus_per_worker > 0:
+            return None
+        return json.dumps([t.num_cpus_per_worker, dict(t.resources_per_worker), cfg.reproducibility.model_dump()],
+                          sort_keys=True)
+
+    def take(self, cfg: RunConfig, n: int) -> list[tuple[Any, str]]:
+        """Up to `n` idle ranks (actor, name) for a run of `cfg`, in the order they were handed back."""
+        key = self.key(cfg)
+        idle = self._idle.get(key, []) if key is not None else []
+        taken, idle[:] = idle[:n], idle[n:]
+        return taken
+
+    def give(self, cfg: RunConfig, ranks: list[tuple[Any, str]]) -> None:
+        """Keep a cleanly ended run's ranks (rank order) for the next run; ranks that cannot be kept are killed."""
+        key = self.key(cfg)
+        if key is None:
+            for actor, _ in ranks:
+                ray.kill(actor, no_restart=True)
+            return
+        self._idle.setdefault(key, []).extend(ranks)
+
+    def idle_names(self) -> list[str]:
+        """The names of the idle ranks (kept, not in a run)."""
+        return [name for ranks in self._idle.values() for _, name in ranks]
+
+    def close(self) -> None:
+        """Kill every idle rank."""
+        for ranks in self._idle.values():
+            for actor, _ in ranks:
+                ray.kill(actor, no_restart=True)
+        self._idle.clear()
 
 
 class WorkerGroup:
     """The run's student worker actors, one per rank (`training.num_workers`)."""
 
-    def __init__(self, cfg: RunConfig, out: Path, faults: FaultPlan | None = None):
-        """faults: a test's FaultPlan (common/faults.py) handed to every rank; None in production."""
-        self.cfg, self.out, self.faults = cfg, out, faults
+    def __init__(self, cfg: RunConfig, out: Path, faults: FaultPlan | None = None, warm: WarmRanks | None = None):
+        """faults: a test's FaultPlan (common/faults.py) handed to every rank; None in production. warm: where the
+        first generation's ranks come from when it has some, and where `stop(keep=True)` leaves them."""
+        self.cfg, self.out, self.faults, self.warm = cfg, out, faults, warm
         self.cfg_dict = cfg.model_dump(mode="json")
         self.world = cfg.training.num_workers
         self.workers: list[Any] = []
@@ -55,14 +117,20 @@ class WorkerGroup:
     def create(self) -> None:
         """Create the actors (non-blocking: their processes start and import while teachers load)."""
         t = self.cfg.training
-        uid = new_run_uid()
-        self.names = [worker_actor_name(self.cfg.run_name, rank, uid) for rank in range(self.world)]
-        self.workers = [
+        taken = self.warm.take(self.cfg, self.world) if self.warm is not None and self.generation == 0 else []
+        for rank, (actor, _) in enumerate(taken):  # queued before setup: a reused rank starts over first
+            actor.reset.remote(self.cfg_dict, rank, self.world, self.generation, faults=self.faults)
+        uid, namespace = new_run_uid(), self.cfg.teachers.namespace
+        fresh = [worker_actor_name(self.cfg.run_name, rank, uid) for rank in range(len(taken), self.world)]
+        if self.warm is not None:
+            fresh, namespace = [self.warm.new_name() for _ in fresh], self.warm.namespace
+        self.names = [name for _, name in taken] + fresh
+        self.workers = [actor for actor, _ in taken] + [
             StudentWorker.options(num_cpus=t.num_cpus_per_worker, num_gpus=t.num_gpus_per_worker, name=name,
                                   resources=dict(t.resources_per_worker) or None,
-                                  namespace=self.cfg.teachers.namespace).remote(self.cfg_dict, rank, self.world,
-                                                                                self.generation, faults=self.faults)
-            for rank, name in enumerate(self.names)
+                                  namespace=namespace).remote(self.cfg_dict, rank, self.world, self.generation,
+                                                              faults=self.faults)
+            for rank, name in enumerate(fresh, start=len(taken))
         ]
 
     def start(self, resume_dir: Path | None, pool: Any = None, rdt: bool = False) -> None:
@@ -109,13 +177,17 @@ class WorkerGroup:
         """`method(*per_rank[r])` queued on rank r; returns the refs."""
         return [getattr(w, method).remote(*args) for w, args in zip(self.workers, per_rank, strict=True)]
 
-    def stop(self) -> None:
-        """Kill every rank at once (survivors may sit in a collective with a failed rank) and the RDT group."""
+    def stop(self, keep: bool = False) -> None:
+        """Kill every rank at once (survivors may sit in a collective with a failed rank) and the RDT group;
+        `keep` (a cleanly ended run): hand the ranks to the WarmRanks instead, when there is one."""
         if self._rdt_group is not None:
             destroy_collective_group(self._rdt_group)
             self._rdt_group = None
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
+        if keep and self.warm is not None:
+            self.warm.give(self.cfg, list(zip(self.workers, self.names, strict=True)))
+        else:
+            for w in self.workers:
+                ray.kill(w, no_restart=True)
         self.workers, self.names = [], []
 
     def replace(self, resume_dir: Path | None, pool: Any = None, rdt: bool = False) -> None:

@@ -218,7 +218,8 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
     method names or variants (strings are parsed as --methods entries). Raises ExperimentError, also for
     a variant whose config does not validate. `faults`: a test's FaultPlan for the pool it starts and every
     run (common/faults.py); not part of any run's identity."""
-    from student_worker.driver import run_training  # deferred: torch and Ray (~9.5 s measured); see main
+    # deferred: torch and Ray (~9.5 s measured); see main
+    from student_worker.driver import WarmRanks, run_training
 
     if not cfg.evaluation.enabled or cfg.data.eval is None:
         raise ExperimentError("the comparison scores held-out ROUGE: it needs evaluation.enabled=true and data.eval")
@@ -272,7 +273,7 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
     todo = [ms for ms in plan if ms not in finished]
     shift_path = out_dir / "shift.json"
     need_shift = not (shift_path.is_file() and json.loads(shift_path.read_text()).get("key") == shared)
-    pool = None
+    pool, warm = None, WarmRanks()  # the runs share their student ranks (processes), one after another
     try:
         if need_shift or any(by_label[m].method != "sft" for m, _ in todo):  # a rerun of finished runs starts no teacher
             from teacher_service import TeacherPool  # deferred: torch (~5 s measured); see main
@@ -295,7 +296,8 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
                     print(f"{rc.output_dir}: unfinished or from another config; training it again", flush=True)
                     shutil.rmtree(rc.output_dir)
                 try:
-                    report = run_training(rc, resume=resume is not None, progress=progress, faults=faults)
+                    report = run_training(rc, resume=resume is not None, progress=progress, faults=faults,
+                                          warm=warm)
                 except Exception as exc:
                     exp["status"] = f"failed: {m} seed {s}: {exc}"
                     raise ExperimentError(f"run {m} seed {s} ({rc.output_dir}) failed: {exc}") from exc
@@ -312,6 +314,7 @@ def run_experiment(cfg: RunConfig, methods: list[str] | list[Variant], seeds: li
         save()
         raise
     finally:
+        warm.close()
         if pool is not None:
             pool.shutdown()  # kills only the actors this experiment started
     exp["status"] = "complete"

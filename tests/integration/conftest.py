@@ -124,6 +124,21 @@ def session_teachers(ray_cluster, tiny_world, tmp_path_factory) -> Iterator:
         teachers.shutdown()
 
 
+@pytest.fixture(scope="session")
+def warm_ranks(ray_cluster) -> Iterator:
+    """Student ranks shared by the session's in-process runs (student_worker/worker_group.py WarmRanks): a run that
+    ends cleanly leaves its worker processes to the next run of the same kind, which then skips starting
+    processes that import torch and transformers (~4 CPU-s per rank). Runs whose test finds ranks by name or
+    counts them, and the CLI runs, start their own."""
+    from student_worker.driver import WarmRanks
+
+    warm = WarmRanks()
+    try:
+        yield warm
+    finally:
+        warm.close()
+
+
 def pytest_collection_modifyitems(items: list) -> None:
     """Tests on the dashboard head last (stable order otherwise), so the head starts once and late."""
     items.sort(key=lambda item: "dashboard_head" in getattr(item, "fixturenames", ()))

@@ -224,7 +224,7 @@ def test_resume_from_a_checkpoint_of_another_config_lists_the_keys(ray_cluster, 
     assert _snapshot(out) == before
 
 
-def test_padded_embedding_rows_that_differ_train(ray_cluster, tmp_path) -> None:
+def test_padded_embedding_rows_that_differ_train(ray_cluster, tmp_path, warm_ranks) -> None:
     """sft teacher 7 padded rows, base teacher none, student 3: rows beyond the tokenizer are cut."""
     from student_worker.driver import run_training
 
@@ -238,7 +238,7 @@ def test_padded_embedding_rows_that_differ_train(ray_cluster, tmp_path) -> None:
     out = tmp_path / "run"
     report = run_training(make_cfg(paths, out, ["training.num_workers=1", "training.batch_size=4",
                                                 "training.max_steps=3", "output.plot=false",
-                                                "teachers.num_cpus=0.5"]), progress=False)
+                                                "teachers.num_cpus=0.5"]), progress=False, warm=warm_ranks)
     rows = read_rows(out)
     assert report["steps"] == 3 and [r["step"] for r in rows] == [0, 1, 2]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["distill"]) for r in rows)

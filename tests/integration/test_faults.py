@@ -103,26 +103,26 @@ def _cfg(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, extra
     return make_cfg(tiny, out, attach + RUN_OVERRIDES + (extra or []), tag=tag)
 
 
-def _reference_run(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path,
+def _reference_run(tiny: dict[str, Path], service: tuple[str, list[str]], out: Path, warm: Any,
                    extra: list[str] | None = None) -> dict[str, Any]:
     from student_worker.driver import run_training
 
-    run_training(_cfg(tiny, service, out, extra), progress=False)
+    run_training(_cfg(tiny, service, out, extra), progress=False, warm=warm)
     rows = read_rows(out)
     assert [r["step"] for r in rows] == list(range(STEPS))
     return {"rows": comparable(rows), "weights": load_weights(out / "final_model"), "out": out, "extra": extra or []}
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, service, tmp_path_factory) -> dict[str, Any]:
+def reference(tiny, service, warm_ranks, tmp_path_factory) -> dict[str, Any]:
     """The uninterrupted run every fault run must reproduce exactly."""
-    return _reference_run(tiny, service, tmp_path_factory.mktemp("reference") / "run")
+    return _reference_run(tiny, service, tmp_path_factory.mktemp("reference") / "run", warm_ranks)
 
 
 @pytest.fixture(scope="module")
 def fsdp2_reference(tiny, service, tmp_path_factory) -> dict[str, Any]:
     """The same run with a sharded student (training.strategy=fsdp2), uninterrupted."""
-    return _reference_run(tiny, service, tmp_path_factory.mktemp("fsdp2-reference") / "run", FSDP2)
+    return _reference_run(tiny, service, tmp_path_factory.mktemp("fsdp2-reference") / "run", None, FSDP2)
 
 
 def _assert_same_as_reference(out: Path, reference: dict[str, Any], what: str,
@@ -293,7 +293,7 @@ def test_rank_error_killed_worker_and_killed_teacher_in_one_run_equal_the_uninte
 
 
 def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
-        tiny, service, reference, ray_cluster, tmp_path, capsys) -> None:
+        tiny, service, reference, ray_cluster, tmp_path, capsys, warm_ranks) -> None:
     """One run stopped or killed four times, each time resumed by the next link, the last resume compared:
     1. stop_after=3 (in process), and a resume with another config refused, naming the differing key;
     2. CLI --resume (from 3) crashing while it writes checkpoint 4: exit 1, half a state.json in
@@ -313,11 +313,11 @@ def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
     root = out / "checkpoints"
 
     # 1. stop after 3 steps: a checkpoint of 3, no final model; another config must not resume from it
-    stopped = run_training(cfg, stop_after=3, progress=False)
+    stopped = run_training(cfg, stop_after=3, progress=False, warm=warm_ranks)
     assert stopped["stopped_at"] == 3 and not (out / "final_model").exists(), f"stop_after: {stopped}"
     assert len(read_rows(out)) == 3, "stop_after: rows"
     with pytest.raises(CheckpointError, match="loss.alpha"):  # the error lists the differing keys
-        run_training(_cfg(tiny, service, out, ["loss.alpha=0.5"]), resume=True, progress=False)
+        run_training(_cfg(tiny, service, out, ["loss.alpha=0.5"]), resume=True, progress=False, warm=warm_ranks)
 
     # 2. a crash while checkpoint 4 is written
     proc = _train_cli(config_path, tmp_path / "crash.log", ray_cluster, "--resume",
@@ -503,7 +503,7 @@ def _resize_tmpfs(path: Path, size_bytes: int) -> None:
 
 
 def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
-        tiny, service, reference, tmp_path, capsys) -> None:
+        tiny, service, reference, tmp_path, capsys, warm_ranks) -> None:
     """The output dir on a real tmpfs holding the reference run's first two checkpoints (2 and 4: what a run
     stopped after 4 steps leaves), shrunk to what it holds plus half a checkpoint, so the resumed run's
     checkpoint 6 cannot be written (ENOSPC from the real writes: safetensors, torch.save, JSON). Then the
@@ -544,14 +544,14 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
         ckpt.verify_checkpoint(previous)
 
         _resize_tmpfs(mnt, 64 << 20)  # space again: the command from the message continues the run
-        report = run_training(cfg, resume=True, progress=False)
+        report = run_training(cfg, resume=True, progress=False, warm=warm_ranks)
         assert report["steps"] == STEPS
         _assert_same_as_reference(out, reference, "full disk",
                                   lambda s: "the reference's, from its checkpoint 4" if s < 4 else "resumed")
 
 
 def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
-        tiny, service, reference, session_teachers, tmp_path, capsys) -> None:
+        tiny, service, reference, session_teachers, tmp_path, capsys, warm_ranks) -> None:
     """Runs LAST: kills the shared service's base replica for good (the session's service,
     tests/integration/session_teachers.py), then starts that replica again for the resume (and for the
     service's later users). The CLI's main() runs in this process (in a thread: the test kills the teacher
@@ -586,7 +586,7 @@ def test_teacher_dead_past_retries_stops_with_a_checkpoint_then_resumes(
 
     # The replica comes back (same name): once its name is released, it alone is started again; resume.
     assert session_teachers.revive() == service
-    report = run_training(cfg, resume=True, progress=False)
+    report = run_training(cfg, resume=True, progress=False, warm=warm_ranks)
     assert report["steps"] == STEPS
     _assert_same_as_reference(out, reference, "a dead teacher, resumed",
                               lambda s: "before the teacher died" if s < done else "resumed")

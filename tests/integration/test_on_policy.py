@@ -109,14 +109,14 @@ def test_bad_on_policy_input_exits_2_in_the_preflight(tiny, tmp_path, capsys) ->
 
 
 # ---------------------------------------------------------------------------------------------- fraction 0
-def test_fraction_zero_is_the_off_policy_run_bit_for_bit(tiny, service, tmp_path) -> None:
+def test_fraction_zero_is_the_off_policy_run_bit_for_bit(tiny, service, tmp_path, warm_ranks) -> None:
     from student_worker.driver import run_training
 
     steps = ["training.max_steps=3"]
-    run_training(_cfg(tiny, service, tmp_path / "off", *steps), progress=False)
+    run_training(_cfg(tiny, service, tmp_path / "off", *steps), progress=False, warm=warm_ranks)
     keys = ["training.on_policy.fraction=0", "training.on_policy.lag=1", "training.on_policy.temperature=0.5",
             "training.on_policy.max_new_tokens=5", "training.on_policy.top_p=0.9"]
-    run_training(_cfg(tiny, service, tmp_path / "zero", *steps, *keys), progress=False)
+    run_training(_cfg(tiny, service, tmp_path / "zero", *steps, *keys), progress=False, warm=warm_ranks)
     off = read_rows(tmp_path / "off")
     assert not any("on_policy" in r for r in off)  # no new keys in an off-policy run's rows
     _same_run(tmp_path / "zero", off, load_weights(tmp_path / "off" / "final_model"))
@@ -260,12 +260,13 @@ def _latest_step(out: Path) -> int | None:
     return None if latest is None else int(ckpt.read_state(latest)["step"])
 
 
-def test_lag1_run_survives_a_killed_teacher_worker_and_driver(tiny, service, ray_cluster, tmp_path) -> None:
+def test_lag1_run_survives_a_killed_teacher_worker_and_driver(tiny, service, ray_cluster, tmp_path,
+        warm_ranks) -> None:
     from student_worker.driver import run_training
     from teacher_service.naming import replica_name
 
     reference = tmp_path / "reference"
-    run_training(_cfg(tiny, service, reference, *LAG1), progress=False)
+    run_training(_cfg(tiny, service, reference, *LAG1), progress=False, warm=warm_ranks)
     ref_rows = read_rows(reference)
     assert [r["on_policy"] for r in ref_rows] == [1] * LAG1_STEPS
 
@@ -307,6 +308,6 @@ def test_lag1_run_survives_a_killed_teacher_worker_and_driver(tiny, service, ray
     assert restored == ["2"], f"expected one restore, from checkpoint 2:\n{log.read_text()[-3000:]}"
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     assert latest is not None and latest.name == "ckpt-000002" and (latest / SAMPLES_FILE).is_file(), latest
-    report = run_training(cfg, resume=True, progress=False)
+    report = run_training(cfg, resume=True, progress=False, warm=warm_ranks)
     assert report["steps"] == LAG1_STEPS
     _same_run(out, ref_rows, load_weights(reference / "final_model"))

@@ -55,11 +55,11 @@ def _cfg(setup: dict[str, Path], out: Path, extra: list[str]):
 
 
 @pytest.fixture(scope="module")
-def selected(ray_cluster, setup: dict[str, Path]) -> tuple[Path, dict]:
+def selected(ray_cluster, setup: dict[str, Path], warm_ranks) -> tuple[Path, dict]:
     from student_worker.driver import run_training
 
     out = setup["root"] / "selected"
-    report = run_training(_cfg(setup, out, ["logging.report_to=[tensorboard]"]), progress=False)
+    report = run_training(_cfg(setup, out, ["logging.report_to=[tensorboard]"]), progress=False, warm=warm_ranks)
     return out, report
 
 
@@ -103,27 +103,29 @@ def test_tensorboard_events_hold_the_metrics(selected: tuple[Path, dict]) -> Non
                                                                        rel=1e-6)
 
 
-def test_selection_does_not_change_training(selected: tuple[Path, dict], setup: dict[str, Path]) -> None:
+def test_selection_does_not_change_training(selected: tuple[Path, dict], setup: dict[str, Path],
+        warm_ranks) -> None:
     from student_worker.driver import run_training
 
     out, _ = selected
     plain = setup["root"] / "plain"
-    report = run_training(make_cfg(setup, plain, [s for s in SELECT if "select" not in s]), progress=False)
+    report = run_training(make_cfg(setup, plain, [s for s in SELECT if "select" not in s]), progress=False, warm=warm_ranks)
     assert report["selection"] == {"enabled": False} and not (plain / "best_model").exists()
     assert comparable(read_rows(plain)) == comparable(read_rows(out))
     a, b = load_weights(out / "final_model"), load_weights(plain / "final_model")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_resumed_run_selects_the_same_model(selected: tuple[Path, dict], setup: dict[str, Path]) -> None:
+def test_resumed_run_selects_the_same_model(selected: tuple[Path, dict], setup: dict[str, Path],
+        warm_ranks) -> None:
     from student_worker.driver import run_training
 
     out, report = selected
     resumed = setup["root"] / "resumed"
     cfg = _cfg(setup, resumed, ["logging.report_to=[tensorboard]"])
-    assert run_training(cfg, stop_after=4, progress=False)["stopped_at"] == 4  # checkpoint at 3, then step 4
+    assert run_training(cfg, stop_after=4, progress=False, warm=warm_ranks)["stopped_at"] == 4  # checkpoint at 3, then step 4
     # Stopping writes a checkpoint at 4; resume from it and finish.
-    again = run_training(cfg, resume=True, progress=False)
+    again = run_training(cfg, resume=True, progress=False, warm=warm_ranks)
     assert again["selection"]["history"] == report["selection"]["history"]
     assert again["selection"]["best_step"] == report["selection"]["best_step"]
     a, b = load_weights(out / "best_model"), load_weights(resumed / "best_model")

@@ -107,7 +107,8 @@ def teacher_service(paths: dict[str, Path], out: Path, overrides: list[str] | No
         pool.shutdown()
 
 
-def test_delta_kd_two_workers_trains_and_writes_everything(ray_cluster, tiny, shared_teachers, tmp_path):
+def test_delta_kd_two_workers_trains_and_writes_everything(ray_cluster, tiny, shared_teachers, tmp_path,
+        warm_ranks):
     from transformers import AutoModelForCausalLM
 
     from student_worker.driver import run_training
@@ -118,7 +119,7 @@ def test_delta_kd_two_workers_trains_and_writes_everything(ray_cluster, tiny, sh
     out = tmp_path / "run"
     cfg = make_cfg(tiny, out, attach + ["evaluation.enabled=true", "training.max_steps=12",
                                         "training.checkpoint_every=6"], tag=tag)
-    report = run_training(cfg, progress=False)
+    report = run_training(cfg, progress=False, warm=warm_ranks)
     rows = read_rows(out)
     assert [r["step"] for r in rows] == list(range(12))
     # every batch id (step * W + rank) trained exactly once
@@ -151,17 +152,31 @@ def test_delta_kd_two_workers_trains_and_writes_everything(ray_cluster, tiny, sh
 
 
 def test_two_workers_make_the_same_update_as_one(ray_cluster, tiny, shared_teachers, tmp_path):
-    from student_worker.driver import run_training
+    """...and a run on ranks an earlier run left (WarmRanks) is bit for bit the run on new ranks."""
+    from student_worker.driver import WarmRanks, run_training
 
     tag, attach = shared_teachers
-    weights = {}
-    for workers in (1, 2):
-        out = tmp_path / f"w{workers}"
-        # the 2-worker run also recomputes activations (training.gradient_checkpointing): same update
-        ckpt = ["training.gradient_checkpointing=true"] if workers == 2 else []
-        run_training(make_cfg(tiny, out, attach + [f"training.num_workers={workers}", "training.max_steps=2"] + ckpt,
-                              tag=tag), progress=False)
-        weights[workers] = load_weights(out / "final_model")
+    weights, warm = {}, WarmRanks(namespace=f"warm-{tag}")
+    try:
+        for workers, ranks in ((1, None), (2, warm), ("2 again", warm)):
+            out = tmp_path / f"w{workers}"
+            # the 2-worker runs also recompute activations (training.gradient_checkpointing): same update
+            ckpt = ["training.gradient_checkpointing=true"] if workers != 1 else []
+            before = warm.idle_names()
+            run_training(make_cfg(tiny, out, attach + [f"training.num_workers={str(workers)[0]}",
+                                                       "training.max_steps=2"] + ckpt, tag=tag),
+                         progress=False, warm=ranks)
+            weights[workers] = load_weights(out / "final_model")
+            rows = comparable(read_rows(out))
+            if workers == 2:
+                first_rows = rows
+            if workers == "2 again":  # the same two processes, reset and set up again: the same run
+                assert warm.idle_names() == before and len(before) == 2
+                assert rows == first_rows
+                for name, w in weights[2].items():
+                    np.testing.assert_array_equal(w, weights[workers][name], err_msg=name)
+    finally:
+        warm.close()
     start = load_weights(tiny["student"])
     for name, w1 in weights[1].items():
         assert not np.array_equal(w1, start[name]) or np.all(w1 == 0)

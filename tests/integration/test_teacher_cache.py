@@ -78,17 +78,18 @@ def shard_bytes(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, tiny, service, tmp_path_factory) -> dict[str, Any]:
+def reference(ray_cluster, tiny, service, warm_ranks, tmp_path_factory) -> dict[str, Any]:
     """The live run's rows, and the `auto` run beside it: it writes epoch 0 through to an fp32 cache, then reads
     that cache (test_auto_writes_epoch_zero_through_then_reads_the_cache checks it; the bad-cache test copies
     its cache)."""
     from student_worker.driver import run_training
 
     root = tmp_path_factory.mktemp("ref")
-    run_training(cfg_for(tiny, service, root / "live", FP32), progress=False)
+    run_training(cfg_for(tiny, service, root / "live", FP32), progress=False, warm=warm_ranks)
     uri = root / "auto_cache"
     auto = run_training(cfg_for(tiny, service, root / "auto", FP32 + ["teachers.source=auto",
-                                                                      f"teachers.cache.uri={uri}"]), progress=False)
+                                                                      f"teachers.cache.uri={uri}"]), progress=False,
+                        warm=warm_ranks)
     return {"rows": comparable(read_rows(root / "live")), "root": root, "auto": {
         "cache": uri, "report": auto, "rows": comparable(read_rows(root / "auto"))}}
 
@@ -117,18 +118,19 @@ def assert_rows(got: list[dict[str, Any]], want: list[dict[str, Any]], rel: floa
 
 
 def test_run_from_the_cache_reproduces_the_live_run_without_teachers(tiny, service, reference, built, no_teachers,
-                                                                   tmp_path):
+                                                                   tmp_path, warm_ranks):
     from student_worker.driver import run_training
 
     # the pipeline's cache (the build of test_a_build_survives_a_killed_worker_and_a_killed_driver)
-    report = run_training(cfg_for(tiny, service, tmp_path / "run", FP32 + cached(built["cache"])), progress=False)
+    report = run_training(cfg_for(tiny, service, tmp_path / "run", FP32 + cached(built["cache"])), progress=False, warm=warm_ranks)
     assert_rows(comparable(read_rows(tmp_path / "run")), reference["rows"], rel=1e-5)
     src = report["record_source"]
     assert src["source"] == "cache" and src["encoding"] == "fp32"
     assert sum(f["batches"] for f in src["feeders"]) == 2 * STEPS and all(f["shards_read"] for f in src["feeders"])
 
 
-def test_auto_writes_epoch_zero_through_then_reads_the_cache(tiny, service, reference, built, tmp_path, monkeypatch):
+def test_auto_writes_epoch_zero_through_then_reads_the_cache(tiny, service, reference, built, tmp_path, monkeypatch,
+        warm_ranks):
     from student_worker.driver import run_training
 
     auto = reference["auto"]  # the run beside the live one (the `reference` fixture)
@@ -143,11 +145,12 @@ def test_auto_writes_epoch_zero_through_then_reads_the_cache(tiny, service, refe
     monkeypatch.setattr(TeacherPool, "attach", classmethod(lambda *a, **k: pytest.fail("attached to teachers")))
     report = run_training(cfg_for(tiny, service, tmp_path / "b", FP32 + ["teachers.source=auto", f"teachers.cache.uri={uri}",
                                                                         "training.max_steps=2",
-                                                                        "training.num_workers=1"]), progress=False)
+                                                                        "training.num_workers=1"]), progress=False, warm=warm_ranks)
     assert report["record_source"]["source"] == "cache"
 
 
-def test_a_compact_cache_serves_two_students_of_different_sizes(tiny, service, reference, tmp_path):
+def test_a_compact_cache_serves_two_students_of_different_sizes(tiny, service, reference, tmp_path,
+        warm_ranks):
     """q8d10 (the default encoding) with the small student's base added: its delta_kd run reads lp_S0 from the
     cache (no frozen copy) and stays within the stated tolerance of the live fp32 run; the bigger student
     trains from the same cache with its own frozen base."""
@@ -160,14 +163,14 @@ def test_a_compact_cache_serves_two_students_of_different_sizes(tiny, service, r
                                say=lambda _: None)
     assert [a.role for a in manifest.added_roles] == ["student_base"] and stats["shards_written"] == SHARDS
     small = cfg_for(tiny, service, tmp_path / "small", cached(uri) + ["teachers.student_base_source=cache"])
-    run_training(small, progress=False)
+    run_training(small, progress=False, warm=warm_ranks)
     got, want = comparable(read_rows(tmp_path / "small")), reference["rows"]
     assert len(got) == len(want) == STEPS
     for g, w in zip(got, want):  # q8d10 teachers and lp_S0 against live fp32 teachers and the frozen copy
         assert g["batch_ids"] == w["batch_ids"] and g["loss"] == pytest.approx(w["loss"], rel=2e-3)
     # one worker, batches of 8: the cache serves a run batched unlike its build (epoch 1 of the others does too)
     big = [f"models.student.path={tiny['student_big']}", "training.max_steps=3", "training.num_workers=1"]
-    report = run_training(cfg_for(tiny, service, tmp_path / "big", cached(uri) + big), progress=False)
+    report = run_training(cfg_for(tiny, service, tmp_path / "big", cached(uri) + big), progress=False, warm=warm_ranks)
     rows = read_rows(tmp_path / "big")
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows) and report["record_source"]["source"] == "cache"
     with pytest.raises(InputError, match=r"lacks role\(s\) \['student_base'\].*other models"):
@@ -175,7 +178,7 @@ def test_a_compact_cache_serves_two_students_of_different_sizes(tiny, service, r
                progress=False).preflight()
 
 
-def test_bad_caches_are_refused_before_any_training_step(tiny, service, reference, tmp_path):
+def test_bad_caches_are_refused_before_any_training_step(tiny, service, reference, tmp_path, warm_ranks):
     from student_worker.driver import Driver, InputError, TrainingRunError, run_training
 
     def preflight(out: str, extra: list[str]) -> str:
@@ -208,13 +211,13 @@ def test_bad_caches_are_refused_before_any_training_step(tiny, service, referenc
     path.write_bytes(bytes(data))
     with pytest.raises(TrainingRunError, match=r"step 2 failed.*shard-00004.parquet \(build order positions 16..19\)"
                                                r" is corrupted"):
-        run_training(cfg_for(tiny, service, tmp_path / "corrupt", FP32 + cached(broken)), progress=False)
+        run_training(cfg_for(tiny, service, tmp_path / "corrupt", FP32 + cached(broken)), progress=False, warm=warm_ranks)
     assert [r["step"] for r in read_rows(tmp_path / "corrupt")] == [0, 1]
     assert (tmp_path / "corrupt" / "checkpoints" / "ckpt-000002").is_dir()
     # resumed from that checkpoint with the batches of the bad shard recomputed live by the running teacher
     # service: the cache cursor follows the batch plan, so the run ends with the live run's rows
     report = run_training(cfg_for(tiny, service, tmp_path / "corrupt", FP32 + cached(broken) +
-                                  ["teachers.cache.on_error=live"]), resume=True, progress=False)
+                                  ["teachers.cache.on_error=live"]), resume=True, progress=False, warm=warm_ranks)
     rows = read_rows(tmp_path / "corrupt")
     assert [r["step"] for r in rows] == list(range(STEPS))
     assert_rows(comparable(rows), reference["rows"], rel=1e-5)
