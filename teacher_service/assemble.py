@@ -89,7 +89,8 @@ assemble_task = ray.remote(num_cpus=0, max_retries=0)(assemble_from_refs)
 
 @ray.remote(num_cpus=0, max_concurrency=64, max_restarts=-1, max_task_retries=-1)
 class RecordAssembler:
-    """The pool's assembler: one long-lived threaded actor instead of a task per record.
+    """The assembler of a driver's pools (`teacher_service.pool.shared_assembler`): one long-lived threaded
+    actor instead of a task per record.
 
     Each assembly blocks in `ray.get` until the teachers answer, so with a window of records in flight a
     task per record held several pooled worker processes; Ray started fresh ones as the window refilled

@@ -79,6 +79,20 @@ def check_teacher_layout(cfg: RunConfig, nodes: list[dict[str, float]], paired: 
     check_layout(replicas, replica_bundle(t.num_gpus, t.num_cpus, t.resources), nodes)
 
 
+_ASSEMBLER: dict[str, Any] = {}  # this process's RecordAssembler and the Ray job it belongs to
+
+
+def shared_assembler() -> Any:
+    """This process's RecordAssembler, one for every pool of the process (an experiment's runs, or a test
+    session's, each attach to the same teachers): each pool starting its own cost a process (~2 CPU-s, mostly
+    torch's import) per run. Started on the first object-store record of a Ray session (ray.init again: a new
+    one); it lives as long as this driver (Ray ends the actors a driver owns when it exits)."""
+    job = ray.get_runtime_context().get_job_id()
+    if _ASSEMBLER.get("job") != job:
+        _ASSEMBLER.update(job=job, actor=RecordAssembler.remote())
+    return _ASSEMBLER["actor"]
+
+
 class TeacherPool:
     """Handles of every role's replicas plus the routing state. Build with `start` or `attach`."""
 
@@ -92,7 +106,6 @@ class TeacherPool:
             raise ValueError(f"a teacher pool needs the 'sft' role first, got roles {self.roles}")
         self.inflight: dict[str, list[list[ray.ObjectRef]]] = {r: [[] for _ in hs] for r, hs in handles.items()}
         self.submitted = 0
-        self._assembler: Any = None  # RecordAssembler, started on the first submit, always owned by this pool
         self._rdt_transport: str | None = None  # fixed by the first rdt_backend(receivers) call
         health = {r: ray.get([h.health.remote() for h in hs]) for r, hs in handles.items()}
         info = health[ROLE_SFT][0]
@@ -283,9 +296,7 @@ class TeacherPool:
         meta = self._meta(batch_id, lm)
         # one copy of each input in the object store, shared by every role
         refs = self._chain(batch_id, ray.put(ids), ray.put(am), ray.put(meta["rows"]), forced)
-        if self._assembler is None:
-            self._assembler = RecordAssembler.remote()
-        return self._assembler.assemble.remote(meta, self.roles, refs)
+        return shared_assembler().assemble.remote(meta, self.roles, refs)
 
     def _meta(self, batch_id: Any, loss_mask: np.ndarray) -> dict[str, Any]:
         return record_meta(batch_id, loss_mask, self.cfg.loss.tau, self.vocab_size, self.fingerprint,
@@ -354,9 +365,6 @@ class TeacherPool:
 
     def shutdown(self, force: bool = False) -> None:
         """Kill the actors this pool started (attached ones only with force=True, e.g. `stop`)."""
-        if self._assembler is not None:  # this pool's own, even when the teachers are attached
-            ray.kill(self._assembler, no_restart=True)
-            self._assembler = None
         if not (self.owned or force):
             return
         for r, hs in self.handles.items():
