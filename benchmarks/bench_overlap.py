@@ -126,7 +126,7 @@ def _driver_class() -> type:
             if not self.workers:
                 super().create()
 
-        def stop(self) -> None:
+        def stop(self, keep: bool = False) -> None:
             """Kept for the next run (kill() ends it)."""
 
         def kill(self) -> None:
@@ -146,7 +146,7 @@ def _driver_class() -> type:
             self.pool = _BenchDriver.sleep_pool
             return self.pool
 
-        def _release(self) -> None:
+        def _release(self, keep_workers: bool = False) -> None:
             self.group.stop()  # the group and the pool outlive the run; main() ends them
 
     return _BenchDriver

@@ -332,7 +332,7 @@ def _check_lora_build(adapter: Path, base_dir: Path) -> None:
         assert torch.equal(sft(input_ids=prompt).logits, want)
 
 
-def test_tiny_lora_trains_with_one_pair_actor(ray_cluster: dict, tmp_path: Path, monkeypatch) -> None:
+def test_tiny_lora_trains_with_one_pair_actor(ray_cluster: dict, tmp_path: Path, monkeypatch, warm_ranks) -> None:
     """The main job on tiny_lora.yaml (its world reduced to seconds, 3 steps): the pool starts one actor, the
     pair of the base teacher and the adapter, and no base actor."""
     from common.tiny_world.build import resolve_model_paths
@@ -359,7 +359,7 @@ def test_tiny_lora_trains_with_one_pair_actor(ray_cluster: dict, tmp_path: Path,
            f"teachers.namespace=lora-{tmp_path.name}"]
     cfg = resolve_model_paths(load_config(DEPLOY / "configs" / "tiny_lora.yaml", reduced + run))
     _check_lora_build(Path(cfg.models.sft_teacher.path), Path(cfg.models.base_teacher.path))
-    report = run_training(cfg, progress=False)
+    report = run_training(cfg, progress=False, warm=warm_ranks)
     assert [(role, base["path"]) for role, base in created] == [("sft", cfg.models.base_teacher.path)]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)

@@ -169,7 +169,7 @@ def _regenerated(cfg: RunConfig, prompts: list[list[list[int]]], batch_ids: list
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_teachers_score_the_students_own_samples(tiny, service, tmp_path, strategy: str) -> None:
+def test_teachers_score_the_students_own_samples(tiny, service, tmp_path, strategy: str, warm_ranks) -> None:
     """seed 2, fraction 0.5: steps 0, 1 and 3 are on-policy, step 2 is not (is_on_policy_step). fsdp2: each
     rank samples from a gathered copy of the sharded student; the samples must be the plain model's."""
     from student_worker.driver import Driver
@@ -197,7 +197,7 @@ def test_teachers_score_the_students_own_samples(tiny, service, tmp_path, strate
                "training.on_policy.max_new_tokens=6", "loss.objective=sampled_token", f"training.strategy={strategy}")
     kinds = [is_on_policy_step(cfg.training.on_policy, cfg.seed, s) for s in range(4)]
     assert kinds == [True, True, False, True]
-    driver = RecordingDriver(cfg, progress=False)
+    driver = RecordingDriver(cfg, progress=False, warm=warm_ranks)
     driver.run()
     rows = read_rows(out)
     assert [r["on_policy"] for r in rows] == [int(k) for k in kinds]

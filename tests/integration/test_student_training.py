@@ -186,7 +186,7 @@ def test_two_workers_make_the_same_update_as_one(ray_cluster, tiny, shared_teach
         np.testing.assert_allclose(weights[2][name], w1, rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path):
+def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path, warm_ranks):
     import ray
 
     from student_worker.driver import run_training
@@ -198,7 +198,8 @@ def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path):
     seen: list[list[str]] = []
     result: dict[str, Any] = {}
     delayed = FaultPlan(step_delay_s=0.3)
-    thread = threading.Thread(target=lambda: result.update(run_training(cfg, progress=False, faults=delayed)))
+    thread = threading.Thread(target=lambda: result.update(run_training(cfg, progress=False, faults=delayed,
+                                                                                warm=warm_ranks)))
     thread.start()
     while thread.is_alive():  # while the workers train, look for any actor of this run's teacher names
         if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text():
