@@ -33,6 +33,8 @@ from student_worker.worker import StudentWorker
 
 __all__ = ["WorkerGroup", "WarmRanks"]
 
+READY_TIMEOUT_S = 30.0  # an idle rank that does not answer in this long is dropped (it may be gone)
+
 
 class WarmRanks:
     """Student worker processes kept between the runs of one driver process (run_experiment's runs, a test
@@ -66,10 +68,19 @@ class WarmRanks:
                           sort_keys=True)
 
     def take(self, cfg: RunConfig, n: int) -> list[tuple[Any, str]]:
-        """Up to `n` idle ranks (actor, name) for a run of `cfg`, in the order they were handed back."""
+        """Up to `n` live idle ranks (actor, name) for a run of `cfg`, in the order they were handed back (one
+        that died while idle is dropped)."""
         key = self.key(cfg)
         idle = self._idle.get(key, []) if key is not None else []
-        taken, idle[:] = idle[:n], idle[n:]
+        taken: list[tuple[Any, str]] = []
+        while idle and len(taken) < n:
+            actor, name = idle.pop(0)
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=READY_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.kill(actor, no_restart=True)
+                continue
+            taken.append((actor, name))
         return taken
 
     def give(self, cfg: RunConfig, ranks: list[tuple[Any, str]]) -> None:

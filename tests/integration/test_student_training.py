@@ -152,17 +152,25 @@ def test_delta_kd_two_workers_trains_and_writes_everything(ray_cluster, tiny, sh
 
 
 def test_two_workers_make_the_same_update_as_one(ray_cluster, tiny, shared_teachers, tmp_path):
-    """...and a run on ranks an earlier run left (WarmRanks) is bit for bit the run on new ranks."""
+    """...and a run on ranks an earlier run left (WarmRanks) is bit for bit the run on new ranks; an idle rank
+    that died is replaced by a new one."""
+    import ray
+
     from student_worker.driver import WarmRanks, run_training
 
     tag, attach = shared_teachers
     weights, warm = {}, WarmRanks(namespace=f"warm-{tag}")
     try:
-        for workers, ranks in ((1, None), (2, warm), ("2 again", warm)):
+        for workers, ranks in ((1, None), (2, warm), ("2 again", warm), ("2, one idle rank dead", warm)):
             out = tmp_path / f"w{workers}"
             # the 2-worker runs also recompute activations (training.gradient_checkpointing): same update
             ckpt = ["training.gradient_checkpointing=true"] if workers != 1 else []
             before = warm.idle_names()
+            if workers == "2, one idle rank dead":
+                dead = ray.get_actor(before[0], namespace=warm.namespace)
+                ray.kill(dead, no_restart=True)
+                with pytest.raises(ray.exceptions.RayActorError):  # dead before the run looks at it
+                    ray.get(dead.__ray_ready__.remote(), timeout=60)
             run_training(make_cfg(tiny, out, attach + [f"training.num_workers={str(workers)[0]}",
                                                        "training.max_steps=2"] + ckpt, tag=tag),
                          progress=False, warm=ranks)
@@ -173,8 +181,13 @@ def test_two_workers_make_the_same_update_as_one(ray_cluster, tiny, shared_teach
             if workers == "2 again":  # the same two processes, reset and set up again: the same run
                 assert warm.idle_names() == before and len(before) == 2
                 assert rows == first_rows
+            if workers != 1 and workers != 2:
                 for name, w in weights[2].items():
                     np.testing.assert_array_equal(w, weights[workers][name], err_msg=name)
+            if workers == "2, one idle rank dead":  # the live one reused, a new one for the dead one
+                after = warm.idle_names()
+                assert before[1] in after and before[0] not in after and len(after) == 2, (before, after)
+                assert rows == first_rows
     finally:
         warm.close()
     start = load_weights(tiny["student"])
