@@ -61,12 +61,12 @@ def _live_pool(cfg: Any, ts: Any) -> dict[str, Any]:
     return {"batches": len(batches), "batch": b, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def _train(cfg: Any, out: Path) -> dict[str, Any]:
+def _train(cfg: Any, out: Path, warm: Any) -> dict[str, Any]:
     import json
 
     from student_worker.driver import run_training
 
-    report = run_training(cfg, progress=False)
+    report = run_training(cfg, progress=False, warm=warm)  # figures are of the loop: rank starts do not count
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     skip = cfg.training.prefetch + 2  # bench_e2e's steady state: the rows after the first prefetch + 2 steps
     steady = rows[skip:] if len(rows) > skip + 1 else rows[-2:]
@@ -124,7 +124,13 @@ def cache_runs(smoke: bool, steps: int, models_dir: Path | None = None,
                  "delta_kd_cache_s0": cached + ["teachers.student_base_source=cache"]}
         if smoke:  # the runs the figure needs (module docstring, 3)
             plans = {m: plans[m] for m in ("sft", "delta_kd_cache_s0")}
-        runs = {m: _train(cfg_of(extra, m), root / m) for m, extra in plans.items()}
+        from student_worker.driver import WarmRanks
+
+        warm = WarmRanks()  # the runs one after another on the same rank processes
+        try:
+            runs = {m: _train(cfg_of(extra, m), root / m, warm) for m, extra in plans.items()}
+        finally:
+            warm.close()
     sft = runs["sft"]["steps_per_s"]
     return {"overrides": sets, "live_pool_overrides": attach, "models_s": models_s, "live_pool": pool, "build": builds, "add_role_student_base": add,
             "build_over_live_pool_tokens_per_s": {e: b["tokens_per_s"] / pool["tokens_per_s"] for e, b in builds.items()
