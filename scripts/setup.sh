@@ -7,7 +7,7 @@
 # stays: this machine sets PYTHONDONTWRITEBYTECODE=1, so without .pyc files every process (each Ray actor,
 # each CLI) would compile torch and transformers on import.
 # Measured on this loaded 2-core machine (other agents running; fresh clone, no .venv), wall / CPU user+sys:
-# pip 78-149 s / 76-109 s (5 runs), uv 31-103 s / 49-75 s (9 runs; runs side by side: 127 -> 93 s,
+# pip 78-149 s / 76-109 s (6 runs), uv 31-103 s / 49-75 s (11 runs; runs side by side: 127 -> 93 s,
 # 149 -> 103 s, 91 -> 36 s); ~45 s of the CPU is the byte-compile of 18,400 files, either way. Same versions
 # and wheel files as pip, uv added.
 set -euo pipefail
