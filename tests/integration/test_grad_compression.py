@@ -4,6 +4,7 @@ training without compression (and are not identical to it: the hook changes the 
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -24,11 +25,15 @@ def _data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _rank(rank: int, addresses: dict, out: dict) -> None:
     torch.set_num_threads(1)
-    for mode in ("none", "bf16"):
-        _train(rank, mode, addresses, out)
+    # Each mode's group and DDP wrapper are kept to the end, and the rank leaves without tearing them down:
+    # torn down right after their last collective (at _train's return), they left rank 1 blocked in their
+    # destructors in about 1 run of 4 here (faulthandler: no Python frame below the return; 0 of 20 with half
+    # a second between the last collective and the teardown), so the other rank waited out its rendezvous.
+    kept = [_train(rank, mode, addresses, out) for mode in ("none", "bf16")]
+    os._exit(0 if kept else 1)  # the results are in `out` already
 
 
-def _train(rank: int, mode: str, addresses: dict, out: dict) -> None:
+def _train(rank: int, mode: str, addresses: dict, out: dict) -> tuple:
     """Rank 0 opens the group's store on a port the OS picks (open_rendezvous_store, as the student workers
     do) and publishes its address; rank 1 waits for it, then connects."""
     from student_worker.distributed import (
@@ -60,6 +65,7 @@ def _train(rank: int, mode: str, addresses: dict, out: dict) -> None:
         opt.step()
     if rank == 0:
         out[mode] = {"grads": first_grads, "params": [p.detach().clone() for p in model.parameters()]}
+    return store, group, ddp
 
 
 def _local_grads(rank: int) -> list[torch.Tensor]:
