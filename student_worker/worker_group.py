@@ -33,7 +33,7 @@ from student_worker.worker import StudentWorker
 
 __all__ = ["WorkerGroup", "WarmRanks"]
 
-READY_TIMEOUT_S = 30.0  # an idle rank that does not answer in this long is dropped (it may be gone)
+READY_TIMEOUT_S = 30.0  # an idle rank that does not answer (or reset) in this long is dropped (it may be gone)
 
 
 class WarmRanks:
@@ -42,7 +42,8 @@ class WarmRanks:
     starting processes that import torch and transformers again (~4 CPU-s per rank on the 2-core host).
 
     A run hands its ranks back only when it ends cleanly (finished, or stopped by `stop_after`); a failure kills
-    them, as without WarmRanks. A taken rank is reset (`StudentWorkerImpl.reset`) and set up like a new one.
+    them, as without WarmRanks. A taken rank is reset (`StudentWorkerImpl.reset`) and set up like a new one;
+    the resets are awaited (READY_TIMEOUT_S): one that fails or hangs makes the run start new ranks instead.
     Only CPU DDP ranks are kept (`key`): fsdp2 and gloo RDT groups take over torch's default process group, which
     a process cannot leave, and NCCL communicators are not torn down in-process here. Equal worker resources and
     reproducibility settings are required (threads, kernel set and determinism are per process). Ranks started
@@ -129,8 +130,15 @@ class WorkerGroup:
         """Create the actors (non-blocking: their processes start and import while teachers load)."""
         t = self.cfg.training
         taken = self.warm.take(self.cfg, self.world) if self.warm is not None and self.generation == 0 else []
-        for rank, (actor, _) in enumerate(taken):  # queued before setup: a reused rank starts over first
-            actor.reset.remote(self.cfg_dict, rank, self.world, self.generation, faults=self.faults)
+        resets = [actor.reset.remote(self.cfg_dict, rank, self.world, self.generation, faults=self.faults)
+                  for rank, (actor, _) in enumerate(taken)]
+        try:  # bounded: a reset drops the last run's gloo group, whose teardown is not ours to bound
+            ray.get(resets, timeout=READY_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            print(f"warm ranks: a reset failed ({type(exc).__name__}); starting new ranks instead", flush=True)
+            for actor, _ in taken:
+                ray.kill(actor, no_restart=True)
+            taken = []
         uid, namespace = new_run_uid(), self.cfg.teachers.namespace
         fresh = [worker_actor_name(self.cfg.run_name, rank, uid) for rank in range(len(taken), self.world)]
         if self.warm is not None:

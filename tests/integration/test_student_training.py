@@ -199,6 +199,37 @@ def test_two_workers_make_the_same_update_as_one(ray_cluster, tiny, shared_teach
         np.testing.assert_allclose(weights[2][name], w1, rtol=0, atol=1e-6, err_msg=name)
 
 
+def test_a_warm_rank_whose_reset_hangs_is_replaced_by_new_ranks(ray_cluster, tiny, tmp_path, monkeypatch):
+    """A reset that does not return in time (here a stand-in actor whose reset sleeps) costs the run its warm
+    ranks, not the run: the group kills them and starts new ones."""
+    import ray
+
+    from student_worker import worker_group
+    from student_worker.driver import WarmRanks
+    from student_worker.worker_group import WorkerGroup
+
+    @ray.remote(num_cpus=0)
+    class StuckRank:
+        def reset(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(600)
+
+    monkeypatch.setattr(worker_group, "READY_TIMEOUT_S", 2.0)
+    cfg = make_cfg(tiny, tmp_path / "out", ["loss.method=sft", "training.num_workers=1"])
+    warm = WarmRanks(namespace=f"stuck-{tmp_path.name}")
+    stuck = StuckRank.options(name="stuck", namespace=warm.namespace).remote()
+    warm.give(cfg, [(stuck, "stuck")])
+    group = WorkerGroup(cfg, tmp_path / "out", warm=warm)
+    try:
+        group.create()
+        assert group.names != ["stuck"] and len(group.workers) == 1
+        with pytest.raises(ray.exceptions.RayActorError):  # killed, not left sleeping
+            ray.get(stuck.__ray_ready__.remote(), timeout=60)
+        ray.get(group.workers[0].__ray_ready__.remote(), timeout=120)  # the new rank
+    finally:
+        group.stop()
+        warm.close()
+
+
 def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path, warm_ranks):
     import ray
 
