@@ -199,6 +199,22 @@ def _train_cli(config_path: Path, log: Path, ray_cluster: dict, *args: str,
                                 cwd=REPO, env=dict(os.environ), stdout=f, stderr=subprocess.PIPE, text=True)
 
 
+def _resume_cli_until(config_path: Path, log: Path, ray_cluster: dict, out: Path, hold: Hold, checkpoint: int,
+                      tmp: Path, what: str) -> subprocess.Popen:
+    """`--resume` through the CLI, waited for until every rank waits at `hold` and checkpoint `checkpoint` is
+    written: the moment the test signals the driver. The process is ended if it never gets there."""
+    plan = _holding(tmp, hold)
+    proc = _train_cli(config_path, log, ray_cluster, "--resume", faults=plan)
+    try:
+        alive = lambda: proc.poll() is None  # noqa: E731
+        _at_hold(plan, hold, alive, what)
+        _wait_until(_latest_is(out, checkpoint), alive, f"{what}: checkpoint {checkpoint}")
+    except BaseException:
+        _end(proc)
+        raise
+    return proc
+
+
 def _end(proc: subprocess.Popen) -> str:
     """Make sure the CLI process is gone; its stderr."""
     if proc.poll() is None:
@@ -332,13 +348,9 @@ def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
     intact = _files(previous)
 
     # 3. the driver SIGKILLed mid-run
-    killed = Hold(step=5)
-    plan = _holding(tmp_path / "sigkill", killed)
-    proc = _train_cli(config_path, tmp_path / "sigkill.log", ray_cluster, "--resume", faults=plan)
+    proc = _resume_cli_until(config_path, tmp_path / "sigkill.log", ray_cluster, out, Hold(step=5), 4,
+                             tmp_path / "sigkill", "SIGKILL")
     try:
-        alive = lambda: proc.poll() is None  # noqa: E731
-        _at_hold(plan, killed, alive, "SIGKILL")
-        _wait_until(_latest_is(out, 4), alive, "SIGKILL: checkpoint 4")
         proc.send_signal(signal.SIGKILL)
     finally:
         stderr = _end(proc)
@@ -347,13 +359,9 @@ def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
     assert _latest_is(out, 4)(), f"SIGKILL: latest checkpoint {ckpt.latest_checkpoint(root)}"
 
     # 4. Ctrl-C mid-run
-    interrupted = Hold(step=6)
-    plan = _holding(tmp_path / "ctrl_c", interrupted)
-    proc = _train_cli(config_path, tmp_path / "ctrl_c.log", ray_cluster, "--resume", faults=plan)
+    proc = _resume_cli_until(config_path, tmp_path / "ctrl_c.log", ray_cluster, out, Hold(step=6), 6,
+                             tmp_path / "ctrl_c", "Ctrl-C")
     try:
-        alive = lambda: proc.poll() is None  # noqa: E731
-        _at_hold(plan, interrupted, alive, "Ctrl-C")
-        _wait_until(_latest_is(out, 6), alive, "Ctrl-C: checkpoint 6")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
