@@ -43,6 +43,7 @@ from _common import (
 
 NAME = "bench_fsdp_memory"
 WORLD = 2
+RENDEZVOUS_S = 600  # the store's and the collectives' timeout
 FULL = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 2,
         "intermediate_size": 2048, "vocab_size": 32768}
 SMOKE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -55,8 +56,8 @@ def _local_bytes(t: Any) -> int:
     return int(local.numel() * local.element_size())
 
 
-def _rank_main(rank: int, strategy: str, address: str, shape: dict[str, int], steps: int, seq: int, batch: int,
-               out: str) -> None:
+def _rank_main(rank: int, strategy: str, address: str, store: Any, shape: dict[str, int], steps: int, seq: int,
+               batch: int, out: str) -> None:
     """One rank: build, shard or wrap, train `steps` + 1 steps, write its figures to `out`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -69,7 +70,7 @@ def _rank_main(rank: int, strategy: str, address: str, shape: dict[str, int], st
     torch.set_num_threads(1)
     device = torch.device("cpu")
     make = make_default_group if strategy == "fsdp2" else make_process_group
-    group = make(address, rank, WORLD, "gloo", timeout_s=600, group_name=f"bench-{strategy}")
+    group = make(address, rank, WORLD, "gloo", timeout_s=RENDEZVOUS_S, group_name=f"bench-{strategy}", store=store)
     reset_peak_rss()
     rss0 = current_rss_bytes()
     torch.manual_seed(0)
@@ -116,35 +117,41 @@ def _rank_main(rank: int, strategy: str, address: str, shape: dict[str, int], st
     Path(out).write_text(json.dumps(result))
 
 
-def _rank_strategies(rank: int, runs: list[tuple[str, str, str]], shape: dict[str, int], steps: int, seq: int,
-                     batch: int) -> None:
-    """One rank process running `_rank_main` for each (strategy, rendezvous address, out file) in turn."""
-    for strategy, address, out in runs:
-        _rank_main(rank, strategy, address, shape, steps, seq, batch, out)
+def _rank_strategies(rank: int, addresses: Any, strategies: list[str], tmp: str, shape: dict[str, int],
+                     steps: int, seq: int, batch: int) -> None:
+    """One rank process running `_rank_main` for each strategy in turn (figures to `tmp`/<strategy>-<rank>.json),
+    every strategy's group on the one store rank 0 opened (`local_rendezvous`; keys apart by group name)."""
+    from student_worker.distributed import local_rendezvous
+
+    store, address = local_rendezvous(rank, WORLD, addresses, RENDEZVOUS_S)
+    for strategy in strategies:
+        _rank_main(rank, strategy, address, store, shape, steps, seq, batch, f"{tmp}/{strategy}-{rank}.json")
 
 
 def _run_strategies(strategies: list[str], shape: dict[str, int], steps: int, seq: int, batch: int,
-                    tmp: Path) -> dict[str, list[dict]]:
-    """Two fresh rank processes (spawned: clean memory figures) running `strategies` in turn, rank 0 hosting
-    each strategy's rendezvous store. A full run passes one strategy per pair of processes, so each one's
-    memory figures are its own; the smoke passes both (two interpreter starts instead of four)."""
+                    tmp: Path, timeout_s: float) -> dict[str, list[dict]]:
+    """Two fresh rank processes (spawned: clean memory figures) running `strategies` in turn. A full run
+    passes one strategy per pair of processes, so each one's memory figures are its own; the smoke passes
+    both (two interpreter starts instead of four). A rank that fails, or a pair still running after
+    `timeout_s`, ends both: nothing is left behind to hold the caller's exit."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
-    from student_worker.distributed import free_port
-
-    ctx = mp.get_context("spawn")
-    addresses = {s: f"tcp://127.0.0.1:{free_port()}" for s in strategies}
     outs = {s: [tmp / f"{s}-{r}.json" for r in range(WORLD)] for s in strategies}
-    # rank 0 opens the rendezvous store itself (make_*_group with store=None)
-    procs = [ctx.Process(target=_rank_strategies,
-                         args=(r, [(s, addresses[s], str(outs[s][r])) for s in strategies], shape, steps, seq, batch))
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=1800)
-        if p.exitcode != 0:
-            raise BenchError(f"{'+'.join(strategies)}: a rank exited with {p.exitcode}")
+    addresses = mp.get_context("spawn").Queue()
+    ranks = mp.spawn(_rank_strategies, args=(addresses, strategies, str(tmp), shape, steps, seq, batch),
+                     nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ranks.join(timeout=5):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{'+'.join(strategies)}: the ranks still ran after {timeout_s:.0f} s")
+    except ProcessException as exc:
+        raise BenchError(f"{'+'.join(strategies)}: rank {exc.error_index} failed: {exc}") from exc
+    finally:
+        for proc in ranks.processes:
+            if proc.is_alive():
+                proc.kill()
     return {s: [json.loads(o.read_text()) for o in outs[s]] for s in strategies}
 
 
@@ -162,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {"shape": shape, "world_size": WORLD, "seq": seq, "batch_per_rank": args.batch}
     strategies = ["ddp", "fsdp2"]
     if args.smoke:  # plumbing only: both strategies in one pair of rank processes, one after the other
-        results = _run_strategies(strategies, shape, steps, seq, args.batch, tmp)
+        results = _run_strategies(strategies, shape, steps, seq, args.batch, tmp, timeout_s=300)
     else:
-        results = {s: _run_strategies([s], shape, steps, seq, args.batch, tmp)[s] for s in strategies}
+        results = {s: _run_strategies([s], shape, steps, seq, args.batch, tmp, timeout_s=1800)[s]
+                   for s in strategies}
     for strategy in strategies:
         ranks = results[strategy]
         r0 = ranks[0]

@@ -13,7 +13,7 @@ first); the driver hands `tcp://host:port` to all ranks and rank 0 builds its gr
 from __future__ import annotations
 
 import datetime
-import socket
+import queue
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,20 +22,13 @@ import ray
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedError", "AllReduceTimer", "free_port", "node_ip", "open_rendezvous_store", "make_process_group",
+__all__ = ["DistributedError", "AllReduceTimer", "node_ip", "open_rendezvous_store", "local_rendezvous", "make_process_group",
            "make_default_group", "wrap_ddp",
            "bf16_allreduce_hook", "compression_hook"]
 
 
 class DistributedError(RuntimeError):
     """The student process group could not be formed. The message names rank, world size and address."""
-
-
-def free_port() -> int:
-    """A TCP port free on this node now (the OS picks it; a tiny race window remains, as in torchrun)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def node_ip() -> str:
@@ -56,6 +49,25 @@ def open_rendezvous_store(world_size: int, timeout_s: float = 1800.0, host: str 
     except (RuntimeError, OSError) as exc:
         raise DistributedError(f"rank 0/{world_size}: cannot open the rendezvous store on {host}: {exc}") from exc
     return store, f"tcp://{host}:{store.port}"
+
+
+def local_rendezvous(rank: int, world_size: int, addresses: Any, timeout_s: float = 1800.0,
+                     ) -> tuple[dist.TCPStore | None, str]:
+    """The rendezvous of `world_size` processes started together on this machine outside Ray (e.g. by
+    `torch.multiprocessing.spawn`): rank 0 opens the store on an OS-picked loopback port
+    (`open_rendezvous_store`) and puts its address on `addresses` (a multiprocessing queue shared by all
+    ranks) once per other rank; the others take it from there, waiting at most `timeout_s`. Returns
+    (rank 0's store, None on the others; the `tcp://` address) for `make_process_group(..., store=)`."""
+    if rank == 0:
+        store, address = open_rendezvous_store(world_size, timeout_s, host="127.0.0.1")
+        for _ in range(world_size - 1):
+            addresses.put(address)
+        return store, address
+    try:
+        return None, str(addresses.get(timeout=timeout_s))
+    except queue.Empty as exc:
+        raise DistributedError(f"rank {rank}/{world_size}: no rendezvous address from rank 0 within "
+                               f"{timeout_s:.0f} s") from exc
 
 
 def make_process_group(

@@ -27,3 +27,17 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     from tests import type_check
 
     type_check.stop()
+    _end_stray_children()
+
+
+def _end_stray_children() -> None:
+    """Kill the multiprocessing children a failed or timed-out test left running: at exit, multiprocessing
+    joins every non-daemonic child, so one stuck child would hold the whole run open after its summary."""
+    import multiprocessing
+    import sys
+
+    for child in multiprocessing.active_children():
+        print(f"tests/conftest.py: killing a child process left running: {child.name} (pid {child.pid})",
+              file=sys.stderr)
+        child.kill()
+        child.join(5)

@@ -20,7 +20,6 @@ import torch
 pytest.importorskip("ray", reason="student_worker.worker imports Ray (on the GPU machine: the device bundle)")
 
 from student_worker import checkpoint as ckpt  # noqa: E402
-from student_worker.distributed import free_port  # noqa: E402
 from student_worker.worker import StudentWorkerImpl  # noqa: E402
 from teacher_service.assemble import record_meta  # noqa: E402
 from teacher_service.record_handle import RecordHandle  # noqa: E402
@@ -74,7 +73,7 @@ def test_worker_steps_checkpoints_and_restores_on_the_device(run: dict[str, Any]
                                                              tmp_path: Path) -> None:
     cuda = device.type == "cuda"
     worker = StudentWorkerImpl(run["cfg"], 0, 1)
-    info = worker.setup(f"tcp://127.0.0.1:{free_port()}")
+    info = worker.setup(worker.rendezvous_address())
     assert worker.device.type == device.type and info["device"].startswith(device.type)
     assert worker.autocast == cuda
     assert next(worker.model.parameters()).device.type == device.type
@@ -98,7 +97,7 @@ def test_worker_steps_checkpoints_and_restores_on_the_device(run: dict[str, Any]
     want = _step(worker, run, 2, device)
 
     restored = StudentWorkerImpl(run["cfg"], 0, 1, generation=1)  # the driver's restore: a new group name
-    restored.setup(f"tcp://127.0.0.1:{free_port()}", str(final))
+    restored.setup(restored.rendezvous_address(), str(final))
     assert restored.next_step == 2
     assert state_digest(restored.model) == saved
     assert torch.equal(torch.rand(3, device=device), draws)  # the device's RNG continues from the checkpoint

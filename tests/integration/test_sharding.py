@@ -14,6 +14,7 @@ The end-to-end runs (fsdp2 vs ddp, faults, resume) are in tests/integration/test
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -41,15 +42,16 @@ def _batch():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.roll(-1, 1)}
 
 
-def _rank(rank: int, address: str, out: str) -> None:
-    from student_worker.distributed import make_default_group
+def _rank(rank: int, addresses, tmp: str) -> None:
+    from student_worker.distributed import local_rendezvous, make_default_group
 
     torch.set_num_threads(1)
-    make_default_group(address, rank, WORLD, "gloo", timeout_s=120, group_name="test-sharding")
+    store, address = local_rendezvous(rank, WORLD, addresses, timeout_s=120)
+    make_default_group(address, rank, WORLD, "gloo", timeout_s=120, group_name="test-sharding", store=store)
     result = {}
     for tie in (False, True):
         result[str(tie)] = _rank_run(rank, tie)
-    Path(out).write_text(json.dumps(result))
+    Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def _rank_run(rank: int, tie: bool) -> dict:
@@ -91,19 +93,18 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     """One run of 2 spawned ranks (both variants, untied and tied embeddings): each rank's results."""
     import torch.multiprocessing as mp
 
-    from student_worker.distributed import free_port
-
     tmp = tmp_path_factory.mktemp("sharding")
-    address = f"tcp://127.0.0.1:{free_port()}"
-    ctx = mp.get_context("spawn")
-    outs = [tmp / f"rank{r}.json" for r in range(WORLD)]
-    procs = [ctx.Process(target=_rank, args=(r, address, str(outs[r]))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0] * WORLD
-    return [json.loads(o.read_text()) for o in outs]
+    addresses = mp.get_context("spawn").Queue()  # held here until the ranks have unpickled it
+    ranks = mp.spawn(_rank, args=(addresses, str(tmp)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 300
+    try:  # join returns as each rank ends; a failing rank ends the other and raises here with its traceback
+        while not ranks.join(timeout=max(1.0, deadline - time.monotonic())):
+            assert time.monotonic() < deadline, "the 2 ranks still ran after 300 s"
+    finally:
+        for proc in ranks.processes:
+            if proc.is_alive():
+                proc.kill()
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])

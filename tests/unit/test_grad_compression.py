@@ -12,15 +12,16 @@ import torch
 from student_worker.distributed import (
     DistributedError,
     compression_hook,
-    free_port,
     make_process_group,
+    open_rendezvous_store,
     wrap_ddp,
 )
 
 
 @pytest.fixture(scope="module")
 def group():
-    return make_process_group(f"tcp://127.0.0.1:{free_port()}", 0, 1, "gloo", timeout_s=30)
+    store, address = open_rendezvous_store(1, timeout_s=30, host="127.0.0.1")
+    return make_process_group(address, 0, 1, "gloo", timeout_s=30, store=store)
 
 
 def _grads(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
