@@ -14,7 +14,8 @@ runs `python -m tests.integration.fault_run --faults '<json>' train|cache <the C
 
 A hold lets a run go at full speed and still be acted on at a known point: every student rank stops at the end
 of the held step (outside its clock), the test sees `plan.held(hold, ranks)`, kills what it kills, and
-`plan.release(hold)` lets the ranks go on (a rank that was killed never does).
+`plan.release(hold)` lets the ranks go on (a rank that was killed never does). A cache build's top-k stage holds
+the same way before a shard (`shard_holds`, `shard_held`, `release_shard`).
 
 Production code holds `faults: FaultPlan | None` and calls a hook below only when a plan is present, so a run
 without one sleeps, raises, waits and exits nowhere. Pure: stdlib only.
@@ -90,6 +91,8 @@ class FaultPlan:
     rank_error: one rank raises mid-step once (the fail-fast recovery path).
     holds: points (Hold) where every student rank waits for the test (`held`, `release`); hold_dir: the
       directory (on the ranks' host) where ranks say they wait and the test releases them; needed with holds.
+    shard_holds: shards (build order, 0-based) before which a cache build's top-k stage waits for the test
+      (`shard_held`, `release_shard`); a retry of the shard after the release passes straight on. Needs hold_dir.
     """
 
     step_delay_s: float = 0.0
@@ -98,6 +101,7 @@ class FaultPlan:
     rank_error: RankError | None = None
     holds: tuple[Hold, ...] = ()
     hold_dir: str | None = None
+    shard_holds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("step_delay_s", "teacher_delay_s"):
@@ -123,6 +127,12 @@ class FaultPlan:
             object.__setattr__(self, "hold_dir", str(self.hold_dir))
         if holds and not self.hold_dir:
             raise ValueError("FaultPlan.holds needs FaultPlan.hold_dir: where the ranks wait and are released")
+        if not isinstance(self.shard_holds, list | tuple) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.shard_holds):
+            raise ValueError(f"FaultPlan.shard_holds must be a list of shard numbers >= 0, got {self.shard_holds!r}")
+        object.__setattr__(self, "shard_holds", tuple(self.shard_holds))
+        if self.shard_holds and not self.hold_dir:
+            raise ValueError("FaultPlan.shard_holds needs FaultPlan.hold_dir: where the stage waits and is released")
 
     # ------------------------------------------------------------------ building and passing on
     @classmethod
@@ -165,16 +175,24 @@ class FaultPlan:
         if self.step_delay_s > 0:
             time.sleep(self.step_delay_s)
         hold = Hold(step, generation)
-        if hold not in self.holds:
-            return
+        if hold in self.holds:
+            self._wait_at(hold.key, f"rank{rank}", f"step {step} (worker group {generation}): rank {rank}")
+
+    def shard_start(self, shard: int) -> None:
+        """In a cache build's top-k stage, before it scores `shard`: a hold there (`shard_holds`)."""
+        if shard in self.shard_holds:
+            self._wait_at(f"shard{shard}", "stage", f"shard {shard}: the top-k stage")
+
+    def _wait_at(self, key: str, who: str, what: str) -> None:
+        """Say `<key>.<who>.held` in hold_dir, then wait until `<key>.released` appears (HOLD_TIMEOUT_S)."""
         assert self.hold_dir is not None  # __post_init__
-        released = Path(self.hold_dir) / f"{hold.key}.released"
-        (Path(self.hold_dir) / f"{hold.key}.rank{rank}.held").touch()
+        released = Path(self.hold_dir) / f"{key}.released"
+        (Path(self.hold_dir) / f"{key}.{who}.held").touch()
         deadline = time.monotonic() + HOLD_TIMEOUT_S
         while not released.exists():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"FaultPlan hold at step {step} (worker group {generation}): rank {rank} was "
-                                   f"not released within {HOLD_TIMEOUT_S:g} s ({released} never appeared)")
+                raise TimeoutError(f"FaultPlan hold at {what} was not released within {HOLD_TIMEOUT_S:g} s "
+                                   f"({released} never appeared)")
             time.sleep(HOLD_POLL_S)
 
     # ------------------------------------------------------------------ the test's side of a hold
@@ -187,6 +205,16 @@ class FaultPlan:
         """Let the ranks waiting at `hold` go on (and any that reach it later)."""
         assert self.hold_dir is not None and hold in self.holds, hold
         (Path(self.hold_dir) / f"{hold.key}.released").touch()
+
+    def shard_held(self, shard: int) -> bool:
+        """True once a cache build's top-k stage waits before `shard`."""
+        assert self.hold_dir is not None and shard in self.shard_holds, shard
+        return (Path(self.hold_dir) / f"shard{shard}.stage.held").exists()
+
+    def release_shard(self, shard: int) -> None:
+        """Let the stage waiting before `shard` go on (and a retry of the shard pass straight on)."""
+        assert self.hold_dir is not None and shard in self.shard_holds, shard
+        (Path(self.hold_dir) / f"shard{shard}.released").touch()
 
     def mid_step(self, rank: int, step: int, generation: int) -> None:
         """In the step after the input agreement: raise InjectedRankError for `rank_error` (first group only)."""

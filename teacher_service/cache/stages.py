@@ -70,7 +70,7 @@ class _EngineStage:
         apply_compute_settings(scoring.get("compute"), where=f"cache build {role}")
         self.role, self.k, self.tau, self.pad_id = role, int(k), float(tau), int(pad_id)
         self.wire = str(scoring.get("wire_dtype", "float32"))
-        self.faults = faults  # a test's FaultPlan (common/faults.py): its teacher_delay_s sleeps per batch
+        self.faults = faults  # a test's FaultPlan (common/faults.py): teacher_delay_s per batch, shard holds
         self.engine = make_engine(role, ModelSpec.model_validate(spec), engine, str(scoring.get("device", "auto")),
                                   str(scoring.get("dtype", "auto")), int(scoring.get("chunk_tokens", 1024)),
                                   vllm_options, num_gpus,
@@ -90,6 +90,8 @@ class TopKStage(_EngineStage):
         out = []
         for row in _rows(batch):
             inp = ShardInput.from_row(row)
+            if self.faults is not None:
+                self.faults.shard_start(inp.shard)
             ids: list[np.ndarray] = []
             lps: dict[str, list[np.ndarray]] = {r: [] for r in [self.role, *self.paired]}
             tails: dict[str, list[np.ndarray]] = {r: [] for r in lps}

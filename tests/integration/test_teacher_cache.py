@@ -240,26 +240,31 @@ def _wait(cond: Any, what: str, timeout: float = 240.0) -> None:
 @pytest.fixture(scope="module")
 def built(tiny, service, ray_cluster, tmp_path_factory) -> dict[str, Any]:
     """The fp32 cache built by the Ray Data pipeline, through two kills: its driver (a CLI subprocess) SIGKILLed
-    after two shards, then the resumed build's top-k worker SIGKILLed mid-build. Records what the test below
-    asserts; the run-from-cache and auto tests read the cache it leaves."""
+    with two shards written and its top-k stage held before the third, then the resumed build's top-k worker
+    SIGKILLed while held before the fourth (FaultPlan.shard_holds: the build runs at full speed, and each kill
+    lands where it should). Records what the test below asserts; the run-from-cache and auto tests read the
+    cache it leaves."""
     import ray._private.state as ray_state  # the GCS actor table (pids); the state API needs the dashboard
 
     from teacher_service.cache.build import build_cache
 
     root = tmp_path_factory.mktemp("built")
     cfg = cfg_for(tiny, service, root / "b", FP32)
-    # every stage sleeps per batch (one batch a shard): the kills land mid-build
-    delayed = FaultPlan(teacher_delay_s=0.8)
+    first = FaultPlan(shard_holds=(2,), hold_dir=str(root / "holds-cli"))
+    second = FaultPlan(shard_holds=(3,), hold_dir=str(root / "holds-resumed"))
+    for plan in (first, second):
+        Path(plan.hold_dir).mkdir()
     uri = root / "c"
     config_path = root / "build.yaml"
     dump_config(cfg, config_path)
     got: dict[str, Any] = {"cache": uri}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.fault_run", "--faults", delayed.to_json(),
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.fault_run", "--faults", first.to_json(),
                              "cache", "build", "--config", str(config_path), "--out", str(uri),
                              "--address", ray_cluster["gcs_address"], "--no-progress"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait(lambda: _sidecars(uri) >= 2 or proc.poll() is not None, "two shards of the CLI build")
+        _wait(lambda: (first.shard_held(2) and _sidecars(uri) >= 2) or proc.poll() is not None,
+              "two shards of the CLI build, its top-k stage held before the third")
         proc.send_signal(signal.SIGKILL)  # the build's driver dies: its Ray Data actors go with it
     finally:
         proc.kill()
@@ -272,7 +277,7 @@ def built(tiny, service, ray_cluster, tmp_path_factory) -> dict[str, Any]:
 
     def resume() -> None:
         try:
-            box["result"] = build_cache(cfg, str(uri), progress=False, say=lambda _: None, faults=delayed)
+            box["result"] = build_cache(cfg, str(uri), progress=False, say=lambda _: None, faults=second)
         except BaseException as exc:  # reported by the test's assertion
             box["error"] = exc
 
@@ -284,13 +289,15 @@ def built(tiny, service, ray_cluster, tmp_path_factory) -> dict[str, Any]:
                      if a["State"] == "ALIVE" and "TopKStage" in a["ActorClassName"]]
             return alive[0] if alive else None
 
-        _wait(lambda: topk_actor() is not None, "the resumed build's top-k actor")
-        victim = got["victim"] = topk_actor()
-        # into its shards: the resumed build has written one (the rest to go, 0.8 s of test delay a stage each)
-        _wait(lambda: _sidecars(uri) > done or "error" in box or "result" in box, "a shard of the resumed build")
+        # the resumed build has written the third shard and waits before the fourth
+        _wait(lambda: (second.shard_held(3) and _sidecars(uri) > done) or "error" in box or "result" in box,
+              "a shard of the resumed build, its top-k stage held before the next")
         got["ended_before_the_kill"] = {k: box[k] for k in ("result", "error") if k in box}
+        victim = got["victim"] = topk_actor()
+        assert victim is not None, "no live top-k stage actor in the resumed build"
         os.kill(victim["Pid"], signal.SIGKILL)  # a Ray Data worker dies mid-build: restarted, its shard retried
     finally:
+        second.release_shard(3)  # the retry passes straight on (and a failed wait above leaves nothing held)
         thread.join(timeout=600)
     got["box"] = box
     got["victim_restarts"] = ray_state.actors()[victim["ActorID"]]["NumRestarts"]

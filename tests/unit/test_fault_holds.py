@@ -43,3 +43,23 @@ def test_every_rank_waits_at_its_hold_until_released(tmp_path: Path) -> None:
         t.join(timeout=30)
     assert sorted(done) == [0, 1]
     plan.step_done(0, 2, 1)  # released: a later pass does not wait
+
+
+def test_a_cache_stage_waits_before_a_held_shard_until_released(tmp_path: Path) -> None:
+    plan = FaultPlan(shard_holds=[3], hold_dir=str(tmp_path))
+    assert FaultPlan.from_json(plan.to_json()) == plan and plan.shard_holds == (3,)
+    with pytest.raises(ValueError, match="shard_holds needs FaultPlan.hold_dir"):
+        FaultPlan(shard_holds=(3,))
+    with pytest.raises(ValueError, match="shard_holds must be a list of shard numbers >= 0"):
+        FaultPlan(shard_holds=(-1,), hold_dir=str(tmp_path))
+    plan.shard_start(2)  # another shard passes straight on
+    assert not plan.shard_held(3)
+    done: list[int] = []
+    stage = threading.Thread(target=lambda: (plan.shard_start(3), done.append(3)))
+    stage.start()
+    stage.join(timeout=0.5)
+    assert plan.shard_held(3) and done == [], "the stage did not wait before the held shard"
+    plan.release_shard(3)
+    stage.join(timeout=30)
+    assert done == [3]
+    plan.shard_start(3)  # released: the shard's retry does not wait
