@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from common.config import RunConfig, config_from_dict
-from common.faults import FaultPlan
+from common.faults import FaultPlan, Hold
 from student_worker.report import TIMING_KEYS as REPORT_TIMING_KEYS
 from tests.tiny import make_model_set
 
@@ -235,22 +235,28 @@ def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path, warm_ranks)
 
     from student_worker.driver import run_training
 
-    # Six undelayed sft steps can finish between two polls (CI once saw none); a 0.3 s pause per step keeps
-    # the workers training for ~2 s, so the poll below sees the run mid-training several times.
+    # Every rank waits at the end of step 2 (a FaultPlan hold): the run is looked at mid-training, at full speed.
     out = tmp_path / "sft"
     cfg = make_cfg(tiny, out, ["loss.method=sft", "training.max_steps=6"])
     seen: list[list[str]] = []
     result: dict[str, Any] = {}
-    delayed = FaultPlan(step_delay_s=0.3)
-    thread = threading.Thread(target=lambda: result.update(run_training(cfg, progress=False, faults=delayed,
+    hold = Hold(step=2)
+    plan = FaultPlan(holds=(hold,), hold_dir=str(tmp_path))
+    thread = threading.Thread(target=lambda: result.update(run_training(cfg, progress=False, faults=plan,
                                                                                 warm=warm_ranks)))
     thread.start()
-    while thread.is_alive():  # while the workers train, look for any actor of this run's teacher names
-        if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text():
+    try:
+        deadline = time.monotonic() + 240
+        while not plan.held(hold, cfg.training.num_workers):  # before and at the hold, look for teacher actors
+            assert thread.is_alive() and time.monotonic() < deadline, f"the run never reached step 2: {result}"
             names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
             seen.append([n for n in names if n.startswith(cfg.teachers.name_prefix)])
-        time.sleep(0.2)
-    thread.join()
+            time.sleep(0.2)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+        seen.append([n for n in names if n.startswith(cfg.teachers.name_prefix)])
+    finally:
+        plan.release(hold)
+        thread.join(timeout=240)
     assert seen and all(s == [] for s in seen)
     assert result["method"] == "sft" and "teacher_stats" not in result
     rows = read_rows(out)
@@ -258,7 +264,7 @@ def test_sft_runs_with_no_teacher_actor(ray_cluster, tiny, tmp_path, warm_ranks)
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_rdt_gives_the_same_losses_as_the_object_store(ray_cluster, tiny, shared_teachers, tmp_path):
+def test_rdt_gives_the_same_losses_as_the_object_store(ray_cluster, tiny, shared_teachers, tmp_path, warm_ranks):
     from student_worker.driver import run_training
 
     tag, attach = shared_teachers
@@ -266,7 +272,8 @@ def test_rdt_gives_the_same_losses_as_the_object_store(ray_cluster, tiny, shared
     for kind in ("object_store", "rdt"):
         out = tmp_path / kind
         run_training(make_cfg(tiny, out, attach + [f"transport.kind={kind}", "transport.rdt_backend=gloo",
-                                                   "training.max_steps=2"], tag=tag), progress=False)
+                                                   "training.max_steps=2"], tag=tag), progress=False,
+                     warm=warm_ranks)  # the rdt run starts ranks of its own (the driver takes no warm ranks for it)
         rows[kind] = comparable(read_rows(out))
     assert len(rows["rdt"]) == 2
     # fp32 tensors cross gloo bit for bit, and the worker computes the same loss from the same record.
