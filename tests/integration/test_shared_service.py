@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.ray_head import LocalHead
+from tests.integration.side_by_side import run_together
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "deploy/configs/tiny.yaml"
@@ -64,24 +65,6 @@ def _run(argv: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProc
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, **kw)
 
 
-def _run_together(*commands: tuple[list[str], dict[str, str]]) -> list[subprocess.CompletedProcess]:
-    """Independent commands at once (each is a fresh interpreter importing torch and Ray: on 2 cores two of
-    them side by side take about the time of one); their results in the given order."""
-    procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for argv, env in commands]
-    done = []
-    try:
-        for (argv, _), proc in zip(commands, procs):
-            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-            done.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return done
-
-
 def test_readme_flow_and_two_students_share_one_teacher_service(dashboard_head: LocalHead, tmp_path: Path) -> None:
     from common.config import load_config
     from common.tiny_world.build import resolve_model_paths
@@ -99,7 +82,8 @@ def test_readme_flow_and_two_students_share_one_teacher_service(dashboard_head: 
     # connection 20 times, 1 s apart (RAY_NUM_REDIS_GET_RETRIES); 3 tries are refused the same way.
     # It runs beside step 2's `serve` (it cannot connect, so it changes nothing there).
     no_auth = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"} | {"RAY_NUM_REDIS_GET_RETRIES": "3"}
-    refused, served = _run_together((_argv(serve, namespace), no_auth), (_argv(serve, namespace), env))
+    refused, served = run_together([(_argv(serve, namespace), no_auth), (_argv(serve, namespace), env)],
+                                   REPO, RUN_TIMEOUT_S)
     assert refused.returncode == 2, f"{refused.returncode}\n{refused.stdout}\n{refused.stderr[-3000:]}"
     err = refused.stderr.strip().splitlines()
     assert any(line.startswith(f"error: cannot connect to the Ray cluster at '{head.gcs_address}'") for line in err)
@@ -108,10 +92,11 @@ def test_readme_flow_and_two_students_share_one_teacher_service(dashboard_head: 
     # 2. The README's lines as typed (`status` and the Python client only read the service: side by side).
     assert served.returncode == 0, f"serve failed:\n{served.stdout}\n{served.stderr}"
     assert namespace in served.stdout
-    status, client = _run_together(
+    status, client = run_together([
         (_argv(status_cmd, namespace), env),
         ([sys.executable, "-c", python_block.replace('"deltakd-tiny"', repr(namespace))
-          + "\nprint('shapes', ids.shape, base_logprobs.shape, record.batch_id is not None)"], env))
+          + "\nprint('shapes', ids.shape, base_logprobs.shape, record.batch_id is not None)"], env)],
+        REPO, RUN_TIMEOUT_S)
     assert status.returncode == 0 and "sft: 1 replica(s)" in status.stdout, status.stdout + status.stderr
     assert client.returncode == 0 and "shapes" in client.stdout, f"{client.stdout}\n{client.stderr[-3000:]}"
 

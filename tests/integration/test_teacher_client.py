@@ -9,7 +9,6 @@ dashboard head. Both subprocesses here only read the service, so they run side b
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from common.config import ModelSpec, dump_config
 from common.topk import rows_from_mask
 from teacher_service import TeacherEngine
+from tests.integration.side_by_side import run_together
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5  # fp32 CPU, same model and math on both sides
@@ -27,22 +27,12 @@ TIMEOUT_S = 120
 
 
 def _run_together(*argvs: list[str]) -> list[str]:
-    """Independent commands at once (each a fresh interpreter importing torch and Ray); their stdouts."""
+    """Independent interpreters at once (tests/integration/side_by_side.py); their stdouts, each run checked."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for args in argvs]
-    outs = []
-    try:
-        for args, proc in zip(argvs, procs):
-            out, err = proc.communicate(timeout=TIMEOUT_S)
-            assert proc.returncode == 0, f"{args} failed:\nstdout:\n{out}\nstderr:\n{err[-4000:]}"
-            outs.append(out)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return outs
+    done = run_together([([sys.executable, *args], env) for args in argvs], ROOT, TIMEOUT_S)
+    for d in done:
+        assert d.returncode == 0, f"{d.args} failed:\nstdout:\n{d.stdout}\nstderr:\n{d.stderr[-4000:]}"
+    return [d.stdout for d in done]
 
 
 @pytest.fixture(scope="module")
