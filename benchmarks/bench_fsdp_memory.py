@@ -57,8 +57,9 @@ def _local_bytes(t: Any) -> int:
 
 
 def _rank_main(rank: int, strategy: str, address: str, store: Any, shape: dict[str, int], steps: int, seq: int,
-               batch: int, out: str) -> None:
-    """One rank: build, shard or wrap, train `steps` + 1 steps, write its figures to `out`."""
+               batch: int, out: str) -> tuple[Any, ...]:
+    """One rank: build, shard or wrap, train `steps` + 1 steps, write its figures to `out`. Returns the group,
+    model and optimizer for the caller to keep (see _rank_strategies)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -115,6 +116,7 @@ def _rank_main(rank: int, strategy: str, address: str, store: Any, shape: dict[s
     if strategy == "ddp":
         result["ddp_bucket_bytes_not_counted"] = counted["grads"]  # gradient_as_bucket_view off: one more copy
     Path(out).write_text(json.dumps(result))
+    return group, model, optimizer
 
 
 def _rank_strategies(rank: int, addresses: Any, strategies: list[str], tmp: str, shape: dict[str, int],
@@ -124,8 +126,13 @@ def _rank_strategies(rank: int, addresses: Any, strategies: list[str], tmp: str,
     from student_worker.distributed import local_rendezvous
 
     store, address = local_rendezvous(rank, WORLD, addresses, RENDEZVOUS_S)
-    for strategy in strategies:
-        _rank_main(rank, strategy, address, store, shape, steps, seq, batch, f"{tmp}/{strategy}-{rank}.json")
+    # Each strategy's group, model and optimizer are kept to the end, and the rank leaves without tearing them
+    # down: a gloo group torn down right after its last collective can leave its rank blocked in the destructors
+    # (tests/integration/test_grad_compression.py saw it), and the other rank would then wait out the next
+    # strategy's rendezvous (a smoke in the suite hung so, in the fsdp2 half, until its timeout).
+    kept = [_rank_main(rank, strategy, address, store, shape, steps, seq, batch, f"{tmp}/{strategy}-{rank}.json")
+            for strategy in strategies]
+    os._exit(0 if kept else 1)  # the figures are in `tmp` already
 
 
 def _run_strategies(strategies: list[str], shape: dict[str, int], steps: int, seq: int, batch: int,
