@@ -42,6 +42,7 @@ from bench_e2e import (
     run_train,
     shared_teachers,
     smoke_models_dir,
+    smoke_ranks,
 )
 
 __all__ = ["MODES", "main"]
@@ -53,7 +54,10 @@ MODES: dict[str, list[str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, warm: Any = None) -> int:
+    """The script (module docstring). warm: --smoke only, an in-process caller's WarmRanks
+    (student_worker/worker_group.py) that the runs take their student ranks from and hand back to (the smoke
+    suite shares one between its smokes); None: the smoke's runs share ranks of their own."""
     p = base_parser(__doc__.splitlines()[0])
     add_ray_args(p)
     add_models_dir_arg(p)
@@ -81,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
 
         given = args.teachers_namespace if args.smoke else None  # running teachers to attach to
         with ray_session(args.ray_address, num_cpus=8) as ray, \
-                (nullcontext(given) if given or not args.smoke else shared_teachers(sets)) as namespace:
+                (nullcontext(given) if given or not args.smoke else shared_teachers(sets)) as namespace, \
+                smoke_ranks(args.smoke, warm) as ranks:
             attach = attach_sets(namespace) if namespace else []
             address = args.ray_address or ray.get_runtime_context().gcs_address
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
             for i in range(repeats):
                 for mode, extra in MODES.items():  # alternate, so slow phases of a shared machine hit every mode
                     runs[mode].append(run_train("delta_kd", root / f"{mode}-{i}", sets + attach + extra, address,
-                                                in_process=args.smoke))
+                                                in_process=args.smoke, warm=ranks))
 
     def med(mode: str, key: str) -> float:
         return float(summarize([r[key] for r in runs[mode]])["median"])
