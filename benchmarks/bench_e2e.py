@@ -15,7 +15,8 @@ so they never find someone else's head through `address="auto"`. The embedded mo
 found in the cache) before the first timed run; `--smoke` builds miniature ones in a temp cache (or in
 `--models-dir`, where several smokes share them) and runs each training in this process
 (`student_worker.train.main` with the same arguments): it checks the plumbing, not the figures, and
-saves an interpreter start and a Ray attach per run. With `--teachers-namespace NS` its delta_kd run
+saves an interpreter start and a Ray attach per run; its runs share student rank processes (`smoke_ranks`:
+a WarmRanks of its own, or the caller's `main(argv, warm=...)`). With `--teachers-namespace NS` its delta_kd run
 attaches to teachers already serving those models there (`shared_teachers`: the smoke suite starts one
 service for bench_e2e, bench_on_policy and bench_cache) instead of starting its own.
 

@@ -17,7 +17,8 @@ steps/s. No target is set for these figures in the issue; they are reported as m
 `--smoke` runs each training in this process and builds miniature models (in `--models-dir` if given), as
 bench_e2e's smoke does, and its three runs attach to one teacher service (`teachers.attach`): the one in
 `--teachers-namespace` if given (the smoke suite's, shared with bench_e2e and bench_cache), else one the
-script starts (`bench_e2e.shared_teachers`), so the teachers start once; full runs each start their own.
+script starts (`bench_e2e.shared_teachers`), so the teachers start once; full runs each start their own. The
+smoke's runs also share student rank processes (`bench_e2e.smoke_ranks`, or the caller's `main(argv, warm=...)`).
 
     python benchmarks/bench_on_policy.py [--smoke] [--repeats N] [--steps N] [--max-new-tokens N]
                                          [--ray-address ADDR] [--models-dir D] [--teachers-namespace NS]
