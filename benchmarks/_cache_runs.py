@@ -82,12 +82,14 @@ def _train(cfg: Any, out: Path, warm: Any) -> dict[str, Any]:
 
 
 def cache_runs(smoke: bool, steps: int, models_dir: Path | None = None,
-               teachers_namespace: str | None = None) -> dict[str, Any]:
+               teachers_namespace: str | None = None, warm: Any = None) -> dict[str, Any]:
     """The figures of the module docstring (the caller holds the Ray connection).
 
     models_dir: smoke only, where the miniature embedded models are built or found (default: a temp dir).
     teachers_namespace: smoke only, teachers already serving those models (bench_e2e.shared_teachers): the
     live pool attaches to them instead of starting its own.
+    warm: a caller's WarmRanks (student_worker/worker_group.py) the training runs take their ranks from and
+    hand back to, left open (the smoke suite's); None: the runs share ranks of their own, closed at the end.
     """
     from common.codec import DEFAULT_ENCODING
     from common.config import load_config
@@ -126,11 +128,12 @@ def cache_runs(smoke: bool, steps: int, models_dir: Path | None = None,
             plans = {m: plans[m] for m in ("sft", "delta_kd_cache_s0")}
         from student_worker.driver import WarmRanks
 
-        warm = WarmRanks()  # the runs one after another on the same rank processes
+        ranks = warm if warm is not None else WarmRanks()  # the runs one after another on the same rank processes
         try:
-            runs = {m: _train(cfg_of(extra, m), root / m, warm) for m, extra in plans.items()}
+            runs = {m: _train(cfg_of(extra, m), root / m, ranks) for m, extra in plans.items()}
         finally:
-            warm.close()
+            if ranks is not warm:
+                ranks.close()
     sft = runs["sft"]["steps_per_s"]
     return {"overrides": sets, "live_pool_overrides": attach, "models_s": models_s, "live_pool": pool, "build": builds, "add_role_student_base": add,
             "build_over_live_pool_tokens_per_s": {e: b["tokens_per_s"] / pool["tokens_per_s"] for e, b in builds.items()

@@ -263,7 +263,10 @@ def batch_invariance(shapes: dict[str, dict[str, int]], seq_lens: list[int]) -> 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, warm: Any = None) -> int:
+    """The script (module docstring). warm: an in-process caller's WarmRanks (student_worker/worker_group.py)
+    that the training runs of part 7 take their student ranks from (the smoke suite shares one between its
+    smokes); None: the runs share ranks of their own."""
     p = base_parser(__doc__.splitlines()[0])
     add_ray_args(p)
     add_models_dir_arg(p)
@@ -342,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         "throughputs are single-process and noisy on a shared machine; compare encodings within one run.",
     ]
     if not args.no_pipeline:
-        pipe = pipeline(smoke, 4 if smoke else args.steps, args.ray_address, args.models_dir, args.teachers_namespace)
+        pipe = pipeline(smoke, 4 if smoke else args.steps, args.ray_address, args.models_dir, args.teachers_namespace,
+                        warm)
         figures["pipeline"] = pipe
         targets.append(Target("delta_kd_from_cache_s0_steady_steps_per_s_over_sft", pipe["steady_steps_per_s_over_sft"]
                               ["delta_kd_cache_s0"], ">=", 0.9,
@@ -355,12 +359,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def pipeline(smoke: bool, steps: int, address: str | None, models_dir: Path | None = None,
-             teachers_namespace: str | None = None) -> dict[str, Any]:
+             teachers_namespace: str | None = None, warm: Any = None) -> dict[str, Any]:
     """Parts 6 and 7 (benchmarks/_cache_runs.py) on the cluster at `address` or a private one."""
     from _cache_runs import cache_runs
 
     with ray_session(address, num_cpus=8):
-        pipe = cache_runs(smoke, steps, models_dir, teachers_namespace)
+        pipe = cache_runs(smoke, steps, models_dir, teachers_namespace, warm)
     pool = pipe["live_pool"]
     print_table(["what", "tokens", "seconds", "tokens/s", "vs live pool", "file B/tok"],
                 [["live pool", pool["tokens"], pool["seconds"], pool["tokens_per_s"], 1.0, "-"]]

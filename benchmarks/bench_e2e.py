@@ -15,7 +15,8 @@ so they never find someone else's head through `address="auto"`. The embedded mo
 found in the cache) before the first timed run; `--smoke` builds miniature ones in a temp cache (or in
 `--models-dir`, where several smokes share them) and runs each training in this process
 (`student_worker.train.main` with the same arguments): it checks the plumbing, not the figures, and
-saves an interpreter start and a Ray attach per run. With `--teachers-namespace NS` its delta_kd run
+saves an interpreter start and a Ray attach per run; its runs share student rank processes (`smoke_ranks`:
+a WarmRanks of its own, or the caller's `main(argv, warm=...)`). With `--teachers-namespace NS` its delta_kd run
 attaches to teachers already serving those models there (`shared_teachers`: the smoke suite starts one
 service for bench_e2e, bench_on_policy and bench_cache) instead of starting its own.
 
@@ -48,7 +49,7 @@ from _common import (
     write_result,
 )
 
-__all__ = ["run_train", "smoke_models_dir", "add_models_dir_arg", "add_teachers_namespace_arg", "attach_sets",
+__all__ = ["run_train", "smoke_models_dir", "smoke_ranks", "add_models_dir_arg", "add_teachers_namespace_arg", "attach_sets",
            "shared_teachers", "main"]
 
 TINY = REPO_ROOT / "deploy" / "configs" / "tiny.yaml"
@@ -57,11 +58,13 @@ SMOKE_SETS = ["embedded.pretrain_steps=2", "embedded.sft_steps=2", "embedded.num
               "training.batch_size=4", "data.max_train_examples=32"]
 
 
-def run_train(method: str, out: Path, sets: list[str], address: str, in_process: bool = False) -> dict[str, Any]:
+def run_train(method: str, out: Path, sets: list[str], address: str, in_process: bool = False,
+              warm: Any = None) -> dict[str, Any]:
     """One `python -m student_worker.train` run; returns its report.json plus steady-state figures.
 
     in_process: call `student_worker.train.main` with the same arguments here instead of a subprocess
-    (smoke runs; this process must be connected to `address` already).
+    (smoke runs; this process must be connected to `address` already). warm: in-process only, a WarmRanks
+    (student_worker/worker_group.py) whose idle student ranks the run takes and hands back.
     """
     argv = ["--config", str(TINY), "--output-dir", str(out), "--address", address, "--no-progress",
             "--set", f"loss.method={method}"]
@@ -72,7 +75,7 @@ def run_train(method: str, out: Path, sets: list[str], address: str, in_process:
     if in_process:
         from student_worker.train import main as train_main
 
-        rc, stderr = train_main(argv), "(in this process: see the output above)"
+        rc, stderr = train_main(argv, warm=warm), "(in this process: see the output above)"
     else:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
         rc, stderr = proc.returncode, proc.stderr[-4000:]
@@ -139,7 +142,27 @@ def shared_teachers(sets: list[str], namespace: str | None = None) -> Iterator[s
         pool.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
+@contextmanager
+def smoke_ranks(smoke: bool, warm: Any = None) -> Iterator[Any]:
+    """The WarmRanks (student_worker/worker_group.py) a smoke's in-process runs share: `warm` if the caller
+    gives one (the smoke suite's, left open), else one of this smoke's, closed at the end; None (each run
+    starts its own ranks) for full runs, which are subprocesses. Inside the Ray session."""
+    if not smoke or warm is not None:
+        yield warm if smoke else None
+        return
+    from student_worker.driver import WarmRanks
+
+    own = WarmRanks()
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+def main(argv: list[str] | None = None, warm: Any = None) -> int:
+    """The script (module docstring). warm: --smoke only, an in-process caller's WarmRanks
+    (student_worker/worker_group.py) that the runs take their student ranks from and hand back to (the smoke
+    suite shares one between its smokes); None: the smoke's runs share ranks of their own."""
     p = base_parser(__doc__.splitlines()[0])
     add_ray_args(p)
     add_models_dir_arg(p)
@@ -165,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         build_embedded_models(cfg.embedded, progress=False)  # outside the timed runs (cached afterwards)
         build_s = time.perf_counter() - t0
 
-        with ray_session(args.ray_address, num_cpus=8) as ray:
+        with ray_session(args.ray_address, num_cpus=8) as ray, smoke_ranks(args.smoke, warm) as ranks:
             address = args.ray_address or ray.get_runtime_context().gcs_address
             runs: dict[str, list[dict[str, Any]]] = {"delta_kd": [], "sft": []}
             for i in range(repeats):
                 for method in runs:  # alternate, so slow phases of a shared machine hit both
                     runs[method].append(run_train(method, root / f"{method}-{i}",
                                                   sets + (attach if method == "delta_kd" else []), address,
-                                                  in_process=args.smoke))
+                                                  in_process=args.smoke, warm=ranks))
 
     def med(method: str, key: str) -> float:
         return float(summarize([r[key] for r in runs[method]])["median"])

@@ -17,7 +17,8 @@ steps/s. No target is set for these figures in the issue; they are reported as m
 `--smoke` runs each training in this process and builds miniature models (in `--models-dir` if given), as
 bench_e2e's smoke does, and its three runs attach to one teacher service (`teachers.attach`): the one in
 `--teachers-namespace` if given (the smoke suite's, shared with bench_e2e and bench_cache), else one the
-script starts (`bench_e2e.shared_teachers`), so the teachers start once; full runs each start their own.
+script starts (`bench_e2e.shared_teachers`), so the teachers start once; full runs each start their own. The
+smoke's runs also share student rank processes (`bench_e2e.smoke_ranks`, or the caller's `main(argv, warm=...)`).
 
     python benchmarks/bench_on_policy.py [--smoke] [--repeats N] [--steps N] [--max-new-tokens N]
                                          [--ray-address ADDR] [--models-dir D] [--teachers-namespace NS]
@@ -42,6 +43,7 @@ from bench_e2e import (
     run_train,
     shared_teachers,
     smoke_models_dir,
+    smoke_ranks,
 )
 
 __all__ = ["MODES", "main"]
@@ -53,7 +55,10 @@ MODES: dict[str, list[str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, warm: Any = None) -> int:
+    """The script (module docstring). warm: --smoke only, an in-process caller's WarmRanks
+    (student_worker/worker_group.py) that the runs take their student ranks from and hand back to (the smoke
+    suite shares one between its smokes); None: the smoke's runs share ranks of their own."""
     p = base_parser(__doc__.splitlines()[0])
     add_ray_args(p)
     add_models_dir_arg(p)
@@ -81,14 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
         given = args.teachers_namespace if args.smoke else None  # running teachers to attach to
         with ray_session(args.ray_address, num_cpus=8) as ray, \
-                (nullcontext(given) if given or not args.smoke else shared_teachers(sets)) as namespace:
+                (nullcontext(given) if given or not args.smoke else shared_teachers(sets)) as namespace, \
+                smoke_ranks(args.smoke, warm) as ranks:
             attach = attach_sets(namespace) if namespace else []
             address = args.ray_address or ray.get_runtime_context().gcs_address
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
             for i in range(repeats):
                 for mode, extra in MODES.items():  # alternate, so slow phases of a shared machine hit every mode
                     runs[mode].append(run_train("delta_kd", root / f"{mode}-{i}", sets + attach + extra, address,
-                                                in_process=args.smoke))
+                                                in_process=args.smoke, warm=ranks))
 
     def med(mode: str, key: str) -> float:
         return float(summarize([r[key] for r in runs[mode]])["median"])

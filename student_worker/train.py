@@ -35,10 +35,13 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import DEFAULT_CONFIG, ConfigError, load_config
 from common.faults import FaultPlan
+
+if TYPE_CHECKING:  # deferred at run time: torch and Ray (see _main)
+    from student_worker.worker_group import WarmRanks
 
 __all__ = ["DEFAULT_CONFIG", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_IO_ERROR", "EXIT_RUN_FAILED", "main",
            "parse_args", "check_output_dir", "init_ray", "resume_command"]
@@ -169,14 +172,16 @@ def _ended(exc: BaseException, code: int, args: argparse.Namespace, argv: list[s
     return code
 
 
-def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
+def main(argv: list[str] | None = None, faults: FaultPlan | None = None, warm: WarmRanks | None = None) -> int:
     """The CLI. `faults`: a test's FaultPlan (common/faults.py) handed to the driver; the command line has
-    no fault flag (tests run tests/integration/fault_run.py to get one into a subprocess)."""
+    no fault flag (tests run tests/integration/fault_run.py to get one into a subprocess). `warm`: an in-process
+    caller's student ranks shared between its runs (student_worker/worker_group.py WarmRanks, e.g. the benchmark
+    smokes'); None starts this run's own."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     run: dict[str, Any] = {}  # the driver and output dir once known, for the message of an interrupted run
     try:
-        return _main(args, run, faults)
+        return _main(args, run, faults, warm)
     except KeyboardInterrupt as exc:  # Ctrl-C: the driver's `finally` has already stopped its actors
         return _ended(exc, EXIT_INTERRUPTED, args, argv, run)
     except Exception as exc:
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> int:
         return _ended(exc, EXIT_IO_ERROR, args, argv, run)
 
 
-def _main(args: argparse.Namespace, run: dict[str, Any], faults: FaultPlan | None) -> int:
+def _main(args: argparse.Namespace, run: dict[str, Any], faults: FaultPlan | None, warm: WarmRanks | None) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output.dir={args.output_dir}")
@@ -213,7 +218,7 @@ def _main(args: argparse.Namespace, run: dict[str, Any], faults: FaultPlan | Non
 
     cfg = resolve_model_paths(cfg)
     driver = Driver(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
-                    faults=faults)
+                    faults=faults, warm=warm)
     try:
         driver.preflight()  # data, tokenizers, k, resume checkpoint: before Ray starts, nothing written
     except (InputError, CheckpointError) as exc:

@@ -11,8 +11,10 @@ torch and Ray start once, not once per script. Scripts that use Ray get the sess
 keeps a connection it finds), and the end-to-end smokes share one set of miniature embedded models
 (`--models-dir`) and one teacher service serving them (`--teachers-namespace`: bench_e2e's delta_kd run,
 bench_on_policy's three runs and bench_cache's live pool attach to it, so the teachers start once; those
-smokes run last, so the service is up only while they run). Each script is still runnable on its own
-(`python benchmarks/<script>.py --smoke`), starting its own teachers.
+smokes run last, so the service is up only while they run). Their in-process training runs also take their
+student ranks from the session's `warm_ranks` (each script's `main(argv, warm=...)`), so the seven runs of
+those three smokes start one rank process, not one each. Each script is still runnable on its own
+(`python benchmarks/<script>.py --smoke`), starting its own teachers and ranks.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ _BY_VALUE: set[str] = set()
 
 
 def _run(script: str, out_dir: Path, ray_address: str | None, models_dir: Path | None,
-         teachers_namespace: str | None = None) -> dict:
+         teachers_namespace: str | None = None, warm: object | None = None) -> dict:
     argv = ["--smoke", "--out-dir", str(out_dir)]
     if ray_address:
         argv += ["--ray-address", ray_address]
@@ -129,7 +131,7 @@ def _run(script: str, out_dir: Path, ray_address: str | None, models_dir: Path |
         argv += ["--models-dir", str(models_dir)]
     if teachers_namespace:
         argv += ["--teachers-namespace", teachers_namespace]
-    rc = _main(script)(argv)
+    rc = _main(script)(argv, **({"warm": warm} if warm is not None else {}))
     assert rc == 0, f"{script} failed (rc {rc})"
     path = out_dir / f"{script}.json"
     assert path.is_file(), f"{script} wrote no {path}"
@@ -146,7 +148,8 @@ def test_benchmark_smoke_writes_json(script: str, tmp_path: Path, request: pytes
     address = request.getfixturevalue("ray_cluster")["gcs_address"] if uses_ray else None
     shared = request.getfixturevalue("models_dir") if script in SHARED_MODELS else None
     namespace = request.getfixturevalue("teachers_namespace") if script in SHARED_MODELS else None
-    doc = _run(script, tmp_path, address, shared, namespace)
+    warm = request.getfixturevalue("warm_ranks") if script in SHARED_MODELS else None
+    doc = _run(script, tmp_path, address, shared, namespace, warm)
 
     assert doc["name"] == script and doc["smoke"] is True
     assert doc["git"].get("sha") is None or len(doc["git"]["sha"]) == 40
