@@ -55,7 +55,7 @@ import numpy as np
 import pytest
 import ray
 
-from common.config import RunConfig, dump_config
+from common.config import RunConfig, dump_config, load_config
 from common.faults import FaultPlan, Hold, RankError
 from student_worker import checkpoint as ckpt
 from tests.integration.test_student_training import (
@@ -236,10 +236,24 @@ def _no_workers_left(cfg: RunConfig, what: str) -> None:
         time.sleep(POLL_S)
 
 
-def _kill_rank(cfg: RunConfig, rank: int, what: str) -> None:
-    names = _student_worker_names(cfg)
-    assert len(names) == RANKS and names[rank].startswith(f"{cfg.run_name}-student-{rank}-"), f"{what}: {names}"
-    ray.kill(ray.get_actor(names[rank], namespace=cfg.teachers.namespace), no_restart=True)
+def _warm_run_ranks(warm: Any) -> list[str]:
+    """The names of the ranks a run on `warm` (WarmRanks) holds now, in rank order: its namespace's live ranks
+    that are not idle (a rank started for a WarmRanks is named student-<n>-<uid>, n counting up in rank order)."""
+    idle = set(warm.idle_names())
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == warm.namespace and a["name"] not in idle]
+    return sorted(names, key=lambda name: int(name.split("-")[1]))
+
+
+def _kill_rank(cfg: RunConfig, rank: int, what: str, warm: Any = None) -> None:
+    """Kill student rank `rank` of the run of `cfg` (on `warm`'s ranks when it runs on a WarmRanks)."""
+    if warm is None:
+        names, namespace = _student_worker_names(cfg), cfg.teachers.namespace
+        assert len(names) == RANKS and names[rank].startswith(f"{cfg.run_name}-student-{rank}-"), f"{what}: {names}"
+    else:
+        names, namespace = _warm_run_ranks(warm), warm.namespace
+        assert len(names) == RANKS, f"{what}: {names}"
+    ray.kill(ray.get_actor(names[rank], namespace=namespace), no_restart=True)
 
 
 def _files(directory: Path) -> dict[Path, bytes]:
@@ -247,13 +261,15 @@ def _files(directory: Path) -> dict[Path, bytes]:
 
 
 def test_rank_error_killed_worker_and_killed_teacher_in_one_run_equal_the_uninterrupted_one(
-        tiny, service, reference, tmp_path) -> None:
+        tiny, service, reference, tmp_path, warm_ranks) -> None:
     """Three faults in turn, each in its own worker group (FaultPlan holds stop the ranks where one lands):
     1. rank 1 raises at step 3 after the input agreement (rank 0 goes on into DDP's all-reduce and would wait
        there for the collective timeout): the driver kills both at once, restores from checkpoint 2;
     2. rank 1 of the restored group is killed at the end of step 5: restored again, from checkpoint 4;
     3. the base teacher is killed at the end of step 4 of the third group: Ray restarts it, its calls are
-       retried, no worker restarts; the steps after it wait for the restarted teacher."""
+       retried, no worker restarts; the steps after it wait for the restarted teacher.
+    The first group takes the session's warm ranks (the rank error kills them); the third, which ends the run
+    cleanly, hands its ranks back for the module's later in-process runs."""
     from student_worker.driver import run_training
     from student_worker.worker import STEP_PARTS
     from teacher_service.naming import replica_name
@@ -264,15 +280,16 @@ def test_rank_error_killed_worker_and_killed_teacher_in_one_run_equal_the_uninte
     plan = _holding(tmp_path, killed_worker, killed_teacher, rank_error=RankError(rank=1, step=3))
     base = ray.get_actor(replica_name(cfg.teachers.name_prefix, "base", 0), namespace=cfg.teachers.namespace)
     pid_before = ray.get(base.health.remote())["pid"]
-    thread, box = _in_thread(run_training, cfg, progress=False, faults=plan)
+    thread, box = _in_thread(run_training, cfg, progress=False, faults=plan, warm=warm_ranks)
     try:
         # (1) happens on its own; (2): checkpoint 4 is complete before rank 1 is killed
         _at_hold(plan, killed_worker, thread.is_alive, "after the rank error's restore")
         _wait_until(_latest_is(out, 4), thread.is_alive, "killed worker: checkpoint 4")
-        _kill_rank(cfg, 1, "killed worker")
+        _kill_rank(cfg, 1, "killed worker", warm_ranks)
         plan.release(killed_worker)
         # (3)
         _at_hold(plan, killed_teacher, thread.is_alive, "after the killed worker's restore")
+        last_group = _warm_run_ranks(warm_ranks)
         ray.kill(base, no_restart=False)  # Ray restarts it; calls in flight are retried on the new process
         plan.release(killed_teacher)
     finally:
@@ -291,7 +308,9 @@ def test_rank_error_killed_worker_and_killed_teacher_in_one_run_equal_the_uninte
     assert "student worker rank 1 died" in worker["cause"], f"killed worker: {worker}"
     assert report["worker_restarts"] == 2, f"killed teacher: a worker restart too many: {report['recoveries']}"
     assert ray.get(base.health.remote())["pid"] != pid_before, "killed teacher: the base teacher was not restarted"
-    assert _student_worker_names(cfg) == [], "workers of the run left behind"
+    assert _student_worker_names(cfg) == [] and _warm_run_ranks(warm_ranks) == [], "workers of the run left behind"
+    assert len(last_group) == RANKS and set(last_group) <= set(warm_ranks.idle_names()), \
+        f"the last group's ranks {last_group} not handed back: idle {warm_ranks.idle_names()}"
     origin = {0: "before any fault", 1: "before any fault", 2: "replayed after the rank error",
               3: "replayed after the rank error"}
     _assert_same_as_reference(out, reference, "rank error, killed worker, killed teacher",
@@ -309,7 +328,7 @@ def test_rank_error_killed_worker_and_killed_teacher_in_one_run_equal_the_uninte
 
 
 def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
-        tiny, service, reference, ray_cluster, tmp_path, capsys, warm_ranks) -> None:
+        tiny, service, reference, ray_cluster, tmp_path, warm_ranks) -> None:
     """One run stopped or killed four times, each time resumed by the next link, the last resume compared:
     1. stop_after=3 (in process), and a resume with another config refused, naming the differing key;
     2. CLI --resume (from 3) crashing while it writes checkpoint 4: exit 1, half a state.json in
@@ -317,10 +336,11 @@ def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
     3. CLI --resume (from 3, past the stale .tmp) SIGKILLed at the end of step 5 (checkpoint 4 written);
     4. CLI --resume (from 4) Ctrl-C'd at the end of step 6: exit 130, one message, the traceback in error.log,
        its workers gone;
-    5. the CLI's main() --resume (from 6) in this process ends with the reference's rows and weights."""
+    5. a last --resume (from 6) in this process, of the config file the CLI drivers ran, on the session's warm
+       ranks (the CLI's main() takes none; its --resume runs to the end in the fsdp2 test), ends with the
+       reference's rows and weights."""
     from student_worker.checkpoint import CheckpointError
     from student_worker.driver import run_training
-    from student_worker.train import main
 
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out)
@@ -381,11 +401,10 @@ def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
     print(f"\nSIGINT at step {reached[1]}: exit 130 after {ended_s:.1f} s")
     _no_workers_left(cfg, "Ctrl-C")  # the driver killed its workers on the way out
 
-    # 5. `--resume` through the CLI's main() in this process, with the config file the CLI drivers ran (on the
-    # session cluster: no second interpreter start-up to pay)
-    capsys.readouterr()
-    code = main(["--config", str(config_path), "--resume", "--no-progress"])
-    assert code == 0, f"last --resume failed:\n{capsys.readouterr().err[-3000:]}"
+    # 5. the last `--resume` in this process, of the config file the CLI drivers ran (on the session cluster
+    # and its warm ranks: no interpreter start-up and no rank start-up to pay)
+    resumed = run_training(load_config(config_path), resume=True, progress=False, warm=warm_ranks)
+    assert resumed["steps"] == STEPS, f"last --resume: {resumed}"
     assert _files(previous) == intact, "crash: checkpoint 3 changed after the crash"
     assert not (root / "ckpt-000004.tmp").exists() and (root / "ckpt-000004").is_dir(), "crash: checkpoint 4"
     origin = {0: "before the stop", 1: "before the stop", 2: "before the stop", 3: "after the crash",
