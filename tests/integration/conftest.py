@@ -128,8 +128,9 @@ def session_teachers(ray_cluster, tiny_world, tmp_path_factory) -> Iterator:
 def warm_ranks(ray_cluster) -> Iterator:
     """Student ranks shared by the session's in-process runs (student_worker/worker_group.py WarmRanks): a run that
     ends cleanly leaves its worker processes to the next run of the same kind, which then skips starting
-    processes that import torch and transformers (~4 CPU-s per rank). Runs whose test finds ranks by name or
-    counts them, and the CLI runs, start their own."""
+    processes that import torch and transformers (~4 CPU-s per rank). In-process CLI runs take them through
+    `student_worker.train.main(warm=)`; a test that kills a rank of a run on them finds it in the WarmRanks
+    namespace (test_faults.py `_warm_run_ranks`). CLI subprocesses, RDT and fsdp2 runs start their own."""
     from student_worker.driver import WarmRanks
 
     warm = WarmRanks()

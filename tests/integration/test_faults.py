@@ -55,7 +55,7 @@ import numpy as np
 import pytest
 import ray
 
-from common.config import RunConfig, dump_config, load_config
+from common.config import RunConfig, dump_config
 from common.faults import FaultPlan, Hold, RankError
 from student_worker import checkpoint as ckpt
 from tests.integration.test_student_training import (
@@ -328,7 +328,7 @@ def test_rank_error_killed_worker_and_killed_teacher_in_one_run_equal_the_uninte
 
 
 def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
-        tiny, service, reference, ray_cluster, tmp_path, warm_ranks) -> None:
+        tiny, service, reference, ray_cluster, tmp_path, capsys, warm_ranks) -> None:
     """One run stopped or killed four times, each time resumed by the next link, the last resume compared:
     1. stop_after=3 (in process), and a resume with another config refused, naming the differing key;
     2. CLI --resume (from 3) crashing while it writes checkpoint 4: exit 1, half a state.json in
@@ -336,11 +336,11 @@ def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
     3. CLI --resume (from 3, past the stale .tmp) SIGKILLed at the end of step 5 (checkpoint 4 written);
     4. CLI --resume (from 4) Ctrl-C'd at the end of step 6: exit 130, one message, the traceback in error.log,
        its workers gone;
-    5. a last --resume (from 6) in this process, of the config file the CLI drivers ran, on the session's warm
-       ranks (the CLI's main() takes none; its --resume runs to the end in the fsdp2 test), ends with the
-       reference's rows and weights."""
+    5. the CLI's main() --resume (from 6) in this process, of the config file the CLI drivers ran, on the
+       session's warm ranks (main(warm=)), ends with the reference's rows and weights."""
     from student_worker.checkpoint import CheckpointError
     from student_worker.driver import run_training
+    from student_worker.train import main
 
     out = tmp_path / "run"
     cfg = _cfg(tiny, service, out)
@@ -401,10 +401,11 @@ def test_stop_crash_sigkill_and_ctrl_c_each_resume_to_the_uninterrupted_run(
     print(f"\nSIGINT at step {reached[1]}: exit 130 after {ended_s:.1f} s")
     _no_workers_left(cfg, "Ctrl-C")  # the driver killed its workers on the way out
 
-    # 5. the last `--resume` in this process, of the config file the CLI drivers ran (on the session cluster
-    # and its warm ranks: no interpreter start-up and no rank start-up to pay)
-    resumed = run_training(load_config(config_path), resume=True, progress=False, warm=warm_ranks)
-    assert resumed["steps"] == STEPS, f"last --resume: {resumed}"
+    # 5. `--resume` through the CLI's main() in this process, with the config file the CLI drivers ran (on the
+    # session cluster and its warm ranks: no interpreter start-up and no rank start-up to pay)
+    capsys.readouterr()
+    code = main(["--config", str(config_path), "--resume", "--no-progress"], warm=warm_ranks)
+    assert code == 0, f"last --resume failed:\n{capsys.readouterr().err[-3000:]}"
     assert _files(previous) == intact, "crash: checkpoint 3 changed after the crash"
     assert not (root / "ckpt-000004.tmp").exists() and (root / "ckpt-000004").is_dir(), "crash: checkpoint 4"
     origin = {0: "before the stop", 1: "before the stop", 2: "before the stop", 3: "after the crash",
