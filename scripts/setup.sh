@@ -10,8 +10,15 @@
 # pip 78-149 s / 76-109 s (6 runs), uv 31-103 s / 49-75 s (11 runs; runs side by side: 127 -> 93 s,
 # 149 -> 103 s, 91 -> 36 s); ~45 s of the CPU is the byte-compile of 18,400 files, either way. Same versions
 # and wheel files as pip, uv added.
+# DELTAKD_BYTECODE=lazy (the test command, scripts/test.sh) skips the byte-compile (measured: the set-up takes
+# 7 s / 5 CPU-s instead of 49 s / 44 CPU-s with uv's cache warm): the caller lets Python write each module's
+# .pyc when a process first imports it, so only what runs is compiled, once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BYTECODE=${DELTAKD_BYTECODE:-install}
+case "$BYTECODE" in install|lazy) ;; *) echo "deltakd: DELTAKD_BYTECODE must be install or lazy, got '$BYTECODE'" >&2; exit 2;; esac
+pip_compile=()
+[ "$BYTECODE" = lazy ] && pip_compile=(--no-compile)
 PY=${PYTHON:-python3}
 TORCH="torch==${DELTAKD_TORCH_VERSION:-2.13.0}"
 if [ ! -x .venv/bin/python ]; then
@@ -31,9 +38,9 @@ fi
 with_pip() {
   quiet .venv/bin/python -m pip install -q --upgrade pip
   if [ ${#pin_torch[@]} -gt 0 ]; then
-    quiet .venv/bin/python -m pip install -q "${pin_torch[@]}"
+    quiet .venv/bin/python -m pip install -q "${pip_compile[@]}" "${pin_torch[@]}"
   fi
-  quiet .venv/bin/python -m pip install -q -e ".[dev]"
+  quiet .venv/bin/python -m pip install -q "${pip_compile[@]}" -e ".[dev]"
 }
 
 # uv reads none of pip's settings; this hands it the ones pip has here (pip.conf, PIP_* variables: local
@@ -52,8 +59,10 @@ o, _ = create_command("install").parse_args([])
 fc = o.format_control
 if o.no_index or o.proxy or o.trusted_hosts or o.pre or o.prefer_binary or fc.no_binary or fc.only_binary:
     sys.exit(3)
-args = ["pip", "install", "-q", "--python", sys.executable, "--compile-bytecode",
-        "--index-strategy", "unsafe-best-match", "--index-url", o.index_url]
+args = ["pip", "install", "-q", "--python", sys.executable, "--index-strategy", "unsafe-best-match",
+        "--index-url", o.index_url]
+if os.environ.get("DELTAKD_BYTECODE", "install") == "install":
+    args.append("--compile-bytecode")
 for url in [o.index_url, *o.extra_index_urls]:
     args += ["--extra-index-url", url]
 for path in o.find_links:
@@ -88,5 +97,7 @@ else
 fi
 # The project's own modules too: the editable install imports them from here, and with PYTHONDONTWRITEBYTECODE=1
 # every process (each Ray actor) would compile them again (~0.1 s of CPU each; a stale .pyc is ignored).
-.venv/bin/python -m compileall -q -j 0 common student_worker teacher_service tests benchmarks >/dev/null
+if [ "$BYTECODE" = install ]; then
+  .venv/bin/python -m compileall -q -j 0 common student_worker teacher_service tests benchmarks >/dev/null
+fi
 echo "deltakd: environment ready in .venv"
