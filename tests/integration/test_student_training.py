@@ -151,6 +151,17 @@ def test_delta_kd_two_workers_trains_and_writes_everything(ray_cluster, tiny, sh
     print(f"\ndelta_kd: steps/s {report['steps_per_s']:.3f}, teacher wait {report['teacher_wait_fraction']:.3f}")
 
 
+def _wait_dead(handle: Any, timeout_s: float = 60.0) -> None:
+    """Until the GCS's actor table has `handle`'s actor DEAD (the state API would need a dashboard)."""
+    import ray._private.state as ray_state
+
+    actor_id = handle._actor_id.hex()
+    deadline = time.monotonic() + timeout_s
+    while ray_state.actors().get(actor_id, {}).get("State") != "DEAD":
+        assert time.monotonic() < deadline, f"actor {actor_id} not DEAD {timeout_s:.0f} s after ray.kill"
+        time.sleep(0.1)
+
+
 def test_two_workers_make_the_same_update_as_one(ray_cluster, tiny, shared_teachers, tmp_path):
     """...and a run on ranks an earlier run left (WarmRanks) is bit for bit the run on new ranks; an idle rank
     that died is replaced by a new one."""
@@ -168,7 +179,8 @@ def test_two_workers_make_the_same_update_as_one(ray_cluster, tiny, shared_teach
             before = warm.idle_names()
             if workers == "2, one idle rank dead":
                 dead = ray.get_actor(before[0], namespace=warm.namespace)
-                ray.kill(dead, no_restart=True)
+                ray.kill(dead, no_restart=True)  # only asks: a call sent at once may still be answered
+                _wait_dead(dead)
                 with pytest.raises(ray.exceptions.RayActorError):  # dead before the run looks at it
                     ray.get(dead.__ray_ready__.remote(), timeout=60)
             run_training(make_cfg(tiny, out, attach + [f"training.num_workers={str(workers)[0]}",
