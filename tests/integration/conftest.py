@@ -62,13 +62,12 @@ DASHBOARD_NODES = {"teacher": (4, {"teacher_gpu": 2}), "student": (6, {"student_
 def dashboard_head() -> Iterator:
     from contextlib import ExitStack
 
-    from tests.integration.ray_head import local_ray_head, local_ray_node
+    from tests.integration.ray_head import local_ray_head, local_ray_nodes
 
     with ExitStack() as stack:
         head = stack.enter_context(local_ray_head(num_cpus=0))
-        groups = [head.proc.pid]  # each `ray start --block` leads its own process group
-        for name, (cpus, resources) in DASHBOARD_NODES.items():
-            groups.append(stack.enter_context(local_ray_node(head, name, num_cpus=cpus, resources=resources)))
+        # each `ray start --block` leads its own process group; the two nodes start side by side
+        groups = [head.proc.pid, *stack.enter_context(local_ray_nodes(head, DASHBOARD_NODES))]
         try:
             yield head
         finally:

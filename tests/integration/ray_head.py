@@ -26,7 +26,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LocalHead", "RayHeadError", "local_ray_head", "local_ray_node", "ray_cli", "free_ports", "client_env",
+__all__ = ["LocalHead", "RayHeadError", "local_ray_head", "local_ray_nodes", "ray_cli", "free_ports", "client_env",
            "job_status"]
 
 VENV_BIN = Path(sys.executable).parent
@@ -184,9 +184,8 @@ NODE_START_ATTEMPTS = 3  # `ray start` gives a raylet a fixed 30 s to register w
 _REGISTER_TIMEOUT = "The current node timed out during startup"
 
 
-def _start_node(head: LocalHead, node_dir: Path, name: str, num_cpus: int,
-                resources: dict[str, float]) -> subprocess.Popen:
-    """One `ray start --address --block`; returns the process once the head lists its resources."""
+def _launch_node(head: LocalHead, node_dir: Path, num_cpus: int, resources: dict[str, float]) -> subprocess.Popen:
+    """One `ray start --address --block` with its own ports and temp dir (not waited for: `_await_node`)."""
     node_mgr, obj_mgr, metrics, agent_http, agent_grpc, runtime_env = free_ports(6)
     cmd = [
         str(ray_cli()), "start", "--address", head.gcs_address, "--block",
@@ -197,11 +196,17 @@ def _start_node(head: LocalHead, node_dir: Path, name: str, num_cpus: int,
         "--num-cpus", str(num_cpus), "--num-gpus", "0", "--resources", json.dumps(resources),
         "--temp-dir", str(node_dir / "ray"), "--disable-usage-stats",
     ]
+    with open(node_dir / "node.log", "wb") as log:
+        return subprocess.Popen(cmd, env=head.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _await_node(head: LocalHead, proc: subprocess.Popen, node_dir: Path, name: str,
+                resources: dict[str, float]) -> None:
+    """Until the head's node list has the node's resources; RayHeadError (its log's tail) if it exits or is
+    not listed within READY_TIMEOUT_S (then its process group is ended)."""
     log_path = node_dir / "node.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=head.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:  # the node is up when the head's node list has its resources
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RayHeadError(f"ray node {name} exited with {proc.returncode}:\n"
                                f"{log_path.read_text(errors='replace')[-4000:]}")
@@ -210,7 +215,7 @@ def _start_node(head: LocalHead, node_dir: Path, name: str, num_cpus: int,
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             status, body = 0, ""
         if status == 200 and all(f'"{k}"' in body for k in resources):
-            return proc
+            return
         time.sleep(0.5)
     _end_group(proc)
     raise RayHeadError(f"ray node {name} not in the head's node list after {READY_TIMEOUT_S:.0f} s:\n"
@@ -230,25 +235,37 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def local_ray_node(head: LocalHead, name: str, num_cpus: int, resources: dict[str, float]) -> Iterator[int]:
-    """Join one more raylet ("node") to the head on this host: `ray start --address --block` with its own
-    ports, temp dir and custom resources; yields its pid; ends it by killing its own process group.
+def local_ray_nodes(head: LocalHead, nodes: dict[str, tuple[int, dict[str, float]]]) -> Iterator[list[int]]:
+    """Join more raylets ("nodes") to the head on this host, all started at once: `ray start --address --block`
+    per name, each with its CPUs, custom resources, ports and temp dir; yields their pids; ends each by
+    killing its own process group.
 
     On a loaded host a raylet can miss `ray start`'s fixed 30 s registration window; that start (and only
     that failure) is tried again, up to NODE_START_ATTEMPTS times."""
-    for attempt in range(1, NODE_START_ATTEMPTS + 1):
+    procs: dict[str, subprocess.Popen] = {}
+
+    def launch(name: str, attempt: int) -> Path:
         node_dir = head.temp_dir / f"node-{name}-{attempt}"
         node_dir.mkdir()
-        try:
-            proc = _start_node(head, node_dir, name, num_cpus, resources)
-            break
-        except RayHeadError as err:
-            if _REGISTER_TIMEOUT not in str(err) or attempt == NODE_START_ATTEMPTS:
-                raise
+        cpus, resources = nodes[name]
+        procs[name] = _launch_node(head, node_dir, cpus, resources)
+        return node_dir
+
     try:
-        yield proc.pid
+        dirs = {name: launch(name, 1) for name in nodes}
+        for name, (_, resources) in nodes.items():
+            for attempt in range(1, NODE_START_ATTEMPTS + 1):
+                try:
+                    _await_node(head, procs[name], dirs[name], name, resources)
+                    break
+                except RayHeadError as err:
+                    if _REGISTER_TIMEOUT not in str(err) or attempt == NODE_START_ATTEMPTS:
+                        raise
+                    dirs[name] = launch(name, attempt + 1)
+        yield [proc.pid for proc in procs.values()]
     finally:
-        _end_group(proc)
+        for proc in procs.values():
+            _end_group(proc)
 
 
 def job_status(head: LocalHead, job_id: str) -> dict:
