@@ -15,7 +15,7 @@ runs `python -m tests.integration.fault_run --faults '<json>' train|cache <the C
 A hold lets a run go at full speed and still be acted on at a known point: every student rank stops at the end
 of the held step (outside its clock), the test sees `plan.held(hold, ranks)`, kills what it kills, and
 `plan.release(hold)` lets the ranks go on (a rank that was killed never does). A cache build's top-k stage holds
-the same way before a shard (`shard_holds`, `shard_held`, `release_shard`).
+the same way once it has scored a given number of shards (`stage_hold_after`, `stage_held`, `release_stage`).
 
 Production code holds `faults: FaultPlan | None` and calls a hook below only when a plan is present, so a run
 without one sleeps, raises, waits and exits nowhere. Pure: stdlib only.
@@ -91,8 +91,10 @@ class FaultPlan:
     rank_error: one rank raises mid-step once (the fail-fast recovery path).
     holds: points (Hold) where every student rank waits for the test (`held`, `release`); hold_dir: the
       directory (on the ranks' host) where ranks say they wait and the test releases them; needed with holds.
-    shard_holds: shards (build order, 0-based) before which a cache build's top-k stage waits for the test
-      (`shard_held`, `release_shard`); a retry of the shard after the release passes straight on. Needs hold_dir.
+    stage_hold_after: a cache build's top-k stage actor that has scored this many shards waits before its next
+      one for the test (`stage_held`, `release_stage`): counted per actor, as Ray Data hands shards over in no
+      fixed order; after the release (a restarted actor's count starts again) it passes straight on. Needs
+      hold_dir.
     """
 
     step_delay_s: float = 0.0
@@ -101,7 +103,7 @@ class FaultPlan:
     rank_error: RankError | None = None
     holds: tuple[Hold, ...] = ()
     hold_dir: str | None = None
-    shard_holds: tuple[int, ...] = ()
+    stage_hold_after: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("step_delay_s", "teacher_delay_s"):
@@ -127,12 +129,12 @@ class FaultPlan:
             object.__setattr__(self, "hold_dir", str(self.hold_dir))
         if holds and not self.hold_dir:
             raise ValueError("FaultPlan.holds needs FaultPlan.hold_dir: where the ranks wait and are released")
-        if not isinstance(self.shard_holds, list | tuple) or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.shard_holds):
-            raise ValueError(f"FaultPlan.shard_holds must be a list of shard numbers >= 0, got {self.shard_holds!r}")
-        object.__setattr__(self, "shard_holds", tuple(self.shard_holds))
-        if self.shard_holds and not self.hold_dir:
-            raise ValueError("FaultPlan.shard_holds needs FaultPlan.hold_dir: where the stage waits and is released")
+        after = self.stage_hold_after
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+            raise ValueError(f"FaultPlan.stage_hold_after must be an integer >= 0 or None, got {after!r}")
+        if after is not None and not self.hold_dir:
+            raise ValueError("FaultPlan.stage_hold_after needs FaultPlan.hold_dir: where the stage waits and is "
+                             "released")
 
     # ------------------------------------------------------------------ building and passing on
     @classmethod
@@ -178,10 +180,11 @@ class FaultPlan:
         if hold in self.holds:
             self._wait_at(hold.key, f"rank{rank}", f"step {step} (worker group {generation}): rank {rank}")
 
-    def shard_start(self, shard: int) -> None:
-        """In a cache build's top-k stage, before it scores `shard`: a hold there (`shard_holds`)."""
-        if shard in self.shard_holds:
-            self._wait_at(f"shard{shard}", "stage", f"shard {shard}: the top-k stage")
+    def shard_start(self, scored: int) -> None:
+        """In a cache build's top-k stage actor, before each shard, having scored `scored` shards: the hold
+        (`stage_hold_after`)."""
+        if scored == self.stage_hold_after:
+            self._wait_at("stage", "topk", f"the top-k stage after {scored} shard(s)")
 
     def _wait_at(self, key: str, who: str, what: str) -> None:
         """Say `<key>.<who>.held` in hold_dir, then wait until `<key>.released` appears (HOLD_TIMEOUT_S)."""
@@ -206,15 +209,15 @@ class FaultPlan:
         assert self.hold_dir is not None and hold in self.holds, hold
         (Path(self.hold_dir) / f"{hold.key}.released").touch()
 
-    def shard_held(self, shard: int) -> bool:
-        """True once a cache build's top-k stage waits before `shard`."""
-        assert self.hold_dir is not None and shard in self.shard_holds, shard
-        return (Path(self.hold_dir) / f"shard{shard}.stage.held").exists()
+    def stage_held(self) -> bool:
+        """True once a cache build's top-k stage waits at `stage_hold_after`."""
+        assert self.hold_dir is not None and self.stage_hold_after is not None
+        return (Path(self.hold_dir) / "stage.topk.held").exists()
 
-    def release_shard(self, shard: int) -> None:
-        """Let the stage waiting before `shard` go on (and a retry of the shard pass straight on)."""
-        assert self.hold_dir is not None and shard in self.shard_holds, shard
-        (Path(self.hold_dir) / f"shard{shard}.released").touch()
+    def release_stage(self) -> None:
+        """Let the waiting top-k stage go on (and any stage that reaches the hold later pass straight on)."""
+        assert self.hold_dir is not None and self.stage_hold_after is not None
+        (Path(self.hold_dir) / "stage.released").touch()
 
     def mid_step(self, rank: int, step: int, generation: int) -> None:
         """In the step after the input agreement: raise InjectedRankError for `rank_error` (first group only)."""

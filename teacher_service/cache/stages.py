@@ -76,6 +76,7 @@ class _EngineStage:
                                   vllm_options, num_gpus,
                                   None if pair_base is None else ModelSpec.model_validate(pair_base))
         self.paired = list(paired)  # TopKStage of a LoRA pair: roles it scores itself at its own support
+        self.scored = 0  # shards this actor has started scoring (a FaultPlan's stage hold counts them)
 
     def _sleep(self) -> None:
         if self.faults is not None:
@@ -91,7 +92,8 @@ class TopKStage(_EngineStage):
         for row in _rows(batch):
             inp = ShardInput.from_row(row)
             if self.faults is not None:
-                self.faults.shard_start(inp.shard)
+                self.faults.shard_start(self.scored)
+            self.scored += 1
             ids: list[np.ndarray] = []
             lps: dict[str, list[np.ndarray]] = {r: [] for r in [self.role, *self.paired]}
             tails: dict[str, list[np.ndarray]] = {r: [] for r in lps}

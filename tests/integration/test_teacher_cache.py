@@ -240,9 +240,9 @@ def _wait(cond: Any, what: str, timeout: float = 240.0) -> None:
 @pytest.fixture(scope="module")
 def built(tiny, service, ray_cluster, tmp_path_factory) -> dict[str, Any]:
     """The fp32 cache built by the Ray Data pipeline, through two kills: its driver (a CLI subprocess) SIGKILLed
-    with two shards written and its top-k stage held before the third, then the resumed build's top-k worker
-    SIGKILLed while held before the fourth (FaultPlan.shard_holds: the build runs at full speed, and each kill
-    lands where it should). Records what the test below asserts; the run-from-cache and auto tests read the
+    with two shards written and its top-k stage held after scoring them, then the resumed build's top-k worker
+    SIGKILLed while held after its first shard, that shard written (FaultPlan.stage_hold_after: the build runs
+    at full speed, and each kill lands where it should, whatever order Ray Data hands the shards over in). Records what the test below asserts; the run-from-cache and auto tests read the
     cache it leaves."""
     import ray._private.state as ray_state  # the GCS actor table (pids); the state API needs the dashboard
 
@@ -250,8 +250,8 @@ def built(tiny, service, ray_cluster, tmp_path_factory) -> dict[str, Any]:
 
     root = tmp_path_factory.mktemp("built")
     cfg = cfg_for(tiny, service, root / "b", FP32)
-    first = FaultPlan(shard_holds=(2,), hold_dir=str(root / "holds-cli"))
-    second = FaultPlan(shard_holds=(3,), hold_dir=str(root / "holds-resumed"))
+    first = FaultPlan(stage_hold_after=2, hold_dir=str(root / "holds-cli"))
+    second = FaultPlan(stage_hold_after=1, hold_dir=str(root / "holds-resumed"))
     for plan in (first, second):
         Path(plan.hold_dir).mkdir()
     uri = root / "c"
@@ -263,8 +263,8 @@ def built(tiny, service, ray_cluster, tmp_path_factory) -> dict[str, Any]:
                              "--address", ray_cluster["gcs_address"], "--no-progress"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait(lambda: (first.shard_held(2) and _sidecars(uri) >= 2) or proc.poll() is not None,
-              "two shards of the CLI build, its top-k stage held before the third")
+        _wait(lambda: (first.stage_held() and _sidecars(uri) >= 2) or proc.poll() is not None,
+              "two shards of the CLI build, its top-k stage held after them")
         proc.send_signal(signal.SIGKILL)  # the build's driver dies: its Ray Data actors go with it
     finally:
         proc.kill()
@@ -289,15 +289,15 @@ def built(tiny, service, ray_cluster, tmp_path_factory) -> dict[str, Any]:
                      if a["State"] == "ALIVE" and "TopKStage" in a["ActorClassName"]]
             return alive[0] if alive else None
 
-        # the resumed build has written the third shard and waits before the fourth
-        _wait(lambda: (second.shard_held(3) and _sidecars(uri) > done) or "error" in box or "result" in box,
-              "a shard of the resumed build, its top-k stage held before the next")
+        # the resumed build has written a shard and its top-k stage waits before the next
+        _wait(lambda: (second.stage_held() and _sidecars(uri) > done) or "error" in box or "result" in box,
+              "a shard of the resumed build, its top-k stage held after it")
         got["ended_before_the_kill"] = {k: box[k] for k in ("result", "error") if k in box}
         victim = got["victim"] = topk_actor()
         assert victim is not None, "no live top-k stage actor in the resumed build"
         os.kill(victim["Pid"], signal.SIGKILL)  # a Ray Data worker dies mid-build: restarted, its shard retried
     finally:
-        second.release_shard(3)  # the retry passes straight on (and a failed wait above leaves nothing held)
+        second.release_stage()  # the retry passes straight on (and a failed wait above leaves nothing held)
         thread.join(timeout=600)
     got["box"] = box
     got["victim_restarts"] = ray_state.actors()[victim["ActorID"]]["NumRestarts"]

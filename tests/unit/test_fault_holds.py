@@ -45,21 +45,22 @@ def test_every_rank_waits_at_its_hold_until_released(tmp_path: Path) -> None:
     plan.step_done(0, 2, 1)  # released: a later pass does not wait
 
 
-def test_a_cache_stage_waits_before_a_held_shard_until_released(tmp_path: Path) -> None:
-    plan = FaultPlan(shard_holds=[3], hold_dir=str(tmp_path))
-    assert FaultPlan.from_json(plan.to_json()) == plan and plan.shard_holds == (3,)
-    with pytest.raises(ValueError, match="shard_holds needs FaultPlan.hold_dir"):
-        FaultPlan(shard_holds=(3,))
-    with pytest.raises(ValueError, match="shard_holds must be a list of shard numbers >= 0"):
-        FaultPlan(shard_holds=(-1,), hold_dir=str(tmp_path))
-    plan.shard_start(2)  # another shard passes straight on
-    assert not plan.shard_held(3)
+def test_a_cache_stage_waits_after_its_nth_shard_until_released(tmp_path: Path) -> None:
+    plan = FaultPlan(stage_hold_after=2, hold_dir=str(tmp_path))
+    assert FaultPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(ValueError, match="stage_hold_after needs FaultPlan.hold_dir"):
+        FaultPlan(stage_hold_after=2)
+    with pytest.raises(ValueError, match="stage_hold_after must be an integer >= 0 or None"):
+        FaultPlan(stage_hold_after=-1, hold_dir=str(tmp_path))
+    plan.shard_start(0)  # before its first and second shard the stage passes straight on
+    plan.shard_start(1)
+    assert not plan.stage_held()
     done: list[int] = []
-    stage = threading.Thread(target=lambda: (plan.shard_start(3), done.append(3)))
+    stage = threading.Thread(target=lambda: (plan.shard_start(2), done.append(2)))
     stage.start()
     stage.join(timeout=0.5)
-    assert plan.shard_held(3) and done == [], "the stage did not wait before the held shard"
-    plan.release_shard(3)
+    assert plan.stage_held() and done == [], "the stage did not wait after its second shard"
+    plan.release_stage()
     stage.join(timeout=30)
-    assert done == [3]
-    plan.shard_start(3)  # released: the shard's retry does not wait
+    assert done == [2]
+    plan.shard_start(2)  # released: a restarted stage reaching the hold again passes straight on
