@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_e2e import SMOKE_SETS, TINY, attach_sets
+from bench_e2e import SMOKE_SETS, TINY, attach_sets, shared_ranks
 
 __all__ = ["cache_runs"]
 
@@ -126,14 +126,8 @@ def cache_runs(smoke: bool, steps: int, models_dir: Path | None = None,
                  "delta_kd_cache_s0": cached + ["teachers.student_base_source=cache"]}
         if smoke:  # the runs the figure needs (module docstring, 3)
             plans = {m: plans[m] for m in ("sft", "delta_kd_cache_s0")}
-        from student_worker.driver import WarmRanks
-
-        ranks = warm if warm is not None else WarmRanks()  # the runs one after another on the same rank processes
-        try:
+        with shared_ranks(warm) as ranks:  # the runs one after another on the same rank processes
             runs = {m: _train(cfg_of(extra, m), root / m, ranks) for m, extra in plans.items()}
-        finally:
-            if ranks is not warm:
-                ranks.close()
     sft = runs["sft"]["steps_per_s"]
     return {"overrides": sets, "live_pool_overrides": attach, "models_s": models_s, "live_pool": pool, "build": builds, "add_role_student_base": add,
             "build_over_live_pool_tokens_per_s": {e: b["tokens_per_s"] / pool["tokens_per_s"] for e, b in builds.items()

@@ -49,7 +49,7 @@ from _common import (
     write_result,
 )
 
-__all__ = ["run_train", "smoke_models_dir", "smoke_ranks", "add_models_dir_arg", "add_teachers_namespace_arg", "attach_sets",
+__all__ = ["run_train", "smoke_models_dir", "smoke_ranks", "shared_ranks", "add_models_dir_arg", "add_teachers_namespace_arg", "attach_sets",
            "shared_teachers", "main"]
 
 TINY = REPO_ROOT / "deploy" / "configs" / "tiny.yaml"
@@ -143,12 +143,11 @@ def shared_teachers(sets: list[str], namespace: str | None = None) -> Iterator[s
 
 
 @contextmanager
-def smoke_ranks(smoke: bool, warm: Any = None) -> Iterator[Any]:
-    """The WarmRanks (student_worker/worker_group.py) a smoke's in-process runs share: `warm` if the caller
-    gives one (the smoke suite's, left open), else one of this smoke's, closed at the end; None (each run
-    starts its own ranks) for full runs, which are subprocesses. Inside the Ray session."""
-    if not smoke or warm is not None:
-        yield warm if smoke else None
+def shared_ranks(warm: Any = None) -> Iterator[Any]:
+    """The WarmRanks (student_worker/worker_group.py) in-process runs share, one after another: `warm` if the
+    caller gives one (left open), else one of their own, closed at the end. Inside the Ray session."""
+    if warm is not None:
+        yield warm
         return
     from student_worker.driver import WarmRanks
 
@@ -157,6 +156,17 @@ def smoke_ranks(smoke: bool, warm: Any = None) -> Iterator[Any]:
         yield own
     finally:
         own.close()
+
+
+@contextmanager
+def smoke_ranks(smoke: bool, warm: Any = None) -> Iterator[Any]:
+    """`shared_ranks(warm)` for a smoke's in-process runs; None (each run starts its own ranks) for full runs,
+    which are subprocesses."""
+    if not smoke:
+        yield None
+        return
+    with shared_ranks(warm) as ranks:
+        yield ranks
 
 
 def main(argv: list[str] | None = None, warm: Any = None) -> int:

@@ -70,7 +70,7 @@ class _EngineStage:
         apply_compute_settings(scoring.get("compute"), where=f"cache build {role}")
         self.role, self.k, self.tau, self.pad_id = role, int(k), float(tau), int(pad_id)
         self.wire = str(scoring.get("wire_dtype", "float32"))
-        self.faults = faults  # a test's FaultPlan (common/faults.py): teacher_delay_s per batch, shard holds
+        self.faults = faults  # a test's FaultPlan (common/faults.py): teacher_delay_s per batch, the stage hold
         self.engine = make_engine(role, ModelSpec.model_validate(spec), engine, str(scoring.get("device", "auto")),
                                   str(scoring.get("dtype", "auto")), int(scoring.get("chunk_tokens", 1024)),
                                   vllm_options, num_gpus,
