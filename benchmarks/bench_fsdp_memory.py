@@ -141,24 +141,13 @@ def _run_strategies(strategies: list[str], shape: dict[str, int], steps: int, se
     passes one strategy per pair of processes, so each one's memory figures are its own; the smoke passes
     both (two interpreter starts instead of four). A rank that fails, or a pair still running after
     `timeout_s`, ends both: nothing is left behind to hold the caller's exit."""
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
+    from student_worker.distributed import DistributedError, run_local_ranks
 
     outs = {s: [tmp / f"{s}-{r}.json" for r in range(WORLD)] for s in strategies}
-    addresses = mp.get_context("spawn").Queue()
-    ranks = mp.spawn(_rank_strategies, args=(addresses, strategies, str(tmp), shape, steps, seq, batch),
-                     nprocs=WORLD, join=False)
-    deadline = time.monotonic() + timeout_s
     try:
-        while not ranks.join(timeout=5):
-            if time.monotonic() > deadline:
-                raise BenchError(f"{'+'.join(strategies)}: the ranks still ran after {timeout_s:.0f} s")
-    except ProcessException as exc:
-        raise BenchError(f"{'+'.join(strategies)}: rank {exc.error_index} failed: {exc}") from exc
-    finally:
-        for proc in ranks.processes:
-            if proc.is_alive():
-                proc.kill()
+        run_local_ranks(_rank_strategies, (strategies, str(tmp), shape, steps, seq, batch), WORLD, timeout_s)
+    except DistributedError as exc:
+        raise BenchError(f"{'+'.join(strategies)}: {exc}") from exc
     return {s: [json.loads(o.read_text()) for o in outs[s]] for s in strategies}
 
 

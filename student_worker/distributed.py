@@ -21,8 +21,10 @@ from typing import Any
 import ray
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
-__all__ = ["DistributedError", "AllReduceTimer", "node_ip", "open_rendezvous_store", "local_rendezvous", "make_process_group",
+__all__ = ["DistributedError", "AllReduceTimer", "node_ip", "open_rendezvous_store", "local_rendezvous", "run_local_ranks", "make_process_group",
            "make_default_group", "wrap_ddp",
            "bf16_allreduce_hook", "compression_hook"]
 
@@ -68,6 +70,26 @@ def local_rendezvous(rank: int, world_size: int, addresses: Any, timeout_s: floa
     except queue.Empty as exc:
         raise DistributedError(f"rank {rank}/{world_size}: no rendezvous address from rank 0 within "
                                f"{timeout_s:.0f} s") from exc
+
+
+def run_local_ranks(fn: Callable[..., Any], args: tuple[Any, ...], world_size: int, timeout_s: float) -> None:
+    """Run `fn(rank, addresses, *args)` in `world_size` spawned processes on this machine, `addresses` being
+    the queue `local_rendezvous` takes; return once every rank ended well. DistributedError if a rank fails
+    (its traceback in the message; the others are ended) or the ranks still run after `timeout_s`. No rank
+    is left running either way (one stuck process would otherwise hold the caller's exit)."""
+    addresses = mp.get_context("spawn").Queue()  # held here until the ranks have unpickled it
+    ranks = mp.spawn(fn, args=(addresses, *args), nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:  # join returns as each rank ends
+        while not ranks.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise DistributedError(f"{world_size} local ranks still ran after {timeout_s:.0f} s")
+    except ProcessException as exc:
+        raise DistributedError(f"local rank {exc.error_index} of {world_size} failed: {exc}") from exc
+    finally:
+        for proc in ranks.processes:
+            if proc.is_alive():
+                proc.kill()
 
 
 def make_process_group(

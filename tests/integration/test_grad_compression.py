@@ -5,7 +5,6 @@ training without compression (and are not identical to it: the hook changes the 
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.multiprocessing as mp
@@ -23,35 +22,24 @@ def _data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
 
 
-def _rank(rank: int, addresses: dict, out: dict) -> None:
+def _rank(rank: int, addresses, out: dict) -> None:
+    from student_worker.distributed import local_rendezvous
+
     torch.set_num_threads(1)
+    # Rank 0 opens the store on a port the OS picks (as the student workers do); both modes' groups live on it.
+    store, address = local_rendezvous(rank, 2, addresses, timeout_s=60)
     # Each mode's group and DDP wrapper are kept to the end, and the rank leaves without tearing them down:
     # torn down right after their last collective (at _train's return), they left rank 1 blocked in their
     # destructors in about 1 run of 4 here (faulthandler: no Python frame below the return; 0 of 20 with half
     # a second between the last collective and the teardown), so the other rank waited out its rendezvous.
-    kept = [_train(rank, mode, addresses, out) for mode in ("none", "bf16")]
+    kept = [_train(rank, mode, address, store, out) for mode in ("none", "bf16")]
     os._exit(0 if kept else 1)  # the results are in `out` already
 
 
-def _train(rank: int, mode: str, addresses: dict, out: dict) -> tuple:
-    """Rank 0 opens the group's store on a port the OS picks (open_rendezvous_store, as the student workers
-    do) and publishes its address; rank 1 waits for it, then connects."""
-    from student_worker.distributed import (
-        compression_hook,
-        make_process_group,
-        open_rendezvous_store,
-        wrap_ddp,
-    )
+def _train(rank: int, mode: str, address: str, store, out: dict) -> tuple:
+    from student_worker.distributed import compression_hook, make_process_group, wrap_ddp
 
-    store = None
-    if rank == 0:
-        store, addresses[mode] = open_rendezvous_store(2, timeout_s=60, host="127.0.0.1")
-    deadline = time.monotonic() + 60
-    while mode not in addresses:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: rank 0 published no rendezvous address for {mode}")
-        time.sleep(0.05)
-    group = make_process_group(addresses[mode], rank, 2, "gloo", timeout_s=60, store=store)
+    group = make_process_group(address, rank, 2, "gloo", timeout_s=60, group_name=f"test-{mode}", store=store)
     model = _model()
     ddp = wrap_ddp(model, group, torch.device("cpu"), compression_hook(mode))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -65,7 +53,7 @@ def _train(rank: int, mode: str, addresses: dict, out: dict) -> tuple:
         opt.step()
     if rank == 0:
         out[mode] = {"grads": first_grads, "params": [p.detach().clone() for p in model.parameters()]}
-    return store, group, ddp
+    return group, ddp
 
 
 def _local_grads(rank: int) -> list[torch.Tensor]:
@@ -77,9 +65,11 @@ def _local_grads(rank: int) -> list[torch.Tensor]:
 
 def _two_ranks() -> dict:
     """Both ranks' runs (fp32, then bf16), in two spawned processes."""
+    from student_worker.distributed import run_local_ranks
+
     with mp.Manager() as manager:
-        out, addresses = manager.dict(), manager.dict()
-        mp.spawn(_rank, args=(addresses, out), nprocs=2, join=True)
+        out = manager.dict()
+        run_local_ranks(_rank, (out,), 2, timeout_s=300)
         return dict(out)
 
 

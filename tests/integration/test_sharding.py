@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -95,19 +94,10 @@ def _rank_run(rank: int, tie: bool) -> dict:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     """One run of 2 spawned ranks (both variants, untied and tied embeddings): each rank's results."""
-    import torch.multiprocessing as mp
+    from student_worker.distributed import run_local_ranks
 
     tmp = tmp_path_factory.mktemp("sharding")
-    addresses = mp.get_context("spawn").Queue()  # held here until the ranks have unpickled it
-    ranks = mp.spawn(_rank, args=(addresses, str(tmp)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    try:  # join returns as each rank ends; a failing rank ends the other and raises here with its traceback
-        while not ranks.join(timeout=max(1.0, deadline - time.monotonic())):
-            assert time.monotonic() < deadline, "the 2 ranks still ran after 300 s"
-    finally:
-        for proc in ranks.processes:
-            if proc.is_alive():
-                proc.kill()
+    run_local_ranks(_rank, (str(tmp),), WORLD, timeout_s=300)  # a failing rank raises here with its traceback
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
